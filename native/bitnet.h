@@ -1,0 +1,157 @@
+/* bitnet.h - the whole public API of the bitnetd-trio BitNet b1.58 engine (C11).
+ *
+ * Nothing here knows Python. Every function that can fail returns 0 on success or a
+ * negative value on failure and, when given an error buffer, writes a NUL-terminated
+ * message into it that names the offending key/tensor and what is wrong.
+ *
+ * Threading: a bn_model is immutable after loading and may be shared by contexts.
+ * A bn_context is used by one thread at a time (the daemon's inference thread); it
+ * runs its own worker pool inside bn_forward. bn_cancel_* may be called from any thread.
+ */
+#ifndef BITNET_H
+#define BITNET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- GGUF value types (spec section 1) ---- */
+enum {
+    BN_GGUF_U8 = 0, BN_GGUF_I8 = 1, BN_GGUF_U16 = 2, BN_GGUF_I16 = 3, BN_GGUF_U32 = 4,
+    BN_GGUF_I32 = 5, BN_GGUF_F32 = 6, BN_GGUF_BOOL = 7, BN_GGUF_STRING = 8,
+    BN_GGUF_ARRAY = 9, BN_GGUF_U64 = 10, BN_GGUF_I64 = 11, BN_GGUF_F64 = 12
+};
+
+/* ---- model ---- */
+typedef struct bn_model bn_model;
+
+typedef struct {
+    char architecture[32];  /* "bitnet-b1.58" or "bitnet-25" */
+    int32_t n_vocab;        /* rows of token_embd */
+    int32_t n_ctx_train;    /* ARCH.context_length */
+    int32_t n_embd;         /* E */
+    int32_t n_layer;
+    int32_t n_ff;           /* F */
+    int32_t n_head;         /* H */
+    int32_t n_head_kv;      /* Hkv; n_head % n_head_kv == 0 */
+    int32_t head_dim;       /* D = E / H, == rope.dimension_count */
+    float rms_eps;
+    float rope_base;
+    int32_t tied_head;      /* 1 when the head is token_embd, 0 when output.weight exists */
+    uint64_t n_params;      /* number of weights in all tensors */
+    uint64_t file_size;
+} bn_hparams;
+
+/* Load a GGUF v3 BitNet b1.58 file with mmap. Returns NULL on error (message in err). */
+bn_model *bn_model_load(const char *path, char *err, size_t errlen);
+void bn_model_free(bn_model *m);
+void bn_model_hparams(const bn_model *m, bn_hparams *out);
+
+/* ---- metadata (values point into the mapping; valid until bn_model_free) ---- */
+int64_t bn_meta_count(const bn_model *m);
+int64_t bn_meta_find(const bn_model *m, const char *key);          /* index, or -1 */
+const char *bn_meta_key(const bn_model *m, int64_t idx, size_t *len);
+int bn_meta_type(const bn_model *m, int64_t idx);                   /* BN_GGUF_*, -1 if bad idx */
+/* Scalars. Integer and bool types read through get_i64 (u64 above INT64_MAX fails),
+ * F32/F64 through get_f64. Strings are not NUL-terminated: use len. */
+int bn_meta_get_i64(const bn_model *m, int64_t idx, int64_t *out);
+int bn_meta_get_f64(const bn_model *m, int64_t idx, double *out);
+const char *bn_meta_get_str(const bn_model *m, int64_t idx, size_t *len);
+/* Arrays: element type and count; for numeric element types *data points at the packed
+ * little-endian elements (may be unaligned: copy with memcpy). */
+int bn_meta_array(const bn_model *m, int64_t idx, int *elem_type, uint64_t *count,
+                  const void **data);
+const char *bn_meta_array_str(const bn_model *m, int64_t idx, uint64_t i, size_t *len);
+
+/* ---- cancellation: an atomic flag owned by the caller, settable from any thread ---- */
+typedef struct bn_cancel bn_cancel;
+bn_cancel *bn_cancel_new(void);
+void bn_cancel_free(bn_cancel *c);
+void bn_cancel_set(bn_cancel *c);
+void bn_cancel_clear(bn_cancel *c);
+int bn_cancel_is_set(const bn_cancel *c);
+
+/* ---- context: N sequence slots, each with its own KV cache and position ---- */
+typedef struct bn_context bn_context;
+
+bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, int32_t n_threads,
+                           char *err, size_t errlen);
+void bn_context_free(bn_context *ctx);
+int bn_context_set_threads(bn_context *ctx, int32_t n_threads);
+int32_t bn_context_n_ctx(const bn_context *ctx);
+int32_t bn_context_n_slots(const bn_context *ctx);
+/* Forget a slot's tokens (position back to 0). */
+void bn_seq_reset(bn_context *ctx, int32_t slot);
+/* Drop the slot's cache from position pos on (keep a common prefix). */
+int bn_seq_truncate(bn_context *ctx, int32_t slot, int32_t pos);
+int32_t bn_seq_pos(const bn_context *ctx, int32_t slot);
+
+enum { BN_LOGITS_NONE = 0, BN_LOGITS_LAST = 1, BN_LOGITS_ALL = 2 };
+
+/* One sequence's share of a forward step: n_tokens tokens appended at the slot's position
+ * (1 for a decode step, more for a prefill chunk). */
+typedef struct {
+    int32_t slot;
+    int32_t n_tokens;
+    const int32_t *tokens;
+    int32_t logits;        /* BN_LOGITS_* */
+    bn_cancel *cancel;     /* may be NULL; a set flag skips the entry (status = 1) */
+    int32_t status;        /* out: 0 done, 1 cancelled, <0 error */
+} bn_batch_entry;
+
+/* Advance every entry's sequence together: each weight row is read once for all tokens
+ * of all entries. Distinct slots only. Returns 0, or <0 with a message (bad slot, token id
+ * out of range, context full). */
+int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries,
+               char *err, size_t errlen);
+/* Logits of the last bn_forward: entry e, token t (t must be n_tokens-1 for
+ * BN_LOGITS_LAST). Returns NULL if not computed. n_vocab floats. */
+const float *bn_logits(const bn_context *ctx, int32_t entry, int32_t t);
+
+/* ---- log-probabilities ---- */
+/* log-softmax of logits[0..n) at `token`; optionally the top_n best (ids, logprobs),
+ * sorted best first, ties by lower id. Returns logprob of token. */
+float bn_logprobs(const float *logits, int32_t n, int32_t token, int32_t top_n,
+                  int32_t *top_ids, float *top_lps);
+
+/* ---- sampling ---- */
+typedef struct {
+    float temperature;        /* 0 = greedy */
+    int32_t top_k;            /* <= 0: off */
+    float top_p;              /* 1: off */
+    float min_p;              /* 0: off */
+    float repeat_penalty;     /* 1: off (llama.cpp style, divides positive logits) */
+    int32_t repeat_last_n;    /* window for penalties; -1 = whole history */
+    float presence_penalty;   /* 0: off */
+    float frequency_penalty;  /* 0: off */
+    uint64_t seed;
+} bn_sampling;
+
+typedef struct bn_sampler bn_sampler;
+bn_sampler *bn_sampler_new(const bn_sampling *p, int32_t n_vocab);
+void bn_sampler_free(bn_sampler *s);
+int bn_sampler_set_bias(bn_sampler *s, int32_t token, float bias);   /* -INFINITY bans */
+void bn_sampler_accept(bn_sampler *s, int32_t token);  /* add to penalty history */
+/* Pick a token from logits (not modified). Deterministic given seed and history. */
+int32_t bn_sampler_sample(bn_sampler *s, const float *logits);
+
+/* ---- kernels (exposed for tests and benchmarks) ---- */
+/* y[t][r] = BitLinear(x[t], W) for t < n_tok, r < n_out: x is n_tok x n_in floats, y is
+ * n_tok x n_out, W is n_out rows of n_in/4 bytes of I2_S codes (n_in % 128 == 0) with
+ * per-tensor scale. kernel: "scalar", "avx2" or NULL for the dispatched one. */
+int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
+                      int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads);
+
+/* ---- introspection ---- */
+/* "scalar", "avx2", ... : the I2_S kernel chosen at run time. */
+const char *bn_kernel_name(void);
+/* Force a kernel for tests ("scalar" or "avx2"); returns 0, or -1 if not supported here. */
+int bn_kernel_select(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
