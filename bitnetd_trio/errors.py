@@ -1,0 +1,136 @@
+"""Error types shared by the server layers.
+
+`ApiError` is what a request handler raises for anything the client should see: it carries the
+HTTP status and the OpenAI error envelope fields, the way h11's `RemoteProtocolError` carries the
+status to answer with. `ConfigError` collects every problem of a configuration at once, so that
+`bitnetd -t` can list them all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+__all__ = ["ApiError", "ConfigError", "default_error_type"]
+
+# OpenAI error types by HTTP status (spec/http-api.md, "Errors").
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+def default_error_type(status: int) -> str:
+    """The OpenAI error `type` for an HTTP status."""
+    if status in _TYPE_BY_STATUS:
+        return _TYPE_BY_STATUS[status]
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+class ApiError(Exception):
+    """An error answered to the client with `status` and the OpenAI error envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,  # noqa: A002 - the envelope's field name
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type if type is not None else default_error_type(status)
+        self.param = param
+        self.code = code
+        self.headers = dict(headers) if headers else {}
+
+    def envelope(self) -> dict:
+        """`{"error": {"message", "type", "param", "code"}}`."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        """The envelope as a UTF-8 JSON response body."""
+        return json.dumps(self.envelope(), ensure_ascii=False).encode("utf-8")
+
+    def __repr__(self) -> str:
+        return (
+            f"ApiError({self.status}, {self.message!r}, type={self.type!r}, "
+            f"param={self.param!r}, code={self.code!r})"
+        )
+
+    # Constructors for the errors the router and handlers answer most often.
+
+    @classmethod
+    def route_not_found(cls, method: str, path: str) -> ApiError:
+        return cls(404, f"no route for {method} {path}", type="not_found_error")
+
+    @classmethod
+    def method_not_allowed(cls, method: str, path: str, allowed: Iterable[str]) -> ApiError:
+        allow = ", ".join(sorted(allowed))
+        return cls(
+            405,
+            f"method {method} is not allowed for {path} (allowed: {allow})",
+            headers={"allow": allow},
+        )
+
+    @classmethod
+    def model_not_found(cls, model: str) -> ApiError:
+        return cls(
+            404,
+            f"the model '{model}' does not exist",
+            param="model",
+            code="model_not_found",
+        )
+
+    @classmethod
+    def body_too_large(cls, limit: int) -> ApiError:
+        return cls(413, f"request body is larger than the limit of {limit} bytes")
+
+    @classmethod
+    def unavailable(cls, message: str, retry_after: int = 1) -> ApiError:
+        return cls(503, message, headers={"retry-after": str(retry_after)})
+
+    @classmethod
+    def invalid_api_key(cls) -> ApiError:
+        return cls(
+            401,
+            "invalid or missing API key (send 'Authorization: Bearer <key>')",
+            code="invalid_api_key",
+            headers={"www-authenticate": "Bearer"},
+        )
+
+
+class ConfigError(Exception):
+    """A configuration with one or more problems; `.problems` names each key and what is wrong."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        if len(self.problems) == 1:
+            text = f"configuration error{where}: {self.problems[0]}"
+        else:
+            lines = "\n".join(f"  {p}" for p in self.problems)
+            text = f"{len(self.problems)} configuration errors{where}:\n{lines}"
+        super().__init__(text)
