@@ -1,0 +1,145 @@
+"""Prometheus metrics of the daemon, on a private registry.
+
+The families of the C bitnetd keep their names (`bitnetd_requests_total`, ...); the rest are what
+operators compare LLM servers by (queue time, time to first token, inter-token latency, KV cache
+use, work done for clients that already left). Updates are thread-safe (prometheus-client locks
+each value), so the inference thread may update metrics directly.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
+
+__all__ = ["Metrics", "ENDPOINTS", "CONTENT_TYPE_PLAIN_0_0_4"]
+
+# The `_created` series double the output and no dashboard uses them. prometheus-client can only
+# turn them off process-wide; the daemon's process has no other registry that would want them.
+prometheus_client.disable_created_metrics()
+
+# Label values for `endpoint`: fixed, so a client probing random URLs cannot create series.
+ENDPOINTS = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/tokenize",
+        "/detokenize",
+        "/apply-template",
+        "/props",
+        "/slots",
+        "/generate",
+        "/model_info",
+        "/completion",
+        "other",
+    }
+)
+
+# Buckets (seconds) for CPU LLM serving: a tiny model answers in milliseconds, a 2B model on two
+# cores takes seconds for a long prompt and minutes for a long answer.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
+               0.75, 1.0, 2.0)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                 120.0)
+
+
+def endpoint_label(path: str) -> str:
+    """The `endpoint` label for a request path (`/v1/models/{id}` counts as /v1/models)."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models"
+    return "other"
+
+
+class Metrics:
+    """Every metric of the daemon on its own `CollectorRegistry` (no process-global state)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+
+        # ---- the C bitnetd's families (names kept) ----
+        self.requests_total = Counter(
+            "bitnetd_requests_total", "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"], registry=r)
+        self.tokens_generated_total = Counter(
+            "bitnetd_tokens_generated_total", "Tokens generated (completion tokens)", registry=r)
+        self.errors_total = Counter(
+            "bitnetd_errors_total", "Error responses, by OpenAI error type", ["type"], registry=r)
+        self.active_connections = Gauge(
+            "bitnetd_active_connections", "HTTP requests being served", registry=r)
+        self.model_loaded = Gauge(
+            "bitnetd_model_loaded", "1 when a model is loaded and serving, else 0", registry=r)
+        self.tokens_per_second = Gauge(
+            "bitnetd_tokens_per_second",
+            "Decode speed of the last finished generation (tokens per second)", registry=r)
+        self.inference_seconds = Histogram(
+            "bitnetd_inference_seconds",
+            "Engine time per generation, prompt processing and decoding",
+            buckets=E2E_BUCKETS, registry=r)
+
+        # ---- added families ----
+        self.prompt_tokens_total = Counter(
+            "bitnetd_prompt_tokens_total", "Prompt tokens processed", registry=r)
+        self.requests_running = Gauge(
+            "bitnetd_requests_running", "Generation requests holding an engine sequence",
+            registry=r)
+        self.requests_waiting = Gauge(
+            "bitnetd_requests_waiting", "Generation requests waiting for a free sequence",
+            registry=r)
+        self.requests_cancelled_total = Counter(
+            "bitnetd_requests_cancelled_total",
+            "Generation requests ended early because the client left or time ran out",
+            registry=r)
+        self.tokens_after_disconnect_total = Counter(
+            "bitnetd_tokens_after_disconnect_total",
+            "Tokens generated for a request after its client had disconnected (should stay ~0)",
+            registry=r)
+        self.time_to_first_token_seconds = Histogram(
+            "bitnetd_time_to_first_token_seconds",
+            "From request arrival to the first generated token", buckets=TTFT_BUCKETS, registry=r)
+        self.inter_token_latency_seconds = Histogram(
+            "bitnetd_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request", buckets=ITL_BUCKETS,
+            registry=r)
+        self.request_queue_seconds = Histogram(
+            "bitnetd_request_queue_seconds", "Time a request waited for a free sequence",
+            buckets=QUEUE_BUCKETS, registry=r)
+        self.e2e_request_seconds = Histogram(
+            "bitnetd_e2e_request_seconds", "From request arrival to its last byte",
+            buckets=E2E_BUCKETS, registry=r)
+        self.kv_cache_usage_ratio = Gauge(
+            "bitnetd_kv_cache_usage_ratio",
+            "Fraction of the KV cache (all sequences) holding tokens", registry=r)
+
+        self.model_loaded.set(0)
+
+    # ---- convenience for the handlers ----
+
+    def count_request(self, path: str, status: int, error_type: str | None = None) -> None:
+        """One answered request; `error_type` (the envelope's type) also counts an error."""
+        self.requests_total.labels(endpoint_label(path), str(status)).inc()
+        if error_type is not None:
+            self.errors_total.labels(error_type).inc()
+
+    def finish_generation(
+        self, completion_tokens: int, decode_seconds: float, inference_seconds: float
+    ) -> None:
+        """Record a finished generation: token count, engine time and decode speed."""
+        self.tokens_generated_total.inc(completion_tokens)
+        self.inference_seconds.observe(inference_seconds)
+        if completion_tokens > 1 and decode_seconds > 0:
+            # The first token belongs to prompt processing; speed is over the decoded ones.
+            self.tokens_per_second.set((completion_tokens - 1) / decode_seconds)
+
+    def render(self, accept_header: str | None = None) -> tuple[bytes, str]:
+        """The exposition body and its content type (OpenMetrics only when the client asks)."""
+        if accept_header and "application/openmetrics-text" in accept_header.lower():
+            return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
