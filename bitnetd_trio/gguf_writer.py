@@ -1,0 +1,723 @@
+"""The project's one GGUF writer: BitNet b1.58 models in the official I2_S layout.
+
+Tests, benchmarks and the demo model all come from here. The layout (24 metadata keys, tensor
+names, shapes and types, I2_S packing) follows shared/spec/bitnet-gguf.md sections 1-4 and 8.
+Weights are random but deterministic per (seed, tensor name); `random_weights` returns exactly
+what `write_model` writes, so an independent reference forward pass can use the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+GGML_TYPE_F32 = 0
+GGML_TYPE_F16 = 1
+GGML_TYPE_I2_S = 36
+FILE_TYPE_MOSTLY_I2_S = 40
+
+#: The Llama-3 pre-tokenizer split pattern (spec section 6).
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+#: The placeholder template that bitnet.cpp's converter stores in the official file
+#: (the two-character sequences backslash-n are inside a Jinja string literal, as in the file).
+OFFICIAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ 'Human: ' + message['content'] + '\\n\\nBITNETAssistant: ' + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+#: Bump when the demo model's content changes, so stale cached files are not reused.
+DEMO_MODEL_VERSION = "demo-v1"
+#: Bump when the derived Llama-3 vocabulary format changes.
+LLAMA3_VOCAB_CACHE_VERSION = "llama3-vocab-v1"
+
+LLAMA3_N_BASE = 128000
+LLAMA3_N_VOCAB = 128256
+LLAMA3_N_MERGES = 280147
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Hyper-parameters of a BitNet b1.58 model."""
+
+    n_vocab: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_layer: int
+    n_ctx: int
+    rope_base: float = 500000.0
+    rms_eps: float = 1e-5
+    architecture: str = "bitnet-b1.58"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_dim * self.n_head_kv
+
+    def validate(self) -> None:
+        """Raise ValueError for a shape the official layout cannot express."""
+        if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
+            raise ValueError(f"heads do not divide evenly: {self}")
+        for name, k in (("n_embd", self.n_embd), ("n_ff", self.n_ff)):
+            if k % 128:
+                raise ValueError(f"{name}={k} must be a multiple of 128 (I2_S blocks)")
+        if self.head_dim % 2:
+            raise ValueError("head_dim must be even for RoPE")
+
+
+#: Vocabulary size of the tiny test vocabulary (256 bytes + merges + 10 specials).
+TINY_VOCAB_SIZE = 512
+
+TINY = ModelShape(n_vocab=TINY_VOCAB_SIZE, n_embd=256, n_head=4, n_head_kv=2, n_ff=384,
+                  n_layer=2, n_ctx=256)
+SMALLEST = ModelShape(n_vocab=TINY_VOCAB_SIZE, n_embd=128, n_head=2, n_head_kv=1, n_ff=256,
+                      n_layer=2, n_ctx=256)
+FULL_2B4T = ModelShape(n_vocab=LLAMA3_N_VOCAB, n_embd=2560, n_head=20, n_head_kv=5, n_ff=6912,
+                       n_layer=30, n_ctx=4096)
+DEMO = dataclasses.replace(TINY, n_ctx=512)
+
+PRESETS: dict[str, ModelShape] = {"tiny": TINY, "smallest": SMALLEST, "full": FULL_2B4T,
+                                  "demo": DEMO}
+
+
+# --------------------------------------------------------------------------------------------
+# Byte-level tokens
+
+
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (space -> 'Ġ', '\\n' -> 'Ċ')."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def bytes_to_token(data: bytes) -> str:
+    table = byte_to_unicode()
+    return "".join(table[b] for b in data)
+
+
+def _byte_order() -> list[int]:
+    """Bytes in the order GPT-2 style vocabularies give them ids: printable ones first."""
+    table = byte_to_unicode()
+    return sorted(range(256), key=lambda b: ord(table[b]))
+
+
+# --------------------------------------------------------------------------------------------
+# Vocabularies
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    token_types: list[int]  # 1 normal, 3 control
+    merges: list[str]
+    bos_id: int
+    eos_id: int
+    eot_id: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def padded(self, n_vocab: int) -> Vocab:
+        """Extend with extra reserved control tokens up to n_vocab entries."""
+        if n_vocab < len(self.tokens):
+            raise ValueError(f"n_vocab={n_vocab} is smaller than the vocabulary ({len(self)})")
+        existing = set(self.tokens)
+        tokens, types = list(self.tokens), list(self.token_types)
+        i = 0
+        while len(tokens) < n_vocab:
+            name = f"<|reserved_special_token_{i}|>"
+            i += 1
+            if name not in existing:
+                tokens.append(name)
+                types.append(3)
+        return dataclasses.replace(self, tokens=tokens, token_types=types)
+
+
+#: Special tokens of the original Llama-3 vocabulary, ids 128000.. (then reserved ones).
+LLAMA3_SPECIALS_HEAD = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|reserved_special_token_2|>",
+    "<|reserved_special_token_3|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|reserved_special_token_4|>",
+    "<|eot_id|>",
+]
+
+
+def llama3_special_tokens() -> list[str]:
+    names = list(LLAMA3_SPECIALS_HEAD)
+    i = 5
+    while len(names) < LLAMA3_N_VOCAB - LLAMA3_N_BASE:
+        names.append(f"<|reserved_special_token_{i}|>")
+        i += 1
+    return names
+
+
+TINY_TRAINING_TEXT = """\
+The quick brown fox jumps over the lazy dog. A small model is a fine thing to test with: it
+loads in a moment, it answers in a blink, and when it is wrong, it is wrong in the same way
+every time. We write the weights ourselves, we read them back, and we compare the numbers
+the engine computes with the numbers that a plain reference computes from the specification.
+Hello, world! Hello again, world. How are you today? I am fine, thank you, and you?
+The server streams tokens to the client as they are generated; the client reads them one by
+one and prints them on the screen. When the client goes away, the server stops generating.
+There are 3 apples, 12 pears and 365 days in the year 2026; 1000 tokens per second is fast.
+Numbers like 42, 7, 99 and 1024 appear in text, and so do words such as "the", "and", "of".
+In the morning the weather was cold and the streets were quiet; in the evening it rained.
+Python, C and Unix: the daemon forks, writes its pid file, drops its privileges and serves.
+Ünïcödé text matters too: café, naïve, résumé, Zürich, São Paulo, Kraków, Ελληνικά, русский.
+日本語のテキストも少しあります。中文也有一点。한국어도 조금 있습니다. Emoji: 🙂 🚀 ✨.
+User: What is the capital of France?
+Assistant: The capital of France is Paris. It is known for the Eiffel Tower and the Louvre.
+User: Tell me a story about a robot.
+Assistant: Once upon a time, a little robot wanted to learn how to paint the sea at night.
+"""
+
+TINY_N_SPECIALS = len(LLAMA3_SPECIALS_HEAD)
+
+
+def _pretokenize(text: str) -> list[str]:
+    import regex
+
+    return regex.findall(LLAMA3_SPLIT_PATTERN, text)
+
+
+def train_bpe(text: str, n_merges: int) -> list[tuple[str, str]]:
+    """Learn up to n_merges byte-level BPE merges from text (most frequent pair first,
+    ties broken by the smaller pair, so the result is deterministic)."""
+    words: Counter[tuple[str, ...]] = Counter()
+    for piece in _pretokenize(text):
+        words[tuple(bytes_to_token(bytes([b])) for b in piece.encode("utf-8"))] += 1
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for word, count in words.items():
+            out: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += count
+        words = merged
+    return merges
+
+
+@lru_cache(maxsize=1)
+def tiny_vocab() -> Vocab:
+    """256 byte tokens + BPE merges learnt from TINY_TRAINING_TEXT + 10 control tokens
+    (the first ten Llama-3 specials, ids at the end), TINY_VOCAB_SIZE entries in all."""
+    tokens = [bytes_to_token(bytes([b])) for b in _byte_order()]
+    n_merges = TINY_VOCAB_SIZE - 256 - TINY_N_SPECIALS
+    merges = train_bpe(TINY_TRAINING_TEXT, n_merges)
+    seen = set(tokens)
+    for left, right in merges:
+        if left + right not in seen:  # a merge may re-create an existing token: keep ids unique
+            seen.add(left + right)
+            tokens.append(left + right)
+    types = [1] * len(tokens)
+    vocab = Vocab(tokens=tokens, token_types=types, merges=[f"{a} {b}" for a, b in merges],
+                  bos_id=0, eos_id=0, eot_id=0)
+    # Pad normal tokens so that the specials always sit at the same, final ids.
+    while len(tokens) < TINY_VOCAB_SIZE - TINY_N_SPECIALS:
+        tokens.append(f"<|unused_{len(tokens)}|>")
+        types.append(1)
+    base = len(tokens)
+    tokens.extend(LLAMA3_SPECIALS_HEAD)
+    types.extend([3] * TINY_N_SPECIALS)
+    return dataclasses.replace(vocab, bos_id=base, eos_id=base + 1, eot_id=base + 9)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "bitnetd-trio"
+
+
+def _llama3_tokenizer_model() -> Path:
+    try:
+        import llama_models  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RuntimeError(
+            "vocab='llama3' needs the llama-models package "
+            "(pip install llama-models --no-deps)") from exc
+    path = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    if not path.is_file():
+        raise RuntimeError(f"llama-models does not ship {path}")
+    return path
+
+
+def derive_llama3_vocab(tokenizer_model: Path) -> tuple[list[str], list[str]]:
+    """GGUF token strings and merges from a tiktoken rank file (base64 token, rank per line).
+
+    Every multi-byte token contributes one merge per split into two existing tokens; merges
+    are ordered by the rank of the merged token, then by the ranks of the two halves."""
+    ranks: dict[bytes, int] = {}
+    for line in tokenizer_model.read_bytes().splitlines():
+        if line.strip():
+            b64, rank = line.split()
+            ranks[base64.b64decode(b64)] = int(rank)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{tokenizer_model}: ranks are not 0..n-1")
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+    tokens = [bytes_to_token(t) for t in by_rank]
+    merges: list[str] = []
+    for token in by_rank:
+        if len(token) < 2:
+            continue
+        splits = []
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                splits.append((ranks[left], ranks[right], left, right))
+        splits.sort()
+        merges.extend(f"{bytes_to_token(l)} {bytes_to_token(r)}" for _, _, l, r in splits)
+    return tokens, merges
+
+
+@lru_cache(maxsize=1)
+def llama3_vocab() -> Vocab:
+    """The real Llama-3 vocabulary (128256 tokens, 280147 merges), cached on disk as JSON."""
+    cache = cache_dir() / f"{LLAMA3_VOCAB_CACHE_VERSION}.json"
+    data = None
+    if cache.is_file():
+        try:
+            data = json.loads(cache.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+    if data is None:
+        tokens, merges = derive_llama3_vocab(_llama3_tokenizer_model())
+        if len(tokens) != LLAMA3_N_BASE or len(merges) != LLAMA3_N_MERGES:
+            raise ValueError(f"derived {len(tokens)} tokens / {len(merges)} merges, "
+                             f"expected {LLAMA3_N_BASE} / {LLAMA3_N_MERGES}")
+        data = {"tokens": tokens, "merges": merges}
+        _atomic_write_bytes(cache, json.dumps(data, ensure_ascii=False).encode("utf-8"))
+    tokens = list(data["tokens"]) + llama3_special_tokens()
+    types = [1] * LLAMA3_N_BASE + [3] * (LLAMA3_N_VOCAB - LLAMA3_N_BASE)
+    return Vocab(tokens=tokens, token_types=types, merges=list(data["merges"]),
+                 bos_id=LLAMA3_N_BASE, eos_id=LLAMA3_N_BASE + 1, eot_id=LLAMA3_N_BASE + 9)
+
+
+def get_vocab(kind: str) -> Vocab:
+    if kind == "tiny":
+        return tiny_vocab()
+    if kind == "llama3":
+        return llama3_vocab()
+    raise ValueError(f"unknown vocab {kind!r} (expected 'tiny' or 'llama3')")
+
+
+# --------------------------------------------------------------------------------------------
+# I2_S packing
+
+
+def pack_i2s(t: np.ndarray, scale: float = 1.0) -> bytes:
+    """Pack a (rows, cols) ternary matrix in the x86 I2_S layout: codes, f32 scale, 28 zeros."""
+    t = np.asarray(t)
+    if t.ndim != 2 or t.size % 128 or t.shape[1] % 128:
+        raise ValueError(f"I2_S needs a 2-D matrix with cols a multiple of 128, got {t.shape}")
+    if not np.isin(t, (-1, 0, 1)).all():
+        raise ValueError("I2_S values must be -1, 0 or 1")
+    c = (t.astype(np.int16) + 1).astype(np.uint8).reshape(-1, 4, 32)
+    codes = (c[:, 0] << 6) | (c[:, 1] << 4) | (c[:, 2] << 2) | c[:, 3]
+    return codes.tobytes() + np.float32(scale).tobytes() + bytes(28)
+
+
+def unpack_i2s(data: bytes | np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.float32]:
+    """Inverse of pack_i2s: (ternary int8 (rows, cols), scale)."""
+    n = rows * cols
+    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data.view(np.uint8)
+    if buf.size < n // 4 + 4:
+        raise ValueError(f"I2_S data too short: {buf.size} bytes for {rows}x{cols}")
+    codes = buf[: n // 4].reshape(-1, 32)
+    planes = [(codes >> shift) & 3 for shift in (6, 4, 2, 0)]
+    t = np.stack(planes, axis=1).reshape(rows, cols).astype(np.int8) - 1
+    scale = np.frombuffer(buf[n // 4: n // 4 + 4].tobytes(), dtype=np.float32)[0]
+    return t.astype(np.int8), scale
+
+
+def _valid_code_bytes() -> np.ndarray:
+    """The 81 byte values whose four 2-bit fields are all in {0, 1, 2}."""
+    return np.array([b for b in range(256) if all(((b >> s) & 3) != 3 for s in (0, 2, 4, 6))],
+                    dtype=np.uint8)
+
+
+_CODE_BYTES = _valid_code_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# Random weights
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # numpy order: (rows, cols) = (ne1, ne0)
+    ggml_type: int
+
+    @property
+    def nbytes(self) -> int:
+        n = int(np.prod(self.shape))
+        return {GGML_TYPE_F32: 4 * n, GGML_TYPE_F16: 2 * n}.get(self.ggml_type, n // 4 + 32)
+
+
+def tensor_layout(shape: ModelShape, *, tie_head: bool = True) -> list[TensorSpec]:
+    """Tensor names, numpy shapes and types of the official layout (spec section 3)."""
+    e, f, kv = shape.n_embd, shape.n_ff, shape.kv_dim
+    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), GGML_TYPE_F16)]
+    for i in range(shape.n_layer):
+        b = f"blk.{i}."
+        specs += [
+            TensorSpec(b + "attn_norm.weight", (e,), GGML_TYPE_F32),
+            TensorSpec(b + "attn_q.weight", (e, e), GGML_TYPE_I2_S),
+            TensorSpec(b + "attn_k.weight", (kv, e), GGML_TYPE_I2_S),
+            TensorSpec(b + "attn_v.weight", (kv, e), GGML_TYPE_I2_S),
+            TensorSpec(b + "attn_sub_norm.weight", (e,), GGML_TYPE_F32),
+            TensorSpec(b + "attn_output.weight", (e, e), GGML_TYPE_I2_S),
+            TensorSpec(b + "ffn_norm.weight", (e,), GGML_TYPE_F32),
+            TensorSpec(b + "ffn_gate.weight", (f, e), GGML_TYPE_I2_S),
+            TensorSpec(b + "ffn_up.weight", (f, e), GGML_TYPE_I2_S),
+            TensorSpec(b + "ffn_sub_norm.weight", (f,), GGML_TYPE_F32),
+            TensorSpec(b + "ffn_down.weight", (e, f), GGML_TYPE_I2_S),
+        ]
+    specs.append(TensorSpec("output_norm.weight", (e,), GGML_TYPE_F32))
+    if not tie_head:
+        specs.append(TensorSpec("output.weight", (shape.n_vocab, e), GGML_TYPE_F16))
+    return specs
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _f16_normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    out = np.empty(shape, dtype=np.float16)
+    flat = out.reshape(-1)
+    chunk = 1 << 24
+    for start in range(0, flat.size, chunk):
+        n = min(chunk, flat.size - start)
+        flat[start:start + n] = rng.standard_normal(n, dtype=np.float32) * np.float32(std)
+    return out
+
+
+def _generate(spec: TensorSpec, seed: int) -> np.ndarray | tuple[bytes, np.float32]:
+    """One tensor's data: an array for F32/F16, (packed codes without scale, scale) for I2_S."""
+    rng = _rng(seed, spec.name)
+    if spec.ggml_type == GGML_TYPE_F16:
+        return _f16_normal(rng, spec.shape, 0.05)
+    if spec.ggml_type == GGML_TYPE_F32:
+        return rng.uniform(0.8, 1.2, size=spec.shape).astype(np.float32)
+    n = int(np.prod(spec.shape))
+    codes = _CODE_BYTES[rng.integers(0, len(_CODE_BYTES), size=n // 4, dtype=np.uint8)]
+    scale = np.float32(rng.uniform(0.5, 1.5))
+    return codes.tobytes(), scale
+
+
+def random_weights(shape: ModelShape, seed: int = 0, *, tie_head: bool = True
+                   ) -> dict[str, np.ndarray]:
+    """The weights write_model writes: F16/F32 arrays, ternary int8 (rows, cols) arrays for
+    I2_S tensors, and each I2_S tensor's scale under '<name>.scale' (np.float32 0-d array)."""
+    shape.validate()
+    out: dict[str, np.ndarray] = {}
+    for spec in tensor_layout(shape, tie_head=tie_head):
+        data = _generate(spec, seed)
+        if spec.ggml_type == GGML_TYPE_I2_S:
+            codes, scale = data  # type: ignore[misc]
+            t, _ = unpack_i2s(codes + scale.tobytes(), *spec.shape)
+            out[spec.name] = t
+            out[spec.name + ".scale"] = np.asarray(scale, dtype=np.float32)
+        else:
+            out[spec.name] = data  # type: ignore[assignment]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor written verbatim: data bytes, numpy-order shape, ggml type id (for tests of
+    malformed or unusual files)."""
+
+    data: bytes
+    shape: tuple[int, ...]
+    ggml_type: int
+
+
+def _metadata(shape: ModelShape, vocab: Vocab, chat_template: str) -> list[tuple[str, Any, Any]]:
+    from gguf import GGUFValueType as T
+
+    a = shape.architecture
+    name = "bitnet2b" if shape == FULL_2B4T else f"bitnet-test-{shape.n_embd}x{shape.n_layer}"
+    return [
+        ("general.architecture", a, T.STRING),
+        ("general.name", name, T.STRING),
+        (f"{a}.vocab_size", shape.n_vocab, T.UINT32),
+        (f"{a}.context_length", shape.n_ctx, T.UINT32),
+        (f"{a}.embedding_length", shape.n_embd, T.UINT32),
+        (f"{a}.block_count", shape.n_layer, T.UINT32),
+        (f"{a}.feed_forward_length", shape.n_ff, T.UINT32),
+        (f"{a}.rope.dimension_count", shape.head_dim, T.UINT32),
+        (f"{a}.attention.head_count", shape.n_head, T.UINT32),
+        (f"{a}.attention.head_count_kv", shape.n_head_kv, T.UINT32),
+        ("tokenizer.ggml.add_bos_token", True, T.BOOL),
+        (f"{a}.attention.layer_norm_rms_epsilon", shape.rms_eps, T.FLOAT32),
+        (f"{a}.rope.freq_base", shape.rope_base, T.FLOAT32),
+        ("general.file_type", FILE_TYPE_MOSTLY_I2_S, T.UINT32),
+        ("tokenizer.ggml.model", "gpt2", T.STRING),
+        ("tokenizer.ggml.tokens", vocab.tokens, (T.ARRAY, T.STRING)),
+        ("tokenizer.ggml.scores", [0.0] * len(vocab), (T.ARRAY, T.FLOAT32)),
+        ("tokenizer.ggml.token_type", vocab.token_types, (T.ARRAY, T.INT32)),
+        ("tokenizer.ggml.merges", vocab.merges, (T.ARRAY, T.STRING)),
+        ("tokenizer.ggml.bos_token_id", vocab.bos_id, T.UINT32),
+        ("tokenizer.ggml.eos_token_id", vocab.eos_id, T.UINT32),
+        ("tokenizer.ggml.padding_token_id", vocab.eos_id, T.UINT32),
+        ("tokenizer.chat_template", chat_template, T.STRING),
+        ("general.quantization_version", 2, T.UINT32),
+    ]
+
+
+def _infer_type(value: Any) -> Any:
+    from gguf import GGUFValueType as T
+
+    if isinstance(value, bool):
+        return T.BOOL
+    if isinstance(value, int):
+        return T.UINT32 if 0 <= value < 2**32 else T.INT64
+    if isinstance(value, float):
+        return T.FLOAT32
+    if isinstance(value, str):
+        return T.STRING
+    if isinstance(value, (list, tuple)) and value:
+        return (T.ARRAY, _infer_type(value[0]))
+    raise ValueError(f"cannot infer a GGUF type for {value!r}; pass (value, GGUFValueType)")
+
+
+def _tensor_payload(spec: TensorSpec, override: Any, seed: int
+                    ) -> tuple[tuple[int, ...], int, Any]:
+    """(numpy shape, ggml type, data as bytes or ndarray) for one tensor."""
+    if override is None:
+        data = _generate(spec, seed)
+        if spec.ggml_type == GGML_TYPE_I2_S:
+            codes, scale = data  # type: ignore[misc]
+            return spec.shape, GGML_TYPE_I2_S, codes + scale.tobytes() + bytes(28)
+        return spec.shape, spec.ggml_type, data
+    if isinstance(override, RawTensor):
+        return tuple(override.shape), override.ggml_type, override.data
+    if spec.ggml_type == GGML_TYPE_I2_S:
+        if isinstance(override, tuple):
+            t, scale = override
+        else:
+            t, scale = override, _generate(spec, seed)[1]  # type: ignore[index]
+        return spec.shape, GGML_TYPE_I2_S, pack_i2s(np.asarray(t).reshape(spec.shape), scale)
+    arr = np.ascontiguousarray(override)
+    if arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    types = {np.dtype(np.float32): GGML_TYPE_F32, np.dtype(np.float16): GGML_TYPE_F16}
+    if arr.dtype not in types:
+        raise ValueError(f"override for {spec.name}: dtype {arr.dtype} not F32/F16")
+    return arr.shape, types[arr.dtype], arr
+
+
+def write_model(
+    path: str | os.PathLike[str],
+    shape: ModelShape = TINY,
+    seed: int = 0,
+    *,
+    vocab: Literal["tiny", "llama3"] = "tiny",
+    tie_head: bool = True,
+    chat_template: str | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
+    tensor_overrides: Mapping[str, Any] | None = None,
+    drop_keys: Sequence[str] = (),
+    drop_tensors: Sequence[str] = (),
+) -> Path:
+    """Write a BitNet b1.58 GGUF file in the official layout and return its path.
+
+    extra_metadata: key -> value (type inferred: bool, int -> u32, float -> f32, str, lists)
+    or key -> (value, GGUFValueType) or (value, GGUFValueType.ARRAY, element type); replaces
+    an official key of the same name in place, else is appended.
+    tensor_overrides: name -> ndarray (F32/F16 data; for I2_S a ternary (rows, cols) array,
+    or (ternary, scale)), or RawTensor; names outside the layout are appended.
+    drop_keys / drop_tensors: leave these out (for tests of incomplete files).
+    Tensors are streamed one at a time, so a full-size model never sits in memory twice.
+    """
+    import gguf
+    from gguf import GGUFValueType as T
+
+    shape.validate()
+    path = Path(path)
+    voc = get_vocab(vocab).padded(shape.n_vocab)
+    template = OFFICIAL_CHAT_TEMPLATE if chat_template is None else chat_template
+
+    entries = _metadata(shape, voc, template)
+    for key, value in (extra_metadata or {}).items():
+        if isinstance(value, tuple) and len(value) in (2, 3) and isinstance(value[1], T):
+            vtype = value[1] if len(value) == 2 else (value[1], value[2])
+            value = value[0]
+        else:
+            vtype = _infer_type(value)
+        for i, (k, _, _) in enumerate(entries):
+            if k == key:
+                entries[i] = (key, value, vtype)
+                break
+        else:
+            entries.append((key, value, vtype))
+    dropped = set(drop_keys)
+    entries = [e for e in entries if e[0] not in dropped]
+
+    overrides = dict(tensor_overrides or {})
+    specs = [s for s in tensor_layout(shape, tie_head=tie_head) if s.name not in drop_tensors]
+    known = {s.name for s in specs}
+    for name, value in overrides.items():
+        if name not in known:
+            if not isinstance(value, RawTensor):
+                arr = np.asarray(value)
+                gt = GGML_TYPE_F16 if arr.dtype == np.float16 else GGML_TYPE_F32
+                specs.append(TensorSpec(name, tuple(arr.shape), gt))
+            else:
+                specs.append(TensorSpec(name, tuple(value.shape), value.ggml_type))
+
+    writer = gguf.GGUFWriter(path, shape.architecture)
+    writer.kv_data[0].clear()  # drop the automatic general.architecture: we add our own
+    for key, value, vtype in entries:
+        sub = None
+        if isinstance(vtype, tuple):
+            vtype, sub = vtype
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+
+    # Tensor infos need sizes up front; payloads are produced again while streaming, so
+    # only one tensor's data is alive at a time. Generation is deterministic.
+    def payload(spec: TensorSpec) -> tuple[tuple[int, ...], int, Any]:
+        return _tensor_payload(spec, overrides.get(spec.name), seed)
+
+    for spec in specs:
+        if spec.name in overrides:
+            shp, gt, data = payload(spec)
+            nbytes = len(data) if isinstance(data, bytes) else data.nbytes
+        else:
+            shp, gt, nbytes = spec.shape, spec.ggml_type, spec.nbytes
+        writer.add_tensor_info(spec.name, shp, np.dtype(np.int8) if gt not in (0, 1)
+                               else np.dtype(np.float32 if gt == 0 else np.float16),
+                               nbytes, raw_dtype=gt)  # type: ignore[arg-type]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file(path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for spec in specs:
+        _, _, data = payload(spec)
+        if isinstance(data, bytes):
+            data = np.frombuffer(data, dtype=np.int8)
+        writer.write_tensor_data(data)
+        del data
+    writer.close()
+    return path
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def demo_model_path() -> Path:
+    """A small demo model (TINY shape, tiny vocabulary, context 512), written once into the
+    cache directory (atomically: temp file + rename) and reused afterwards."""
+    target = cache_dir() / f"bitnet-{DEMO_MODEL_VERSION}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        write_model(tmp, DEMO, seed=1234, vocab="tiny")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bitnetd-write-model",
+        description="Write a random BitNet b1.58 model in the official GGUF (I2_S) layout.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--vocab", choices=("tiny", "llama3"), default=None,
+                        help="tokenizer vocabulary (default: llama3 for full, else tiny)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--untied-head", action="store_true",
+                        help="write a separate output.weight instead of tying the head")
+    parser.add_argument("out", type=Path, help="output .gguf path")
+    args = parser.parse_args(argv)
+    shape = PRESETS[args.preset]
+    vocab = args.vocab or ("llama3" if shape.n_vocab >= LLAMA3_N_VOCAB else "tiny")
+    start = time.perf_counter()
+    try:
+        write_model(args.out, shape, args.seed, vocab=vocab, tie_head=not args.untied_head)
+    except (RuntimeError, ValueError, OSError) as exc:
+        print(f"bitnetd-write-model: error: {exc}", file=sys.stderr)
+        return 1
+    size = args.out.stat().st_size
+    print(f"wrote {args.out} ({size:,} bytes, preset {args.preset}, vocab {vocab}, "
+          f"seed {args.seed}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""An independent numpy reference of the BitNet b1.58 forward pass.
+
+Written from shared/spec/bitnet-gguf.md only (sections 1, 4 and 5), not from any engine code:
+its own GGUF reader (a plain struct walk), its own I2_S decoder, and the forward pass step by
+step as the spec lists it.
+
+Precision: activations are float32 wherever the spec says F32 (so that the int8 activation
+quantization sees the same values an F32 engine sees, up to summation order); the ternary
+products are exact integers (int64); RoPE angles are computed in float64 and rounded to
+float32 once. The result is float32 logits for every position.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+F32, F16, I2_S = 0, 1, 36
+
+# GGUF metadata value types (spec 1.2): struct format for the fixed-size ones.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+            10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFFormatError(ValueError):
+    pass
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    ne: tuple[int, ...]  # GGUF order: ne[0] contiguous
+    ggml_type: int
+    offset: int  # relative to the data section
+    nbytes: int
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    metadata_types: dict[str, int]
+    array_types: dict[str, int]
+    tensors: dict[str, TensorInfo]
+    tensor_order: list[str]
+    data_start: int
+    raw: bytes = field(repr=False)
+
+    def tensor_bytes(self, name: str) -> bytes:
+        info = self.tensors[name]
+        start = self.data_start + info.offset
+        return self.raw[start:start + info.nbytes]
+
+
+def tensor_nbytes(ne: tuple[int, ...], ggml_type: int) -> int:
+    n = 1
+    for d in ne:
+        n *= d
+    if ggml_type == F32:
+        return 4 * n
+    if ggml_type == F16:
+        return 2 * n
+    if ggml_type == I2_S:
+        return n // 4 + 32
+    raise GGUFFormatError(f"tensor type {ggml_type} not used by this model")
+
+
+class _Cursor:
+    def __init__(self, raw: bytes) -> None:
+        self.raw, self.pos = raw, 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.raw):
+            raise GGUFFormatError(f"truncated file at byte {self.pos} (wanted {n})")
+        out = self.raw[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.take(self.unpack("<Q")).decode("utf-8")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            etype, count = self.unpack("<I"), self.unpack("<Q")
+            if etype in _SCALARS and etype != 7:
+                dt = np.dtype(_SCALARS[etype])
+                return np.frombuffer(self.take(dt.itemsize * count), dtype=dt).tolist()
+            return [self.value(etype) for _ in range(count)]
+        raise GGUFFormatError(f"unknown metadata value type {vtype}")
+
+
+def read_gguf(path: str | Path, *, check_sizes: bool = True) -> GGUFFile:
+    """Parse a GGUF v3 file (spec section 1), including type-36 (I2_S) tensors.
+    check_sizes=False skips the per-tensor bounds check (for deliberately odd files)."""
+    raw = Path(path).read_bytes()
+    cur = _Cursor(raw)
+    if cur.take(4) != b"GGUF":
+        raise GGUFFormatError("bad magic")
+    version = cur.unpack("<I")
+    n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    metadata: dict[str, Any] = {}
+    types: dict[str, int] = {}
+    array_types: dict[str, int] = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        vtype = cur.unpack("<I")
+        if vtype == _ARRAY:
+            array_types[key] = struct.unpack("<I", raw[cur.pos:cur.pos + 4])[0]
+        metadata[key] = cur.value(vtype)
+        types[key] = vtype
+    tensors: dict[str, TensorInfo] = {}
+    order: list[str] = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        n_dims = cur.unpack("<I")
+        ne = tuple(cur.unpack("<Q") for _ in range(n_dims))
+        gt = cur.unpack("<I")
+        offset = cur.unpack("<Q")
+        tensors[name] = TensorInfo(name, ne, gt, offset, tensor_nbytes(ne, gt))
+        order.append(name)
+    align = int(metadata.get("general.alignment", 32))
+    data_start = (cur.pos + align - 1) // align * align
+    for info in tensors.values():
+        if check_sizes and (info.offset % align
+                            or data_start + info.offset + info.nbytes > len(raw)):
+            raise GGUFFormatError(f"tensor {info.name}: bad offset or size")
+    return GGUFFile(Path(path), version, metadata, types, array_types, tensors, order,
+                    data_start, raw)
+
+
+def decode_i2s(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.float32]:
+    """I2_S bytes -> (ternary int8 (rows, cols), scale), per spec section 4: element j of a
+    128-element block sits in byte j mod 32 at shift 6 - 2*(j div 32); code c -> c - 1."""
+    n = rows * cols
+    codes = np.frombuffer(data, dtype=np.uint8, count=n // 4).reshape(n // 128, 32)
+    block = np.empty((n // 128, 128), dtype=np.int8)
+    for group in range(4):
+        shift = 6 - 2 * group
+        block[:, group * 32:(group + 1) * 32] = ((codes >> shift) & 3).astype(np.int8) - 1
+    scale = np.frombuffer(data, dtype=np.float32, count=1, offset=n // 4)[0]
+    return block.reshape(rows, cols), scale
+
+
+@dataclass
+class ReferenceWeights:
+    arch: str
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_layer: int
+    n_vocab: int
+    rms_eps: float
+    rope_base: float
+    tensors: dict[str, np.ndarray]  # F32/F16 as float32, I2_S as int8 ternary
+    scales: dict[str, np.float32]
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def load_reference(path: str | Path) -> ReferenceWeights:
+    f = read_gguf(path)
+    md = f.metadata
+    arch = md["general.architecture"]
+    tensors: dict[str, np.ndarray] = {}
+    scales: dict[str, np.float32] = {}
+    for name, info in f.tensors.items():
+        data = f.tensor_bytes(name)
+        shape = tuple(reversed(info.ne))  # numpy order (rows, cols)
+        if info.ggml_type == F32:
+            tensors[name] = np.frombuffer(data, dtype=np.float32).reshape(shape)
+        elif info.ggml_type == F16:
+            tensors[name] = np.frombuffer(data, dtype=np.float16).reshape(shape).astype(np.float32)
+        elif info.ggml_type == I2_S:
+            tensors[name], scales[name] = decode_i2s(data, *shape)
+    return ReferenceWeights(
+        arch=arch,
+        n_embd=md[f"{arch}.embedding_length"],
+        n_head=md[f"{arch}.attention.head_count"],
+        n_head_kv=md[f"{arch}.attention.head_count_kv"],
+        n_ff=md[f"{arch}.feed_forward_length"],
+        n_layer=md[f"{arch}.block_count"],
+        n_vocab=len(md["tokenizer.ggml.tokens"]),
+        rms_eps=md[f"{arch}.attention.layer_norm_rms_epsilon"],
+        rope_base=md[f"{arch}.rope.freq_base"],
+        tensors=tensors,
+        scales=scales,
+    )
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """Per row: w_i * x_i / sqrt(mean(x^2) + eps), in float32."""
+    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x / np.sqrt(ms + np.float32(eps))) * w
+
+
+def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token absmax int8 quantization: (q int32 (T, K), s float32 (T, 1))."""
+    m = np.maximum(np.max(np.abs(x), axis=-1, keepdims=True), np.float32(1e-5))
+    s = (np.float32(127.0) / m).astype(np.float32)
+    q = np.clip(np.rint(x * s), -128, 127).astype(np.int64)  # rint: round half to even
+    return q, s
+
+
+def near_ties(x: np.ndarray, tol: float = 1e-3) -> int:
+    """How many activations sit within tol of a rounding boundary after scaling (a one-unit
+    int8 flip between two correct implementations is possible there)."""
+    _, s = quantize_activations(x)
+    frac = np.abs((x * s) % 1.0 - 0.5)
+    return int(np.count_nonzero(frac < tol))
+
+
+def bitlinear(q: np.ndarray, s: np.ndarray, w: np.ndarray, scale: np.float32) -> np.ndarray:
+    """y_r = (sum_i t_ri q_i) / s * scale, the integer dot product exact."""
+    acc = q @ w.T.astype(np.int64)
+    return ((acc.astype(np.float32) / s) * np.float32(scale)).astype(np.float32)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, base: float,
+         pairing: Literal["neox", "interleaved"] = "neox") -> np.ndarray:
+    """Rotate every head of x (T, H, D). neox pairs (i, i + D/2); interleaved (2i, 2i+1)
+    is the wrong pairing for this model, kept so tests can prove they tell them apart."""
+    d = x.shape[-1]
+    i = np.arange(d // 2, dtype=np.float64)
+    theta = positions.astype(np.float64)[:, None] * base ** (-2.0 * i / d)  # (T, D/2)
+    cos = np.cos(theta).astype(np.float32)[:, None, :]
+    sin = np.sin(theta).astype(np.float32)[:, None, :]
+    if pairing == "neox":
+        a, b = x[..., : d // 2], x[..., d // 2:]
+    else:
+        a, b = x[..., 0::2], x[..., 1::2]
+    ra, rb = a * cos - b * sin, a * sin + b * cos
+    out = np.empty_like(x)
+    if pairing == "neox":
+        out[..., : d // 2], out[..., d // 2:] = ra, rb
+    else:
+        out[..., 0::2], out[..., 1::2] = ra, rb
+    return out
+
+
+def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
+            rope_pairing: Literal["neox", "interleaved"] = "neox",
+            stats: dict[str, int] | None = None) -> np.ndarray:
+    """Logits (T, n_vocab) float32 for every position of one sequence starting at start_pos
+    (no cache: start_pos only shifts RoPE positions; use 0 for a full prompt)."""
+    W, S = weights.tensors, weights.scales
+    eps = weights.rms_eps
+    T = len(tokens)
+    H, Hkv, D = weights.n_head, weights.n_head_kv, weights.head_dim
+    group = H // Hkv
+    positions = np.arange(start_pos, start_pos + T)
+    x = W["token_embd.weight"][np.asarray(tokens)].astype(np.float32)
+    causal = np.triu(np.ones((T, T), dtype=bool), k=1)
+
+    def count(name: str, v: np.ndarray) -> None:
+        if stats is not None:
+            stats[name] = stats.get(name, 0) + near_ties(v)
+
+    for layer in range(weights.n_layer):
+        b = f"blk.{layer}."
+        h = rms_norm(x, W[b + "attn_norm.weight"], eps)
+        count("attn_in", h)
+        qh, sh = quantize_activations(h)
+        q = bitlinear(qh, sh, W[b + "attn_q.weight"], S[b + "attn_q.weight"]).reshape(T, H, D)
+        k = bitlinear(qh, sh, W[b + "attn_k.weight"], S[b + "attn_k.weight"]).reshape(T, Hkv, D)
+        v = bitlinear(qh, sh, W[b + "attn_v.weight"], S[b + "attn_v.weight"]).reshape(T, Hkv, D)
+        q = rope(q, positions, weights.rope_base, rope_pairing)
+        k = rope(k, positions, weights.rope_base, rope_pairing)
+        heads = np.empty((T, H, D), dtype=np.float32)
+        inv = np.float32(1.0 / np.sqrt(D))
+        for hh in range(H):
+            kv = hh // group
+            scores = (q[:, hh, :] @ k[:, kv, :].T) * inv  # (T, T)
+            scores[causal] = -np.inf
+            scores = scores - scores.max(axis=-1, keepdims=True)
+            p = np.exp(scores)
+            p = p / p.sum(axis=-1, keepdims=True)
+            heads[:, hh, :] = p @ v[:, kv, :]
+        a = rms_norm(heads.reshape(T, H * D), W[b + "attn_sub_norm.weight"], eps)
+        count("attn_out", a)
+        qa, sa = quantize_activations(a)
+        x = x + bitlinear(qa, sa, W[b + "attn_output.weight"], S[b + "attn_output.weight"])
+        h = rms_norm(x, W[b + "ffn_norm.weight"], eps)
+        count("ffn_in", h)
+        qh, sh = quantize_activations(h)
+        g = bitlinear(qh, sh, W[b + "ffn_gate.weight"], S[b + "ffn_gate.weight"])
+        u = bitlinear(qh, sh, W[b + "ffn_up.weight"], S[b + "ffn_up.weight"])
+        f = np.square(np.maximum(g, np.float32(0))) * u
+        f = rms_norm(f, W[b + "ffn_sub_norm.weight"], eps)
+        count("ffn_down", f)
+        qf, sf = quantize_activations(f)
+        x = x + bitlinear(qf, sf, W[b + "ffn_down.weight"], S[b + "ffn_down.weight"])
+    y = rms_norm(x, W["output_norm.weight"], eps)
+    head = W.get("output.weight", W["token_embd.weight"])
+    return (y @ head.T).astype(np.float32)
