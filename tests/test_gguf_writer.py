@@ -242,3 +242,24 @@ def test_llama3_vocabulary() -> None:
     assert v.tokens[128000] == "<|begin_of_text|>" and v.tokens[128009] == "<|eot_id|>"
     assert v.token_types[127999] == 1 and set(v.token_types[128000:]) == {3}
     assert v.merges[0] == "Ġ Ġ" and v.tokens[0] == "!"
+
+
+def test_tiny_vocabulary_builds_a_working_tokenizer() -> None:
+    # The recipe of shared/notes/python-stack.md, applied to the tiny vocabulary's lists.
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    v = gw.tiny_vocab()
+    normal = {t: i for i, t in enumerate(v.tokens) if v.token_types[i] == 1}
+    bpe = models.BPE(vocab=normal, merges=[tuple(m.split(" ", 1)) for m in v.merges],
+                     ignore_merges=True)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(gw.LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    for text in ("Hello, world! The quick brown fox.", "café 日本語 🙂\n\nend", "x" * 50):
+        ids = tok.encode(text).ids
+        assert tok.decode(ids) == text
+        assert all(0 <= i < v.bos_id for i in ids)
+    english = "the server and the client"
+    assert len(tok.encode(english).ids) < len(english.encode()) // 2
