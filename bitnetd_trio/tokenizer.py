@@ -1,0 +1,284 @@
+"""Byte-level BPE tokenizer built from a GGUF file's lists (spec section 6).
+
+Encoding uses the `tokenizers` library: BPE over the GGUF token strings and merges with
+ignore_merges, the Llama-3 split pattern, byte-level mapping. Control tokens (token_type 3)
+keep their ids; whether their text in the input becomes those ids is decided per call:
+
+- `parse_special=True` (the chat template's own text): the text is first cut at control-token
+  strings, which become their ids, and the pieces between are BPE-encoded.
+- `parse_special=False` (user content): everything is BPE-encoded, so "<|eot_id|>" typed by a
+  user is a handful of ordinary tokens and can never end a turn.
+
+The cut is done here rather than by registering the control tokens with `tokenizers` as
+special tokens, because that library can only switch special-token parsing for a whole
+tokenizer object at a time (not per call, and not thread-safely).
+
+Decoding never goes through `tokenizers`: every id maps to its raw bytes (the inverse of the
+byte-to-unicode table), so decoding and streaming are exact byte concatenation and UTF-8
+decoding, with U+FFFD for invalid sequences.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Callable, Iterable, Sequence
+from functools import lru_cache
+from typing import Any
+
+from tokenizers import Regex, Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+#: The Llama-3 pre-tokenizer split pattern (the file has no tokenizer.ggml.pre).
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_CONTROL = 3
+
+#: Control tokens that end a generation when the vocabulary has them (besides EOS).
+END_OF_GENERATION_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+
+
+class TokenizerError(ValueError):
+    """The GGUF tokenizer data is unusable, or an id is out of range."""
+
+
+@lru_cache(maxsize=1)
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (space -> 'Ġ')."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    return {c: b for b, c in byte_to_unicode().items()}
+
+
+def token_string_to_bytes(s: str) -> bytes:
+    """Raw bytes of a byte-level token string. A character outside the byte alphabet (a
+    vocabulary entry that is not byte-level) contributes its own UTF-8 encoding."""
+    inv = _unicode_to_byte()
+    try:
+        return bytes(inv[c] for c in s)
+    except KeyError:
+        out = bytearray()
+        for c in s:
+            b = inv.get(c)
+            if b is None:
+                out += c.encode("utf-8", "surrogatepass")
+            else:
+                out.append(b)
+        return bytes(out)
+
+
+class StreamDecoder:
+    """Turns ids into text as they arrive; never emits part of a UTF-8 character.
+
+    Invalid byte sequences come out as U+FFFD as soon as they are known to be invalid
+    (at most 3 bytes are ever held back)."""
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special: bool = False) -> None:
+        self._tok = tokenizer
+        self._skip_special = skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """Text completed by this token ('' while a character is incomplete)."""
+        if self._skip_special and self._tok.is_control(token):
+            return ""
+        return self._utf8.decode(self._tok.token_bytes(token), final=False)
+
+    def flush(self) -> str:
+        """Whatever is held back, incomplete characters as U+FFFD; resets the decoder."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+class Tokenizer:
+    """GGUF byte-level BPE tokenizer (see the module docstring)."""
+
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        merges: Iterable[str],
+        token_types: Sequence[int] | None = None,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        add_bos: bool = True,
+    ) -> None:
+        n = len(tokens)
+        if n == 0:
+            raise TokenizerError("tokenizer.ggml.tokens is empty")
+        if token_types is not None and len(token_types) != n:
+            raise TokenizerError(
+                f"tokenizer.ggml.token_type has {len(token_types)} entries, "
+                f"tokenizer.ggml.tokens has {n}"
+            )
+        types = list(token_types) if token_types is not None else [TOKEN_TYPE_NORMAL] * n
+        self.n_vocab = n
+        self._types = types
+        self._tokens = list(tokens)
+        self._token_bytes = [
+            t.encode("utf-8", "surrogatepass") if ty == TOKEN_TYPE_CONTROL
+            else token_string_to_bytes(t)
+            for t, ty in zip(self._tokens, types)
+        ]
+
+        # First occurrence wins when a string repeats; later duplicates are never produced.
+        vocab: dict[str, int] = {}
+        for i, t in enumerate(self._tokens):
+            vocab.setdefault(t, i)
+        missing = [b for b, c in byte_to_unicode().items() if c not in vocab]
+        if missing:
+            raise TokenizerError(
+                f"the vocabulary lacks {len(missing)} of the 256 byte tokens "
+                f"(first: byte 0x{missing[0]:02x}); it is not a byte-level BPE vocabulary"
+            )
+        pairs: list[tuple[str, str]] = []
+        for m in merges:
+            left, sep, right = m.partition(" ")
+            # A malformed merge, or one whose parts are unknown, could never apply: skip it.
+            if sep and left in vocab and right in vocab and left + right in vocab:
+                pairs.append((left, right))
+        hf = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=True))
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        hf.decoder = decoders.ByteLevel()
+        self._hf = hf
+
+        self._control_ids: dict[str, int] = {}
+        for i, (t, ty) in enumerate(zip(self._tokens, types)):
+            if ty == TOKEN_TYPE_CONTROL and t:
+                self._control_ids.setdefault(t, i)
+        # Longest first, so a control token that is a prefix of another never wins wrongly.
+        alternatives = sorted(self._control_ids, key=len, reverse=True)
+        self._control_re = (
+            re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+        )
+
+        def valid(i: int | None) -> int | None:
+            return i if i is not None and 0 <= i < n else None
+
+        self.bos_id = valid(bos_id) if bos_id is not None else self.find("<|begin_of_text|>")
+        self.eos_id = valid(eos_id) if eos_id is not None else self.find("<|end_of_text|>")
+        self.eot_id = self.find("<|eot_id|>")
+        self.add_bos_default = bool(add_bos)
+        stops = {self.find(t) for t in END_OF_GENERATION_TEXTS} | {self.eos_id, self.eot_id}
+        stops.discard(None)
+        self.stop_ids: frozenset[int] = frozenset(stops)  # type: ignore[arg-type]
+
+    # ---- construction from GGUF metadata ----
+
+    @classmethod
+    def from_metadata(cls, get: Callable[[str], Any]) -> Tokenizer:
+        """Build from a metadata getter (key -> value, or None when absent)."""
+        model = get("tokenizer.ggml.model")
+        if model is not None and model != "gpt2":
+            raise TokenizerError(
+                f"tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) is supported"
+            )
+        tokens = get("tokenizer.ggml.tokens")
+        merges = get("tokenizer.ggml.merges")
+        if not tokens:
+            raise TokenizerError("the model has no tokenizer.ggml.tokens")
+        if merges is None:
+            raise TokenizerError("the model has no tokenizer.ggml.merges")
+        if not all(isinstance(t, str) for t in tokens):
+            raise TokenizerError("tokenizer.ggml.tokens must be an array of strings")
+        add_bos = get("tokenizer.ggml.add_bos_token")
+        return cls(
+            tokens,
+            merges,
+            get("tokenizer.ggml.token_type"),
+            bos_id=get("tokenizer.ggml.bos_token_id"),
+            eos_id=get("tokenizer.ggml.eos_token_id"),
+            add_bos=True if add_bos is None else bool(add_bos),
+        )
+
+    @classmethod
+    def from_model(cls, model: Any) -> Tokenizer:
+        """Build from an engine.Model (reads its tokenizer.* metadata)."""
+        return cls.from_metadata(lambda key: model.metadata(key, None))
+
+    # ---- lookups ----
+
+    def find(self, text: str) -> int | None:
+        """Id of the control token (or else any token) whose text is exactly `text`."""
+        i = self._control_ids.get(text)
+        if i is not None:
+            return i
+        try:
+            return self._tokens.index(text)
+        except ValueError:
+            return None
+
+    def is_control(self, token: int) -> bool:
+        self._check(token)
+        return self._types[token] == TOKEN_TYPE_CONTROL
+
+    def token_bytes(self, token: int) -> bytes:
+        """Raw bytes of one token (a control token: its text in UTF-8)."""
+        self._check(token)
+        return self._token_bytes[token]
+
+    def piece(self, token: int) -> str:
+        """One token as text; bytes that are not whole UTF-8 characters show as U+FFFD."""
+        return self.token_bytes(token).decode("utf-8", "replace")
+
+    def _check(self, token: int) -> None:
+        if not 0 <= token < self.n_vocab:
+            raise TokenizerError(f"token id {token} out of range [0, {self.n_vocab})")
+
+    # ---- encode / decode ----
+
+    def encode(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
+        """Token ids of `text`; see the module docstring for `parse_special`."""
+        ids: list[int] = [self.bos_id] if add_bos and self.bos_id is not None else []
+        if not text:
+            return ids
+        if not parse_special or self._control_re is None:
+            ids.extend(self._bpe(text))
+            return ids
+        for i, part in enumerate(self._control_re.split(text)):
+            if i % 2:  # the capture group: a control token
+                ids.append(self._control_ids[part])
+            elif part:
+                ids.extend(self._bpe(part))
+        return ids
+
+    def _bpe(self, text: str) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        """Text of a token sequence; invalid UTF-8 becomes U+FFFD."""
+        tb, types = self._token_bytes, self._types
+        parts = []
+        for i in ids:
+            self._check(i)
+            if skip_special and types[i] == TOKEN_TYPE_CONTROL:
+                continue
+            parts.append(tb[i])
+        return b"".join(parts).decode("utf-8", "replace")
+
+    def stream_decoder(self, *, skip_special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special=skip_special)
