@@ -1,0 +1,229 @@
+"""Sans-I/O pieces of streaming responses: SSE framing, stop-string matching, chunk shapes.
+
+Nothing here does I/O or touches the engine, so every rule of spec/http-api.md about streams
+(role delta first, one id and `created` for every chunk, the finish chunk with an empty delta,
+the usage chunk, `[DONE]`, stop strings held back across token boundaries) is tested as plain
+functions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "SSE_DONE",
+    "SSE_KEEPALIVE",
+    "ChatChunks",
+    "CompletionChunks",
+    "StopMatcher",
+    "chat_logprob_entry",
+    "json_bytes",
+    "sse_event",
+    "token_text",
+    "usage_object",
+]
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_KEEPALIVE = b": ping\n\n"
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact UTF-8 JSON (non-ASCII text kept as is: clients decode UTF-8)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def sse_event(obj: Any) -> bytes:
+    """One server-sent event `data: <json>\\n\\n`."""
+    return b"data: " + json_bytes(obj) + b"\n\n"
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, holding back what could still become one.
+
+    `push(text)` returns `(emit, hit)`: `emit` is the text that is certainly not part of a stop
+    string; when `hit` is true a stop string was found, `emit` is the text before it and
+    everything after it is dropped. Text that might be the start of a stop string stays in the
+    matcher until later text decides; `flush()` returns it at the end of generation.
+    """
+
+    def __init__(self, stops: Iterable[str]) -> None:
+        self.stops: tuple[str, ...] = tuple(s for s in stops if s)
+        self._held = ""
+        self.hit = False
+        self.matched = ""  # the stop string found
+
+    def push(self, text: str) -> tuple[str, bool]:
+        if self.hit:
+            return "", True
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+        first = -1
+        for stop in self.stops:
+            i = buf.find(stop)
+            if i >= 0 and (first < 0 or i < first):
+                first = i
+                self.matched = stop
+        if first >= 0:
+            self._held = ""
+            self.hit = True
+            return buf[:first], True
+        hold = self._longest_stop_prefix_suffix(buf)
+        self._held = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold], False
+
+    def _longest_stop_prefix_suffix(self, buf: str) -> int:
+        """Length of the longest suffix of `buf` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), best, -1):
+                if buf.endswith(stop[:k]):
+                    best = k
+                    break
+        return best
+
+    def flush(self) -> str:
+        """The held-back text (generation ended without completing a stop string)."""
+        if self.hit:
+            return ""
+        held, self._held = self._held, ""
+        return held
+
+
+class ChatChunks:
+    """The `chat.completion.chunk` objects of one streamed chat completion."""
+
+    def __init__(
+        self,
+        id: str,  # noqa: A002 - the OpenAI field name
+        created: int,
+        model: str,
+        system_fingerprint: str,
+        include_usage: bool,
+    ) -> None:
+        self.base = {
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": system_fingerprint,
+        }
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        chunk = dict(self.base)
+        chunk["choices"] = choices
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def role(self, index: int) -> dict:
+        return self._chunk(
+            [
+                {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+
+    def content(self, index: int, text: str, logprobs: list[dict] | None = None) -> dict:
+        return self._chunk(
+            [
+                {
+                    "index": index,
+                    "delta": {"content": text},
+                    "logprobs": {"content": logprobs} if logprobs is not None else None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+
+    def finish(self, index: int, reason: str) -> dict:
+        return self._chunk(
+            [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
+        )
+
+    def usage(self, usage: dict) -> dict:
+        chunk = dict(self.base)
+        chunk["choices"] = []
+        chunk["usage"] = usage
+        return chunk
+
+
+class CompletionChunks:
+    """The `text_completion` chunks of one streamed legacy completion (no role chunk)."""
+
+    def __init__(
+        self,
+        id: str,  # noqa: A002
+        created: int,
+        model: str,
+        system_fingerprint: str,
+        include_usage: bool,
+    ) -> None:
+        self.base = {
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": system_fingerprint,
+        }
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[dict]) -> dict:
+        chunk = dict(self.base)
+        chunk["choices"] = choices
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def text(self, index: int, text: str, logprobs: dict | None = None) -> dict:
+        return self._chunk(
+            [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": None}]
+        )
+
+    def finish(self, index: int, reason: str) -> dict:
+        return self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": reason}])
+
+    def usage(self, usage: dict) -> dict:
+        chunk = dict(self.base)
+        chunk["choices"] = []
+        chunk["usage"] = usage
+        return chunk
+
+
+def usage_object(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """The OpenAI `usage` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def token_text(data: bytes) -> str:
+    """A token's text for logprobs: its UTF-8 text, or `bytes:\\xNN..` for a partial character."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+def chat_logprob_entry(
+    data: bytes, logprob: float, top: Sequence[tuple[bytes, float]]
+) -> dict:
+    """One element of a chat choice's `logprobs.content`."""
+    return {
+        "token": token_text(data),
+        "logprob": logprob,
+        "bytes": list(data),
+        "top_logprobs": [
+            {"token": token_text(b), "logprob": lp, "bytes": list(b)} for b, lp in top
+        ],
+    }
