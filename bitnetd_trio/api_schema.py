@@ -1,0 +1,805 @@
+"""Request validation for every endpoint, sans-I/O: plain dicts in, normalized requests out.
+
+Each parser takes the decoded JSON object and returns one normalized form (`GenerationRequest`
+for every generating endpoint), or raises `ApiError(400, ..., param=...)` naming the offending
+field the way OpenAI does ("messages[1].content"). Unknown fields are ignored (SDKs add fields
+every month); wrong types and out-of-range values never pass: booleans must be JSON booleans,
+integers may not be booleans or fractional numbers.
+
+What needs the tokenizer (prompt length against the context) is checked later by the server
+with `check_context`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ApiError
+from .sampling import SamplingParams
+
+__all__ = [
+    "ApplyTemplateRequest",
+    "DetokenizeRequest",
+    "GENERATE_SYSTEM_PROMPT",
+    "GenerationRequest",
+    "SchemaDefaults",
+    "TokenizeRequest",
+    "check_content_type",
+    "check_context",
+    "parse_apply_template",
+    "parse_chat_completion",
+    "parse_completion",
+    "parse_detokenize",
+    "parse_generate",
+    "parse_json_body",
+    "parse_llama_completion",
+    "parse_tokenize",
+]
+
+# Defaults of the Docker "BitNet LLM HTTP Server" /generate endpoint (spec/http-api.md §3).
+GENERATE_SYSTEM_PROMPT = (
+    "You are a helpful, harmless, and honest AI assistant. "
+    "Answer the user's questions truthfully and helpfully."
+)
+GENERATE_MAX_TOKENS = 256
+GENERATE_TEMPERATURE = 0.7
+GENERATE_TOP_P = 0.9
+
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_STOP = 4  # OpenAI's limit on stop strings
+LLAMA_MAX_STOP = 16  # llama.cpp has no limit; keep the stop matcher's work bounded
+MAX_TOP_LOGPROBS_CHAT = 20
+MAX_LOGPROBS_COMPLETIONS = 5
+MAX_N_PROBS = 20
+MAX_CHOICES_PER_REQUEST = 256  # prompts x n of one /v1/completions request
+_INT32_MAX = (1 << 31) - 1
+_SEED_MIN, _SEED_END = -(1 << 63), 1 << 64
+
+CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+@dataclass(frozen=True)
+class SchemaDefaults:
+    """What validation needs from the configuration and the loaded model."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    max_tokens_default: int | None = None  # None: until the context is full
+    n_vocab: int | None = None  # token ids (prompt, logit_bias, detokenize) must be below it
+    model_ids: frozenset[str] = frozenset()  # accepted `model` values; empty: any
+    max_n: int = 8  # most choices (`n`) per request
+
+    @classmethod
+    def from_config(
+        cls, config: Any, *, n_vocab: int | None = None, model_ids: Iterable[str] = ()
+    ) -> SchemaDefaults:
+        """From a `config.Config` and facts of the loaded model."""
+        m = config.model
+        return cls(
+            temperature=m.temperature,
+            top_k=m.top_k,
+            top_p=m.top_p,
+            min_p=m.min_p,
+            max_tokens_default=m.max_tokens_default,
+            n_vocab=n_vocab,
+            model_ids=frozenset(model_ids),
+        )
+
+
+@dataclass
+class GenerationRequest:
+    """The one normalized form of every generating endpoint."""
+
+    endpoint: str  # "chat" | "completions" | "generate" | "completion"
+    model: str | None = None
+    messages: list[dict] | None = None  # chat: [{"role", "content": str}], developer -> system
+    prompts: list[str | list[int]] | None = None  # text or token-id prompts
+    max_tokens: int | None = None  # None: until the context is full
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False  # return the logprob of each generated token
+    top_logprobs: int = 0  # and this many alternatives per position
+    echo: bool = False  # /v1/completions: prepend the prompt (with its logprobs if asked)
+    user: str | None = None
+    cache_prompt: bool = True  # llama.cpp's flag: reuse a cached prompt prefix
+    # /generate only: what the Docker server took per request; there is one engine here, so
+    # these are validated and reported back, not applied.
+    context_size: int | None = None
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    content: str
+    add_special: bool = False  # prepend BOS
+    parse_special: bool = True  # "<|eot_id|>" in the text becomes the control token
+    with_pieces: bool = False  # answer [{"id", "piece"}] instead of ids
+
+
+@dataclass(frozen=True)
+class DetokenizeRequest:
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class ApplyTemplateRequest:
+    messages: list[dict]
+    add_generation_prompt: bool = True
+
+
+# ---- the body -------------------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_JSON_CHARSETS = {"utf-8", "utf8"}
+# Types whose body we still parse as JSON: curl -d sends x-www-form-urlencoded unless told
+# otherwise, and a curl script that forgot -H is not an attack.
+_JSON_TYPES = {"application/json", "text/plain", "application/x-www-form-urlencoded"}
+
+
+def check_content_type(value: str | None) -> None:
+    """ApiError 415 unless the Content-Type can carry a JSON body (absent is fine)."""
+    if value is None or not value.strip():
+        return
+    mime, _, params = value.partition(";")
+    mime = mime.strip().lower()
+    if mime not in _JSON_TYPES and not (mime.startswith("application/") and mime.endswith("+json")):
+        raise ApiError(415, f"unsupported Content-Type '{value.strip()}': send application/json")
+    for param in params.split(";"):
+        key, _, val = param.partition("=")
+        if key.strip().lower() == "charset":
+            charset = val.strip().strip('"').lower()
+            if charset not in _JSON_CHARSETS:
+                raise ApiError(415, f"unsupported charset '{charset}': JSON bodies are UTF-8")
+
+
+def _find_lone_surrogate(obj: Any) -> bool:
+    """True if any string (or key) holds a lone surrogate ("\\ud800"): it cannot be UTF-8."""
+    stack = [obj]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii():
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def parse_json_body(body: bytes) -> dict:
+    """The request body as a JSON object, or ApiError 400 saying what is wrong with it."""
+    if not body or not body.strip():
+        raise ApiError(400, "the request body is empty; expected a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(
+            400, f"the request body is not valid JSON: {e.msg} (line {e.lineno} column {e.colno})"
+        ) from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except ValueError as e:  # NaN/Infinity, or an integer literal with thousands of digits
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {_jtype(value)}")
+    if _find_lone_surrogate(value):
+        raise ApiError(400, "the request body holds a string with an unpaired UTF-16 surrogate")
+    return value
+
+
+# ---- typed field access ------------------------------------------------------------------------
+
+
+def _jtype(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (bool, int, float)) or v is None:
+        text = json.dumps(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+    return _jtype(v)
+
+
+def _bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"'{param}' {message}", param=param)
+
+
+def _as_int(v: Any, param: str, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(param, f"must be an integer, got {_show(v)}")
+    if isinstance(v, float):
+        if not math.isfinite(v) or not v.is_integer():
+            raise _bad(param, f"must be an integer, got {_show(v)}")
+        if abs(v) > 2**53:  # beyond exact float integers: certainly out of every range
+            raise _bad(param, f"must be between {lo} and {hi}, got {_show(v)}")
+        v = int(v)
+    if not lo <= v <= hi:
+        raise _bad(param, f"must be between {lo} and {hi}, got {_show(v)}")
+    return v
+
+
+def _as_number(v: Any, param: str, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _bad(param, f"must be a number, got {_show(v)}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise _bad(param, f"must be a finite number, got {_show(v)}")
+    if not lo <= v <= hi:
+        raise _bad(param, f"must be between {lo:g} and {hi:g}, got {_show(v)}")
+    return float(v)
+
+
+def _as_bool(v: Any, param: str) -> bool:
+    if not isinstance(v, bool):
+        raise _bad(param, f"must be a boolean (true or false), got {_show(v)}")
+    return v
+
+
+def _as_str(v: Any, param: str) -> str:
+    if not isinstance(v, str):
+        raise _bad(param, f"must be a string, got {_jtype(v)}")
+    return v
+
+
+class _Fields:
+    """Typed getters over one request object; null counts as absent."""
+
+    def __init__(self, d: dict) -> None:
+        self.d = d
+
+    def present(self, name: str) -> bool:
+        return self.d.get(name) is not None
+
+    def int(self, name: str, lo: int, hi: int, default: Any = None) -> Any:
+        v = self.d.get(name)
+        return default if v is None else _as_int(v, name, lo, hi)
+
+    def number(self, name: str, lo: float, hi: float, default: Any = None) -> Any:
+        v = self.d.get(name)
+        return default if v is None else _as_number(v, name, lo, hi)
+
+    def bool(self, name: str, default: bool = False) -> bool:
+        v = self.d.get(name)
+        return default if v is None else _as_bool(v, name)
+
+    def str(self, name: str, default: Any = None) -> Any:
+        v = self.d.get(name)
+        return default if v is None else _as_str(v, name)
+
+
+# ---- shared pieces ------------------------------------------------------------------------------
+
+
+def _model(f: _Fields, defaults: SchemaDefaults) -> str | None:
+    model = f.str("model")
+    if model is not None and defaults.model_ids and model not in defaults.model_ids:
+        raise ApiError.model_not_found(model)
+    return model
+
+
+def _stop(f: _Fields, limit: int) -> list[str]:
+    v = f.d.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        if not v:
+            raise _bad("stop", "must not be an empty string")
+        return [v]
+    if not isinstance(v, list):
+        raise _bad("stop", f"must be a string or an array of strings, got {_jtype(v)}")
+    if len(v) > limit:
+        raise _bad("stop", f"may hold at most {limit} strings, got {len(v)}")
+    out = []
+    for i, s in enumerate(v):
+        if not isinstance(s, str):
+            raise _bad(f"stop[{i}]", f"must be a string, got {_jtype(s)}")
+        if not s:
+            raise _bad(f"stop[{i}]", "must not be an empty string")
+        out.append(s)
+    return out
+
+
+def _token_id(v: Any, param: str, n_vocab: int | None) -> int:
+    hi = (n_vocab - 1) if n_vocab else _INT32_MAX
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _bad(param, f"must be a token id (an integer), got {_show(v)}")
+    if not 0 <= v <= hi:
+        raise _bad(param, f"token id {v} is out of range (0..{hi})")
+    return v
+
+
+def _logit_bias_openai(f: _Fields, n_vocab: int | None) -> dict[int, float]:
+    """{"<token id>": bias -100..100}."""
+    v = f.d.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _bad("logit_bias", f"must be an object mapping token ids to biases, got {_jtype(v)}")
+    out: dict[int, float] = {}
+    hi = (n_vocab - 1) if n_vocab else _INT32_MAX
+    for key, bias in v.items():
+        if not re.fullmatch(r"\d{1,10}", key):
+            raise _bad("logit_bias", f"keys must be token ids, got '{key[:40]}'")
+        tok = int(key)
+        if tok > hi:
+            raise _bad("logit_bias", f"token id {tok} is out of range (0..{hi})")
+        out[tok] = _as_number(bias, "logit_bias", -100.0, 100.0)
+    return out
+
+
+def _logit_bias_llama(f: _Fields, n_vocab: int | None) -> dict[int, float]:
+    """llama.cpp: [[id, bias], ...] or {"id": bias}; a bias of false bans the token."""
+    v = f.d.get("logit_bias")
+    if v is None:
+        return {}
+    if isinstance(v, dict):
+        pairs = list(v.items())
+    elif isinstance(v, list):
+        pairs = []
+        for i, pair in enumerate(v):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise _bad(f"logit_bias[{i}]", "must be a pair [token id, bias]")
+            pairs.append((pair[0], pair[1]))
+    else:
+        raise _bad("logit_bias", f"must be an array of [token id, bias] pairs or an object, "
+                                 f"got {_jtype(v)}")
+    out: dict[int, float] = {}
+    for key, bias in pairs:
+        if isinstance(key, str):
+            if not re.fullmatch(r"\d{1,10}", key):
+                raise _bad("logit_bias", f"keys must be token ids, got '{key[:40]}'")
+            key = int(key)
+        tok = _token_id(key, "logit_bias", n_vocab)
+        if bias is False:
+            out[tok] = -math.inf
+        else:
+            out[tok] = _as_number(bias, "logit_bias", -1e6, 1e6)
+    return out
+
+
+def _penalty_window(f: _Fields) -> int:
+    return f.int("repeat_last_n", -1, 1 << 20, 64)
+
+
+def _repeat_penalty(f: _Fields) -> float:
+    # llama.cpp calls it repeat_penalty, vLLM and transformers repetition_penalty.
+    name = "repeat_penalty" if f.present("repeat_penalty") else "repetition_penalty"
+    v = f.d.get(name)
+    if v is None:
+        return 1.0
+    value = _as_number(v, name, 0.0, 10.0)
+    if value == 0.0:
+        raise _bad(name, "must be greater than 0 (1 means no penalty)")
+    return value
+
+
+def _sampling(
+    f: _Fields,
+    defaults: SchemaDefaults,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    logit_bias: dict[int, float],
+    seed: int | None,
+) -> SamplingParams:
+    top_k_hi = defaults.n_vocab if defaults.n_vocab else 1 << 24
+    return SamplingParams(
+        temperature=f.number(
+            "temperature", 0.0, 2.0, defaults.temperature if temperature is None else temperature
+        ),
+        top_k=f.int("top_k", -1, top_k_hi, defaults.top_k),
+        top_p=f.number("top_p", 0.0, 1.0, defaults.top_p if top_p is None else top_p),
+        min_p=f.number("min_p", 0.0, 1.0, defaults.min_p),
+        repeat_penalty=_repeat_penalty(f),
+        repeat_last_n=_penalty_window(f),
+        presence_penalty=f.number("presence_penalty", -2.0, 2.0, 0.0),
+        frequency_penalty=f.number("frequency_penalty", -2.0, 2.0, 0.0),
+        seed=seed,
+        logit_bias=logit_bias,
+    )
+
+
+def _seed(f: _Fields) -> int | None:
+    return f.int("seed", _SEED_MIN, _SEED_END - 1)
+
+
+def _min_tokens(f: _Fields, max_tokens: int | None) -> int:
+    min_tokens = f.int("min_tokens", 0, _INT32_MAX, 0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise _bad("min_tokens", f"({min_tokens}) must not exceed max_tokens ({max_tokens})")
+    return min_tokens
+
+
+def _stream_options(f: _Fields, stream: bool) -> bool:
+    """include_usage; stream_options without stream=true is a 400 (OpenAI does the same)."""
+    v = f.d.get("stream_options")
+    if v is None:
+        return False
+    if not stream:
+        raise _bad("stream_options", "is only allowed when 'stream' is true")
+    if not isinstance(v, dict):
+        raise _bad("stream_options", f"must be an object, got {_jtype(v)}")
+    include = v.get("include_usage")
+    return False if include is None else _as_bool(include, "stream_options.include_usage")
+
+
+def _unsupported(f: _Fields, *names: str) -> None:
+    """Fields we do not implement: a 400 naming them beats silently ignoring them."""
+    for name in names:
+        v = f.d.get(name)
+        if v is None or v == [] or (name == "tool_choice" and v == "none"):
+            continue
+        raise _bad(name, "is not supported by this server")
+
+
+def _n(f: _Fields, defaults: SchemaDefaults) -> int:
+    return f.int("n", 1, defaults.max_n, 1)
+
+
+def _content_text(content: Any, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise _bad(f"{param}[{j}]", f"must be a content part object, got {_jtype(part)}")
+            kind = part.get("type")
+            if kind != "text":
+                shown = f"'{kind}'" if isinstance(kind, str) else _jtype(kind)
+                raise ApiError(
+                    400,
+                    f"'{param}' holds a content part of type {shown[:60]}; only text parts are "
+                    f"supported",
+                    param=param,
+                )
+            texts.append(_as_str(part.get("text"), f"{param}[{j}].text"))
+        return "\n".join(texts)
+    raise _bad(param, f"must be a string or an array of text parts, got {_jtype(content)}")
+
+
+def _messages(d: dict) -> list[dict]:
+    v = d.get("messages")
+    if v is None:
+        raise _bad("messages", "is required")
+    if not isinstance(v, list):
+        raise _bad("messages", f"must be an array of messages, got {_jtype(v)}")
+    if not v:
+        raise _bad("messages", "must hold at least one message")
+    out = []
+    for i, msg in enumerate(v):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise _bad(where, f"must be an object, got {_jtype(msg)}")
+        role = msg.get("role")
+        if not isinstance(role, str) or role not in CHAT_ROLES:
+            shown = f"'{role[:40]}'" if isinstance(role, str) else _jtype(role)
+            raise _bad(
+                f"{where}.role",
+                f"must be one of {', '.join(sorted(CHAT_ROLES))}, got {shown}",
+            )
+        content = msg.get("content")
+        if content is None:
+            if role != "assistant":  # an assistant turn that only called tools has null content
+                raise _bad(f"{where}.content", "is required")
+            content = ""
+        text = _content_text(content, f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": text})
+    return out
+
+
+def _prompts(d: dict, n_vocab: int | None) -> list[str | list[int]]:
+    """A string, an array of strings, an array of token ids, or an array of arrays of ids."""
+    v = d.get("prompt")
+    if v is None:
+        raise _bad("prompt", "is required")
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list):
+        raise _bad("prompt", f"must be a string, an array of strings or of token ids, "
+                             f"got {_jtype(v)}")
+    if not v:
+        raise _bad("prompt", "must not be an empty array")
+    if all(isinstance(x, str) for x in v):
+        return list(v)
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return [[_token_id(t, "prompt", n_vocab) for t in v]]
+    if all(isinstance(x, list) for x in v):
+        out: list[str | list[int]] = []
+        for i, ids in enumerate(v):
+            if not ids:
+                raise _bad(f"prompt[{i}]", "must not be an empty array")
+            out.append([_token_id(t, f"prompt[{i}]", n_vocab) for t in ids])
+        return out
+    raise _bad("prompt", "must be a string, an array of strings, an array of token ids or an "
+                         "array of arrays of token ids (not a mixture)")
+
+
+# ---- endpoints ----------------------------------------------------------------------------------
+
+
+def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
+    """POST /v1/chat/completions."""
+    defaults = defaults or SchemaDefaults()
+    f = _Fields(d)
+    _unsupported(f, "tools", "tool_choice", "functions", "function_call")
+    model = _model(f, defaults)
+    messages = _messages(d)
+
+    response_format = d.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise _bad("response_format", f"must be an object, got {_jtype(response_format)}")
+        kind = response_format.get("type")
+        if kind != "text":
+            shown = f"'{kind[:40]}'" if isinstance(kind, str) else _jtype(kind)
+            raise _bad("response_format", f"type {shown} is not supported (only 'text')")
+
+    # max_completion_tokens replaces the deprecated max_tokens; the newer name wins.
+    name = "max_completion_tokens" if f.present("max_completion_tokens") else "max_tokens"
+    max_tokens = f.int(name, 1, _INT32_MAX, defaults.max_tokens_default)
+
+    logprobs = f.bool("logprobs")
+    top_logprobs = f.int("top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT, 0)
+    if top_logprobs and not logprobs:
+        raise _bad("top_logprobs", "requires 'logprobs' to be true")
+
+    stream = f.bool("stream")
+    return GenerationRequest(
+        endpoint="chat",
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        min_tokens=_min_tokens(f, max_tokens),
+        ignore_eos=f.bool("ignore_eos"),
+        sampling=_sampling(
+            f, defaults, logit_bias=_logit_bias_openai(f, defaults.n_vocab), seed=_seed(f)
+        ),
+        stop=_stop(f, MAX_STOP),
+        n=_n(f, defaults),
+        stream=stream,
+        include_usage=_stream_options(f, stream),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        user=f.str("user"),
+        cache_prompt=f.bool("cache_prompt", True),
+    )
+
+
+def parse_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
+    """POST /v1/completions."""
+    defaults = defaults or SchemaDefaults()
+    f = _Fields(d)
+    suffix = d.get("suffix")
+    if suffix is not None and suffix != "":
+        raise _bad("suffix", "is not supported by this server")
+    model = _model(f, defaults)
+    prompts = _prompts(d, defaults.n_vocab)
+
+    # 0 is allowed: echo + logprobs + max_tokens 0 scores the prompt (lm-evaluation-harness).
+    max_tokens = f.int("max_tokens", 0, _INT32_MAX, COMPLETIONS_MAX_TOKENS)
+    n = _n(f, defaults)
+    best_of = f.int("best_of", 1, defaults.max_n, n)
+    if best_of != n and best_of != 1:
+        raise _bad("best_of", f"({best_of}) other than n ({n}) is not supported")
+    if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
+        raise _bad("prompt", f"{len(prompts)} prompts x n={n} exceed the limit of "
+                             f"{MAX_CHOICES_PER_REQUEST} choices per request")
+
+    # Completions' logprobs is the number of alternatives (0..5), not a flag as in chat.
+    logprobs_n = f.int("logprobs", 0, MAX_LOGPROBS_COMPLETIONS)
+    stream = f.bool("stream")
+    return GenerationRequest(
+        endpoint="completions",
+        model=model,
+        prompts=prompts,
+        max_tokens=max_tokens,
+        min_tokens=_min_tokens(f, max_tokens),
+        ignore_eos=f.bool("ignore_eos"),
+        sampling=_sampling(
+            f, defaults, logit_bias=_logit_bias_openai(f, defaults.n_vocab), seed=_seed(f)
+        ),
+        stop=_stop(f, MAX_STOP),
+        n=n,
+        stream=stream,
+        include_usage=_stream_options(f, stream),
+        logprobs=logprobs_n is not None,
+        top_logprobs=logprobs_n or 0,
+        echo=f.bool("echo"),
+        user=f.str("user"),
+        cache_prompt=f.bool("cache_prompt", True),
+    )
+
+
+def parse_generate(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
+    """POST /generate of the Docker BitNet server.
+
+    With `conversation_mode` (default true) the prompt is the user turn after `system_prompt`,
+    rendered with the chat template; with false the prompt is completed as raw text.
+    """
+    defaults = defaults or SchemaDefaults()
+    f = _Fields(d)
+    prompt = f.str("prompt")
+    if prompt is None:
+        raise _bad("prompt", "is required")
+    system_prompt = f.str("system_prompt", GENERATE_SYSTEM_PROMPT)
+    conversation = f.bool("conversation_mode", True)
+    if conversation:
+        messages = [{"role": "user", "content": prompt}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        prompts = None
+    else:
+        messages, prompts = None, [prompt]
+    max_tokens = f.int("max_tokens", 1, _INT32_MAX, GENERATE_MAX_TOKENS)
+    return GenerationRequest(
+        endpoint="generate",
+        messages=messages,
+        prompts=prompts,
+        max_tokens=max_tokens,
+        min_tokens=_min_tokens(f, max_tokens),
+        ignore_eos=f.bool("ignore_eos"),
+        sampling=_sampling(
+            f, defaults, temperature=GENERATE_TEMPERATURE, top_p=GENERATE_TOP_P,
+            logit_bias=_logit_bias_openai(f, defaults.n_vocab), seed=_seed(f),
+        ),
+        stop=_stop(f, LLAMA_MAX_STOP),
+        context_size=f.int("context_size", 1, 1 << 24),
+        threads=f.int("threads", 1, 1024),
+    )
+
+
+def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
+    """POST /completion of llama.cpp's server (bitnet.cpp's `run_inference_server.py`)."""
+    defaults = defaults or SchemaDefaults()
+    f = _Fields(d)
+    prompt = d.get("prompt")
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        prompts = [[_token_id(t, "prompt", defaults.n_vocab) for t in prompt]]
+    elif prompt is None:
+        raise _bad("prompt", "is required")
+    else:
+        raise _bad("prompt", "must be a string or a non-empty array of token ids")
+
+    # n_predict -1 (llama.cpp's default) generates until the context is full; max_tokens is
+    # llama.cpp's alias for it.
+    name = "n_predict" if f.present("n_predict") else "max_tokens"
+    n_predict = f.int(name, -1, _INT32_MAX, -1)
+    max_tokens = None if n_predict == -1 else n_predict
+    if max_tokens is None:
+        max_tokens = defaults.max_tokens_default
+
+    seed = _seed(f)
+    n_probs = f.int("n_probs", 0, MAX_N_PROBS, 0)
+    return GenerationRequest(
+        endpoint="completion",
+        prompts=prompts,
+        max_tokens=max_tokens,
+        min_tokens=_min_tokens(f, max_tokens),
+        ignore_eos=f.bool("ignore_eos"),
+        # llama.cpp's seed -1 means "random".
+        sampling=_sampling(
+            f, defaults, logit_bias=_logit_bias_llama(f, defaults.n_vocab),
+            seed=None if seed == -1 else seed,
+        ),
+        stop=_stop(f, LLAMA_MAX_STOP),
+        stream=f.bool("stream"),
+        logprobs=n_probs > 0,
+        top_logprobs=n_probs,
+        cache_prompt=f.bool("cache_prompt", True),
+    )
+
+
+def parse_tokenize(d: dict) -> TokenizeRequest:
+    """POST /tokenize: {"content", "add_special", "parse_special", "with_pieces"}."""
+    f = _Fields(d)
+    content = f.str("content")
+    if content is None:
+        raise _bad("content", "is required")
+    return TokenizeRequest(
+        content=content,
+        add_special=f.bool("add_special", False),
+        parse_special=f.bool("parse_special", True),
+        with_pieces=f.bool("with_pieces", False),
+    )
+
+
+def parse_detokenize(d: dict, n_vocab: int | None = None) -> DetokenizeRequest:
+    """POST /detokenize: {"tokens": [ids]}."""
+    v = d.get("tokens")
+    if v is None:
+        raise _bad("tokens", "is required")
+    if not isinstance(v, list):
+        raise _bad("tokens", f"must be an array of token ids, got {_jtype(v)}")
+    return DetokenizeRequest([_token_id(t, f"tokens[{i}]", n_vocab) for i, t in enumerate(v)])
+
+
+def parse_apply_template(d: dict) -> ApplyTemplateRequest:
+    """POST /apply-template: {"messages"} -> the prompt the chat template makes of them."""
+    f = _Fields(d)
+    return ApplyTemplateRequest(
+        messages=_messages(d),
+        add_generation_prompt=f.bool("add_generation_prompt", True),
+    )
+
+
+# ---- after tokenization ---------------------------------------------------------------------
+
+
+def check_context(
+    prompt_tokens: int,
+    max_tokens: int | None,
+    n_ctx: int,
+    *,
+    param: str = "messages",
+    strict: bool = False,
+) -> ApiError | None:
+    """The 400 `context_length_exceeded` error if the prompt does not fit, else None.
+
+    The prompt must leave room for one token (or fit exactly when max_tokens is 0, prompt
+    scoring). With `strict`, prompt + max_tokens must fit as well (OpenAI's rule); otherwise a
+    generation that reaches the end of the context stops with finish_reason "length"
+    (llama.cpp's rule).
+    """
+    need = prompt_tokens + (0 if max_tokens == 0 else 1)
+    if need > n_ctx:
+        return ApiError(
+            400,
+            f"This model's maximum context length is {n_ctx} tokens. However, your prompt has "
+            f"{prompt_tokens} tokens"
+            + ("" if max_tokens == 0 else " and leaves no room for a completion")
+            + ". Please shorten it.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if strict and max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
+        return ApiError(
+            400,
+            f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
+            f"in the completion). Please reduce the prompt or the completion length.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return None
