@@ -146,6 +146,13 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as inf
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
 _JSON_CHARSETS = {"utf-8", "utf8"}
 # Types whose body we still parse as JSON: curl -d sends x-www-form-urlencoded unless told
 # otherwise, and a curl script that forgot -H is not an attack.
@@ -196,7 +203,7 @@ def parse_json_body(body: bytes) -> dict:
     except UnicodeDecodeError as e:
         raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise ApiError(
             400, f"the request body is not valid JSON: {e.msg} (line {e.lineno} column {e.colno})"
@@ -308,7 +315,7 @@ class _Fields:
 
 
 def _model(f: _Fields, defaults: SchemaDefaults) -> str | None:
-    model = f.str("model")
+    model = f.str("model") or None  # "" like absent: the served model
     if model is not None and defaults.model_ids and model not in defaults.model_ids:
         raise ApiError.model_not_found(model)
     return model

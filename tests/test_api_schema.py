@@ -69,6 +69,8 @@ def test_json_body_ok():
         (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
         (b'{"a": ' + b"9" * 5000 + b"}", "not valid JSON"),
         (b'{"a": "\\ud800"}', "unpaired UTF-16 surrogate"),
+        (b'{"a": 1e999}', "out of range"),
+        (b'{"a": -1e400}', "out of range"),
         (b'{"\\udfff": 1}', "unpaired UTF-16 surrogate"),
     ],
 )
@@ -293,6 +295,7 @@ def test_unknown_model_is_404():
     assert chat(model="alias").model == "alias"
     # Without a list of ids (no model loaded yet in a unit test), any name passes.
     assert parse_chat_completion({"model": "anything", "messages": USER}).model == "anything"
+    assert chat(model="").model is None
 
 
 # ---- completions ---------------------------------------------------------------------------------
