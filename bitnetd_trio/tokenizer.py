@@ -232,6 +232,11 @@ class Tokenizer:
         except ValueError:
             return None
 
+    @property
+    def control_regex(self) -> re.Pattern[str] | None:
+        """Matches any control token's text (one capture group); None if there are none."""
+        return self._control_re
+
     def is_control(self, token: int) -> bool:
         self._check(token)
         return self._types[token] == TOKEN_TYPE_CONTROL

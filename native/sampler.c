@@ -124,7 +124,7 @@ struct bn_sampler {
     int32_t n_biases, cap_biases;
     int penalties_on;     /* any of the three penalties active, with a non-empty window */
     int32_t *counts;      /* [n_vocab] occurrences of each token in the window (if penalties_on) */
-    int32_t *ring;        /* [ring_cap] the window, oldest at ring_head, when the window is finite */
+    int32_t *ring;        /* [ring_cap] the window (oldest at ring_head), if it is finite */
     int32_t ring_cap, ring_len, ring_head;
     int32_t *seen;        /* [n_vocab] distinct tokens seen, when the window is the whole history */
     int32_t n_seen;
@@ -247,7 +247,10 @@ static void apply_penalties(bn_sampler *s) {
             if (s->counts[t] < 0) s->counts[t] = -s->counts[t];
         }
     } else {
-        for (int32_t i = 0; i < s->n_seen; i++) penalize(&s->p, &w[s->seen[i]], s->counts[s->seen[i]]);
+        for (int32_t i = 0; i < s->n_seen; i++) {
+            int32_t t = s->seen[i];
+            penalize(&s->p, &w[t], s->counts[t]);
+        }
     }
 }
 
@@ -480,7 +483,9 @@ float bn_logprobs(const float *logits, int32_t n, int32_t token, int32_t top_n,
     double lse = -INFINITY;
     if (mx > -INFINITY) {
         double sum = 0.0;
-        for (int32_t i = 0; i < n; i++) sum += exp((double)finite_or_clamped(logits[i]) - (double)mx);
+        for (int32_t i = 0; i < n; i++) {
+            sum += exp((double)finite_or_clamped(logits[i]) - (double)mx);
+        }
         lse = (double)mx + log(sum);
     }
 

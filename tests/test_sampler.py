@@ -102,7 +102,8 @@ def test_top_k_keeps_only_the_k_best():
     rng = np.random.default_rng(4)
     logits = rng.normal(size=128256).astype(np.float32)
     best = set(np.argsort(-logits)[:40].tolist())
-    got = draws(SamplingParams(temperature=5.0, top_k=40, top_p=1.0, min_p=0.0, seed=9), logits, 300)
+    p = SamplingParams(temperature=5.0, top_k=40, top_p=1.0, min_p=0.0, seed=9)
+    got = draws(p, logits, 300)
     assert set(got) <= best
     assert len(set(got)) > 20  # a hot temperature spreads over the 40
 
@@ -118,7 +119,8 @@ def test_top_p_tiny_is_greedy():
 @pytest.mark.parametrize("top_p,kept", [(0.45, {0}), (0.75, {0, 1}), (0.85, {0, 1, 2})])
 def test_top_p_keeps_the_smallest_nucleus(top_p, kept):
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    got = draws(SamplingParams(temperature=1.0, top_k=0, top_p=top_p, min_p=0.0, seed=3), logits, 2000)
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=top_p, min_p=0.0, seed=3)
+    got = draws(p, logits, 2000)
     assert set(got) == kept
 
 
@@ -130,7 +132,8 @@ def test_top_p_without_top_k_on_a_large_vocabulary():
     order = np.argsort(-p, kind="stable")
     n_keep = int(np.searchsorted(np.cumsum(p[order]), 0.9)) + 1
     nucleus = set(order[:n_keep].tolist())
-    got = draws(SamplingParams(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, seed=4), logits, 300)
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, seed=4)
+    got = draws(p, logits, 300)
     assert set(got) <= nucleus
     assert n_keep > 64  # the growing-selection path was exercised past its first step
 
@@ -138,16 +141,19 @@ def test_top_p_without_top_k_on_a_large_vocabulary():
 def test_min_p_cuts_relative_to_the_best():
     # p_i / p_max: 1, e^-1 = 0.37, e^-2.2 = 0.11, e^-3 = 0.05.
     logits = [0.0, -1.0, -2.2, -3.0]
-    got = draws(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.1, seed=5), logits, 3000)
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.1, seed=5)
+    got = draws(p, logits, 3000)
     assert set(got) == {0, 1, 2}
-    got = draws(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2, seed=5), logits, 3000)
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2, seed=5)
+    got = draws(p, logits, 3000)
     assert set(got) == {0, 1}
 
 
 def test_min_p_applies_before_temperature():
     # A hot temperature must not let back tokens that min-p removed at temperature 1.
     logits = [0.0, -1.0, -4.0, -4.0]
-    got = draws(SamplingParams(temperature=50.0, top_k=0, top_p=1.0, min_p=0.1, seed=6), logits, 2000)
+    p = SamplingParams(temperature=50.0, top_k=0, top_p=1.0, min_p=0.1, seed=6)
+    got = draws(p, logits, 2000)
     assert set(got) == {0, 1}
 
 
@@ -172,7 +178,8 @@ def test_draws_follow_softmax(temperature):
 
 def test_draws_follow_renormalized_top_k():
     logits = np.array([1.0, 0.5, 0.0, -0.5, -1.0], dtype=np.float32)
-    got = draws(SamplingParams(temperature=0.8, top_k=3, top_p=1.0, min_p=0.0, seed=12), logits, 20000)
+    p = SamplingParams(temperature=0.8, top_k=3, top_p=1.0, min_p=0.0, seed=12)
+    got = draws(p, logits, 20000)
     counts = np.bincount(got, minlength=5)
     assert counts[3] == counts[4] == 0
     probs = softmax(logits[:3] / 0.8)
