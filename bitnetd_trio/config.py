@@ -38,6 +38,7 @@ __all__ = [
     "ModelConfig",
     "SecurityConfig",
     "ServerConfig",
+    "describe_config",
     "load_config",
     "parse_listen",
     "parse_size",
@@ -592,3 +593,35 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] = os.
         raise ConfigError(problems, str(source) if source else None)
     sections = {name: cls(**values[name]) for name, cls in _SECTION_CLASSES.items()}
     return Config(**sections, source_path=source)
+
+
+def _format_value(section: str, key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if (section, key) == ("server", "api_keys"):
+        return f"<{len(value)} keys>" if value else ""  # secrets stay out of logs
+    if (section, key) == ("model", "chat_template"):
+        return f"<template, {len(value)} characters>"
+    if (section, key) == ("server", "unix_socket_mode"):
+        return f"{value:04o}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ", ".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def describe_config(config: Config) -> str:
+    """The effective configuration in the file's syntax (API keys and templates masked)."""
+    lines = []
+    if config.source_path is not None:
+        lines.append(f"# from {config.source_path} and the environment")
+    for section, keys in _SCHEMA.items():
+        lines.append(f"[{section}]")
+        obj = getattr(config, section)
+        for key, (attr, _parse) in keys.items():
+            lines.append(f"{key} = {_format_value(section, key, getattr(obj, attr))}".rstrip())
+        lines.append("")
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ import pytest
 from bitnetd_trio.config import (
     Config,
     ConfigError,
+    describe_config,
     load_config,
     parse_duration,
     parse_listen,
@@ -423,3 +424,21 @@ def test_example_documents_every_key_with_its_default(tmp_path):
 def test_example_file_loads_as_is():
     c = load_config(EXAMPLE, {})
     assert c.server.listen == ["127.0.0.1:8080"]
+
+
+def test_describe_config_round_trips(tmp_path):
+    conf = write(
+        tmp_path,
+        "[server]\nlisten = [::1]:1, 127.0.0.1:2\nunix_socket_mode = 0600\nmax_body_size = 3M\n"
+        "request_timeout = 1.5\napi_keys = sk-secret-1\n[metrics]\nenabled = off\n"
+        "[model]\nmax_tokens = 12\ntop_p = 0.25\n",
+    )
+    c = load_config(conf, {})
+    text = describe_config(c)
+    assert "sk-secret-1" not in text and "api_keys = <1 keys>" in text
+    assert "listen = [::1]:1, 127.0.0.1:2" in text and "unix_socket_mode = 0600" in text
+    # Apart from the masked keys, the description loads back to the same configuration.
+    text = text.replace("api_keys = <1 keys>", "api_keys = sk-secret-1")
+    again = load_config(write(tmp_path, text, "again.conf"), {})
+    assert (again.daemon, again.model, again.server, again.security, again.metrics) == (
+        c.daemon, c.model, c.server, c.security, c.metrics)
