@@ -379,10 +379,23 @@ def read_api_key_file(path: str) -> list[str]:
     return keys
 
 
+def _check_jinja(text: str, where: str) -> str:
+    """Syntax errors of a template surface at start-up (and in `bitnetd -t`), not per request."""
+    import jinja2
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+    try:
+        env.parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"{where}Jinja syntax error on line {e.lineno}: {e.message}") from None
+    return text
+
+
 def _chat_template(raw: str, base: Path) -> str:
     """Inline Jinja (contains '{{' or '{%') or the path of a file holding the template."""
     if "{{" in raw or "{%" in raw:
-        return raw
+        return _check_jinja(raw, "")
     path = _existing_file(raw, base)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -392,7 +405,7 @@ def _chat_template(raw: str, base: Path) -> str:
         raise ValueError(f"cannot read '{path}': {e.strerror}") from None
     if not text.strip():
         raise ValueError(f"'{path}' is empty")
-    return text
+    return _check_jinja(text, f"'{path}': ")
 
 
 # ---- the schema: (section, key) -> (dataclass attribute, parser) -----------------------------

@@ -381,6 +381,11 @@ def test_chat_template_inline_or_file(tmp_path):
     assert c.model.chat_template.startswith("{{ bos_token }}")
     problems = problems_of(write(tmp_path, "[model]\nchat_template = missing.jinja\n"))
     assert problems[0].startswith("[model] chat_template: ") and "does not exist" in problems[0]
+    problems = problems_of(write(tmp_path, "[model]\nchat_template = {% for m in messages %}\n"))
+    assert problems[0].startswith("[model] chat_template: Jinja syntax error on line 1")
+    write(tmp_path, "{{ messages[0].content }\n", "broken.jinja")
+    problems = problems_of(write(tmp_path, "[model]\nchat_template = broken.jinja\n"))
+    assert problems[0].startswith(f"[model] chat_template: '{tmp_path}/broken.jinja': Jinja syntax")
 
 
 def _example_keys() -> dict[tuple[str, str], str]:
