@@ -362,7 +362,7 @@ def _logit_bias_openai(f: _Fields, n_vocab: int | None) -> dict[int, float]:
     out: dict[int, float] = {}
     hi = (n_vocab - 1) if n_vocab else _INT32_MAX
     for key, bias in v.items():
-        if not re.fullmatch(r"\d{1,10}", key):
+        if not re.fullmatch(r"[0-9]{1,10}", key):
             raise _bad("logit_bias", f"keys must be token ids, got '{key[:40]}'")
         tok = int(key)
         if tok > hi:
@@ -390,7 +390,7 @@ def _logit_bias_llama(f: _Fields, n_vocab: int | None) -> dict[int, float]:
     out: dict[int, float] = {}
     for key, bias in pairs:
         if isinstance(key, str):
-            if not re.fullmatch(r"\d{1,10}", key):
+            if not re.fullmatch(r"[0-9]{1,10}", key):
                 raise _bad("logit_bias", f"keys must be token ids, got '{key[:40]}'")
             key = int(key)
         tok = _token_id(key, "logit_bias", n_vocab)

@@ -127,7 +127,7 @@ class Config:
 # Each takes the raw string (already stripped, non-empty) and a base directory for relative
 # paths, and returns the value or raises ValueError with a message that follows "section.key: ".
 
-_INT_RE = re.compile(r"[+-]?\d+")
+_INT_RE = re.compile(r"[+-]?[0-9]+")
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str, Path], int]:
@@ -168,7 +168,7 @@ def _boolean(raw: str, _base: Path) -> bool:
         raise ValueError(f"{raw!r} is not a boolean (use true/false, yes/no, on/off, 1/0)") from None
 
 
-_SIZE_RE = re.compile(r"(\d+)\s*(?:([kKmMgG])(?:i?[bB])?|[bB])?")
+_SIZE_RE = re.compile(r"([0-9]+)\s*(?:([kKmMgG])(?:i?[bB])?|[bB])?")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
@@ -190,7 +190,7 @@ def _size_in(lo: int, hi: int) -> Callable[[str, Path], int]:
     return parse
 
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
+_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?")
 _DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
 
 
@@ -242,9 +242,14 @@ def _creatable_path(raw: str, base: Path) -> str:
     return str(p)
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits only (str.isdigit also accepts '²' and other scripts' digits)."""
+    return bool(re.fullmatch(r"[0-9]+", text))
+
+
 def _user(raw: str, _base: Path) -> str:
     try:
-        if raw.isdigit():
+        if _digits(raw):
             pwd.getpwuid(int(raw))
         else:
             pwd.getpwnam(raw)
@@ -255,7 +260,7 @@ def _user(raw: str, _base: Path) -> str:
 
 def _group(raw: str, _base: Path) -> str:
     try:
-        if raw.isdigit():
+        if _digits(raw):
             grp.getgrgid(int(raw))
         else:
             grp.getgrnam(raw)
@@ -292,7 +297,7 @@ def _octal_mode(raw: str, _base: Path) -> int:
 
 
 def _port(text: str, addr: str) -> int:
-    if not text.isdigit():
+    if not _digits(text):
         raise ValueError(f"{addr!r}: port {text!r} is not a number")
     port = int(text)
     if port > 65535:
@@ -328,7 +333,7 @@ def parse_listen(raw: str) -> list[str]:
             raise ValueError(f"{item!r} is not 'host:port'")
         if host == "*":
             host = "0.0.0.0"
-        if re.fullmatch(r"[\d.]+", host):
+        if re.fullmatch(r"[0-9.]+", host):
             try:
                 host = str(ipaddress.IPv4Address(host))
             except ValueError:

@@ -246,6 +246,7 @@ CHAT_BAD = [
     ({"stop": 5}, "stop", "must be a string or an array"),
     ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
     ({"logit_bias": {"-1": 1}}, "logit_bias", "token ids"),
+    ({"logit_bias": {"\u0661": 1}}, "logit_bias", "token ids"),  # an Arabic-Indic digit one
     ({"logit_bias": {"1000": 1}}, "logit_bias", "out of range (0..999)"),
     ({"logit_bias": {"5": 101}}, "logit_bias", "between -100 and 100"),
     ({"logit_bias": {"5": "1"}}, "logit_bias", "must be a number"),

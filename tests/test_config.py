@@ -231,6 +231,7 @@ def test_parse_listen(raw, expected):
         ("127.0.0.1:http", "is not a number"),
         ("127.0.0.1:-1", "is not a number"),
         ("127.0.0.1:65536", "out of range"),
+        ("127.0.0.1:\u00b2", "is not a number"),
         ("300.1.1.1:80", "is not an IPv4 address"),
         ("::1:8080", "brackets"),
         ("[::1]8080", "is not '[ipv6]:port'"),
