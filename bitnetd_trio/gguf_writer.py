@@ -711,7 +711,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="output .gguf path")
     args = parser.parse_args(argv)
     shape = PRESETS[args.preset]
-    vocab = args.vocab or ("llama3" if shape.n_vocab >= LLAMA3_N_VOCAB else "tiny")
+    vocab = args.vocab
+    if vocab is None:
+        vocab = "tiny"
+        if shape.n_vocab >= LLAMA3_N_VOCAB:
+            try:
+                llama3_vocab()
+                vocab = "llama3"
+            except RuntimeError as exc:
+                print(f"bitnetd-write-model: warning: {exc}; using the tiny vocabulary padded "
+                      f"with reserved tokens to {shape.n_vocab} entries", file=sys.stderr)
     start = time.perf_counter()
     try:
         write_model(args.out, shape, args.seed, vocab=vocab, tie_head=not args.untied_head)
