@@ -281,9 +281,10 @@ def rope(x: np.ndarray, positions: np.ndarray, base: float,
 
 def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
             rope_pairing: Literal["neox", "interleaved"] = "neox",
-            quantizer: Quantizer | None = None) -> np.ndarray:
+            quantizer: Quantizer | None = None, kv_f16: bool = False) -> np.ndarray:
     """Logits (T, n_vocab) float32 for every position of one sequence starting at start_pos
-    (no cache: start_pos only shifts RoPE positions; use 0 for a full prompt)."""
+    (no cache: start_pos only shifts RoPE positions; use 0 for a full prompt).
+    kv_f16 models an engine whose KV cache holds F16: k (after RoPE) and v rounded to F16."""
     W, S = weights.tensors, weights.scales
     eps = weights.rms_eps
     T = len(tokens)
@@ -304,6 +305,9 @@ def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
         v = bitlinear(qh, sh, W[b + "attn_v.weight"], S[b + "attn_v.weight"]).reshape(T, Hkv, D)
         q = rope(q, positions, weights.rope_base, rope_pairing)
         k = rope(k, positions, weights.rope_base, rope_pairing)
+        if kv_f16:
+            k = k.astype(np.float16).astype(np.float32)
+            v = v.astype(np.float16).astype(np.float32)
         heads = np.empty((T, H, D), dtype=np.float32)
         inv = np.float32(1.0 / np.sqrt(D))
         for hh in range(H):
@@ -349,7 +353,8 @@ class Match:
 
 def match_engine(weights: ReferenceWeights, tokens: list[int], got: np.ndarray, *,
                  tol: float = 1e-3, tau: float = 1e-3, max_flips: int = 8,
-                 max_candidates: int = 48, max_pair_candidates: int = 10) -> Match:
+                 max_candidates: int = 48, max_pair_candidates: int = 10,
+                 kv_f16: bool = False) -> Match:
     """Compare engine logits `got` (T, n_vocab) with the reference at every position.
 
     While some position t is off by tol or more, look for one activation at a position <= t
@@ -361,7 +366,7 @@ def match_engine(weights: ReferenceWeights, tokens: list[int], got: np.ndarray, 
     raw: np.ndarray | None = None
     while True:
         quant = Quantizer(overrides, trace=True)
-        err = rel_errors(got, forward(weights, tokens, quantizer=quant))
+        err = rel_errors(got, forward(weights, tokens, quantizer=quant, kv_f16=kv_f16))
         if raw is None:
             raw = err
         bad = np.nonzero(err >= tol)[0]
@@ -390,7 +395,8 @@ def match_engine(weights: ReferenceWeights, tokens: list[int], got: np.ndarray, 
             trial = dict(overrides)
             trial[key] = alt
             e = rel_errors(got[: t + 1],
-                           forward(weights, tokens[: t + 1], quantizer=Quantizer(trial)))
+                           forward(weights, tokens[: t + 1], quantizer=Quantizer(trial),
+                                   kv_f16=kv_f16))
             if e.max() < tol:
                 accepted = (key, alt, margin_value)
                 break
@@ -407,7 +413,8 @@ def match_engine(weights: ReferenceWeights, tokens: list[int], got: np.ndarray, 
                     trial = dict(overrides)
                     trial[key1], trial[key2] = alt1, alt2
                     e = rel_errors(got[: t + 1], forward(weights, tokens[: t + 1],
-                                                         quantizer=Quantizer(trial)))
+                                                         quantizer=Quantizer(trial),
+                                                         kv_f16=kv_f16))
                     if e.max() < tol:
                         overrides.update(trial)
                         flips += [(*key1, m1), (*key2, m2)]
