@@ -116,6 +116,11 @@ class Sampler:
             if lib.bn_sampler_set_bias(self._ptr, int(tok), float(bias)) != 0:
                 raise ValueError(f"logit_bias: cannot set bias for token {tok}")
 
+    @property
+    def handle(self) -> Any:
+        """The `bn_sampler *` for callers that sample straight from engine memory."""
+        return self._live()
+
     def _live(self) -> Any:
         if self._ptr is None:
             raise ValueError("sampler is closed")

@@ -471,22 +471,39 @@ static void lp_sift_down(float *v, int32_t *id, int32_t n, int32_t i) {
     }
 }
 
+/* Largest logit, NaN skipped, +inf read as FLT_MAX. Eight running maxima so the loop is not one
+ * long dependency chain. */
+static float max_logit(const float *l, int32_t n) {
+    float m[8];
+    for (int j = 0; j < 8; j++) m[j] = -INFINITY;
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int j = 0; j < 8; j++) m[j] = l[i + j] > m[j] ? l[i + j] : m[j];
+    }
+    for (; i < n; i++) m[0] = l[i] > m[0] ? l[i] : m[0];
+    float mx = m[0];
+    for (int j = 1; j < 8; j++) mx = m[j] > mx ? m[j] : mx;
+    return finite_or_clamped(mx);
+}
+
 float bn_logprobs(const float *logits, int32_t n, int32_t token, int32_t top_n,
                   int32_t *top_ids, float *top_lps) {
     if (logits == NULL || n <= 0) return NAN;
-    float mx = -INFINITY;
-    for (int32_t i = 0; i < n; i++) {
-        float l = finite_or_clamped(logits[i]);
-        if (l > mx) mx = l;
-    }
-    /* log-sum-exp with the maximum taken out, accumulated in double. */
+    float mx = max_logit(logits, n);
+    /* log-sum-exp with the maximum taken out; terms in float (expf is within an ulp), sums in
+     * double. (l - mx) cannot overflow: both are finite or l is -inf. */
     double lse = -INFINITY;
     if (mx > -INFINITY) {
-        double sum = 0.0;
-        for (int32_t i = 0; i < n; i++) {
-            sum += exp((double)finite_or_clamped(logits[i]) - (double)mx);
+        double sum[4] = {0.0, 0.0, 0.0, 0.0};
+        int32_t i = 0;
+        for (; i + 4 <= n; i += 4) {
+            for (int j = 0; j < 4; j++) {
+                float l = finite_or_clamped(logits[i + j]);
+                sum[j] += (double)expf(l - mx);
+            }
         }
-        lse = (double)mx + log(sum);
+        for (; i < n; i++) sum[0] += (double)expf(finite_or_clamped(logits[i]) - mx);
+        lse = (double)mx + log((sum[0] + sum[1]) + (sum[2] + sum[3]));
     }
 
     if (top_n > 0 && top_ids != NULL && top_lps != NULL) {
