@@ -141,9 +141,12 @@ class Tokenizer:
         ]
 
         # First occurrence wins when a string repeats; later duplicates are never produced.
+        # Control tokens stay out of the BPE model: only the explicit cut in encode() may
+        # produce them (with ignore_merges, a pre-token equal to one would otherwise map to it).
         vocab: dict[str, int] = {}
-        for i, t in enumerate(self._tokens):
-            vocab.setdefault(t, i)
+        for i, (t, ty) in enumerate(zip(self._tokens, types)):
+            if ty != TOKEN_TYPE_CONTROL:
+                vocab.setdefault(t, i)
         missing = [b for b, c in byte_to_unicode().items() if c not in vocab]
         if missing:
             raise TokenizerError(

@@ -131,6 +131,19 @@ def test_control_tokens_in_content_stay_text(llama3, tiny):
         assert tok.decode(ids) == text
 
 
+def test_punctuation_only_control_token_is_never_produced_by_bpe():
+    # "<||>" is one pre-token under the Llama-3 pattern; as a control token it must still
+    # come out of plain text as ordinary tokens.
+    v = gw.tiny_vocab()
+    tokens = list(v.tokens)
+    tokens[v.bos_id + 2] = "<||>"
+    tok = Tokenizer(tokens, v.merges, v.token_types, bos_id=v.bos_id, eos_id=v.eos_id)
+    for text in ("<||>", "a<||>"):
+        plain = tok.encode(text, add_bos=False, parse_special=False)
+        assert v.bos_id + 2 not in plain and tok.decode(plain) == text
+        assert v.bos_id + 2 in tok.encode(text, add_bos=False, parse_special=True)
+
+
 def test_reserved_specials_parse(llama3):
     ids = llama3.encode("a<|reserved_special_token_247|>b", add_bos=False, parse_special=True)
     assert llama3.find("<|reserved_special_token_247|>") in ids
