@@ -118,7 +118,8 @@ typedef struct {
 struct bn_sampler {
     bn_sampling p;
     int32_t n_vocab;
-    float *work;          /* [n_vocab] scratch: the caller's logits after bias and penalties */
+    float *work;          /* [n_vocab] scratch: the caller's logits after bias and penalties,
+                           * then the final candidates' softmax weights */
     bn_cand *cand;        /* [n_vocab] scratch: the candidates still in the running, with ids */
     bn_bias *biases;      /* [n_biases] logit_bias entries, one per token */
     int32_t n_biases, cap_biases;
@@ -216,6 +217,8 @@ void bn_sampler_accept(bn_sampler *s, int32_t token) {
         }
     } else if (s->counts[token] == 0) {
         s->seen[s->n_seen++] = token;
+    } else if (s->counts[token] == INT32_MAX) {
+        return; /* saturate rather than overflow (only reachable with a whole-history window) */
     }
     s->counts[token]++;
 }
