@@ -106,7 +106,9 @@ def _bind_tcp(text: str) -> Listener:
 def _bind_unix(path: str, mode: int | None, owner: str | None) -> Listener:
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # a stale socket from a previous run (the pidfile lock says so)
+            if _unix_socket_answers(path):
+                raise DaemonError(f"[server] unix_socket: {path} is in use by another process")
+            os.unlink(path)  # a stale socket left by a previous run
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -144,6 +146,19 @@ def _bind_unix(path: str, mode: int | None, owner: str | None) -> Listener:
         close_listeners([listener])
         raise
     return listener
+
+
+def _unix_socket_answers(path: str) -> bool:
+    """Whether something accepts connections on the unix socket at path (then it is not stale)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def open_listeners(

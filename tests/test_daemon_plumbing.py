@@ -388,6 +388,17 @@ def test_stale_unix_socket_is_replaced(tmp_path):
     assert not os.path.exists(path)
 
 
+def test_live_unix_socket_is_not_stolen(tmp_path):
+    path = str(tmp_path / "s.sock")
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(path)
+    live.listen()
+    with pytest.raises(daemon.DaemonError, match="in use by another process"):
+        listeners.open_listeners([], path)
+    assert os.path.exists(path)
+    live.close()
+
+
 def test_adopt_inherited_checks_the_fds():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
