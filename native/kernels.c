@@ -1,0 +1,502 @@
+/* kernels.c - BitLinear (I2_S ternary x int8), the F16 head and quantization.
+ *
+ * Two kernel sets with identical results: "scalar" (portable reference) and "avx2"
+ * (AVX2 + FMA + F16C, compiled per function with target attributes so the file builds with
+ * generic flags; chosen at run time). See kernels.h for the exactness rules.
+ *
+ * Memory layout (spec section 4): row r of an I2_S matrix is n_in/4 bytes, 32-byte blocks of
+ * 128 weights; element j of a block sits in byte j%32 at shift 6-2*(j/32), code 0..2 standing
+ * for -1..1. So the four 2-bit planes of a 32-byte block line up with four consecutive 32-byte
+ * runs of activations, and sum(code*q) - sum(q) is the ternary dot product.
+ */
+#include "kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "threadpool.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define BN_X86 1
+#include <immintrin.h>
+#endif
+
+/* ------------------------------------------------------------------ shared scalar pieces */
+
+float bn_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        /* inf / nan; a NaN comes out quiet, as F16C converts it */
+        bits = sign | 0x7f800000u | (mant << 13) | (mant ? 0x00400000u : 0);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);  /* normal: rebias 15 -> 127 */
+    } else if (mant == 0) {
+        bits = sign;                                        /* signed zero */
+    } else {
+        /* subnormal: value = mant * 2^-24, normalise */
+        uint32_t e = 113;  /* exponent of 2^-14 rebiased, decremented while shifting */
+        while ((mant & 0x400u) == 0) {
+            mant <<= 1;
+            e--;
+        }
+        bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* The BitLinear epilogue, one expression for every kernel (spec section 5 step 3). */
+static inline float bitlinear_out(int32_t acc, int32_t qsum, float s, float scale)
+{
+    return (float)(acc - qsum) / s * scale;
+}
+
+/* The canonical reduction of 16 partial sums. */
+static inline float sum16(const float p[16])
+{
+    float s8[8], s4[4];
+    for (int l = 0; l < 8; l++)
+        s8[l] = p[l] + p[l + 8];
+    for (int l = 0; l < 4; l++)
+        s4[l] = s8[l] + s8[l + 4];
+    float s2a = s4[0] + s4[2], s2b = s4[1] + s4[3];
+    return s2a + s2b;
+}
+
+/* ------------------------------------------------------------------ scalar reference */
+
+static void quantize_scalar(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum)
+{
+    float m = 0.0f;
+    for (int32_t i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        if (a > m)
+            m = a;
+    }
+    if (m < 1e-5f)
+        m = 1e-5f;
+    const float s = 127.0f / m;
+    int32_t sum = 0;
+    for (int32_t i = 0; i < n; i++) {
+        long v = lrintf(x[i] * s);  /* round half to even in the default rounding mode */
+        if (v < -128)
+            v = -128;
+        if (v > 127)
+            v = 127;
+        q[i] = (int8_t)v;
+        sum += (int32_t)v;
+    }
+    *s_out = s;
+    *qsum = sum;
+}
+
+static int32_t ternary_dot_scalar(const uint8_t *row, int32_t n_in, const int8_t *q)
+{
+    int32_t acc = 0;
+    for (int32_t b = 0; b < n_in / 128; b++) {
+        const uint8_t *c = row + 32 * b;
+        const int8_t *a = q + 128 * b;
+        for (int p = 0; p < 32; p++) {
+            int32_t byte = c[p];
+            acc += ((byte >> 6) & 3) * a[p] + ((byte >> 4) & 3) * a[32 + p] +
+                   ((byte >> 2) & 3) * a[64 + p] + (byte & 3) * a[96 + p];
+        }
+    }
+    return acc;
+}
+
+static void ternary_scalar(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                           float *y, int64_t y_stride)
+{
+    const size_t row_bytes = (size_t)w->n_in / 4;
+    for (int32_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->codes + (size_t)r * row_bytes;
+        for (int32_t t = 0; t < a->n_tok; t++) {
+            int32_t acc = ternary_dot_scalar(row, w->n_in, a->q + (size_t)t * a->stride);
+            y[t * y_stride + r] = bitlinear_out(acc, a->qsum[t], a->s[t], w->scale);
+        }
+    }
+}
+
+static void f16_matmul_scalar(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                              const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                              int64_t y_stride)
+{
+    for (int32_t r = r0; r < r1; r++) {
+        const uint16_t *row = w + (size_t)r * n_in;
+        for (int32_t t = 0; t < n_tok; t++) {
+            const float *xt = x + t * x_stride;
+            float p[16] = {0};
+            for (int32_t i = 0; i < n_in; i += 16)
+                for (int l = 0; l < 16; l++)
+                    p[l] = fmaf(bn_f16_to_f32(row[i + l]), xt[i + l], p[l]);
+            y[t * y_stride + r] = sum16(p);
+        }
+    }
+}
+
+static const bn_kernel_set scalar_set = {
+    "scalar", quantize_scalar, ternary_scalar, f16_matmul_scalar,
+};
+
+/* ------------------------------------------------------------------ AVX2 */
+#ifdef BN_X86
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+
+AVX2_FN static void quantize_avx2(const float *x, int32_t n, int8_t *q, float *s_out,
+                                  int32_t *qsum)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 mx = _mm256_setzero_ps();
+    for (int32_t i = 0; i < n; i += 8) {
+        /* max_ps(a, b) = a > b ? a : b, the scalar comparison; NaNs never enter mx */
+        mx = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), absmask), mx);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mx);
+    float m = 0.0f;
+    for (int l = 0; l < 8; l++)
+        if (lanes[l] > m)
+            m = lanes[l];
+    if (m < 1e-5f)
+        m = 1e-5f;
+    const float s = 127.0f / m;
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i one8 = _mm256_set1_epi8(1);
+    const __m256i one16 = _mm256_set1_epi16(1);
+    __m256i sum = _mm256_setzero_si256();
+    for (int32_t i = 0; i < n; i += 32) {
+        /* cvtps rounds with the current mode (nearest even), as lrintf does */
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs));
+        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), vs));
+        __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 16), vs));
+        __m256i d = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 24), vs));
+        /* saturating packs clamp to -128..127; they interleave 128-bit lanes, perm undoes it */
+        __m256i ab = _mm256_packs_epi32(a, b);
+        __m256i cd = _mm256_packs_epi32(c, d);
+        __m256i v = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), perm);
+        _mm256_storeu_si256((__m256i *)(q + i), v);
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(one8, v), one16));
+    }
+    int32_t sl[8];
+    _mm256_storeu_si256((__m256i *)sl, sum);
+    *s_out = s;
+    *qsum = sl[0] + sl[1] + sl[2] + sl[3] + sl[4] + sl[5] + sl[6] + sl[7];
+}
+
+AVX2_INLINE int32_t hsum_epi32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* Integer dot products of nr rows with nt token activations over nb blocks.
+ * maddubs(code, act) adds two products of magnitude <= 3*128 (code 3 never occurs in a valid
+ * file, but is bounded anyway): <= 768 per int16 lane; four planes give <= 3072 per block,
+ * and GROUP = 8 blocks <= 24576 < 32767 before widening to int32 with madd. */
+#define GROUP 8
+AVX2_INLINE void ternary_tile_avx2(const uint8_t *const *rows, const int nr,
+                                   const int8_t *const *acts, const int nt, int32_t nb,
+                                   int32_t *out)
+{
+    const __m256i m3 = _mm256_set1_epi8(3);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4];
+    for (int k = 0; k < nr * nt; k++)
+        acc[k] = _mm256_setzero_si256();
+    for (int32_t g = 0; g < nb; g += GROUP) {
+        const int32_t ge = g + GROUP < nb ? g + GROUP : nb;
+        __m256i s16[4];
+        for (int k = 0; k < nr * nt; k++)
+            s16[k] = _mm256_setzero_si256();
+        for (int32_t b = g; b < ge; b++) {
+            for (int i = 0; i < nr; i++) {
+                const __m256i c = _mm256_loadu_si256((const __m256i *)(rows[i] + 32 * b));
+                const __m256i p0 = _mm256_and_si256(_mm256_srli_epi16(c, 6), m3);
+                const __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(c, 4), m3);
+                const __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(c, 2), m3);
+                const __m256i p3 = _mm256_and_si256(c, m3);
+                for (int j = 0; j < nt; j++) {
+                    const int8_t *a = acts[j] + 128 * b;
+                    __m256i d0 = _mm256_maddubs_epi16(p0, _mm256_loadu_si256((const __m256i *)a));
+                    __m256i d1 = _mm256_maddubs_epi16(p1, _mm256_loadu_si256((const __m256i *)(a + 32)));
+                    __m256i d2 = _mm256_maddubs_epi16(p2, _mm256_loadu_si256((const __m256i *)(a + 64)));
+                    __m256i d3 = _mm256_maddubs_epi16(p3, _mm256_loadu_si256((const __m256i *)(a + 96)));
+                    s16[i * nt + j] = _mm256_add_epi16(
+                        s16[i * nt + j],
+                        _mm256_add_epi16(_mm256_add_epi16(d0, d1), _mm256_add_epi16(d2, d3)));
+                }
+            }
+        }
+        for (int k = 0; k < nr * nt; k++)
+            acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(s16[k], ones));
+    }
+    for (int k = 0; k < nr * nt; k++)
+        out[k] = hsum_epi32(acc[k]);
+}
+
+/* One instantiation per tile shape, so every loop above has constant bounds. */
+#define TERNARY_TILE(NR, NT)                                                                  \
+    AVX2_FN static void ternary_tile_##NR##x##NT(const uint8_t *const *rows,                   \
+                                                 const int8_t *const *acts, int32_t nb,      \
+                                                 int32_t *out)                               \
+    {                                                                                        \
+        ternary_tile_avx2(rows, NR, acts, NT, nb, out);                                      \
+    }
+TERNARY_TILE(4, 1)
+TERNARY_TILE(1, 1)
+
+typedef void (*ternary_tile_fn)(const uint8_t *const *, const int8_t *const *, int32_t,
+                                int32_t *);
+
+/* Rows of one tile are drawn from STREAMS distant parts of the range, so the memory system
+ * sees several sequential streams at once (spec section 9). */
+#define STREAMS 4
+
+AVX2_FN static void ternary_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                                 float *y, int64_t y_stride)
+{
+    const size_t row_bytes = (size_t)w->n_in / 4;
+    const int32_t nb = w->n_in / 128;
+    const int32_t n_tok = a->n_tok;
+    const int32_t n = r1 - r0;
+    const int32_t len = n / STREAMS;
+    int32_t out[4];
+    const uint8_t *rows[4];
+    const int8_t *acts[4];
+
+    /* 4 rows from 4 streams per tile; for each token the rows' codes come again from L1 */
+    for (int32_t i = 0; i < len; i++) {
+        int32_t rr[4];
+        for (int k = 0; k < 4; k++) {
+            rr[k] = r0 + k * len + i;
+            rows[k] = w->codes + (size_t)rr[k] * row_bytes;
+        }
+        for (int32_t t = 0; t < n_tok; t++) {
+            acts[0] = a->q + (size_t)t * a->stride;
+            ternary_tile_4x1(rows, acts, nb, out);
+            for (int k = 0; k < 4; k++)
+                y[t * y_stride + rr[k]] = bitlinear_out(out[k], a->qsum[t], a->s[t], w->scale);
+        }
+    }
+    for (int32_t r = r0 + STREAMS * len; r < r1; r++) {
+        rows[0] = w->codes + (size_t)r * row_bytes;
+        for (int32_t t = 0; t < n_tok; t++) {
+            acts[0] = a->q + (size_t)t * a->stride;
+            ternary_tile_1x1(rows, acts, nb, out);
+            y[t * y_stride + r] = bitlinear_out(out[0], a->qsum[t], a->s[t], w->scale);
+        }
+    }
+}
+
+/* F16 rows times F32 activations in the canonical order: lanes 0-7 of lo and hi are partial
+ * sums 0-7 and 8-15 of kernels.h; the final reduction is sum16's tree. */
+AVX2_INLINE float reduce16_avx2(__m256 lo, __m256 hi)
+{
+    __m256 s8 = _mm256_add_ps(lo, hi);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    return _mm_cvtss_f32(s1);
+}
+
+AVX2_INLINE void f16_tile_avx2(const uint16_t *const *rows, const int nr,
+                               const float *const *xs, const int nt, int32_t n_in, float *out)
+{
+    __m256 lo[4], hi[4];
+    for (int k = 0; k < nr * nt; k++) {
+        lo[k] = _mm256_setzero_ps();
+        hi[k] = _mm256_setzero_ps();
+    }
+    for (int32_t e = 0; e < n_in; e += 16) {
+        for (int i = 0; i < nr; i++) {
+            const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows[i] + e)));
+            const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows[i] + e + 8)));
+            for (int j = 0; j < nt; j++) {
+                lo[i * nt + j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs[j] + e), lo[i * nt + j]);
+                hi[i * nt + j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs[j] + e + 8), hi[i * nt + j]);
+            }
+        }
+    }
+    for (int k = 0; k < nr * nt; k++)
+        out[k] = reduce16_avx2(lo[k], hi[k]);
+}
+
+#define F16_TILE(NR, NT)                                                                      \
+    AVX2_FN static void f16_tile_##NR##x##NT(const uint16_t *const *rows,                      \
+                                             const float *const *xs, int32_t n_in, float *out) \
+    {                                                                                        \
+        f16_tile_avx2(rows, NR, xs, NT, n_in, out);                                          \
+    }
+F16_TILE(4, 1)
+F16_TILE(1, 1)
+
+AVX2_FN static void f16_matmul_avx2(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                                    const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                                    int64_t y_stride)
+{
+    const int32_t n = r1 - r0;
+    const int32_t len = n / STREAMS;
+    const uint16_t *rows[4];
+    const float *xs[4];
+    float out[4];
+    for (int32_t i = 0; i < len; i++) {
+        int32_t rr[4];
+        for (int k = 0; k < 4; k++) {
+            rr[k] = r0 + k * len + i;
+            rows[k] = w + (size_t)rr[k] * n_in;
+        }
+        for (int32_t t = 0; t < n_tok; t++) {
+            xs[0] = x + t * x_stride;
+            f16_tile_4x1(rows, xs, n_in, out);
+            for (int k = 0; k < 4; k++)
+                y[t * y_stride + rr[k]] = out[k];
+        }
+    }
+    for (int32_t r = r0 + STREAMS * len; r < r1; r++) {
+        rows[0] = w + (size_t)r * n_in;
+        for (int32_t t = 0; t < n_tok; t++) {
+            xs[0] = x + t * x_stride;
+            f16_tile_1x1(rows, xs, n_in, out);
+            y[t * y_stride + r] = out[0];
+        }
+    }
+}
+
+AVX2_FN static void f16_row_avx2(const uint16_t *src, int32_t n, float *dst)
+{
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++)
+        dst[i] = bn_f16_to_f32(src[i]);
+}
+
+static const bn_kernel_set avx2_set = {
+    "avx2", quantize_avx2, ternary_avx2, f16_matmul_avx2,
+};
+
+static int cpu_has_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+}
+#endif /* BN_X86 */
+
+/* ------------------------------------------------------------------ dispatch */
+
+static const bn_kernel_set *selected;
+
+const bn_kernel_set *bn_kernels_by_name(const char *name)
+{
+    if (!name)
+        return NULL;
+    if (strcmp(name, "scalar") == 0)
+        return &scalar_set;
+#ifdef BN_X86
+    if (strcmp(name, "avx2") == 0)
+        return cpu_has_avx2() ? &avx2_set : NULL;
+#endif
+    return NULL;
+}
+
+static const bn_kernel_set *best_kernels(void)
+{
+#ifdef BN_X86
+    if (cpu_has_avx2())
+        return &avx2_set;
+#endif
+    return &scalar_set;
+}
+
+const bn_kernel_set *bn_kernels(void)
+{
+    /* Benign: every thread computes the same answer; the daemon calls this from one thread. */
+    if (!selected)
+        selected = best_kernels();
+    return selected;
+}
+
+const char *bn_kernel_name(void)
+{
+    return bn_kernels()->name;
+}
+
+int bn_kernel_select(const char *name)
+{
+    const bn_kernel_set *k = bn_kernels_by_name(name);
+    if (!k)
+        return -1;
+    selected = k;
+    return 0;
+}
+
+void bn_f16_row_to_f32(const uint16_t *src, int32_t n, float *dst)
+{
+#ifdef BN_X86
+    if (bn_kernels() != &scalar_set) {
+        f16_row_avx2(src, n, dst);
+        return;
+    }
+#endif
+    for (int32_t i = 0; i < n; i++)
+        dst[i] = bn_f16_to_f32(src[i]);
+}
+
+/* ------------------------------------------------------------------ bn_ternary_matmul */
+
+typedef struct {
+    const bn_kernel_set *k;
+    const bn_ternary *w;
+    const bn_qact *a;
+    float *y;
+} matmul_job;
+
+static void matmul_worker(void *arg, int32_t ith, int32_t nth)
+{
+    const matmul_job *job = arg;
+    int64_t lo, hi;
+    bn_split_range(job->w->n_out, 4, ith, nth, &lo, &hi);
+    if (lo < hi)
+        job->k->ternary(job->w, (int32_t)lo, (int32_t)hi, job->a, job->y, job->w->n_out);
+}
+
+int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
+                      int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads)
+{
+    const bn_kernel_set *k = kernel ? bn_kernels_by_name(kernel) : bn_kernels();
+    if (!k || !packed || !x || !y || n_in <= 0 || n_in % 128 != 0 || n_out <= 0 || n_tok <= 0 ||
+        n_in > (1 << 24) || n_threads < 1)
+        return -1;
+    const int32_t stride = n_in;  /* a multiple of 128 */
+    int8_t *q = aligned_alloc(64, (size_t)n_tok * (size_t)stride);
+    float *s = malloc((size_t)n_tok * sizeof *s);
+    int32_t *qsum = malloc((size_t)n_tok * sizeof *qsum);
+    bn_pool *pool = bn_pool_new(n_threads);
+    int rc = -1;
+    if (q && s && qsum && pool) {
+        for (int32_t t = 0; t < n_tok; t++)
+            k->quantize(x + (size_t)t * n_in, n_in, q + (size_t)t * stride, &s[t], &qsum[t]);
+        bn_ternary w = {packed, scale, n_in, n_out};
+        bn_qact a = {q, stride, n_tok, s, qsum};
+        matmul_job job = {k, &w, &a, y};
+        bn_pool_run(pool, matmul_worker, &job);
+        rc = 0;
+    }
+    bn_pool_free(pool);
+    free(qsum);
+    free(s);
+    free(q);
+    return rc;
+}
