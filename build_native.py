@@ -29,7 +29,8 @@ def public_declarations() -> str:
 
 
 def sources() -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in NATIVE.glob("*.c"))
+    # absolute: cffi's compile() runs the compiler from its tmpdir
+    return sorted(str(p) for p in NATIVE.glob("*.c"))
 
 
 ffibuilder = FFI()
@@ -38,7 +39,7 @@ ffibuilder.set_source(
     "bitnetd_trio._native",
     '#include "bitnet.h"',
     sources=sources(),
-    include_dirs=[os.path.relpath(NATIVE, ROOT)],
+    include_dirs=[str(NATIVE)],
     extra_compile_args=C_FLAGS + os.environ.get("BITNETD_CFLAGS", "").split(),
     extra_link_args=["-pthread", "-lm"],
 )

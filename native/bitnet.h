@@ -145,6 +145,12 @@ int32_t bn_sampler_sample(bn_sampler *s, const float *logits);
 int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
                       int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads);
 
+/* Memory read bandwidth in GB/s: the best of reps passes of n_threads threads, each reading
+ * its share of an n_bytes buffer as `streams` interleaved sequential streams. <= 0 on failure.
+ * For benchmarks (spec section 9). */
+double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams,
+                                 int32_t reps);
+
 /* ---- introspection ---- */
 /* "scalar", "avx2", ... : the I2_S kernel chosen at run time. */
 const char *bn_kernel_name(void);

@@ -9,11 +9,13 @@
  * for -1..1. So the four 2-bit planes of a 32-byte block line up with four consecutive 32-byte
  * runs of activations, and sum(code*q) - sum(q) is the ternary dot product.
  */
+#define _POSIX_C_SOURCE 200809L
 #include "kernels.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "threadpool.h"
 
@@ -499,4 +501,66 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
     free(s);
     free(q);
     return rc;
+}
+
+/* ------------------------------------------------------------------ bandwidth probe */
+
+typedef struct {
+    const uint8_t *buf;
+    size_t n;
+    int32_t streams;
+    uint64_t sink[BN_POOL_MAX_THREADS];
+} read_job;
+
+static void read_worker(void *arg, int32_t ith, int32_t nth)
+{
+    read_job *job = arg;
+    int64_t lo, hi;
+    bn_split_range((int64_t)(job->n / 64), 1, ith, nth, &lo, &hi);
+    const size_t lines = (size_t)(hi - lo) / (size_t)job->streams;
+    const uint8_t *base = job->buf + (size_t)lo * 64;
+    uint64_t acc[8] = {0};
+    for (size_t i = 0; i < lines; i++)
+        for (int32_t s = 0; s < job->streams; s++) {
+            const uint8_t *p = base + ((size_t)s * lines + i) * 64;
+            uint64_t v[8];
+            memcpy(v, p, 64);
+            for (int l = 0; l < 8; l++)
+                acc[l] ^= v[l];
+        }
+    job->sink[ith] = acc[0] ^ acc[1] ^ acc[2] ^ acc[3] ^ acc[4] ^ acc[5] ^ acc[6] ^ acc[7];
+}
+
+
+
+double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams,
+                                 int32_t reps)
+{
+    if (n_bytes < 4096 || n_bytes > ((uint64_t)1 << 40) || n_threads < 1 || streams < 1 ||
+        streams > 64 || reps < 1)
+        return -1.0;
+    uint8_t *buf = malloc((size_t)n_bytes);
+    bn_pool *pool = bn_pool_new(n_threads);
+    read_job *job = calloc(1, sizeof *job);
+    double best = -1.0;
+    if (buf && pool && job) {
+        memset(buf, 1, (size_t)n_bytes);  /* fault every page in before timing */
+        job->buf = buf;
+        job->n = (size_t)n_bytes;
+        job->streams = streams;
+        for (int32_t r = 0; r < reps; r++) {
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_MONOTONIC, &t0);
+            bn_pool_run(pool, read_worker, job);
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+            double gbs = dt > 0 ? (double)(n_bytes / 64 * 64) / dt / 1e9 : -1.0;
+            if (gbs > best)
+                best = gbs;
+        }
+    }
+    free(job);
+    bn_pool_free(pool);
+    free(buf);
+    return best;
 }
