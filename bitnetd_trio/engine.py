@@ -251,7 +251,7 @@ class Context:
         total = 0
         for e in entries:
             total += len(e.tokens)
-        if total > self._tok_cap:
+        if total > self._tok_cap or self._tok_buf is None:
             self._tok_cap = max(total, 2 * self._tok_cap, 64)
             self._tok_buf = ffi.new("int32_t[]", self._tok_cap)
         buf = self._tok_buf

@@ -1,0 +1,167 @@
+"""engine.py over the real C engine: errors, slots, cancellation, logits views."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitnetd_trio import engine
+from bitnetd_trio.engine import BatchEntry
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_path: Path):  # noqa: ANN201
+    m = engine.Model.load(tiny_model_path)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def ctx(model: engine.Model):  # noqa: ANN201
+    c = engine.Context(model, 3, 32, 2)
+    yield c
+    c.close()
+
+
+def test_load_errors_are_model_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(engine.ModelLoadError, match="nope.gguf"):
+        engine.Model.load(tmp_path / "nope.gguf")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\0\0\0" + b"\xff" * 40)
+    with pytest.raises(engine.ModelLoadError) as exc:
+        engine.Model.load(bad)
+    assert isinstance(exc.value, engine.EngineError)
+
+
+def test_hparams_and_metadata(model: engine.Model) -> None:
+    hp = model.hparams
+    assert (hp.n_embd, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_layer) == (256, 4, 2, 64, 2)
+    assert model.metadata("general.architecture") == "bitnet-b1.58"
+    assert model.metadata("bitnet-b1.58.embedding_length") == 256
+    assert isinstance(model.metadata("bitnet-b1.58.rope.freq_base"), float)
+    assert model.metadata("tokenizer.ggml.add_bos_token") is True
+    tokens = model.metadata("tokenizer.ggml.tokens")
+    assert isinstance(tokens, list) and len(tokens) == hp.n_vocab and all(
+        isinstance(t, str) for t in tokens)
+    types = model.metadata("tokenizer.ggml.token_type")
+    assert len(types) == hp.n_vocab and set(types) <= {1, 2, 3, 4, 5, 6}
+    assert model.metadata("no.such.key", 42) == 42
+
+
+def test_context_arguments_are_checked(model: engine.Model) -> None:
+    with pytest.raises(engine.EngineError, match="n_slots"):
+        engine.Context(model, 0, 32, 1)
+    with pytest.raises(engine.EngineError, match="n_threads"):
+        engine.Context(model, 1, 32, 0)
+
+
+def test_slot_and_token_errors_apply_nothing(ctx: engine.Context) -> None:
+    ctx.forward([BatchEntry(0, [1, 2, 3], "none")])
+    bad_batches = [
+        ([BatchEntry(0, [4], "last"), BatchEntry(3, [5], "last")], "slot 3 out of range"),
+        ([BatchEntry(0, [4], "last"), BatchEntry(0, [5], "last")], "twice"),
+        ([BatchEntry(0, [4], "last"), BatchEntry(1, [5, 512], "last")], "token 512"),
+        ([BatchEntry(0, [4], "last"), BatchEntry(1, [-1], "last")], "token -1"),
+        ([BatchEntry(0, [4], "sometimes")], "logits"),
+    ]
+    for entries, msg in bad_batches:
+        with pytest.raises(engine.EngineError, match=msg):
+            ctx.forward(entries)
+        assert (ctx.pos(0), ctx.pos(1)) == (3, 0)
+    with pytest.raises(engine.EngineError):
+        ctx.logits(0, 0)   # the failed forward left no logits
+
+
+def test_context_overflow_names_slot_and_sizes(ctx: engine.Context) -> None:
+    ctx.forward([BatchEntry(2, list(range(30)), "none")])
+    with pytest.raises(engine.EngineError, match=r"slot 2.*3 tokens at position 30.*32"):
+        ctx.forward([BatchEntry(1, [1], "last"), BatchEntry(2, [1, 2, 3], "last")])
+    assert (ctx.pos(1), ctx.pos(2)) == (0, 30)
+    assert ctx.forward([BatchEntry(2, [1, 2], "last")]) == [0]
+    assert ctx.pos(2) == 32
+
+
+def test_cancel_flag_skips_entry(ctx: engine.Context) -> None:
+    flag = engine.CancelFlag()
+    assert not flag.is_set()
+    t = threading.Thread(target=flag.set)
+    t.start()
+    t.join()
+    assert flag.is_set()
+    ctx.forward([BatchEntry(1, [7, 8], "none")])
+    st = ctx.forward([BatchEntry(0, [1, 2, 3], "last"), BatchEntry(1, [9], "last", flag)])
+    assert st == [0, 1]
+    assert (ctx.pos(0), ctx.pos(1)) == (3, 2)   # the cancelled slot keeps its position
+    assert ctx.logits(0, 2).shape == (512,)
+    with pytest.raises(engine.EngineError):
+        ctx.logits(1, 0)
+    flag.clear()
+    assert not flag.is_set()
+    assert ctx.forward([BatchEntry(1, [9], "last", flag)]) == [0]
+    assert ctx.pos(1) == 3
+
+
+def test_truncate_and_reset(ctx: engine.Context) -> None:
+    toks = [10, 20, 30, 40, 50, 60]
+    ctx.forward([BatchEntry(0, toks, "all")])
+    want = np.array(ctx.logits(0, 5))
+    ctx.truncate(0, 3)
+    assert ctx.pos(0) == 3
+    ctx.forward([BatchEntry(0, toks[3:], "last")])
+    np.testing.assert_array_equal(np.array(ctx.logits(0, 2)), want)
+    with pytest.raises(engine.EngineError):
+        ctx.truncate(0, 7)       # beyond the position
+    with pytest.raises(engine.EngineError):
+        ctx.truncate(5, 0)       # no such slot
+    ctx.reset(0)
+    assert ctx.pos(0) == 0
+    ctx.forward([BatchEntry(0, toks, "last")])
+    np.testing.assert_array_equal(np.array(ctx.logits(0, 5)), want)
+
+
+def test_logits_modes_and_views(ctx: engine.Context, model: engine.Model) -> None:
+    n_vocab = model.hparams.n_vocab
+    ctx.forward([BatchEntry(0, [1, 2, 3, 4], "all"), BatchEntry(1, [5, 6], "last"),
+                 BatchEntry(2, [7], "none")])
+    rows = [ctx.logits(0, t) for t in range(4)]
+    assert all(r.shape == (n_vocab,) and r.dtype == np.float32 for r in rows)
+    assert not rows[0].flags.writeable and not rows[0].flags.owndata   # a view, not a copy
+    assert len({r.tobytes() for r in rows}) == 4
+    assert np.isfinite(np.stack(rows)).all()
+    assert ctx.logits(1, 1).shape == (n_vocab,)
+    with pytest.raises(engine.EngineError):
+        ctx.logits(1, 0)          # "last" keeps only the last token's row
+    with pytest.raises(engine.EngineError):
+        ctx.logits(2, 0)          # "none"
+    with pytest.raises(engine.EngineError):
+        ctx.logits(0, 4)
+
+
+def test_sample_from_engine_memory(ctx: engine.Context, model: engine.Model) -> None:
+    if engine.SamplingParams is None:
+        pytest.skip("sampling module missing")
+    ctx.forward([BatchEntry(0, [3, 4, 5], "last")])
+    sampler = engine.Sampler(engine.SamplingParams(temperature=0.0), model.hparams.n_vocab)
+    assert ctx.sample(0, sampler) == int(np.argmax(ctx.logits(0, 2)))
+
+
+def test_empty_and_zero_token_entries(ctx: engine.Context) -> None:
+    assert ctx.forward([]) == []
+    assert ctx.forward([BatchEntry(0, [], "last")]) == [0]
+    assert ctx.pos(0) == 0
+
+
+def test_model_close_waits_for_contexts(tiny_model_path: Path) -> None:
+    m = engine.Model.load(tiny_model_path)
+    c = engine.Context(m, 1, 16, 1)
+    m.close()                    # deferred: the context still reads the weights
+    c.forward([BatchEntry(0, [1, 2], "last")])
+    assert c.logits(0, 1).shape == (512,)
+    c.close()
+    with pytest.raises(engine.EngineError):
+        m.metadata("general.name")
+    with pytest.raises(engine.EngineError):
+        c.forward([BatchEntry(0, [1], "last")])

@@ -1,0 +1,166 @@
+"""BitLinear kernels: the numpy formula of spec section 5, and scalar == AVX2 bit for bit.
+
+Every kernel set must give identical results (the ternary dot products are exact int32, the
+epilogue one scalar expression), whatever the thread count or the number of tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bitnetd_trio import engine
+from bitnetd_trio.gguf_writer import pack_i2s
+
+
+def _available(name: str) -> bool:
+    try:
+        engine.ternary_matmul(pack_i2s(np.zeros((1, 128), np.int8)), 1.0, 128, 1,
+                              np.zeros((1, 128), np.float32), kernel=name)
+    except engine.EngineError:
+        return False
+    return True
+
+
+HAS_AVX2 = _available("avx2")
+needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2/FMA/F16C")
+
+
+def bitlinear_reference(w: np.ndarray, scale: float, x: np.ndarray) -> np.ndarray:
+    """Spec section 5 in numpy, float32 like the engine: per-token int8 quantization with
+    round-half-to-even, exact integer dot products, (acc - qsum) / s * scale."""
+    x = x.astype(np.float32)
+    m = np.maximum(np.abs(x).max(axis=1), np.float32(1e-5)).astype(np.float32)
+    s = (np.float32(127.0) / m).astype(np.float32)
+    q = np.clip(np.rint(x * s[:, None]), -128, 127).astype(np.int64)
+    acc = q @ (w.astype(np.int64) + 1).T           # codes are weight + 1
+    qsum = q.sum(axis=1, keepdims=True)
+    diff = (acc - qsum).astype(np.float32)
+    return (diff / s[:, None] * np.float32(scale)).astype(np.float32)
+
+
+def random_case(rng: np.random.Generator, n_in: int, n_out: int, n_tok: int,
+                kind: str = "normal") -> tuple[np.ndarray, np.ndarray]:
+    w = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
+    if kind == "normal":
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    elif kind == "large":   # all +-1e30: every activation quantizes to +-127
+        x = np.where(rng.random((n_tok, n_in)) < 0.5, -1e30, 1e30).astype(np.float32)
+    elif kind == "zeros":
+        x = np.zeros((n_tok, n_in), np.float32)
+    elif kind == "tiny":    # denormal-ish: below the 1e-5 floor of max|x|
+        x = (rng.standard_normal((n_tok, n_in)) * 1e-39).astype(np.float32)
+    elif kind == "onehot":  # one huge value, the rest rounds to 0 or +-1
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        x[:, rng.integers(0, n_in)] = 1e6
+    else:
+        raise ValueError(kind)
+    return w, x
+
+
+def run(kernel: str, w: np.ndarray, scale: float, x: np.ndarray, n_threads: int = 1) -> np.ndarray:
+    n_out, n_in = w.shape
+    return engine.ternary_matmul(pack_i2s(w, scale), scale, n_in, n_out, x, kernel=kernel,
+                                 n_threads=n_threads)
+
+
+@pytest.mark.parametrize("kind", ["normal", "large", "zeros", "tiny", "onehot"])
+def test_scalar_matches_numpy_formula(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    w, x = random_case(rng, 384, 37, 3, kind)
+    got = run("scalar", w, 0.75, x)
+    np.testing.assert_array_equal(got, bitlinear_reference(w, 0.75, x))
+
+
+def test_saturating_extremes_exact() -> None:
+    """All weights +1 and all activations +127 (or -128 after rounding): the largest possible
+    int16 partial sums in the SIMD path, the exact total in the reference."""
+    n_in = 2560
+    for sign in (1.0, -1.0):
+        w = np.ones((9, n_in), np.int8)
+        x = np.full((2, n_in), sign * 3.0, np.float32)
+        want = bitlinear_reference(w, 1.0, x)
+        assert want[0, 0] == pytest.approx(sign * 3.0 * n_in, rel=1e-6)
+        np.testing.assert_array_equal(run("scalar", w, 1.0, x), want)
+        if HAS_AVX2:
+            np.testing.assert_array_equal(run("avx2", w, 1.0, x, n_threads=2), want)
+
+
+@needs_avx2
+@pytest.mark.parametrize("kind", ["normal", "large", "zeros", "tiny", "onehot"])
+def test_avx2_identical_to_scalar(kind: str) -> None:
+    rng = np.random.default_rng(2)
+    for _ in range(12):
+        n_in = 128 * int(rng.integers(1, 30))
+        n_out = int(rng.integers(1, 70))        # often not a multiple of 4 or of the threads
+        n_tok = int(rng.integers(1, 9))
+        n_threads = int(rng.integers(1, 4))
+        w, x = random_case(rng, n_in, n_out, n_tok, kind)
+        scale = float(rng.uniform(0.1, 3.0))
+        want = run("scalar", w, scale, x)
+        got = run("avx2", w, scale, x, n_threads=n_threads)
+        np.testing.assert_array_equal(got, want, err_msg=f"{n_in}x{n_out} tokens {n_tok}")
+        np.testing.assert_array_equal(want, bitlinear_reference(w, scale, x))
+
+
+@needs_avx2
+def test_real_shapes_and_thread_counts() -> None:
+    rng = np.random.default_rng(3)
+    w, x = random_case(rng, 2560, 640, 5)
+    want = run("scalar", w, 1.25, x)
+    for n_threads in (1, 2, 3, 7):
+        np.testing.assert_array_equal(run("avx2", w, 1.25, x, n_threads=n_threads), want)
+
+
+def test_code_three_is_bounded() -> None:
+    """Code 3 never occurs in a valid file; the kernels still agree (no int16 overflow)."""
+    rng = np.random.default_rng(4)
+    n_in, n_out = 1024, 13
+    packed = bytearray(rng.integers(0, 256, size=n_out * n_in // 4, dtype=np.uint8).tobytes())
+    packed[: n_in // 4] = b"\xff" * (n_in // 4)  # row 0: all codes 3
+    x = np.full((2, n_in), -7.0, np.float32)
+    a = engine.ternary_matmul(bytes(packed), 1.0, n_in, n_out, x, kernel="scalar")
+    assert a[0, 0] == pytest.approx(2 * n_in * -7.0, rel=1e-6)  # (3 - 1) * x per input
+    if HAS_AVX2:
+        b = engine.ternary_matmul(bytes(packed), 1.0, n_in, n_out, x, kernel="avx2", n_threads=2)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_arguments_are_refused() -> None:
+    x = np.zeros((1, 100), np.float32)
+    with pytest.raises(engine.EngineError):
+        engine.ternary_matmul(b"\0" * 100, 1.0, 100, 4, x)      # n_in not a multiple of 128
+    with pytest.raises(engine.EngineError):
+        engine.ternary_matmul(b"\0" * 32, 1.0, 128, 1, np.zeros((1, 128), np.float32),
+                              kernel="no-such-kernel")
+
+
+def test_kernel_selection() -> None:
+    name = engine.kernel_name()
+    assert name in ("scalar", "avx2")
+    try:
+        engine.select_kernel("scalar")
+        assert engine.kernel_name() == "scalar"
+        with pytest.raises(ValueError):
+            engine.select_kernel("no-such-kernel")
+        assert engine.kernel_name() == "scalar"
+    finally:
+        engine.select_kernel(name)
+
+
+@needs_avx2
+def test_whole_model_scalar_equals_avx2(gqa_model_path) -> None:  # noqa: ANN001
+    """The F16 head and embedding paths too: the same logits bit for bit from both kernels."""
+    name = engine.kernel_name()
+    model = engine.Model.load(gqa_model_path)
+    out = {}
+    try:
+        for k in ("scalar", "avx2"):
+            engine.select_kernel(k)
+            with engine.Context(model, 1, 64, 2) as ctx:
+                ctx.forward([engine.BatchEntry(0, list(range(3, 40)), "all")])
+                out[k] = np.stack([np.array(ctx.logits(0, t)) for t in range(37)])
+    finally:
+        engine.select_kernel(name)
+        model.close()
+    np.testing.assert_array_equal(out["scalar"], out["avx2"])
