@@ -3,7 +3,9 @@ under pytest-trio, so heavy shared state lives here)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,74 @@ def gqa_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def head128_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """head_dim 128 (2 query heads, 1 kv head), context 512, seed 3."""
     return _write(tmp_path_factory, "head128", HEAD128, 3)
+
+
+# ---- server fixtures (owned by the server helper: app.py / inference.py tests) ----------------
+# A real hypercorn on 127.0.0.1:0 inside the test's nursery (async fixtures are function-scoped
+# under pytest-trio; the model file is shared per session).
+
+#: TINY with a 4096-token context, so a generation can run long enough to be interrupted.
+SERVER_SHAPE = dataclasses.replace(gw.TINY, n_ctx=4096)
+
+
+@pytest.fixture(scope="session")
+def server_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The model the server tests serve: TINY shape, tiny vocabulary, context 4096, seed 11."""
+    return _write(tmp_path_factory, "server", SERVER_SHAPE, 11)
+
+
+def server_config(model_path: Path | None, **changes: object):  # -> bitnetd_trio.config.Config
+    """A Config for tests: keys given as section_key=value (e.g. model_parallel=1)."""
+    from bitnetd_trio.config import Config
+
+    config = Config()
+    sections: dict[str, dict[str, object]] = {
+        "model": {"path": str(model_path) if model_path else None, "threads": 2,
+                  "parallel": 4, "ctx_size": 4096},
+        "server": {"listen": ["127.0.0.1:0"], "max_queue": 16, "request_timeout": 60.0},
+    }
+    for name, value in changes.items():
+        section, _, key = name.partition("_")
+        sections.setdefault(section, {})[key] = value
+    for section, values in sections.items():
+        config = dataclasses.replace(
+            config, **{section: dataclasses.replace(getattr(config, section), **values)})
+    return config
+
+
+@dataclasses.dataclass
+class RunningServer:
+    url: str  # "http://127.0.0.1:PORT"
+    app: object  # bitnetd_trio.app.App
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+
+@contextlib.asynccontextmanager
+async def running_server(config) -> AsyncIterator[RunningServer]:
+    """Serve `create_app(config)` with hypercorn on 127.0.0.1:0 until the block ends."""
+    import trio
+
+    from bitnetd_trio.app import create_app
+    from bitnetd_trio.cli import hypercorn_config, serve
+
+    app = create_app(config)
+    hc = hypercorn_config(config, binds=["127.0.0.1:0"])
+    hc.graceful_timeout = 1.0
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, app, hc, stop.wait)
+        url = next(b for b in binds if b.startswith("http://"))
+        try:
+            yield RunningServer(url, app)
+        finally:
+            stop.set()
+
+
+@pytest.fixture
+async def server(server_model_path: Path) -> AsyncIterator[RunningServer]:
+    """A server with 4 slots on the server model."""
+    async with running_server(server_config(server_model_path)) as s:
+        yield s

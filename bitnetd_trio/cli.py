@@ -1,0 +1,118 @@
+"""`bitnetd [-c FILE] [-f] [-t] [-v]`: the daemon's command line.
+
+main() is three steps, each its own function so daemon mode can slot in between them:
+parse the arguments, load (and with -t only check) the configuration, run the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+import trio
+
+from .config import Config, load_config
+from .errors import ConfigError
+
+log = logging.getLogger("bitnetd")
+
+__all__ = ["hypercorn_config", "load_or_report", "main", "parse_args", "run_server", "serve"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bitnetd",
+        description="Serve a BitNet b1.58 model over an OpenAI-compatible HTTP API.",
+    )
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="configuration file (default: $BITNETD_CONFIG, else built-in defaults)")
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr")
+    p.add_argument("-t", "--test", action="store_true",
+                   help="check the configuration, print every problem, and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return p.parse_args(argv)
+
+
+def load_or_report(path: str | None) -> Config | None:
+    """The configuration, or None after printing every problem to stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"bitnetd: {exc}", file=sys.stderr)
+        return None
+
+
+def setup_foreground_logging(config: Config, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else config.daemon.loglevel_number
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def hypercorn_config(config: Config, binds: Sequence[str] | None = None) -> object:
+    """hypercorn's Config for our [server] section (`binds` overrides listen/unix_socket)."""
+    from hypercorn.config import Config as HypercornConfig
+
+    hc = HypercornConfig()
+    if binds is None:
+        binds = list(config.server.listen)
+        if config.server.unix_socket:
+            binds.append(f"unix:{config.server.unix_socket}")
+    hc.bind = list(binds)
+    hc.backlog = config.server.backlog
+    hc.startup_timeout = 3600.0  # a large model takes a while to map and check
+    hc.graceful_timeout = config.server.drain_timeout
+    hc.keep_alive_timeout = 75.0
+    hc.h11_max_incomplete_size = 64 * 1024
+    hc.include_server_header = False
+    return hc
+
+
+async def serve(app: object, hc: object,
+                shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+                task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+    """Run hypercorn on Trio until `shutdown_trigger` returns."""
+    from hypercorn.trio import serve as hypercorn_serve
+
+    await hypercorn_serve(app, hc, shutdown_trigger=shutdown_trigger,  # type: ignore[arg-type]
+                          task_status=task_status)
+
+
+async def wait_for_stop_signal() -> None:
+    """Returns on SIGINT or SIGTERM (the daemon mode installs its own signal handling)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s received: shutting down", signal.Signals(signum).name)
+            return
+
+
+def run_server(config: Config) -> int:
+    """Serve in the foreground until SIGINT/SIGTERM; the exit status."""
+    from .app import create_app
+
+    app = create_app(config)
+    try:
+        trio.run(serve, app, hypercorn_config(config), wait_for_stop_signal)
+    except Exception as exc:  # startup failure: hypercorn raises after lifespan.startup.failed
+        log.error("bitnetd stopped: %s", exc)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = load_or_report(args.config)
+    if config is None:
+        return 2
+    if args.test:
+        print(f"bitnetd: configuration OK ({config.source_path or 'built-in defaults'})")
+        return 0
+    setup_foreground_logging(config, args.verbose)
+    return run_server(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
