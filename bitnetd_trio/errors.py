@@ -37,6 +37,11 @@ def default_error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+def _clip(text: str, limit: int = 200) -> str:
+    """Client-supplied text quoted in a message, cut short: errors also end up in logs."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ApiError(Exception):
     """An error answered to the client with `status` and the OpenAI error envelope."""
 
@@ -83,14 +88,14 @@ class ApiError(Exception):
 
     @classmethod
     def route_not_found(cls, method: str, path: str) -> ApiError:
-        return cls(404, f"no route for {method} {path}", type="not_found_error")
+        return cls(404, f"no route for {_clip(method)} {_clip(path)}", type="not_found_error")
 
     @classmethod
     def method_not_allowed(cls, method: str, path: str, allowed: Iterable[str]) -> ApiError:
         allow = ", ".join(sorted(allowed))
         return cls(
             405,
-            f"method {method} is not allowed for {path} (allowed: {allow})",
+            f"method {_clip(method)} is not allowed for {_clip(path)} (allowed: {allow})",
             headers={"allow": allow},
         )
 
@@ -98,7 +103,7 @@ class ApiError(Exception):
     def model_not_found(cls, model: str) -> ApiError:
         return cls(
             404,
-            f"the model '{model}' does not exist",
+            f"the model '{_clip(model)}' does not exist",
             param="model",
             code="model_not_found",
         )

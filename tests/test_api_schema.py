@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -486,3 +487,21 @@ def test_defaults_from_config():
     c = load_config(None, {"BITNETD_MODEL_TEMPERATURE": "0.3", "BITNETD_MODEL_MAX_TOKENS": "99"})
     d = SchemaDefaults.from_config(c, n_vocab=512, model_ids=["m"])
     assert (d.temperature, d.max_tokens_default, d.n_vocab, d.model_ids) == (0.3, 99, 512, frozenset({"m"}))
+
+
+def test_error_envelopes():
+    e = ApiError(401, "no key")
+    assert (e.type, e.param, e.code) == ("authentication_error", None, None)
+    assert ApiError(429, "slow down").type == "rate_limit_error"
+    assert ApiError(500, "bug").type == "server_error"
+    assert ApiError(503, "busy").type == "service_unavailable_error"
+    assert ApiError(413, "big").type == "invalid_request_error"
+    assert ApiError(422, "bad").type == "invalid_request_error"
+    assert ApiError.route_not_found("GET", "/x").type == "not_found_error"
+    assert ApiError.unavailable("busy", retry_after=3).headers == {"retry-after": "3"}
+    m = ApiError.method_not_allowed("PUT", "/v1/models", ["GET"])
+    assert (m.status, m.headers["allow"]) == (405, "GET")
+    e = ApiError.model_not_found("x" * 5000)
+    assert (e.status, e.param, e.code) == (404, "model", "model_not_found")
+    assert len(e.message) < 300  # client text is clipped before it reaches messages and logs
+    assert json.loads(e.body()) == e.envelope()

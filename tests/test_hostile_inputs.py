@@ -103,7 +103,7 @@ def client(table_server):
 class Case:
     id: str
     path: str
-    body: Any = None  # dict/list -> JSON; bytes -> sent as is; None -> no body
+    body: Any = None  # dict/list -> JSON; bytes -> as is; callable -> chunked; None -> none
     status: int = 400
     param: str | None = None
     type: str = "invalid_request_error"
@@ -144,6 +144,8 @@ CASES: list[Case] = [
     Case("delete-models", "/v1/models", method="DELETE", status=405),
     Case("post-health", "/health", {}, status=405),
     Case("get-tokenize", "/tokenize", method="GET", status=405),
+    Case("options-preflight", CHAT, method="OPTIONS", status=405),
+    Case("non-ascii-route", "/v1/m\u00f6dels", method="GET", status=404, type="not_found_error"),
     Case("unknown-model-by-id", "/v1/models/no-such-model", method="GET", status=404,
          param="model", code="model_not_found"),
     # -- the body --
@@ -167,6 +169,9 @@ CASES: list[Case] = [
     Case("body-too-large", CHAT, {"messages": [{"role": "user", "content": "x" * (MAX_BODY + 10)}]},
          status=413),
     Case("garbage-too-large", COMP, b"\x00" * (MAX_BODY * 2), status=413),
+    # No Content-Length: the server counts the chunks as they come.
+    Case("chunked-body-too-large", CHAT, lambda: (b"x" * 8192 for _ in range(MAX_BODY // 8192 + 2)),
+         status=413),
     Case("multipart-content-type", CHAT, _VALID_CHAT, status=415,
          headers={"content-type": "multipart/form-data; boundary=xyz"}),
     Case("html-content-type", CHAT, _VALID_CHAT, status=415, headers={"content-type": "text/html"}),
@@ -235,6 +240,10 @@ CASES: list[Case] = [
     chat("stream-string", "stream", stream="true"),
     chat("stream-number", "stream", stream=1),
     chat("stream-options-without-stream", "stream_options", stream_options={"include_usage": True}),
+    # A streaming request that is invalid gets a JSON error, not an event stream.
+    chat("stream-with-bad-temperature", "temperature", stream=True, temperature=9),
+    chat("stream-longer-than-context", "messages", code="context_length_exceeded", stream=True,
+         messages=[{"role": "user", "content": LONG_TEXT}]),
     chat("response-format-json", "response_format", response_format={"type": "json_object"}),
     chat("response-format-schema", "response_format",
          response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
@@ -289,7 +298,9 @@ CASES: list[Case] = [
 
 def _send(client: httpx.Client, case: Case) -> httpx.Response:
     headers = dict(case.headers)
-    if isinstance(case.body, (bytes, bytearray)):
+    if callable(case.body):
+        content = case.body()
+    elif isinstance(case.body, (bytes, bytearray)):
         content = bytes(case.body)
     elif case.body is None:
         content = None
