@@ -28,25 +28,35 @@ def public_declarations() -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
-def sources() -> list[str]:
-    # absolute: cffi's compile() runs the compiler from its tmpdir
-    return sorted(str(p) for p in NATIVE.glob("*.c"))
+def make_builder(absolute_paths: bool) -> FFI:
+    """setuptools wants paths relative to setup.py; cffi's compile() runs the compiler from
+    its tmpdir and so needs absolute ones."""
+
+    def path(p: Path) -> str:
+        return str(p) if absolute_paths else os.path.relpath(p, ROOT)
+
+    builder = FFI()
+    builder.cdef(public_declarations())
+    builder.set_source(
+        "bitnetd_trio._native",
+        '#include "bitnet.h"',
+        sources=sorted(path(p) for p in NATIVE.glob("*.c")),
+        include_dirs=[path(NATIVE)],
+        extra_compile_args=C_FLAGS + os.environ.get("BITNETD_CFLAGS", "").split(),
+        extra_link_args=["-pthread", "-lm"],
+    )
+    return builder
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(public_declarations())
-ffibuilder.set_source(
-    "bitnetd_trio._native",
-    '#include "bitnet.h"',
-    sources=sources(),
-    include_dirs=[str(NATIVE)],
-    extra_compile_args=C_FLAGS + os.environ.get("BITNETD_CFLAGS", "").split(),
-    extra_link_args=["-pthread", "-lm"],
-)
+ffibuilder = make_builder(absolute_paths=False)  # named by setup.py's cffi_modules
 
 if __name__ == "__main__":
     os.chdir(ROOT)
-    ffibuilder.compile(tmpdir=str(ROOT / "build" / "cffi"), verbose="-q" not in sys.argv)
-    # compile() leaves the module under tmpdir/bitnetd_trio/; place it beside the package.
+    builder = make_builder(absolute_paths=True)
+    builder.compile(tmpdir=str(ROOT / "build" / "cffi"), verbose="-q" not in sys.argv)
+    # compile() leaves the module under tmpdir/bitnetd_trio/; place it beside the package,
+    # replacing any module pip built (its .abi3.so would otherwise shadow or be shadowed).
+    for stale in (ROOT / "bitnetd_trio").glob("_native*.so"):
+        stale.unlink()
     for built in (ROOT / "build" / "cffi" / "bitnetd_trio").glob("_native*.so"):
         built.replace(ROOT / "bitnetd_trio" / built.name)
