@@ -51,8 +51,11 @@ GENERATE_TEMPERATURE = 0.7
 GENERATE_TOP_P = 0.9
 
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_STOP = 4  # OpenAI's limit on stop strings
-LLAMA_MAX_STOP = 16  # llama.cpp has no limit; keep the stop matcher's work bounded
+MAX_STOP = 4  # OpenAI's limit on stop strings (chat)
+# llama.cpp and vLLM have no limit, and lm-evaluation-harness's local-completions sends a task's
+# `until` list plus the EOS text untruncated (often 4-6 strings): a bound only keeps the stop
+# matcher's work small.
+LLAMA_MAX_STOP = 16
 MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETIONS = 5
 MAX_N_PROBS = 20
@@ -643,7 +646,7 @@ def parse_completion(d: dict, defaults: SchemaDefaults | None = None) -> Generat
         sampling=_sampling(
             f, defaults, logit_bias=_logit_bias_openai(f, defaults.n_vocab), seed=_seed(f)
         ),
-        stop=_stop(f, MAX_STOP),
+        stop=_stop(f, LLAMA_MAX_STOP),
         n=n,
         stream=stream,
         include_usage=_stream_options(f, stream),

@@ -322,6 +322,13 @@ def test_completion_scoring_request():
     assert (r.logprobs, r.top_logprobs) == (True, 5)
 
 
+def test_completion_accepts_lm_eval_stop_lists():
+    # local-completions sends the task's `until` plus the EOS text, not cut to 4.
+    stops = ["Question:", "</s>", "<|im_end|>", "\n\n", "<|end_of_text|>"]
+    assert comp(stop=stops).stop == stops
+    assert error_of(parse_completion, {"prompt": "x", "stop": ["a"] * 17}, DEFAULTS).param == "stop"
+
+
 def test_completion_misc():
     r = comp(best_of=2, n=2, suffix="", stream=True, stream_options={"include_usage": False})
     assert (r.n, r.stream, r.include_usage) == (2, True, False)
