@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
+from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError
 
@@ -32,8 +33,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground and log to stderr")
     p.add_argument("-t", "--test", action="store_true",
-                   help="check the configuration, print every problem, and exit")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+                   help="check the configuration and that the model file opens, print every "
+                        "problem, and exit")
+    # -v is the version, as in the C bitnetd; debug logging is the long option only.
+    p.add_argument("-v", "--version", action="version", version=f"bitnetd {__version__}")
+    p.add_argument("--verbose", action="store_true", help="log debug messages")
     return p.parse_args(argv)
 
 
@@ -104,14 +108,17 @@ def run_server(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # ---- daemon operations (lifecycle.py): -t, daemon mode, signals, sd_notify ----
+    from . import lifecycle
+
+    if args.test:
+        return lifecycle.check(args.config)
     config = load_or_report(args.config)
     if config is None:
         return 2
-    if args.test:
-        print(f"bitnetd: configuration OK ({config.source_path or 'built-in defaults'})")
-        return 0
-    setup_foreground_logging(config, args.verbose)
-    return run_server(config)
+    # The absolute path, re-read on SIGHUP (daemon mode changes the directory to /).
+    config_path = str(config.source_path) if config.source_path else None
+    return lifecycle.run(config, config_path, foreground=args.foreground, verbose=args.verbose)
 
 
 if __name__ == "__main__":

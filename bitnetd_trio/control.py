@@ -192,6 +192,21 @@ def _format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
+def _process_alive(pid: int) -> bool:
+    """True while pid runs (a zombie counts as exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def _daemon_pid(pidfile: str) -> int:
     """The pid of the running daemon from its pidfile; ControlError(EXIT_DOWN) otherwise."""
     try:
@@ -349,10 +364,10 @@ def cmd_stop(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
         raise ControlError(f"not allowed to signal bitnetd (pid {pid}): run as its user or root", EXIT_ERROR) from None
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
-        # The pidfile lock is released when the daemon's last descriptor closes, i.e. when it
-        # has exited; a recycled pid cannot fool this check.
+        # The daemon releases its pidfile lock as the last step before exiting; then the
+        # process itself must be gone (or a zombie waiting for its parent).
         _, locked = read_pidfile(args.pidfile)
-        if not locked:
+        if not locked and not _process_alive(pid):
             return EXIT_OK, {"signal": "SIGTERM", "pid": pid, "stopped": True}, f"bitnetd (pid {pid}) stopped"
         time.sleep(0.05)
     raise ControlError(

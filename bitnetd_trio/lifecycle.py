@@ -173,6 +173,11 @@ class Daemon:
                                                       shutdown_trigger=self._shutdown.wait,
                                                       task_status=task_status))
                         loading.cancel()
+                        if not self._app_ready():
+                            # hypercorn calls started() even after lifespan.startup.failed;
+                            # its LifespanFailureError follows at once and ends this nursery.
+                            await trio.sleep(5)
+                            raise DaemonError("the application did not become ready")
                         self._on_serving()
                 if self._startup_scope.cancelled_caught and not self.serving:
                     log.info("stopped during start-up")
@@ -204,6 +209,10 @@ class Daemon:
             while True:
                 self.notifier.extend_timeout(LOAD_EXTEND_SECONDS)
                 await trio.sleep(LOAD_EXTEND_SECONDS / 3)
+
+    def _app_ready(self) -> bool:
+        engine = getattr(self.app, "engine", self)  # an app without an engine: trust hypercorn
+        return engine is self or bool(engine is not None and engine.ready)
 
     def _on_serving(self) -> None:
         """Model loaded, sockets listening: drop privileges, then tell systemd and the launcher."""

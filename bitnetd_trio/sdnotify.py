@@ -70,11 +70,26 @@ class Notifier:
             # sd_notify(3) only accepts absolute paths and abstract names (vsock is not
             # supported here); anything else is ignored rather than guessed at.
             self.address = None
+        self._connected = False
         if self.address is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._sock.setblocking(False)
+            # Connect now: the path is checked with our current credentials, so notifications
+            # still reach systemd after the privilege drop (the socket's directory may not be
+            # searchable by the unprivileged user).
+            self._connect()
         self.sent = 0  # datagrams successfully sent (for status lines and tests)
         self.dropped = 0
+
+    def _connect(self) -> bool:
+        assert self._sock is not None and self.address is not None
+        try:
+            self._sock.connect(_socket_address(self.address))
+        except OSError:
+            self._connected = False
+        else:
+            self._connected = True
+        return self._connected
 
     @property
     def enabled(self) -> bool:
@@ -89,7 +104,16 @@ class Notifier:
                 raise ValueError(f"bad sd_notify line {line!r}")
         payload = "\n".join(lines).encode()
         try:
-            self._sock.sendto(payload, _socket_address(self.address))
+            try:
+                if not self._connected and not self._connect():
+                    self._sock.sendto(payload, _socket_address(self.address))
+                else:
+                    self._sock.send(payload)
+            except ConnectionRefusedError:
+                # The receiver was restarted (a new socket at the same address): reconnect.
+                if not self._connect():
+                    raise
+                self._sock.send(payload)
         except OSError as exc:
             # ECONNREFUSED/ENOENT: nobody listens (yet); EAGAIN: the receiver's queue is full.
             # Notifications are advisory: drop and carry on.

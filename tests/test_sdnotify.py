@@ -196,3 +196,42 @@ async def test_run_watchdog_pings_only_while_healthy(notify_socket):
             await trio.sleep(0.01)
         assert n.sent == sent and drain() == []
         nursery.cancel_scope.cancel()
+
+
+def test_receiver_restart_is_survived(tmp_path):
+    path = str(tmp_path / "n.sock")
+    first = _receiver(path)
+    n = sdnotify.Notifier({"NOTIFY_SOCKET": path})
+    assert n.status("one")
+    assert first.recv(100) == b"STATUS=one"
+    first.close()
+    os.unlink(path)
+    assert n.status("lost") is False  # nobody there: dropped, not raised
+    second = _receiver(path)
+    assert n.status("two")
+    assert second.recv(100) == b"STATUS=two"
+    second.close()
+
+
+_AFTER_DROP = r"""
+import os, sys
+from bitnetd_trio import sdnotify
+n = sdnotify.Notifier({"NOTIFY_SOCKET": sys.argv[1]})
+os.setgid(65534); os.setuid(65534)
+sys.exit(0 if n.ready("after drop") else 1)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_notifications_still_arrive_after_a_privilege_drop(tmp_path):
+    """systemd's socket directory may not be searchable by the service user: the notifier
+    connects while still privileged."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    path = str(private / "notify.sock")
+    sock = _receiver(path)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    subprocess.run([sys.executable, "-c", _AFTER_DROP, path], env=env, check=True, timeout=60,
+                   cwd="/")
+    assert sock.recv(100) == b"READY=1\nSTATUS=after drop"
+    sock.close()
