@@ -394,6 +394,245 @@ static int cpu_has_avx2(void)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
 }
+
+/* ------------------------------------------------------------------ AVX-512 VNNI */
+/* vpdpbusd adds four u8*s8 products straight into int32 lanes: no 16-bit intermediate at
+ * all. A 512-bit register holds the codes of two blocks; the activations are quantized into
+ * a matching "paired" layout (for blocks 2p and 2p+1: plane 0 of both, plane 1 of both, ...),
+ * so each plane is one 64-byte load. An odd last block keeps the natural layout and runs
+ * with 256-bit instructions. The results are the same exact integers as every other kernel. */
+#define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define AVX512_INLINE                                                                         \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"),             \
+                   always_inline)) static inline
+
+AVX512_FN static void quantize_avx512(const float *x, int32_t n, int8_t *q, float *s_out,
+                                      int32_t *qsum)
+{
+    quantize_avx2(x, n, q, s_out, qsum);
+    if (n % 128 != 0)
+        return;
+    /* natural -> paired layout, two blocks (256 bytes) at a time */
+    for (int32_t b = 0; b + 2 <= n / 128; b += 2) {
+        int8_t *blk = q + (size_t)b * 128;
+        __m256i a[4], c[4];
+        for (int k = 0; k < 4; k++) {
+            a[k] = _mm256_loadu_si256((const __m256i *)(blk + 32 * k));
+            c[k] = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * k));
+        }
+        for (int k = 0; k < 4; k++) {
+            _mm256_storeu_si256((__m256i *)(blk + 64 * k), a[k]);
+            _mm256_storeu_si256((__m256i *)(blk + 64 * k + 32), c[k]);
+        }
+    }
+}
+
+AVX512_INLINE void ternary_tile_avx512(const uint8_t *const *rows, const int nr,
+                                       const int8_t *const *acts, const int nt, int32_t nb,
+                                       int32_t *out)
+{
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i acc[16];
+    for (int k = 0; k < nr * nt; k++)
+        acc[k] = _mm512_setzero_si512();
+    int32_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        for (int i = 0; i < nr; i++) {
+            const __m512i c = _mm512_loadu_si512((const void *)(rows[i] + 32 * b));
+            const __m512i p0 = _mm512_and_si512(_mm512_srli_epi16(c, 6), m3);
+            const __m512i p1 = _mm512_and_si512(_mm512_srli_epi16(c, 4), m3);
+            const __m512i p2 = _mm512_and_si512(_mm512_srli_epi16(c, 2), m3);
+            const __m512i p3 = _mm512_and_si512(c, m3);
+            for (int j = 0; j < nt; j++) {
+                const int8_t *a = acts[j] + 128 * b;
+                __m512i v = acc[i * nt + j];
+                v = _mm512_dpbusd_epi32(v, p0, _mm512_loadu_si512((const void *)a));
+                v = _mm512_dpbusd_epi32(v, p1, _mm512_loadu_si512((const void *)(a + 64)));
+                v = _mm512_dpbusd_epi32(v, p2, _mm512_loadu_si512((const void *)(a + 128)));
+                v = _mm512_dpbusd_epi32(v, p3, _mm512_loadu_si512((const void *)(a + 192)));
+                acc[i * nt + j] = v;
+            }
+        }
+    }
+    int32_t tail[16] = {0};
+    if (b < nb) {  /* odd last block, natural layout */
+        const __m256i m3y = _mm256_set1_epi8(3);
+        for (int i = 0; i < nr; i++) {
+            const __m256i c = _mm256_loadu_si256((const __m256i *)(rows[i] + 32 * b));
+            const __m256i p0 = _mm256_and_si256(_mm256_srli_epi16(c, 6), m3y);
+            const __m256i p1 = _mm256_and_si256(_mm256_srli_epi16(c, 4), m3y);
+            const __m256i p2 = _mm256_and_si256(_mm256_srli_epi16(c, 2), m3y);
+            const __m256i p3 = _mm256_and_si256(c, m3y);
+            for (int j = 0; j < nt; j++) {
+                const int8_t *a = acts[j] + 128 * b;
+                __m256i v = _mm256_setzero_si256();
+                v = _mm256_dpbusd_epi32(v, p0, _mm256_loadu_si256((const __m256i *)a));
+                v = _mm256_dpbusd_epi32(v, p1, _mm256_loadu_si256((const __m256i *)(a + 32)));
+                v = _mm256_dpbusd_epi32(v, p2, _mm256_loadu_si256((const __m256i *)(a + 64)));
+                v = _mm256_dpbusd_epi32(v, p3, _mm256_loadu_si256((const __m256i *)(a + 96)));
+                tail[i * nt + j] = hsum_epi32(v);
+            }
+        }
+    }
+    for (int k = 0; k < nr * nt; k++)
+        out[k] = _mm512_reduce_add_epi32(acc[k]) + tail[k];
+}
+
+#define TERNARY_TILE512(NR, NT)                                                               \
+    AVX512_FN static void ternary512_tile_##NR##x##NT(const uint8_t *const *rows,              \
+                                                      const int8_t *const *acts, int32_t nb, \
+                                                      int32_t *out)                          \
+    {                                                                                        \
+        ternary_tile_avx512(rows, NR, acts, NT, nb, out);                                    \
+    }
+TERNARY_TILE512(4, 1)
+TERNARY_TILE512(4, 2)
+TERNARY_TILE512(4, 3)
+TERNARY_TILE512(4, 4)
+TERNARY_TILE512(1, 1)
+TERNARY_TILE512(1, 2)
+TERNARY_TILE512(1, 3)
+TERNARY_TILE512(1, 4)
+
+static const ternary_tile_fn ternary512_tiles[2][4] = {
+    {ternary512_tile_1x1, ternary512_tile_1x2, ternary512_tile_1x3, ternary512_tile_1x4},
+    {ternary512_tile_4x1, ternary512_tile_4x2, ternary512_tile_4x3, ternary512_tile_4x4},
+};
+
+AVX512_FN static void ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1,
+                                     const bn_qact *a, float *y, int64_t y_stride)
+{
+    const size_t row_bytes = (size_t)w->n_in / 4;
+    const int32_t nb = w->n_in / 128;
+    const int32_t n_tok = a->n_tok;
+    const int32_t len = (r1 - r0) / STREAMS;
+    int32_t out[16];
+    const uint8_t *rows[4];
+    const int8_t *acts[4];
+    int32_t rr[4];
+    /* 4 rows from 4 streams, up to 4 tokens per tile: 16 accumulators */
+    for (int32_t i = 0; i < len; i++) {
+        for (int k = 0; k < 4; k++) {
+            rr[k] = r0 + k * len + i;
+            rows[k] = w->codes + (size_t)rr[k] * row_bytes;
+        }
+        for (int32_t t = 0; t < n_tok; t += 4) {
+            const int nt = n_tok - t < 4 ? n_tok - t : 4;
+            for (int j = 0; j < nt; j++)
+                acts[j] = a->q + (size_t)(t + j) * a->stride;
+            ternary512_tiles[1][nt - 1](rows, acts, nb, out);
+            for (int k = 0; k < 4; k++)
+                for (int j = 0; j < nt; j++)
+                    y[(t + j) * y_stride + rr[k]] = bitlinear_out(
+                        out[k * nt + j], a->qsum[t + j], a->s[t + j], w->scale);
+        }
+    }
+    for (int32_t r = r0 + STREAMS * len; r < r1; r++) {
+        rows[0] = w->codes + (size_t)r * row_bytes;
+        for (int32_t t = 0; t < n_tok; t += 4) {
+            const int nt = n_tok - t < 4 ? n_tok - t : 4;
+            for (int j = 0; j < nt; j++)
+                acts[j] = a->q + (size_t)(t + j) * a->stride;
+            ternary512_tiles[0][nt - 1](rows, acts, nb, out);
+            for (int j = 0; j < nt; j++)
+                y[(t + j) * y_stride + r] =
+                    bitlinear_out(out[j], a->qsum[t + j], a->s[t + j], w->scale);
+        }
+    }
+}
+
+/* F16 head with 16-lane accumulators: lane l of a zmm is partial sum l of kernels.h. */
+AVX512_INLINE void f16_tile_avx512(const uint16_t *const *rows, const int nr,
+                                   const float *const *xs, const int nt, int32_t n_in,
+                                   float *out)
+{
+    __m512 acc[16];
+    for (int k = 0; k < nr * nt; k++)
+        acc[k] = _mm512_setzero_ps();
+    for (int32_t e = 0; e < n_in; e += 16) {
+        __m512 wv[4];
+        for (int i = 0; i < nr; i++)
+            wv[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rows[i] + e)));
+        for (int j = 0; j < nt; j++) {
+            const __m512 xv = _mm512_loadu_ps(xs[j] + e);
+            for (int i = 0; i < nr; i++)
+                acc[i * nt + j] = _mm512_fmadd_ps(wv[i], xv, acc[i * nt + j]);
+        }
+    }
+    for (int k = 0; k < nr * nt; k++)
+        out[k] = reduce16_avx2(_mm512_castps512_ps256(acc[k]),
+                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[k]), 1)));
+}
+
+#define F16_TILE512(NR, NT)                                                                   \
+    AVX512_FN static void f16_512_tile_##NR##x##NT(const uint16_t *const *rows,                \
+                                                   const float *const *xs, int32_t n_in,     \
+                                                   float *out)                               \
+    {                                                                                        \
+        f16_tile_avx512(rows, NR, xs, NT, n_in, out);                                        \
+    }
+F16_TILE512(4, 1)
+F16_TILE512(4, 2)
+F16_TILE512(4, 3)
+F16_TILE512(4, 4)
+F16_TILE512(1, 1)
+F16_TILE512(1, 2)
+F16_TILE512(1, 3)
+F16_TILE512(1, 4)
+
+typedef void (*f16_tile_fn)(const uint16_t *const *, const float *const *, int32_t, float *);
+static const f16_tile_fn f16_512_tiles[2][4] = {
+    {f16_512_tile_1x1, f16_512_tile_1x2, f16_512_tile_1x3, f16_512_tile_1x4},
+    {f16_512_tile_4x1, f16_512_tile_4x2, f16_512_tile_4x3, f16_512_tile_4x4},
+};
+
+AVX512_FN static void f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                                        const float *x, int32_t n_tok, int64_t x_stride,
+                                        float *y, int64_t y_stride)
+{
+    const int32_t len = (r1 - r0) / STREAMS;
+    const uint16_t *rows[4];
+    const float *xs[4];
+    float out[16];
+    int32_t rr[4];
+    for (int32_t i = 0; i < len; i++) {
+        for (int k = 0; k < 4; k++) {
+            rr[k] = r0 + k * len + i;
+            rows[k] = w + (size_t)rr[k] * n_in;
+        }
+        for (int32_t t = 0; t < n_tok; t += 4) {
+            const int nt = n_tok - t < 4 ? n_tok - t : 4;
+            for (int j = 0; j < nt; j++)
+                xs[j] = x + (t + j) * x_stride;
+            f16_512_tiles[1][nt - 1](rows, xs, n_in, out);
+            for (int k = 0; k < 4; k++)
+                for (int j = 0; j < nt; j++)
+                    y[(t + j) * y_stride + rr[k]] = out[k * nt + j];
+        }
+    }
+    for (int32_t r = r0 + STREAMS * len; r < r1; r++) {
+        rows[0] = w + (size_t)r * n_in;
+        for (int32_t t = 0; t < n_tok; t += 4) {
+            const int nt = n_tok - t < 4 ? n_tok - t : 4;
+            for (int j = 0; j < nt; j++)
+                xs[j] = x + (t + j) * x_stride;
+            f16_512_tiles[0][nt - 1](rows, xs, n_in, out);
+            for (int j = 0; j < nt; j++)
+                y[(t + j) * y_stride + r] = out[j];
+        }
+    }
+}
+
+static const bn_kernel_set avx512_set = {
+    "avx512vnni", quantize_avx512, ternary_avx512, f16_matmul_avx512,
+};
+
+static int cpu_has_avx512vnni(void)
+{
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
+}
 #endif /* BN_X86 */
 
 /* ------------------------------------------------------------------ dispatch */
@@ -409,6 +648,8 @@ const bn_kernel_set *bn_kernels_by_name(const char *name)
 #ifdef BN_X86
     if (strcmp(name, "avx2") == 0)
         return cpu_has_avx2() ? &avx2_set : NULL;
+    if (strcmp(name, "avx512vnni") == 0)
+        return cpu_has_avx512vnni() ? &avx512_set : NULL;
 #endif
     return NULL;
 }
@@ -416,6 +657,8 @@ const bn_kernel_set *bn_kernels_by_name(const char *name)
 static const bn_kernel_set *best_kernels(void)
 {
 #ifdef BN_X86
+    if (cpu_has_avx512vnni())
+        return &avx512_set;
     if (cpu_has_avx2())
         return &avx2_set;
 #endif
@@ -512,6 +755,8 @@ typedef struct {
     uint64_t sink[BN_POOL_MAX_THREADS];
 } read_job;
 
+typedef long long bn_v4i64 __attribute__((vector_size(32)));
+
 static void read_worker(void *arg, int32_t ith, int32_t nth)
 {
     read_job *job = arg;
@@ -519,19 +764,21 @@ static void read_worker(void *arg, int32_t ith, int32_t nth)
     bn_split_range((int64_t)(job->n / 64), 1, ith, nth, &lo, &hi);
     const size_t lines = (size_t)(hi - lo) / (size_t)job->streams;
     const uint8_t *base = job->buf + (size_t)lo * 64;
-    uint64_t acc[8] = {0};
+    bn_v4i64 acc[8] = {{0}};  /* one chain per stream (mod 8): loads stay independent */
     for (size_t i = 0; i < lines; i++)
         for (int32_t s = 0; s < job->streams; s++) {
             const uint8_t *p = base + ((size_t)s * lines + i) * 64;
-            uint64_t v[8];
-            memcpy(v, p, 64);
-            for (int l = 0; l < 8; l++)
-                acc[l] ^= v[l];
+            bn_v4i64 v0, v1;
+            memcpy(&v0, p, 32);
+            memcpy(&v1, p + 32, 32);
+            acc[s & 7] ^= v0 ^ v1;
         }
-    job->sink[ith] = acc[0] ^ acc[1] ^ acc[2] ^ acc[3] ^ acc[4] ^ acc[5] ^ acc[6] ^ acc[7];
+    uint64_t sink = 0;
+    for (int s = 0; s < 8; s++)
+        for (int l = 0; l < 4; l++)
+            sink ^= (uint64_t)acc[s][l];
+    job->sink[ith] = sink;
 }
-
-
 
 double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams,
                                  int32_t reps)

@@ -1,4 +1,4 @@
-"""BitLinear kernels: the numpy formula of spec section 5, and scalar == AVX2 bit for bit.
+"""BitLinear kernels: the numpy formula of spec section 5, and scalar == SIMD bit for bit.
 
 Every kernel set must give identical results (the ternary dot products are exact int32, the
 epilogue one scalar expression), whatever the thread count or the number of tokens.
@@ -22,8 +22,14 @@ def _available(name: str) -> bool:
     return True
 
 
-HAS_AVX2 = _available("avx2")
+SIMD_KERNELS = ("avx2", "avx512vnni")
+AVAILABLE = [k for k in SIMD_KERNELS if _available(k)]
+HAS_AVX2 = "avx2" in AVAILABLE
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2/FMA/F16C")
+#: every SIMD kernel set, skipped where the CPU lacks it
+simd = pytest.mark.parametrize("kernel", [
+    pytest.param(k, marks=pytest.mark.skipif(k not in AVAILABLE, reason=f"no {k} on this CPU"))
+    for k in SIMD_KERNELS])
 
 
 def bitlinear_reference(w: np.ndarray, scale: float, x: np.ndarray) -> np.ndarray:
@@ -82,13 +88,13 @@ def test_saturating_extremes_exact() -> None:
         want = bitlinear_reference(w, 1.0, x)
         assert want[0, 0] == pytest.approx(sign * 3.0 * n_in, rel=1e-6)
         np.testing.assert_array_equal(run("scalar", w, 1.0, x), want)
-        if HAS_AVX2:
-            np.testing.assert_array_equal(run("avx2", w, 1.0, x, n_threads=2), want)
+        for k in AVAILABLE:
+            np.testing.assert_array_equal(run(k, w, 1.0, x, n_threads=2), want)
 
 
-@needs_avx2
+@simd
 @pytest.mark.parametrize("kind", ["normal", "large", "zeros", "tiny", "onehot"])
-def test_avx2_identical_to_scalar(kind: str) -> None:
+def test_simd_identical_to_scalar(kernel: str, kind: str) -> None:
     rng = np.random.default_rng(2)
     for _ in range(12):
         n_in = 128 * int(rng.integers(1, 30))
@@ -98,18 +104,18 @@ def test_avx2_identical_to_scalar(kind: str) -> None:
         w, x = random_case(rng, n_in, n_out, n_tok, kind)
         scale = float(rng.uniform(0.1, 3.0))
         want = run("scalar", w, scale, x)
-        got = run("avx2", w, scale, x, n_threads=n_threads)
+        got = run(kernel, w, scale, x, n_threads=n_threads)
         np.testing.assert_array_equal(got, want, err_msg=f"{n_in}x{n_out} tokens {n_tok}")
         np.testing.assert_array_equal(want, bitlinear_reference(w, scale, x))
 
 
-@needs_avx2
-def test_real_shapes_and_thread_counts() -> None:
+@simd
+def test_real_shapes_and_thread_counts(kernel: str) -> None:
     rng = np.random.default_rng(3)
     w, x = random_case(rng, 2560, 640, 5)
     want = run("scalar", w, 1.25, x)
     for n_threads in (1, 2, 3, 7):
-        np.testing.assert_array_equal(run("avx2", w, 1.25, x, n_threads=n_threads), want)
+        np.testing.assert_array_equal(run(kernel, w, 1.25, x, n_threads=n_threads), want)
 
 
 def test_code_three_is_bounded() -> None:
@@ -121,8 +127,8 @@ def test_code_three_is_bounded() -> None:
     x = np.full((2, n_in), -7.0, np.float32)
     a = engine.ternary_matmul(bytes(packed), 1.0, n_in, n_out, x, kernel="scalar")
     assert a[0, 0] == pytest.approx(2 * n_in * -7.0, rel=1e-6)  # (3 - 1) * x per input
-    if HAS_AVX2:
-        b = engine.ternary_matmul(bytes(packed), 1.0, n_in, n_out, x, kernel="avx2", n_threads=2)
+    for k in AVAILABLE:
+        b = engine.ternary_matmul(bytes(packed), 1.0, n_in, n_out, x, kernel=k, n_threads=2)
         np.testing.assert_array_equal(a, b)
 
 
@@ -137,7 +143,7 @@ def test_bad_arguments_are_refused() -> None:
 
 def test_kernel_selection() -> None:
     name = engine.kernel_name()
-    assert name in ("scalar", "avx2")
+    assert name in ("scalar", *SIMD_KERNELS)
     try:
         engine.select_kernel("scalar")
         assert engine.kernel_name() == "scalar"
@@ -149,13 +155,13 @@ def test_kernel_selection() -> None:
 
 
 @needs_avx2
-def test_whole_model_scalar_equals_avx2(gqa_model_path) -> None:  # noqa: ANN001
-    """The F16 head and embedding paths too: the same logits bit for bit from both kernels."""
+def test_whole_model_same_logits_from_every_kernel(gqa_model_path) -> None:  # noqa: ANN001
+    """The F16 head and embedding paths too: the same logits bit for bit from every kernel."""
     name = engine.kernel_name()
     model = engine.Model.load(gqa_model_path)
     out = {}
     try:
-        for k in ("scalar", "avx2"):
+        for k in ("scalar", *AVAILABLE):
             engine.select_kernel(k)
             with engine.Context(model, 1, 64, 2) as ctx:
                 ctx.forward([engine.BatchEntry(0, list(range(3, 40)), "all")])
@@ -163,4 +169,5 @@ def test_whole_model_scalar_equals_avx2(gqa_model_path) -> None:  # noqa: ANN001
     finally:
         engine.select_kernel(name)
         model.close()
-    np.testing.assert_array_equal(out["scalar"], out["avx2"])
+    for k in AVAILABLE:
+        np.testing.assert_array_equal(out["scalar"], out[k], err_msg=k)
