@@ -627,7 +627,9 @@ def _format_value(section: str, key: str, value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(value)
     if isinstance(value, float):
-        return f"{value:g}"
+        if key in ("request_timeout", "drain_timeout"):  # durations take no exponent
+            return format(value, "f").rstrip("0").rstrip(".") or "0"
+        return repr(value)  # exact, so the description loads back to the same value
     return str(value)
 
 

@@ -436,8 +436,8 @@ def test_describe_config_round_trips(tmp_path):
     conf = write(
         tmp_path,
         "[server]\nlisten = [::1]:1, 127.0.0.1:2\nunix_socket_mode = 0600\nmax_body_size = 3M\n"
-        "request_timeout = 1.5\napi_keys = sk-secret-1\n[metrics]\nenabled = off\n"
-        "[model]\nmax_tokens = 12\ntop_p = 0.25\n",
+        "request_timeout = 1.5\ndrain_timeout = 0.25\napi_keys = sk-secret-1\n[metrics]\n"
+        "enabled = off\n[model]\nmax_tokens = 12\ntop_p = 0.123456789\nmin_p = 0.00001\n",
     )
     c = load_config(conf, {})
     text = describe_config(c)
