@@ -432,6 +432,10 @@ class InferenceThread:
                 for seq in list(self._active):
                     self._retire(seq, "error", updates, error=f"internal error: {exc}")
             self._steps += 1
+            if self.metrics is not None:
+                # After the step: sequences that finished in it are no longer running (otherwise
+                # the gauge keeps the old count until the next request arrives).
+                self.metrics.requests_running.set(len(self._active))
             if updates and not self._call_trio(self._dispatch, updates):
                 return
 

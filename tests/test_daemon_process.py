@@ -339,7 +339,8 @@ def test_daemon_mode_with_bitnetctl(tmp_path, model_a):
         port = s.getsockname()[1]
     conf = write_config(tmp_path / "d.conf", model=model_a, sections={
         "daemon": {"pidfile": pidfile, "logfile": log},
-        "server": {"listen": f"127.0.0.1:{port}", "unix_socket": sock, "unix_socket_mode": "0600"}})
+        "server": {"listen": f"127.0.0.1:{port}", "unix_socket": sock, "unix_socket_mode": "0600",
+                   "backlog": 37}})
     launcher = subprocess.run([*BITNETD, "-c", str(conf)], env=CHILD_ENV, capture_output=True,
                               text=True, timeout=120)
     assert launcher.returncode == 0, launcher.stderr + log.read_text()
@@ -351,14 +352,24 @@ def test_daemon_mode_with_bitnetctl(tmp_path, model_a):
         with open(f"/proc/{pid}/stat") as f:
             assert f.read().rsplit(")", 1)[1].split()[1] != str(os.getpid())
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        if shutil.which("ss"):
+            # For a listening TCP socket, ss shows the listen(2) backlog as Send-Q.
+            out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                                 text=True, timeout=30).stdout.split()
+            assert out[0] == "LISTEN" and out[2] == "37", out
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
 
         r = _ctl("-p", str(port), "-P", str(pidfile), "status")
         assert r.returncode == 0, r.stderr
         assert f"bitnetd is running (pid {pid})" in r.stdout and "model-a.gguf" in r.stdout
+        done = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                          json={"prompt": "hi", "max_tokens": 5, "ignore_eos": True})
+        assert done.status_code == 200
         r = _ctl("-U", str(sock), "-P", str(pidfile), "--json", "status")
         data = json.loads(r.stdout)
         assert r.returncode == 0 and data["pid"] == pid and data["healthy"]
+        assert data["metrics"]["requests_running"] == 0  # the finished request is not counted
+        assert data["metrics"]["tokens_generated_total"] >= 5
         assert data["models"][0]["id"] == "model-a.gguf"
         r = _ctl("-c", str(conf), "models")  # address, socket and pidfile from the config
         assert r.returncode == 0 and r.stdout.startswith("model-a.gguf")
