@@ -194,9 +194,18 @@ static const bn_gguf_tensor *need_tensor(loader *L, const char *name, uint32_t t
     return t;
 }
 
+/* A norm weight vector. Its few values are checked: a NaN or infinity here would silently
+ * turn every logit into NaN. */
 static const float *need_f32(loader *L, const char *name, int64_t n) {
     const bn_gguf_tensor *t = need_tensor(L, name, BN_TYPE_F32, n, 0);
-    return t ? (const float *)(const void *)t->data : NULL;
+    if (!t) return NULL;
+    const float *v = (const float *)(const void *)t->data;
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(v[i])) {
+            lfail(L, "tensor '%s' has a non-finite value at index %lld", name, (long long)i);
+            return NULL;
+        }
+    return v;
 }
 
 static int need_ternary(loader *L, const char *name, int32_t n_in, int32_t n_out,

@@ -553,6 +553,15 @@ def writer_cases() -> Iterator[Case]:
             T)})
     yield w("i2s-nan-scale", ("blk.1.attn_q.weight", "scale"), tensor_overrides={
         "blk.1.attn_q.weight": (np.zeros((e, e), np.int8), math.nan)})
+    nan_norm = np.ones(e, np.float32)
+    nan_norm[5] = math.nan
+    yield w("norm-nan", ("blk.1.attn_norm.weight", "non-finite"),
+            tensor_overrides={"blk.1.attn_norm.weight": nan_norm})
+    yield w("norm-inf", ("output_norm.weight", "non-finite"),
+            tensor_overrides={"output_norm.weight": np.full(e, np.inf, np.float32)})
+    # Loads; the forward pass then sees NaN everywhere (the sanitizer run goes through it).
+    yield w("embd-nan", (), tensor_overrides={
+        "token_embd.weight": np.full((512, e), np.nan, np.float16)})
     yield w("extra-q4", ("extra.weight", "Q4_0"), tensor_overrides={
         "extra.weight": gw.RawTensor(bytes(18 * 4), (128,), 2)})
     yield w("extra-f32", (), tensor_overrides={"extra.weight": np.ones(3, np.float32)})
@@ -781,7 +790,7 @@ def test_sanitizer_fuzz(sanitizer_build: SanitizerBuild, tmp_path: Path) -> None
     chunk copies, truncation), mostly in the header, in one sanitized process."""
     base = gw.write_model(tmp_path / "base.gguf", MINI, seed=5)
     h = walk_header(base.read_bytes())
-    r = _run([str(sanitizer_build.exe), "--fuzz", "20261122", "4000", "20000", str(base),
+    r = _run([str(sanitizer_build.exe), "--fuzz", "20261122", "8000", "20000", str(base),
               str(tmp_path / "work.gguf"), str(h.end)], env={**os.environ, **SAN_ENV},
              timeout=600)
     _assert_clean(r)

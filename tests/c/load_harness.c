@@ -16,12 +16,17 @@
 
 #include "bitnet.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 static int g_broken = 0;   /* set when the engine breaks its contract (not a sanitizer error) */
+static int g_threads = 2;  /* worker threads per context (1 while fuzzing: thousands of contexts) */
 
 static void broken(const char *path, const char *what) {
     fprintf(stderr, "CONTRACT %s: %s\n", path, what);
@@ -114,7 +119,7 @@ static uint64_t read_all_metadata(const char *path, const bn_model *m) {
 static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparams *hp) {
     char err[512];
     uint64_t sum = 0;
-    bn_context *ctx = bn_context_new(m, 2, 16, 2, err, sizeof err);
+    bn_context *ctx = bn_context_new(m, 2, 16, g_threads, err, sizeof err);
     if (!ctx) {
         fprintf(stderr, "context failed for %s: %s\n", path, err);
         broken(path, "bn_context_new failed on a loaded model");
@@ -150,7 +155,11 @@ static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparam
         if (s) {
             bn_sampler_accept(s, toks_b[0]);
             int32_t tok = bn_sampler_sample(s, last);
-            if (tok < 0 || tok >= hp->n_vocab) broken(path, "sampled token out of range");
+            /* -1 is the documented answer when no logit is usable (all NaN or -inf). */
+            int any_usable = 0;
+            for (int32_t v = 0; v < hp->n_vocab; v++) any_usable |= last[v] > -INFINITY;
+            if (tok < -1 || tok >= hp->n_vocab || (tok == -1 && any_usable))
+                broken(path, "sampled token out of range");
             sum += (uint64_t)tok;
             bn_sampler_free(s);
         }
@@ -216,6 +225,24 @@ static uint64_t interesting(void) {
     return v[rng() % (sizeof v / sizeof v[0])];
 }
 
+/* Overwrite in place, then cut to length: truncating to zero first would make ext4 flush the
+ * file on every close (its replace-via-truncate heuristic) and the loop would wait on disk. */
+static int write_file(const char *path, const unsigned char *buf, size_t len) {
+    int fd = open(path, O_WRONLY | O_CREAT, 0600);
+    if (fd < 0) return -1;
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = write(fd, buf + done, len - done);
+        if (n <= 0) {
+            close(fd);
+            return -1;
+        }
+        done += (size_t)n;
+    }
+    int rc = ftruncate(fd, (off_t)len);
+    return close(fd) != 0 ? -1 : rc;
+}
+
 static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, const char *work,
                 size_t head) {
     FILE *f = fopen(base, "rb");
@@ -266,12 +293,18 @@ static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, c
             }
             }
         }
-        FILE *w = fopen(work, "wb");
-        if (!w || fwrite(buf, 1, len, w) != len || fclose(w) != 0) {
+        if (write_file(work, buf, len) != 0) {
             perror(work);
             return 2;
         }
+        int was_broken = g_broken;
         if (check_file(work, 0) == 0) loaded++;
+        if (g_broken && !was_broken) {   /* keep the first offending file for a look */
+            char keep[4096];
+            snprintf(keep, sizeof keep, "%s.broken", work);
+            write_file(keep, buf, len);
+            fprintf(stderr, "mutation %ld broke the contract: kept as %s\n", it, keep);
+        }
     }
     printf("FUZZ %ld mutations, %ld loaded, %ld rejected, %.0f ms\n", done, loaded,
            done - loaded, now_ms() - t0);
@@ -282,6 +315,7 @@ static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, c
 
 int main(int argc, char **argv) {
     if (argc >= 7 && strcmp(argv[1], "--fuzz") == 0) {
+        g_threads = 1;
         size_t head = argc >= 8 ? (size_t)strtoull(argv[7], NULL, 10) : 0;
         int rc = fuzz(strtoull(argv[2], NULL, 10), strtol(argv[3], NULL, 10),
                       strtod(argv[4], NULL), argv[5], argv[6], head);
