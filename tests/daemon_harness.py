@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -115,10 +116,16 @@ class Daemon:
         self.config = config
         args = (argv or BITNETD) + (["-f"] if foreground else []) + ["-c", str(config)]
         args += extra_args or []
+        # stderr into a file, not a pipe: a daemon that logs a lot must never block on it.
+        self._err = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
         self.proc = subprocess.Popen(args, env={**CHILD_ENV, **(env or {})},
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=self._err)
         self.port: int | None = None
-        self.stderr = ""
+
+    @property
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read()
 
     @property
     def pid(self) -> int:
@@ -140,7 +147,6 @@ class Daemon:
         with trio.fail_after(timeout):
             while self.proc.poll() is None:
                 await trio.sleep(0.02)
-        self.stderr += self.proc.stderr.read() if self.proc.stderr else ""
         return self.proc.returncode
 
     def kill(self) -> None:
