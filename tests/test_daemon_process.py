@@ -503,15 +503,19 @@ async def test_socket_activation(tmp_path, model_a):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 async def test_privilege_drop_to_nobody(tmp_path, model_a):
     # nobody must be able to reach the model and the log file; tmp_path itself is root-only.
+    # Its run directory belongs to nobody (as /run/bitnetd belongs to bitnetd), so the pidfile
+    # and the unix socket can be removed at exit after the drop.
     shared = Path("/tmp") / f"bitnetd-drop-{os.getpid()}"
     shared.mkdir(mode=0o755, exist_ok=True)
+    os.chown(shared, 65534, 65534)
     try:
         model = shared / "model.gguf"
         shutil.copy(model_a, model)
         model.chmod(0o644)
-        log = shared / "bitnetd.log"
+        log, pidfile, sock = shared / "bitnetd.log", shared / "bitnetd.pid", shared / "b.sock"
         conf = write_config(tmp_path / "b.conf", model=model, sections={
-            "daemon": {"user": "nobody", "group": "nogroup", "logfile": log}})
+            "daemon": {"user": "nobody", "group": "nogroup", "logfile": log, "pidfile": pidfile},
+            "server": {"unix_socket": sock}})
         async with trio.open_nursery() as nursery:
             d, _, _ = await start_notified(tmp_path, conf, nursery)
             try:
@@ -520,6 +524,12 @@ async def test_privilege_drop_to_nobody(tmp_path, model_a):
                 for tid, uid, gid in ids:
                     assert uid == [65534] * 4, (tid, uid)
                     assert gid == [65534] * 4, (tid, gid)
+                with open(f"/proc/{d.pid}/status") as f:
+                    groups = next(line for line in f if line.startswith("Groups:")).split()[1:]
+                assert "0" not in groups  # root's supplementary groups are gone too
+                st = os.stat(sock)  # unix_socket_owner defaults to the daemon's user
+                assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, 65534, 0o660)
+                assert read_pidfile(pidfile) == (d.pid, True)
                 async with httpx.AsyncClient(timeout=30) as client:
                     r = await client.post(d.base_url() + "/v1/completions",
                                           json={"prompt": "hi", "max_tokens": 4})
@@ -530,6 +540,7 @@ async def test_privilege_drop_to_nobody(tmp_path, model_a):
                 d.signal(signal.SIGTERM)
                 assert await d.wait() == 0, d.stderr
                 assert "running as user nobody group nogroup" in log.read_text()
+                assert not pidfile.exists() and not sock.exists()
             finally:
                 d.kill()
                 nursery.cancel_scope.cancel()
