@@ -22,6 +22,22 @@
 #include "model.h"
 #include "threadpool.h"
 
+#ifdef BN_PROFILE
+#include <time.h>
+double bn_prof[8];
+static double prof_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+#define PROF_START() double prof_t0 = prof_now()
+#define PROF_LAP(i) do { double prof_t1 = prof_now(); bn_prof[i] += prof_t1 - prof_t0; prof_t0 = prof_t1; } while (0)
+#else
+#define PROF_START() ((void)0)
+#define PROF_LAP(i) ((void)0)
+#endif
+
 /* Largest number of tokens one internal step processes; longer calls run in chunks. */
 #define BN_MAX_CHUNK 512
 
@@ -382,6 +398,38 @@ static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const 
 
 /* ------------------------------------------------------------------ parallel jobs */
 
+/* Work is handed out in chunks from a shared counter rather than split statically: on a
+ * machine with as many vCPUs as threads, a thread that loses its CPU for a while would
+ * otherwise hold up the whole step. Which thread computes a row never changes its value. */
+typedef struct {
+    atomic_int next;
+    int32_t chunk;
+    int64_t total;
+} work_queue;
+
+static void queue_init(work_queue *q, int64_t total, int32_t n_threads, int32_t per_thread,
+                       int32_t align)
+{
+    int64_t chunk = total / ((int64_t)n_threads * per_thread);
+    chunk = (chunk + align - 1) / align * align;
+    if (chunk < align)
+        chunk = align;
+    atomic_init(&q->next, 0);
+    q->chunk = (int32_t)(chunk < INT32_MAX ? chunk : INT32_MAX);
+    q->total = total;
+}
+
+static int queue_grab(work_queue *q, int64_t *lo, int64_t *hi)
+{
+    int64_t i = atomic_fetch_add_explicit(&q->next, 1, memory_order_relaxed);
+    int64_t a = i * q->chunk;
+    if (a >= q->total)
+        return 0;
+    *lo = a;
+    *hi = a + q->chunk < q->total ? a + q->chunk : q->total;
+    return 1;
+}
+
 typedef struct {
     const bn_ternary *w;
     float *y;           /* [T][w->n_out] */
@@ -393,22 +441,26 @@ typedef struct {
     matmul_part parts[3];
     int n_parts;
     int32_t total_rows;
+    work_queue queue;
 } matmul_job;
 
 static void matmul_worker(void *arg, int32_t ith, int32_t nth)
 {
-    const matmul_job *job = arg;
+    (void)ith;
+    (void)nth;
+    matmul_job *job = arg;
     int64_t lo, hi;
-    bn_split_range(job->total_rows, 16, ith, nth, &lo, &hi);
-    int32_t base = 0;
-    for (int p = 0; p < job->n_parts; p++) {
-        const bn_ternary *w = job->parts[p].w;
-        int64_t a = lo > base ? lo : base;
-        int64_t b = hi < base + w->n_out ? hi : base + w->n_out;
-        if (a < b)
-            job->k->ternary(w, (int32_t)(a - base), (int32_t)(b - base), job->a, job->parts[p].y,
-                            w->n_out);
-        base += w->n_out;
+    while (queue_grab(&job->queue, &lo, &hi)) {
+        int32_t base = 0;
+        for (int p = 0; p < job->n_parts; p++) {
+            const bn_ternary *w = job->parts[p].w;
+            int64_t a = lo > base ? lo : base;
+            int64_t b = hi < base + w->n_out ? hi : base + w->n_out;
+            if (a < b)
+                job->k->ternary(w, (int32_t)(a - base), (int32_t)(b - base), job->a,
+                                job->parts[p].y, w->n_out);
+            base += w->n_out;
+        }
     }
 }
 
@@ -416,7 +468,7 @@ static void run_matmul(bn_context *ctx, const bn_kernel_set *k, const bn_qact *a
                        const bn_ternary *w0, float *y0, const bn_ternary *w1, float *y1,
                        const bn_ternary *w2, float *y2)
 {
-    matmul_job job = {k, a, {{w0, y0}, {w1, y1}, {w2, y2}}, 1, w0->n_out};
+    matmul_job job = {k, a, {{w0, y0}, {w1, y1}, {w2, y2}}, 1, w0->n_out, {0}};
     if (w1) {
         job.n_parts = 2;
         job.total_rows += w1->n_out;
@@ -425,6 +477,7 @@ static void run_matmul(bn_context *ctx, const bn_kernel_set *k, const bn_qact *a
         job.n_parts = 3;
         job.total_rows += w2->n_out;
     }
+    queue_init(&job.queue, job.total_rows, bn_pool_threads(ctx->pool), 4, 16);
     bn_pool_run(ctx->pool, matmul_worker, &job);
 }
 
@@ -432,52 +485,55 @@ typedef struct {
     bn_context *ctx;
     int32_t layer;
     int32_t n_tok;
+    work_queue queue;
 } attn_job;
 
 static void attn_worker(void *arg, int32_t ith, int32_t nth)
 {
-    const attn_job *job = arg;
+    attn_job *job = arg;
     bn_context *ctx = job->ctx;
+    (void)nth;
     const bn_hparams *hp = &ctx->hp;
     const int32_t H = hp->n_head, D = hp->head_dim, group = hp->n_head / hp->n_head_kv;
     const int32_t kvd = ctx->kv_dim, E = hp->n_embd;
     const float inv_sqrt_d = 1.0f / sqrtf((float)D);
     float *scores = ctx->scores + (size_t)ith * ctx->n_ctx;
     int64_t lo, hi;
-    bn_split_range((int64_t)job->n_tok * H, 1, ith, nth, &lo, &hi);
-    for (int64_t item = lo; item < hi; item++) {
-        const int32_t i = (int32_t)(item / H), hd = (int32_t)(item % H);
-        const int32_t slot = ctx->tok_slot[i], pos = ctx->tok_pos[i];
-        const size_t layer_base =
-            ((size_t)slot * hp->n_layer + (size_t)job->layer) * (size_t)ctx->n_ctx * kvd;
-        const float *kc = ctx->kcache + layer_base + (size_t)(hd / group) * D;
-        const float *vc = ctx->vcache + layer_base + (size_t)(hd / group) * D;
-        const float *qv = ctx->q + (size_t)i * E + (size_t)hd * D;
-        float *out = ctx->att + (size_t)i * E + (size_t)hd * D;
-        float mx = -INFINITY;
-        for (int32_t t = 0; t <= pos; t++) {
-            float s = dot_fixed(qv, kc + (size_t)t * kvd, D) * inv_sqrt_d;
-            scores[t] = s;
-            if (s > mx)
-                mx = s;
-        }
-        float sum = 0.0f;
-        for (int32_t t = 0; t <= pos; t++) {
-            float e = expf(scores[t] - mx);
-            scores[t] = e;
-            sum += e;
-        }
-        for (int32_t d = 0; d < D; d++)
-            out[d] = 0.0f;
-        for (int32_t t = 0; t <= pos; t++) {
-            const float p = scores[t];
-            const float *vt = vc + (size_t)t * kvd;
+    while (queue_grab(&job->queue, &lo, &hi)) {
+        for (int64_t item = lo; item < hi; item++) {
+            const int32_t i = (int32_t)(item / H), hd = (int32_t)(item % H);
+            const int32_t slot = ctx->tok_slot[i], pos = ctx->tok_pos[i];
+            const size_t layer_base =
+                ((size_t)slot * hp->n_layer + (size_t)job->layer) * (size_t)ctx->n_ctx * kvd;
+            const float *kc = ctx->kcache + layer_base + (size_t)(hd / group) * D;
+            const float *vc = ctx->vcache + layer_base + (size_t)(hd / group) * D;
+            const float *qv = ctx->q + (size_t)i * E + (size_t)hd * D;
+            float *out = ctx->att + (size_t)i * E + (size_t)hd * D;
+            float mx = -INFINITY;
+            for (int32_t t = 0; t <= pos; t++) {
+                float s = dot_fixed(qv, kc + (size_t)t * kvd, D) * inv_sqrt_d;
+                scores[t] = s;
+                if (s > mx)
+                    mx = s;
+            }
+            float sum = 0.0f;
+            for (int32_t t = 0; t <= pos; t++) {
+                float e = expf(scores[t] - mx);
+                scores[t] = e;
+                sum += e;
+            }
             for (int32_t d = 0; d < D; d++)
-                out[d] += p * vt[d];
+                out[d] = 0.0f;
+            for (int32_t t = 0; t <= pos; t++) {
+                const float p = scores[t];
+                const float *vt = vc + (size_t)t * kvd;
+                for (int32_t d = 0; d < D; d++)
+                    out[d] += p * vt[d];
+            }
+            const float inv = 1.0f / sum;
+            for (int32_t d = 0; d < D; d++)
+                out[d] *= inv;
         }
-        const float inv = 1.0f / sum;
-        for (int32_t d = 0; d < D; d++)
-            out[d] *= inv;
     }
 }
 
@@ -487,14 +543,16 @@ typedef struct {
     int32_t n_in, n_vocab, n_tok;
     const float *x;
     float *y;
+    work_queue queue;
 } head_job;
 
 static void head_worker(void *arg, int32_t ith, int32_t nth)
 {
-    const head_job *job = arg;
+    (void)ith;
+    (void)nth;
+    head_job *job = arg;
     int64_t lo, hi;
-    bn_split_range(job->n_vocab, 16, ith, nth, &lo, &hi);
-    if (lo < hi)
+    while (queue_grab(&job->queue, &lo, &hi))
         job->k->f16_matmul(job->head, job->n_in, (int32_t)lo, (int32_t)hi, job->x, job->n_tok,
                            job->n_in, job->y, job->n_vocab);
 }
@@ -517,6 +575,7 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     const int32_t E = hp->n_embd, F = hp->n_ff, D = hp->head_dim, kvd = ctx->kv_dim;
     const float eps = hp->rms_eps;
 
+    PROF_START();
     for (int32_t i = 0; i < T; i++)
         bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
 
@@ -527,7 +586,9 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
             rmsnorm(ctx->x + (size_t)i * E, L->attn_norm, E, eps, ctx->h + (size_t)i * E);
         quantize_rows(k, ctx->h, E, T, ctx->qa, ctx->qa_s, ctx->qa_sum);
         bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum};
+        PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
+        PROF_LAP(1);
         for (int32_t i = 0; i < T; i++) {
             const size_t rp = (size_t)ctx->tok_pos[i] * (D / 2);
             rope(ctx->q + (size_t)i * E, hp->n_head, D, ctx->rope_cos + rp, ctx->rope_sin + rp);
@@ -538,12 +599,17 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
             memcpy(ctx->kcache + at, ctx->k + (size_t)i * kvd, (size_t)kvd * sizeof(float));
             memcpy(ctx->vcache + at, ctx->v + (size_t)i * kvd, (size_t)kvd * sizeof(float));
         }
-        attn_job aj = {ctx, l, T};
+        PROF_LAP(0);
+        attn_job aj = {ctx, l, T, {0}};
+        queue_init(&aj.queue, (int64_t)T * hp->n_head, bn_pool_threads(ctx->pool), 4, 1);
         bn_pool_run(ctx->pool, attn_worker, &aj);
+        PROF_LAP(2);
         for (int32_t i = 0; i < T; i++)
             rmsnorm(ctx->att + (size_t)i * E, L->attn_sub_norm, E, eps, ctx->h + (size_t)i * E);
         quantize_rows(k, ctx->h, E, T, ctx->qa, ctx->qa_s, ctx->qa_sum);
+        PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->wo, ctx->tmp, NULL, NULL, NULL, NULL);
+        PROF_LAP(1);
         for (size_t i = 0; i < (size_t)T * E; i++)
             ctx->x[i] += ctx->tmp[i];
 
@@ -551,7 +617,9 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         for (int32_t i = 0; i < T; i++)
             rmsnorm(ctx->x + (size_t)i * E, L->ffn_norm, E, eps, ctx->h + (size_t)i * E);
         quantize_rows(k, ctx->h, E, T, ctx->qa, ctx->qa_s, ctx->qa_sum);
+        PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
+        PROF_LAP(1);
         for (size_t i = 0; i < (size_t)T * F; i++) {
             float gv = ctx->g[i] > 0.0f ? ctx->g[i] : 0.0f;
             ctx->g[i] = gv * gv * ctx->u[i];
@@ -560,7 +628,9 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
             rmsnorm(ctx->g + (size_t)i * F, L->ffn_sub_norm, F, eps, ctx->h + (size_t)i * F);
         quantize_rows(k, ctx->h, F, T, ctx->qa, ctx->qa_s, ctx->qa_sum);
         bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum};
+        PROF_LAP(0);
         run_matmul(ctx, k, &af, &L->w_down, ctx->tmp, NULL, NULL, NULL, NULL);
+        PROF_LAP(1);
         for (size_t i = 0; i < (size_t)T * E; i++)
             ctx->x[i] += ctx->tmp[i];
     }
@@ -574,11 +644,14 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         rmsnorm(ctx->x + (size_t)i * E, m->output_norm, E, eps, ctx->ynorm + (size_t)n_out * E);
         n_out++;
     }
+    PROF_LAP(0);
     if (n_out > 0) {
         head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm,
-                       ctx->logits + (size_t)first_row * hp->n_vocab};
+                       ctx->logits + (size_t)first_row * hp->n_vocab, {0}};
+        queue_init(&hj.queue, hp->n_vocab, bn_pool_threads(ctx->pool), 4, 16);
         bn_pool_run(ctx->pool, head_worker, &hj);
     }
+    PROF_LAP(3);
 }
 
 /* ------------------------------------------------------------------ bn_forward */
