@@ -548,30 +548,106 @@ async def test_privilege_drop_to_nobody(tmp_path, model_a):
         shutil.rmtree(shared, ignore_errors=True)
 
 
-# ---- MemoryDenyWriteExecute -----------------------------------------------------------------
+# ---- the unit's sandbox: NoNewPrivileges, MemoryDenyWriteExecute, SystemCallFilter, ... ------
 
-_MDWE_EXEC = r"""
-import ctypes, os, sys
-PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+# Applies to itself what bitnetd.service asks systemd for, as far as a process can without
+# systemd as PID 1, then execs the rest of its command line:
+#   NoNewPrivileges=yes           -> prctl(PR_SET_NO_NEW_PRIVS)
+#   MemoryDenyWriteExecute=yes    -> prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN) (Linux >= 6.3)
+#   SystemCallFilter=@...         -> a libseccomp allow-list, EPERM otherwise
+#   RestrictAddressFamilies=...   -> socket() allowed only for those families
+_SANDBOX_EXEC = r"""
+import ctypes, json, os, sys
+spec = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
-if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+if libc.prctl(38, 1, 0, 0, 0) != 0:
+    sys.exit(76)
+if libc.prctl(65, 1, 0, 0, 0) != 0:
     sys.exit(77)
-os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+if spec["syscalls"]:
+    sc = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    sc.seccomp_init.restype = ctypes.c_void_p
+    sc.seccomp_init.argtypes = [ctypes.c_uint32]
+    sc.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    class Cmp(ctypes.Structure):
+        _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                    ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+    sc.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                          ctypes.c_uint, ctypes.POINTER(Cmp)]
+    sc.seccomp_load.argtypes = [ctypes.c_void_p]
+    ALLOW, EPERM = 0x7FFF0000, 0x00050000 | 1
+    ctx = sc.seccomp_init(EPERM)
+    for name in spec["syscalls"]:
+        nr = sc.seccomp_syscall_resolve_name(name.encode())
+        if nr >= 0 and name != "socket":
+            assert sc.seccomp_rule_add_array(ctx, ALLOW, nr, 0, None) == 0, name
+    nr = sc.seccomp_syscall_resolve_name(b"socket")
+    for family in spec["families"]:
+        cmp = Cmp(0, 4, family, 0)  # SCMP_CMP_EQ on the first argument
+        assert sc.seccomp_rule_add_array(ctx, ALLOW, nr, 1, ctypes.byref(cmp)) == 0
+    if sc.seccomp_load(ctx) != 0:
+        sys.exit(78)
+os.execv(sys.executable, [sys.executable] + sys.argv[2:])
 """
 
 
-async def test_serves_under_memory_deny_write_execute(tmp_path, model_a):
-    """The kernel's own W^X lock (prctl PR_SET_MDWE, what MemoryDenyWriteExecute= asks for):
-    the whole daemon must start, generate and stop with it."""
-    probe = subprocess.run([sys.executable, "-c", _MDWE_EXEC, "-c", "pass"], env=CHILD_ENV,
-                           timeout=60)
+def _unit_setting(key: str) -> str:
+    for line in (Path(__file__).resolve().parents[1] / "conf" / "bitnetd.service").read_text().splitlines():
+        if line.startswith(key + "="):
+            return line.split("=", 1)[1].strip()
+    raise KeyError(key)
+
+
+def _expand_syscall_group(group: str, seen: set[str]) -> set[str]:
+    out = subprocess.run(["systemd-analyze", "syscall-filter", group], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    names: set[str] = set()
+    for line in out.splitlines()[1:]:
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        if item.startswith("@"):
+            if item not in seen:
+                seen.add(item)
+                names |= _expand_syscall_group(item, seen)
+        else:
+            names.add(item)
+    return names
+
+
+def _sandbox_spec() -> dict:
+    syscalls: set[str] = set()
+    have_seccomp = shutil.which("systemd-analyze") is not None and any(
+        Path(d, "libseccomp.so.2").exists()
+        for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib/x86_64-linux-gnu"))
+    if have_seccomp:
+        for item in _unit_setting("SystemCallFilter").split():
+            syscalls |= (_expand_syscall_group(item, {item}) if item.startswith("@") else {item})
+    families = [int(getattr(socket, name)) for name in _unit_setting("RestrictAddressFamilies").split()]
+    return {"syscalls": sorted(syscalls), "families": families}
+
+
+async def test_serves_inside_the_units_sandbox(tmp_path, model_a, model_b):
+    """Start, generate, reload to another model and drain with the unit's hardening applied
+    (MemoryDenyWriteExecute: nothing in the process may map W+X memory)."""
+    spec = _sandbox_spec()
+    probe = subprocess.run([sys.executable, "-c", _SANDBOX_EXEC, json.dumps(spec), "-c", "pass"],
+                           env=CHILD_ENV, timeout=60)
     if probe.returncode == 77:
         pytest.skip("PR_SET_MDWE not available (Linux < 6.3)")
+    assert probe.returncode == 0
+    check = subprocess.run(
+        [sys.executable, "-c", _SANDBOX_EXEC, json.dumps(spec), "-c",
+         "import socket\ntry:\n socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)\n"
+         "except PermissionError:\n print('denied')"],
+        env=CHILD_ENV, capture_output=True, text=True, timeout=60)
+    if spec["syscalls"]:
+        assert check.stdout.strip() == "denied"  # the filter is really in force
     conf = write_config(tmp_path / "b.conf", model=model_a)
     async with trio.open_nursery() as nursery:
         notify = NotifySocket.bind(tmp_path, abstract=True)
         nursery.start_soon(notify.collect)
-        d = Daemon(conf, argv=[sys.executable, "-c", _MDWE_EXEC, *BITNETD[1:]],
+        d = Daemon(conf, argv=[sys.executable, "-c", _SANDBOX_EXEC, json.dumps(spec), *BITNETD[1:]],
                    env={"NOTIFY_SOCKET": notify.address})
         try:
             ready = await notify.wait_for(lambda m: m.has("READY", "1"), timeout=120)
@@ -579,8 +655,18 @@ async def test_serves_under_memory_deny_write_execute(tmp_path, model_a):
             async with httpx.AsyncClient(timeout=30) as client:
                 r = await stream_completion(client, d.base_url(), max_tokens=16)
                 assert r.done and r.finish_reasons == ["length"]
+                write_config(conf, model=model_b)
+                n = len(notify.messages)
+                d.signal(signal.SIGHUP)
+                i = await notify.wait_for(lambda m: m.has("RELOADING", "1"), after=n)
+                await notify.wait_for(lambda m: m.has("READY", "1"), after=i)
+                models = (await client.get(d.base_url() + "/v1/models")).json()
+                assert models["data"][0]["id"] == "model-b.gguf"
+                r = await stream_completion(client, d.base_url(), max_tokens=16)
+                assert r.done and r.finish_reasons == ["length"]
             d.signal(signal.SIGTERM)
             assert await d.wait() == 0, d.stderr
+            assert "not permitted" not in d.stderr and "Traceback" not in d.stderr
         finally:
             d.kill()
             nursery.cancel_scope.cancel()
