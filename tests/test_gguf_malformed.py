@@ -791,7 +791,8 @@ def test_sanitizer_fuzz(sanitizer_build: SanitizerBuild, tmp_path: Path) -> None
     base = gw.write_model(tmp_path / "base.gguf", MINI, seed=5)
     h = walk_header(base.read_bytes())
     r = _run([str(sanitizer_build.exe), "--fuzz", "20261122", "8000", "20000", str(base),
-              str(tmp_path / "work.gguf"), str(h.end)], env={**os.environ, **SAN_ENV},
+              str(tmp_path / "work.gguf"), str(h.end), str(h.tensors[0].name_len_off)],
+             env={**os.environ, **SAN_ENV},
              timeout=600)
     _assert_clean(r)
     m = re.search(r"FUZZ (\d+) mutations, (\d+) loaded, (\d+) rejected", r.stdout)

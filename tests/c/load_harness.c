@@ -1,10 +1,11 @@
 /* load_harness.c - drives the engine over many GGUF files for the sanitizer run.
  *
  *   load_harness FILE...                       load each file, print one line per file
- *   load_harness --fuzz SEED COUNT MS BASE WORK [HEADER_BYTES]
+ *   load_harness --fuzz SEED COUNT MS BASE WORK [HEADER_BYTES [INFOS_START]]
  *       COUNT seeded mutations of BASE (stops after MS milliseconds), each written to WORK
  *       and loaded; prints a summary line. Three mutations in four land in the first
- *       HEADER_BYTES bytes (default: an eighth of the file), where the parsing happens.
+ *       HEADER_BYTES bytes (default: an eighth of the file), where the parsing happens, half
+ *       of those in the tensor infos [INFOS_START, HEADER_BYTES).
  *
  * On a successful load every metadata value is read through bn_meta_* (every string of every
  * string array included) and, when built with -DHARNESS_FORWARD (forward.c present), a few
@@ -244,7 +245,7 @@ static int write_file(const char *path, const unsigned char *buf, size_t len) {
 }
 
 static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, const char *work,
-                size_t head) {
+                size_t head, size_t infos) {
     FILE *f = fopen(base, "rb");
     if (!f) {
         perror(base);
@@ -260,6 +261,7 @@ static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, c
     }
     fclose(f);
     if (head == 0 || head > (size_t)size) head = (size_t)size / 8 + 1;
+    if (infos >= head) infos = 0;
     rng_state = seed * 0x9E3779B97F4A7C15ull + 1;
     double t0 = now_ms();
     long done = 0, loaded = 0;
@@ -268,7 +270,12 @@ static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, c
         size_t len = (size_t)size;
         int n_mut = 1 + (int)(rng() % 4);
         for (int k = 0; k < n_mut; k++) {
-            size_t pos = (rng() % 4 ? rng() % head : rng() % len);
+            size_t pos;
+            switch (rng() % 8) {
+            case 0: case 1: pos = rng() % len; break;
+            case 2: case 3: case 4: pos = infos + rng() % (head - infos); break;
+            default: pos = rng() % head;
+            }
             switch (rng() % 6) {
             case 0: buf[pos] = (unsigned char)rng(); break;           /* random byte */
             case 1: buf[pos] ^= (unsigned char)(1u << (rng() % 8)); break;   /* bit flip */
@@ -317,12 +324,13 @@ int main(int argc, char **argv) {
     if (argc >= 7 && strcmp(argv[1], "--fuzz") == 0) {
         g_threads = 1;
         size_t head = argc >= 8 ? (size_t)strtoull(argv[7], NULL, 10) : 0;
+        size_t infos = argc >= 9 ? (size_t)strtoull(argv[8], NULL, 10) : 0;
         int rc = fuzz(strtoull(argv[2], NULL, 10), strtol(argv[3], NULL, 10),
-                      strtod(argv[4], NULL), argv[5], argv[6], head);
+                      strtod(argv[4], NULL), argv[5], argv[6], head, infos);
         return rc ? rc : g_broken;
     }
     if (argc < 2) {
-        fprintf(stderr, "usage: %s FILE... | --fuzz SEED COUNT MS BASE WORK [HEADER_BYTES]\n",
+        fprintf(stderr, "usage: %s FILE... | --fuzz SEED COUNT MS BASE WORK [HEADER_BYTES [INFOS_START]]\n",
                 argv[0]);
         return 2;
     }
