@@ -344,6 +344,9 @@ class Daemon:
     async def _retire(self, engine: Any) -> None:
         try:
             await self.app.retire_engine(engine)
+            settings = getattr(engine, "settings", None)
+            log.info("reload: previous model %s freed after its last request",
+                     getattr(settings, "model_path", "?"))
         finally:
             self._retiring.discard(engine)
 

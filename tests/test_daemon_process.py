@@ -283,6 +283,7 @@ async def test_sighup_swaps_the_model_under_load(tmp_path, model_a, model_b):
             assert "reload: configuration rejected" in d.stderr
             assert "no_such_key" in d.stderr
             assert "reload: now serving model-b.gguf" in d.stderr
+            assert f"reload: previous model {model_a} freed after its last request" in d.stderr
             assert "status: serving" in d.stderr and "model model-b.gguf" in d.stderr
         finally:
             d.kill()
