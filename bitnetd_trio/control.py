@@ -308,7 +308,7 @@ def cmd_status(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
             lines.append(
                 f"  requests:     {fmt(summary.get('requests_running', 0))} running, "
                 f"{fmt(summary.get('requests_waiting', 0))} waiting, "
-                f"{fmt(summary.get('requests_total', 0))} served"
+                f"{fmt(summary.get('requests_total', 0))} HTTP requests answered"
             )
         if "tokens_generated_total" in summary:
             lines.append(

@@ -397,7 +397,7 @@ class Daemon:
             + f", {self._gauge('bitnetd_active_connections'):g} connections"
             + f", {self._gauge('bitnetd_requests_running'):g} running"
             + f", {self._gauge('bitnetd_requests_waiting'):g} waiting"
-            + f", {self._counter_total('bitnetd_requests_total'):g} requests served"
+            + f", {self._counter_total('bitnetd_requests_total'):g} HTTP requests answered"
             + f", {self._counter_total('bitnetd_tokens_generated_total'):g} tokens generated"
             + (f", {len(self._retiring)} old model(s) finishing" if self._retiring else "")
         )

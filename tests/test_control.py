@@ -95,7 +95,7 @@ def test_status_models_metrics_over_tcp_and_unix(servers, capsys):
         out = capsys.readouterr().out
         assert out.startswith("bitnetd is running")
         assert "model:        tiny (path=/m/tiny.gguf, n_ctx_train=256)" in out
-        assert "2 served" in out
+        assert "2 HTTP requests answered" in out
 
         assert control.main([*where, "--json", "status"]) == 0
         data = json.loads(capsys.readouterr().out)
