@@ -25,7 +25,7 @@ from typing import Any
 
 from .daemon import read_pidfile
 
-__all__ = ["main", "Endpoint", "UnixHTTPConnection", "ControlError"]
+__all__ = ["ControlError", "Endpoint", "UnixHTTPConnection", "main"]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -286,10 +286,13 @@ def cmd_status(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
         pass
     info["metrics"] = summary
 
-    lines = [f"bitnetd is {'running' if healthy else 'up but not ready'}"
-             + (f" (pid {pid})" if pid is not None else "")]
+    lines = [
+        f"bitnetd is {'running' if healthy else 'up but not ready'}"
+        + (f" (pid {pid})" if pid is not None else "")
+    ]
     lines.append(f"  endpoint:     {ep}")
-    lines.append(f"  health:       {health.status} {health_body.get('status', '') if isinstance(health_body, dict) else ''}".rstrip())
+    health_word = health_body.get("status", "") if isinstance(health_body, dict) else ""
+    lines.append(f"  health:       {health.status} {health_word}".rstrip())
     if "uptime_seconds" in info:
         lines.append(f"  uptime:       {_format_duration(info['uptime_seconds'])}")
     for m in models:
@@ -299,8 +302,10 @@ def cmd_status(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
             if k in meta:
                 extra.append(f"{k}={meta[k]}")
         lines.append(f"  model:        {m.get('id')}" + (f" ({', '.join(extra)})" if extra else ""))
+
     def fmt(v: float) -> str:
         return str(int(v)) if float(v).is_integer() else f"{v:.2f}"
+
     if summary:
         if "active_connections" in summary:
             lines.append(f"  connections:  {fmt(summary['active_connections'])}")
@@ -323,7 +328,9 @@ def cmd_models(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
     try:
         body = r.json()
     except ValueError:
-        raise ControlError(f"/v1/models answered {r.status} with a non-JSON body", EXIT_ERROR) from None
+        raise ControlError(
+            f"/v1/models answered {r.status} with a non-JSON body", EXIT_ERROR
+        ) from None
     if r.status != 200:
         msg = body.get("error", {}).get("message") if isinstance(body, dict) else None
         raise ControlError(f"/v1/models answered {r.status}: {msg or body}", EXIT_ERROR)
@@ -350,8 +357,14 @@ def cmd_reload(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
     except ProcessLookupError:
         raise ControlError(f"bitnetd (pid {pid}) is not running", EXIT_DOWN) from None
     except PermissionError:
-        raise ControlError(f"not allowed to signal bitnetd (pid {pid}): run as its user or root", EXIT_ERROR) from None
-    return EXIT_OK, {"signal": "SIGHUP", "pid": pid}, f"sent SIGHUP to bitnetd (pid {pid}): reloading"
+        raise ControlError(
+            f"not allowed to signal bitnetd (pid {pid}): run as its user or root", EXIT_ERROR
+        ) from None
+    return (
+        EXIT_OK,
+        {"signal": "SIGHUP", "pid": pid},
+        f"sent SIGHUP to bitnetd (pid {pid}): reloading",
+    )
 
 
 def cmd_stop(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
@@ -361,17 +374,24 @@ def cmd_stop(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
     except ProcessLookupError:
         raise ControlError(f"bitnetd (pid {pid}) is not running", EXIT_DOWN) from None
     except PermissionError:
-        raise ControlError(f"not allowed to signal bitnetd (pid {pid}): run as its user or root", EXIT_ERROR) from None
+        raise ControlError(
+            f"not allowed to signal bitnetd (pid {pid}): run as its user or root", EXIT_ERROR
+        ) from None
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         # The daemon releases its pidfile lock as the last step before exiting; then the
         # process itself must be gone (or a zombie waiting for its parent).
         _, locked = read_pidfile(args.pidfile)
         if not locked and not _process_alive(pid):
-            return EXIT_OK, {"signal": "SIGTERM", "pid": pid, "stopped": True}, f"bitnetd (pid {pid}) stopped"
+            return (
+                EXIT_OK,
+                {"signal": "SIGTERM", "pid": pid, "stopped": True},
+                f"bitnetd (pid {pid}) stopped",
+            )
         time.sleep(0.05)
     raise ControlError(
-        f"sent SIGTERM to bitnetd (pid {pid}) but it is still running after {args.wait:g} s", EXIT_ERROR
+        f"sent SIGTERM to bitnetd (pid {pid}) but it is still running after {args.wait:g} s",
+        EXIT_ERROR,
     )
 
 
@@ -421,19 +441,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Query and control a running bitnetd.",
         epilog="exit status: 0 ok, 1 daemon not running or unreachable, 2 usage, 3 daemon error",
     )
-    p.add_argument("-c", "--config", help="read host, port, unix socket and pidfile from this "
-                   "bitnetd configuration file (default: $BITNETD_CONFIG if set)")
+    p.add_argument(
+        "-c",
+        "--config",
+        help="read host, port, unix socket and pidfile from this "
+        "bitnetd configuration file (default: $BITNETD_CONFIG if set)",
+    )
     p.add_argument("-H", "--host", help=f"daemon address (default {DEFAULT_HOST})")
     p.add_argument("-p", "--port", type=int, help=f"daemon port (default {DEFAULT_PORT})")
     p.add_argument("-U", "--unix-socket", help="talk HTTP over this unix socket instead of TCP")
-    p.add_argument("-P", "--pidfile", help=f"the daemon's pidfile, for reload/stop (default {DEFAULT_PIDFILE})")
-    p.add_argument("-k", "--api-key", help="bearer token if the daemon requires one (default $BITNETD_API_KEY)")
+    p.add_argument(
+        "-P", "--pidfile", help=f"the daemon's pidfile, for reload/stop (default {DEFAULT_PIDFILE})"
+    )
+    p.add_argument(
+        "-k", "--api-key", help="bearer token if the daemon requires one (default $BITNETD_API_KEY)"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("-t", "--timeout", type=float, default=DEFAULT_TIMEOUT, help="HTTP timeout in seconds")
-    p.add_argument("-w", "--wait", type=float, default=60.0,
-                   help="stop: seconds to wait for the daemon to exit (default 60)")
-    p.add_argument("command", choices=sorted(COMMANDS), metavar="command",
-                   help="status | models | metrics | reload | stop")
+    p.add_argument(
+        "-t", "--timeout", type=float, default=DEFAULT_TIMEOUT, help="HTTP timeout in seconds"
+    )
+    p.add_argument(
+        "-w",
+        "--wait",
+        type=float,
+        default=60.0,
+        help="stop: seconds to wait for the daemon to exit (default 60)",
+    )
+    p.add_argument(
+        "command",
+        choices=sorted(COMMANDS),
+        metavar="command",
+        help="status | models | metrics | reload | stop",
+    )
     return p
 
 
@@ -447,7 +486,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = args.host or defaults.get("host", DEFAULT_HOST)
     port = args.port if args.port is not None else defaults.get("port", DEFAULT_PORT)
     # An explicit -H/-p means TCP even when the configuration also names a unix socket.
-    unix_socket = args.unix_socket or (None if (args.host or args.port) else defaults.get("unix_socket"))
+    unix_socket = args.unix_socket or (
+        None if (args.host or args.port) else defaults.get("unix_socket")
+    )
     args.pidfile = args.pidfile or defaults.get("pidfile", DEFAULT_PIDFILE)
     ep = Endpoint(
         host=host,

@@ -19,21 +19,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 __all__ = [
+    "Credentials",
     "DaemonError",
+    "LogSetup",
     "PidFile",
+    "ReconnectingSysLogHandler",
+    "ReopenableFileHandler",
     "StartupReport",
     "daemonize",
-    "LogSetup",
-    "ReopenableFileHandler",
-    "ReconnectingSysLogHandler",
-    "setup_logging",
-    "parse_log_level",
-    "Credentials",
-    "resolve_credentials",
     "drop_privileges",
+    "parse_log_level",
     "read_pidfile",
+    "resolve_credentials",
+    "setup_logging",
 ]
 
 log = logging.getLogger("bitnetd.daemon")
@@ -121,7 +122,7 @@ class PidFile:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> PidFile:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 
@@ -294,7 +295,9 @@ class ReopenableFileHandler(logging.StreamHandler):
         super().__init__(self._open())
 
     def _open(self):  # type: ignore[no-untyped-def]
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.file_mode)
+        fd = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.file_mode
+        )
         return open(fd, "a", encoding="utf-8", errors="backslashreplace", buffering=1)
 
     def reopen(self) -> None:
@@ -365,7 +368,7 @@ class _Formatter(logging.Formatter):
 
     converter = time.gmtime
 
-    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         t = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
         return f"{t}.{int(record.msecs):03d}Z"
 
@@ -505,7 +508,7 @@ def drop_privileges(creds: Credentials) -> str:
     DaemonError: the daemon must not go on serving as root.
     """
     if creds.uid is None and creds.gid is None:
-        return "no [daemon] user/group configured; keeping uid %d" % os.getuid()
+        return f"no [daemon] user/group configured; keeping uid {os.getuid()}"
     if os.geteuid() != 0:
         if creds.uid is not None and creds.uid != os.geteuid():
             log.warning(
@@ -513,7 +516,7 @@ def drop_privileges(creds: Credentials) -> str:
                 creds.user,
                 os.geteuid(),
             )
-        return "not root; keeping uid %d" % os.geteuid()
+        return f"not root; keeping uid {os.geteuid()}"
     try:
         if creds.user is not None and creds.gid is not None:
             os.initgroups(creds.user, creds.gid)
@@ -537,7 +540,9 @@ def drop_privileges(creds: Credentials) -> str:
             except PermissionError:
                 pass
             else:
-                raise DaemonError("privilege drop is reversible (setuid(0) succeeded); refusing to run")
+                raise DaemonError(
+                    "privilege drop is reversible (setuid(0) succeeded); refusing to run"
+                )
     if creds.gid is not None and (os.getgid() != creds.gid or os.getegid() != creds.gid):
         raise DaemonError(f"group switch to {creds.group} did not take effect")
     return f"running as user {creds.user or os.getuid()} group {creds.group or os.getgid()}"

@@ -40,7 +40,7 @@ from .listeners import Listener, adopt_inherited, close_listeners, open_listener
 from .sdnotify import Notifier, ProgressWatch, listen_fds, run_watchdog, watchdog_interval
 from .signals import SignalActions, serve_signals
 
-__all__ = ["run", "check", "Daemon"]
+__all__ = ["Daemon", "check", "run"]
 
 log = logging.getLogger("bitnetd")
 
@@ -58,16 +58,31 @@ def _engine_settings_key(cfg: Config) -> tuple[Any, ...]:
 
 def _restart_only_key(cfg: Config) -> tuple[Any, ...]:
     s, d = cfg.server, cfg.daemon
-    return (tuple(s.listen), s.unix_socket, s.unix_socket_mode, s.unix_socket_owner, s.backlog,
-            d.pidfile, d.user, d.group, d.logfile)
+    return (
+        tuple(s.listen),
+        s.unix_socket,
+        s.unix_socket_mode,
+        s.unix_socket_owner,
+        s.backlog,
+        d.pidfile,
+        d.user,
+        d.group,
+        d.logfile,
+    )
 
 
 class Daemon:
     """One run of the daemon (foreground or detached)."""
 
-    def __init__(self, config: Config, config_path: str | None, *, foreground: bool,
-                 verbose: bool = False, app_factory: Callable[[Config], Any] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        *,
+        foreground: bool,
+        verbose: bool = False,
+        app_factory: Callable[[Config], Any] | None = None,
+    ) -> None:
         self.config = config
         self.app_factory = app_factory
         self.config_path = config_path
@@ -100,19 +115,25 @@ class Daemon:
             self.pidfile = PidFile(cfg.daemon.pidfile)
             self.pidfile.acquire()
         level: str | int = logging.DEBUG if self.verbose else cfg.daemon.loglevel
-        self.logs = setup_logging(level=level, logfile=cfg.daemon.logfile,
-                                  foreground=self.foreground)
+        self.logs = setup_logging(
+            level=level, logfile=cfg.daemon.logfile, foreground=self.foreground
+        )
         if inherited:
             self.listeners = adopt_inherited(inherited)
-            log.info("socket activation: using %d inherited socket(s) instead of [server] listen",
-                     len(inherited))
+            log.info(
+                "socket activation: using %d inherited socket(s) instead of [server] listen",
+                len(inherited),
+            )
         else:
             owner = cfg.server.unix_socket_owner
             if not owner and cfg.daemon.user and os.geteuid() == 0:
                 owner = cfg.daemon.user + (f":{cfg.daemon.group}" if cfg.daemon.group else "")
             self.listeners = open_listeners(
-                cfg.server.listen, cfg.server.unix_socket,
-                unix_socket_mode=cfg.server.unix_socket_mode, unix_socket_owner=owner)
+                cfg.server.listen,
+                cfg.server.unix_socket,
+                unix_socket_mode=cfg.server.unix_socket_mode,
+                unix_socket_owner=owner,
+            )
         self._where = ", ".join(li.description for li in self.listeners)
 
     def detach(self) -> None:
@@ -154,8 +175,12 @@ class Daemon:
         self.app = self.app_factory(self.config)
         binds = [li.hypercorn_bind() for li in self.listeners]
         hc = self.hypercorn_config(binds)
-        actions = SignalActions(reload=self.reload, terminate=self.terminate,
-                                reopen_logs=self.reopen_logs, log_status=self.log_status)
+        actions = SignalActions(
+            reload=self.reload,
+            terminate=self.terminate,
+            reopen_logs=self.reopen_logs,
+            log_status=self.log_status,
+        )
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(serve_signals, actions)
@@ -169,9 +194,13 @@ class Daemon:
                 with self._startup_scope:
                     async with trio.open_nursery() as server_nursery:
                         await server_nursery.start(
-                            lambda task_status: serve(self.app, hc,
-                                                      shutdown_trigger=self._shutdown.wait,
-                                                      task_status=task_status))
+                            lambda task_status: serve(
+                                self.app,
+                                hc,
+                                shutdown_trigger=self._shutdown.wait,
+                                task_status=task_status,
+                            )
+                        )
                         loading.cancel()
                         if not self._app_ready():
                             # hypercorn calls started() even after lifespan.startup.failed;
@@ -182,7 +211,7 @@ class Daemon:
                 if self._startup_scope.cancelled_caught and not self.serving:
                     log.info("stopped during start-up")
                     self.report.fail("stopped by a signal during start-up")
-            except BaseException as exc:  # noqa: BLE001 - every failure must reach the launcher
+            except BaseException as exc:
                 if isinstance(exc, KeyboardInterrupt | trio.Cancelled):
                     raise
                 message = _describe(exc)
@@ -271,7 +300,9 @@ class Daemon:
         if count == 1:
             self.draining = True
             drain = self.config.server.drain_timeout
-            running = self._gauge("bitnetd_requests_running") + self._gauge("bitnetd_requests_waiting")
+            running = self._gauge("bitnetd_requests_running") + self._gauge(
+                "bitnetd_requests_waiting"
+            )
             self.notifier.stopping(f"draining: {running:g} requests, at most {drain:g} s")
             self.notifier.extend_timeout(drain + 2 * HYPERCORN_GRACE_MARGIN)
             if self._watchdog_scope is not None:
@@ -308,13 +339,18 @@ class Daemon:
             log.error("reload: configuration rejected; still serving with the previous one")
             return
         except OSError as exc:
-            log.error("reload: cannot read %s: %s; still serving with the previous configuration",
-                      self.config_path, exc.strerror)
+            log.error(
+                "reload: cannot read %s: %s; still serving with the previous configuration",
+                self.config_path,
+                exc.strerror,
+            )
             return
         old = self.config
         if _restart_only_key(new) != _restart_only_key(old):
-            log.warning("reload: changes to listen, unix_socket*, backlog, pidfile, user, group or "
-                        "logfile take effect at the next restart")
+            log.warning(
+                "reload: changes to listen, unix_socket*, backlog, pidfile, user, group or "
+                "logfile take effect at the next restart"
+            )
         if _engine_settings_key(new) != _engine_settings_key(old):
             model = new.model.path or "the demo model"
             self.notifier.status(f"reloading: loading {model}")
@@ -322,16 +358,21 @@ class Daemon:
             try:
                 engine = await self.app.load_engine(new)
             except Exception as exc:  # noqa: BLE001 - a bad model must not stop the server
-                log.error("reload: the new model failed to load (%s); still serving %s",
-                          _describe(exc), getattr(self.app, "model_id", "the old model"))
+                log.error(
+                    "reload: the new model failed to load (%s); still serving %s",
+                    _describe(exc),
+                    getattr(self.app, "model_id", "the old model"),
+                )
                 return
             if self.draining:
                 await engine.aclose()
                 return
             previous = self.app.engine
             self.app.use_engine(engine, new)
-            log.info("reload: now serving %s; the previous model is freed after its last request",
-                     self.app.model_id)
+            log.info(
+                "reload: now serving %s; the previous model is freed after its last request",
+                self.app.model_id,
+            )
             if previous is not None and previous is not engine and self._nursery is not None:
                 self._retiring.add(previous)
                 self._nursery.start_soon(self._retire, previous)
@@ -345,8 +386,10 @@ class Daemon:
         try:
             await self.app.retire_engine(engine)
             settings = getattr(engine, "settings", None)
-            log.info("reload: previous model %s freed after its last request",
-                     getattr(settings, "model_path", "?"))
+            log.info(
+                "reload: previous model %s freed after its last request",
+                getattr(settings, "model_path", "?"),
+            )
         finally:
             self._retiring.discard(engine)
 
@@ -423,11 +466,18 @@ def _format_duration(seconds: float) -> str:
     return (f"{d}d" if d else "") + (f"{h}h" if h or d else "") + f"{m}m{s}s"
 
 
-def run(config: Config, config_path: str | None, *, foreground: bool, verbose: bool = False,
-        app_factory: Callable[[Config], Any] | None = None) -> int:
+def run(
+    config: Config,
+    config_path: str | None,
+    *,
+    foreground: bool,
+    verbose: bool = False,
+    app_factory: Callable[[Config], Any] | None = None,
+) -> int:
     """Serve until stopped; the exit status. `config_path` is re-read on SIGHUP."""
-    daemon = Daemon(config, config_path, foreground=foreground, verbose=verbose,
-                    app_factory=app_factory)
+    daemon = Daemon(
+        config, config_path, foreground=foreground, verbose=verbose, app_factory=app_factory
+    )
     try:
         daemon.prepare()
     except DaemonError as exc:
@@ -475,9 +525,11 @@ def check(config_path: str | None) -> int:
         else:
             try:
                 hp = model.hparams
-                print(f"bitnetd: model {Path(config.model.path).name}: {hp.architecture}, "
-                      f"{hp.n_layer} layers, {hp.n_embd} embd, vocab {hp.n_vocab}, "
-                      f"context {hp.n_ctx_train}")
+                print(
+                    f"bitnetd: model {Path(config.model.path).name}: {hp.architecture}, "
+                    f"{hp.n_layer} layers, {hp.n_embd} embd, vocab {hp.n_vocab}, "
+                    f"context {hp.n_ctx_train}"
+                )
                 from .tokenizer import Tokenizer
 
                 Tokenizer.from_model(model)
@@ -491,4 +543,3 @@ def check(config_path: str | None) -> int:
         return 1
     print(f"bitnetd: configuration OK ({source})")
     return 0
-

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from .daemon import DaemonError, resolve_credentials
 from .sdnotify import InheritedSocket
 
-__all__ = ["Listener", "parse_listen_address", "open_listeners", "adopt_inherited", "close_listeners"]
+__all__ = [
+    "Listener",
+    "adopt_inherited",
+    "close_listeners",
+    "open_listeners",
+    "parse_listen_address",
+]
 
 log = logging.getLogger("bitnetd.listeners")
 
@@ -73,7 +79,9 @@ def parse_listen_address(text: str) -> tuple[socket.AddressFamily, str, int]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ValueError(f"listen address {text!r}: cannot resolve {host!r}: {exc.strerror}") from None
+        raise ValueError(
+            f"listen address {text!r}: cannot resolve {host!r}: {exc.strerror}"
+        ) from None
     for family, _, _, _, sockaddr in infos:
         if family in (socket.AF_INET, socket.AF_INET6):
             return socket.AddressFamily(family), sockaddr[0], port
@@ -136,12 +144,16 @@ def _bind_unix(path: str, mode: int | None, owner: str | None) -> Listener:
                     -1 if creds.gid is None else creds.gid,
                 )
             except OSError as exc:
-                raise DaemonError(f"[server] unix_socket_owner: chown {path}: {exc.strerror}") from None
+                raise DaemonError(
+                    f"[server] unix_socket_owner: chown {path}: {exc.strerror}"
+                ) from None
         if mode is not None:
             try:
                 os.chmod(path, mode)
             except OSError as exc:
-                raise DaemonError(f"[server] unix_socket_mode: chmod {path}: {exc.strerror}") from None
+                raise DaemonError(
+                    f"[server] unix_socket_mode: chmod {path}: {exc.strerror}"
+                ) from None
     except DaemonError:
         close_listeners([listener])
         raise

@@ -7,8 +7,9 @@
 * Socket activation (sd_listen_fds(3)): ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES``
   describe listening sockets inherited from file descriptor 3 onwards.
 
-Everything here except run_watchdog is synchronous and never blocks: the notify socket is non-blocking and a
-datagram that cannot be sent is dropped (systemd not listening must never stall the server).
+Everything here except run_watchdog is synchronous and never blocks: the notify socket is
+non-blocking and a datagram that cannot be sent is dropped (systemd not listening must never
+stall the server).
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 __all__ = [
-    "Notifier",
+    "SD_LISTEN_FDS_START",
     "InheritedSocket",
-    "watchdog_interval",
+    "Notifier",
+    "ProgressWatch",
     "listen_fds",
     "monotonic_usec",
-    "ProgressWatch",
     "run_watchdog",
-    "SD_LISTEN_FDS_START",
+    "watchdog_interval",
 ]
 
 SD_LISTEN_FDS_START = 3
@@ -66,7 +67,7 @@ class Notifier:
             env.pop("NOTIFY_SOCKET", None)
         self.address: str | None = value
         self._sock: socket.socket | None = None
-        if value is not None and not (value.startswith("/") or value.startswith("@")):
+        if value is not None and not value.startswith(("/", "@")):
             # sd_notify(3) only accepts absolute paths and abstract names (vsock is not
             # supported here); anything else is ignored rather than guessed at.
             self.address = None
@@ -265,7 +266,9 @@ class ProgressWatch:
     """
 
     def __init__(
-        self, probe: Callable[[], tuple[bool, bool, int]], stall_after: float,
+        self,
+        probe: Callable[[], tuple[bool, bool, int]],
+        stall_after: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._probe = probe
@@ -292,7 +295,9 @@ class ProgressWatch:
 
 
 async def run_watchdog(
-    notifier: Notifier, interval: float, healthy: Callable[[], bool],
+    notifier: Notifier,
+    interval: float,
+    healthy: Callable[[], bool],
     on_unhealthy: Callable[[], None] | None = None,
 ) -> None:
     """Send WATCHDOG=1 every ``interval`` seconds while ``healthy()``; runs until cancelled.

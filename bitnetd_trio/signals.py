@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import trio
 
-__all__ = ["SignalActions", "HANDLED_SIGNALS", "serve_signals"]
+__all__ = ["HANDLED_SIGNALS", "SignalActions", "serve_signals"]
 
 log = logging.getLogger("bitnetd.signals")
 

@@ -22,9 +22,12 @@ import trio
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_ENV = {
-    **{k: v for k, v in os.environ.items()
-       if not k.startswith(("BITNETD_", "NOTIFY_", "WATCHDOG_", "LISTEN_"))
-       and k not in ("MAX_THREADS", "MODEL_INSTANCES")},
+    **{
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BITNETD_", "NOTIFY_", "WATCHDOG_", "LISTEN_"))
+        and k not in ("MAX_THREADS", "MODEL_INSTANCES")
+    },
     "PYTHONPATH": str(REPO),
     "PYTHONUNBUFFERED": "1",
 }
@@ -32,8 +35,12 @@ BITNETD = [sys.executable, "-m", "bitnetd_trio.cli"]
 BITNETCTL = [sys.executable, "-m", "bitnetd_trio.control"]
 
 
-def write_config(path: Path, *, model: Path, sections: dict[str, dict[str, object]] | None = None,
-                 ) -> Path:
+def write_config(
+    path: Path,
+    *,
+    model: Path,
+    sections: dict[str, dict[str, object]] | None = None,
+) -> Path:
     """A bitnetd.conf for tests: small and fast, every value overridable."""
     conf: dict[str, dict[str, object]] = {
         "daemon": {"loglevel": "info"},
@@ -91,13 +98,16 @@ class NotifySocket:
     async def collect(self) -> None:
         while True:
             data = await self.sock.recv(65536)
-            fields = [tuple(line.split("=", 1)) for line in data.decode().split("\n") if "=" in line]
+            fields = [
+                tuple(line.split("=", 1)) for line in data.decode().split("\n") if "=" in line
+            ]
             self.messages.append(Notification(trio.current_time(), fields))  # type: ignore[arg-type]
             self._changed.set()
             self._changed = trio.Event()
 
-    async def wait_for(self, pred: Callable[[Notification], bool], *, after: int = 0,
-                       timeout: float = 60) -> int:
+    async def wait_for(
+        self, pred: Callable[[Notification], bool], *, after: int = 0, timeout: float = 60
+    ) -> int:
         """Index of the first message from `after` on that satisfies pred."""
         with trio.fail_after(timeout):
             while True:
@@ -110,16 +120,26 @@ class NotifySocket:
 class Daemon:
     """A bitnetd subprocess and the ways to talk to it."""
 
-    def __init__(self, config: Path, *, extra_args: list[str] | None = None,
-                 env: dict[str, str] | None = None, foreground: bool = True,
-                 argv: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        foreground: bool = True,
+        argv: list[str] | None = None,
+    ) -> None:
         self.config = config
         args = (argv or BITNETD) + (["-f"] if foreground else []) + ["-c", str(config)]
         args += extra_args or []
         # stderr into a file, not a pipe: a daemon that logs a lot must never block on it.
-        self._err = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
-        self.proc = subprocess.Popen(args, env={**CHILD_ENV, **(env or {})},
-                                     stdout=subprocess.DEVNULL, stderr=self._err)
+        # (Held for the daemon's whole life, closed with the object: no with-block.)
+        self._err = tempfile.TemporaryFile(  # noqa: SIM115
+            mode="w+", encoding="utf-8", errors="replace"
+        )
+        self.proc = subprocess.Popen(
+            args, env={**CHILD_ENV, **(env or {})}, stdout=subprocess.DEVNULL, stderr=self._err
+        )
         self.port: int | None = None
 
     @property
@@ -174,8 +194,11 @@ class StreamResult:
 
     @property
     def finish_reasons(self) -> list[str]:
-        return [c["choices"][0]["finish_reason"] for c in self.chunks
-                if c.get("choices") and c["choices"][0].get("finish_reason")]
+        return [
+            c["choices"][0]["finish_reason"]
+            for c in self.chunks
+            if c.get("choices") and c["choices"][0].get("finish_reason")
+        ]
 
     @property
     def completion_tokens(self) -> int | None:
@@ -189,11 +212,22 @@ class StreamResult:
         return "".join(c["choices"][0].get("text", "") for c in self.chunks if c.get("choices"))
 
 
-async def stream_completion(client: httpx.AsyncClient, base: str, *, max_tokens: int,
-                            on_chunk: Callable[[int], None] | None = None,
-                            prompt: str = "The quick brown fox") -> StreamResult:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-            "temperature": 0.0, "stream_options": {"include_usage": True}}
+async def stream_completion(
+    client: httpx.AsyncClient,
+    base: str,
+    *,
+    max_tokens: int,
+    on_chunk: Callable[[int], None] | None = None,
+    prompt: str = "The quick brown fox",
+) -> StreamResult:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0.0,
+        "stream_options": {"include_usage": True},
+    }
     chunks: list[dict] = []
     done = False
     async with client.stream("POST", base + "/v1/completions", json=body) as resp:

@@ -36,16 +36,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     health_status = 200
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path == "/health":
             code = self.health_status
             body = json.dumps({"status": "ok" if code == 200 else "loading"}).encode()
             ctype = "application/json"
         elif self.path == "/v1/models":
             code, ctype = 200, "application/json"
-            body = json.dumps({"object": "list", "data": [
-                {"id": "tiny", "object": "model", "owned_by": "bitnetd",
-                 "meta": {"path": "/m/tiny.gguf", "n_ctx_train": 256}}]}).encode()
+            body = json.dumps(
+                {
+                    "object": "list",
+                    "data": [
+                        {
+                            "id": "tiny",
+                            "object": "model",
+                            "owned_by": "bitnetd",
+                            "meta": {"path": "/m/tiny.gguf", "n_ctx_train": 256},
+                        }
+                    ],
+                }
+            ).encode()
         elif self.path == "/metrics":
             code, ctype, body = 200, "text/plain; version=0.0.4", _metrics_text()
         else:
@@ -138,8 +148,14 @@ def test_daemon_down_is_exit_1(tmp_path, capsys):
 
 
 def test_usage_error_is_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "bitnetd_trio.control", "frobnicate"],
-                          capture_output=True, text=True, env=CHILD_ENV, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bitnetd_trio.control", "frobnicate"],
+        capture_output=True,
+        text=True,
+        env=CHILD_ENV,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
@@ -164,15 +180,23 @@ while True:
 
 def test_reload_and_stop_signal_the_pid_in_the_pidfile(tmp_path, capsys):
     pidfile = tmp_path / "d.pid"
-    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(pidfile)], stdout=subprocess.PIPE,
-                             text=True, env=CHILD_ENV)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(pidfile)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
     try:
         assert child.stdout.readline().strip() == "ready"
         assert control.main(["-P", str(pidfile), "reload"]) == 0
         assert f"sent SIGHUP to bitnetd (pid {child.pid})" in capsys.readouterr().out
         assert child.stdout.readline().strip() == "HUP"
         assert control.main(["-P", str(pidfile), "--json", "stop"]) == 0
-        assert json.loads(capsys.readouterr().out) == {"pid": child.pid, "signal": "SIGTERM", "stopped": True}
+        assert json.loads(capsys.readouterr().out) == {
+            "pid": child.pid,
+            "signal": "SIGTERM",
+            "stopped": True,
+        }
         assert child.stdout.readline().strip() == "TERM"
         assert child.wait(timeout=30) == 0
         assert not pidfile.exists()
@@ -184,9 +208,15 @@ def test_reload_and_stop_signal_the_pid_in_the_pidfile(tmp_path, capsys):
 
 def test_stop_gives_up_after_the_wait(tmp_path, capsys):
     pidfile = tmp_path / "d.pid"
-    stubborn = _HOLDER.replace("signal.signal(signal.SIGTERM, term)", "signal.signal(signal.SIGTERM, signal.SIG_IGN)")
-    child = subprocess.Popen([sys.executable, "-c", stubborn, str(pidfile)], stdout=subprocess.PIPE,
-                             text=True, env=CHILD_ENV)
+    stubborn = _HOLDER.replace(
+        "signal.signal(signal.SIGTERM, term)", "signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", stubborn, str(pidfile)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
     try:
         assert child.stdout.readline().strip() == "ready"
         assert control.main(["-P", str(pidfile), "--wait", "0.3", "stop"]) == 3
@@ -197,14 +227,14 @@ def test_stop_gives_up_after_the_wait(tmp_path, capsys):
 
 
 def test_prometheus_parser_handles_escapes():
-    text = textwrap.dedent('''\
+    text = textwrap.dedent("""\
         # HELP x a thing
         # TYPE x counter
         x{a="q\\"uote",b="back\\\\slash"} 3
         y 4.5
         z{le="+Inf"} 7 1700000000
         bad{ 1
-        ''')
+        """)
     parsed = control._parse_prometheus(text)
     assert parsed["x"] == [{"labels": {"a": 'q"uote', "b": "back\\slash"}, "value": 3.0}]
     assert parsed["y"][0]["value"] == 4.5

@@ -15,10 +15,10 @@ import time
 import pytest
 
 from bitnetd_trio import daemon, listeners
+from bitnetd_trio.sdnotify import InheritedSocket
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_ENV = {**os.environ, "PYTHONPATH": REPO}
-from bitnetd_trio.sdnotify import InheritedSocket
 
 # ---- pidfile -------------------------------------------------------------------------------
 
@@ -68,8 +68,13 @@ def test_pidfile_lock_seen_from_another_process(tmp_path):
         sys.stdin.read()
         pf.release()
     """)
-    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env=CHILD_ENV)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=CHILD_ENV,
+    )
     try:
         assert child.stdout.readline().strip() == "locked"
         assert daemon.read_pidfile(path) == (child.pid, True)
@@ -213,8 +218,15 @@ print(json.dumps({"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
 def test_drop_privileges_to_nobody():
     import json
 
-    out = subprocess.run([sys.executable, "-c", _DROP], capture_output=True, text=True,
-                         timeout=60, check=True, cwd="/", env=CHILD_ENV)
+    out = subprocess.run(
+        [sys.executable, "-c", _DROP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd="/",
+        env=CHILD_ENV,
+    )
     data = json.loads(out.stdout)
     assert data["uid"] == data["euid"] == 65534
     assert data["gid"] == 65534
@@ -227,12 +239,21 @@ def test_drop_privileges_as_non_root_keeps_identity():
     if os.geteuid() == 0:
         # Run the non-root branch in a child that first becomes nobody.
         # (Everything is imported before the switch: this machine's Python lives under /root.)
-        code = ("import os; from bitnetd_trio import daemon;"
-                "c = daemon.resolve_credentials('root', None);"
-                "os.setgid(65534); os.setuid(65534);"
-                "print(daemon.drop_privileges(c))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60, check=True, cwd="/", env=CHILD_ENV)
+        code = (
+            "import os; from bitnetd_trio import daemon;"
+            "c = daemon.resolve_credentials('root', None);"
+            "os.setgid(65534); os.setuid(65534);"
+            "print(daemon.drop_privileges(c))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd="/",
+            env=CHILD_ENV,
+        )
         assert out.stdout.startswith("not root")
     else:
         desc = daemon.drop_privileges(daemon.resolve_credentials("nobody", None))
@@ -255,7 +276,8 @@ if mode == "fail":
     sys.exit(1)
 if mode == "die":
     os._exit(3)
-info = f"{os.getpid()} {os.getsid(0)} {os.getpgid(0)} {os.getcwd()} {os.umask(0)} {sys.stdout.isatty()}"
+info = " ".join(str(v) for v in (os.getpid(), os.getsid(0), os.getpgid(0), os.getcwd(),
+                                  os.umask(0), sys.stdout.isatty()))
 with open(sys.argv[3], "w") as f:
     f.write(info)
 report.ok()
@@ -265,8 +287,14 @@ time.sleep(60)
 
 def test_daemonize_double_fork(tmp_path):
     pidpath, infopath = tmp_path / "d.pid", tmp_path / "info"
-    proc = subprocess.run([sys.executable, "-c", _DAEMON, str(pidpath), "ok", str(infopath)],
-                          capture_output=True, text=True, timeout=60, env=CHILD_ENV)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DAEMON, str(pidpath), "ok", str(infopath)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=CHILD_ENV,
+        check=False,
+    )
     # The launcher returns only once the daemon reported it is up.
     assert proc.returncode == 0, proc.stderr
     pid, sid, pgid, cwd, umask, _ = infopath.read_text().split()
@@ -289,12 +317,24 @@ def test_daemonize_double_fork(tmp_path):
 
 def test_daemonize_reports_failure(tmp_path):
     pidpath = tmp_path / "d.pid"
-    proc = subprocess.run([sys.executable, "-c", _DAEMON, str(pidpath), "fail", "x"],
-                          capture_output=True, text=True, timeout=60, env=CHILD_ENV)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DAEMON, str(pidpath), "fail", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=CHILD_ENV,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "bitnetd: model file is broken" in proc.stderr
-    proc = subprocess.run([sys.executable, "-c", _DAEMON, str(pidpath), "die", "x"],
-                          capture_output=True, text=True, timeout=60, env=CHILD_ENV)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DAEMON, str(pidpath), "die", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=CHILD_ENV,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "exited during start-up" in proc.stderr
 
@@ -306,7 +346,14 @@ def test_parse_listen_address():
     assert listeners.parse_listen_address("127.0.0.1:8080") == (socket.AF_INET, "127.0.0.1", 8080)
     assert listeners.parse_listen_address("*:80") == (socket.AF_INET, "0.0.0.0", 80)
     assert listeners.parse_listen_address("[::1]:0") == (socket.AF_INET6, "::1", 0)
-    for bad in ("8080", "[::1]8080", "1.2.3.4:99999", "1.2.3.4:x", "::1:80", "no.such.host.invalid:1"):
+    for bad in (
+        "8080",
+        "[::1]8080",
+        "1.2.3.4:99999",
+        "1.2.3.4:x",
+        "::1:80",
+        "no.such.host.invalid:1",
+    ):
         with pytest.raises(ValueError):
             listeners.parse_listen_address(bad)
 
@@ -323,8 +370,12 @@ def _has_ipv6() -> bool:
 def test_open_listeners_tcp_and_unix(tmp_path):
     path = str(tmp_path / "b.sock")
     addrs = ["127.0.0.1:0"] + (["[::1]:0"] if _has_ipv6() else [])
-    ls = listeners.open_listeners(addrs, path, unix_socket_mode=0o640,
-                                  unix_socket_owner="nobody:nogroup" if os.geteuid() == 0 else None)
+    ls = listeners.open_listeners(
+        addrs,
+        path,
+        unix_socket_mode=0o640,
+        unix_socket_owner="nobody:nogroup" if os.geteuid() == 0 else None,
+    )
     try:
         assert [li.unix_path for li in ls] == [None] * len(addrs) + [path]
         assert ls[0].description.startswith("127.0.0.1:") and ls[0].port > 0

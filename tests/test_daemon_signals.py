@@ -65,8 +65,14 @@ async def test_each_signal_reaches_its_action():
         os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt while the receiver is open
         await wait_for(lambda: ("terminate", signal.SIGINT, 2) in rec.events)
         nursery.cancel_scope.cancel()
-    assert rec.events == ["reopen", "status", ("reload-start", 1), ("reload-done", 1),
-                          ("terminate", signal.SIGTERM, 1), ("terminate", signal.SIGINT, 2)]
+    assert rec.events == [
+        "reopen",
+        "status",
+        ("reload-start", 1),
+        ("reload-done", 1),
+        ("terminate", signal.SIGTERM, 1),
+        ("terminate", signal.SIGINT, 2),
+    ]
 
 
 async def test_reloads_are_serialized_and_coalesced_and_terminate_is_not_blocked():

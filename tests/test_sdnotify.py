@@ -26,7 +26,11 @@ def _receiver(path_or_abstract: str) -> socket.socket:
 
 @pytest.fixture(params=["path", "abstract"])
 def notify_socket(request, tmp_path):
-    address = str(tmp_path / "notify.sock") if request.param == "path" else f"@bitnetd-test-{uuid.uuid4().hex}"
+    address = (
+        str(tmp_path / "notify.sock")
+        if request.param == "path"
+        else f"@bitnetd-test-{uuid.uuid4().hex}"
+    )
     sock = _receiver(address)
     yield address, sock
     sock.close()
@@ -90,8 +94,13 @@ def test_watchdog_interval():
     pid = os.getpid()
     assert sdnotify.watchdog_interval({}) is None
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "400000"}) == pytest.approx(0.2)
-    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "400000", "WATCHDOG_PID": str(pid)}) == pytest.approx(0.2)
-    assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "400000", "WATCHDOG_PID": str(pid + 1)}) is None
+    assert sdnotify.watchdog_interval(
+        {"WATCHDOG_USEC": "400000", "WATCHDOG_PID": str(pid)}
+    ) == pytest.approx(0.2)
+    assert (
+        sdnotify.watchdog_interval({"WATCHDOG_USEC": "400000", "WATCHDOG_PID": str(pid + 1)})
+        is None
+    )
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "0"}) is None
     assert sdnotify.watchdog_interval({"WATCHDOG_USEC": "garbage"}) is None
 
@@ -134,13 +143,28 @@ def test_listen_fds_in_a_child_with_matching_pid():
         os.dup2(socks[1].fileno(), 4)
 
     # sh sets LISTEN_PID to its own pid, then execs python (same pid), as systemd does.
-    cmd = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=web:admin exec "$0" -c "$1"',
-           sys.executable, _CHILD]
-    out = subprocess.run(cmd, preexec_fn=to_3_and_4, close_fds=False, capture_output=True,
-                         text=True, timeout=60, check=True)
+    cmd = [
+        "sh",
+        "-c",
+        'LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=web:admin exec "$0" -c "$1"',
+        sys.executable,
+        _CHILD,
+    ]
+    out = subprocess.run(
+        cmd,
+        preexec_fn=to_3_and_4,
+        close_fds=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     data = json.loads(out.stdout)
     ports = [s.getsockname()[1] for s in socks]
-    assert data["fds"] == [[3, "web", "fd://3", ports[0], False], [4, "admin", "fd://4", ports[1], False]]
+    assert data["fds"] == [
+        [3, "web", "fd://3", ports[0], False],
+        [4, "admin", "fd://4", ports[1], False],
+    ]
     assert data["env_left"] == []
     for s in socks:
         s.close()
@@ -149,8 +173,11 @@ def test_listen_fds_in_a_child_with_matching_pid():
 def test_progress_watch():
     state = {"alive": True, "busy": False, "counter": 0}
     now = [100.0]
-    watch = sdnotify.ProgressWatch(lambda: (state["alive"], state["busy"], state["counter"]),
-                                   stall_after=1.0, clock=lambda: now[0])
+    watch = sdnotify.ProgressWatch(
+        lambda: (state["alive"], state["busy"], state["counter"]),
+        stall_after=1.0,
+        clock=lambda: now[0],
+    )
     assert watch.healthy()
     now[0] += 5  # idle for a long time: still healthy
     assert watch.healthy()
@@ -183,8 +210,9 @@ async def test_run_watchdog_pings_only_while_healthy(notify_socket):
                 return got
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(sdnotify.run_watchdog, n, 0.01, lambda: healthy[0],
-                           lambda: unhealthy_calls.append(1))
+        nursery.start_soon(
+            sdnotify.run_watchdog, n, 0.01, lambda: healthy[0], lambda: unhealthy_calls.append(1)
+        )
         while n.sent < 3:
             await trio.sleep(0.01)
         healthy[0] = False
@@ -231,7 +259,8 @@ def test_notifications_still_arrive_after_a_privilege_drop(tmp_path):
     path = str(private / "notify.sock")
     sock = _receiver(path)
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    subprocess.run([sys.executable, "-c", _AFTER_DROP, path], env=env, check=True, timeout=60,
-                   cwd="/")
+    subprocess.run(
+        [sys.executable, "-c", _AFTER_DROP, path], env=env, check=True, timeout=60, cwd="/"
+    )
     assert sock.recv(100) == b"READY=1\nSTATUS=after drop"
     sock.close()
