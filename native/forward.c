@@ -383,6 +383,28 @@ static void rmsnorm(const float *x, const float *w, int32_t n, float eps, float 
         out[i] = w[i] * (x[i] * r);
 }
 
+/* x += y (the residual stream); restrict lets the compiler vectorize */
+static void add_rows(float *restrict x, const float *restrict y, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
+/* g = max(g, 0)^2 * u (squared ReLU gate) */
+static void relu_sq_mul(float *restrict g, const float *restrict u, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        /* max(v, 0) on the bits: a set sign bit clears the word. Integer ops vectorize where
+         * a float comparison (which may trap) does not. */
+        uint32_t b;
+        memcpy(&b, &g[i], sizeof b);
+        b &= ~(uint32_t)((int32_t)b >> 31);
+        float gv;
+        memcpy(&gv, &b, sizeof gv);
+        g[i] = gv * gv * u[i];
+    }
+}
+
 static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const float *sinv)
 {
     const int32_t half = D / 2;
@@ -398,38 +420,9 @@ static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const 
 
 /* ------------------------------------------------------------------ parallel jobs */
 
-/* Work is handed out in chunks from a shared counter rather than split statically: on a
- * machine with as many vCPUs as threads, a thread that loses its CPU for a while would
- * otherwise hold up the whole step. Which thread computes a row never changes its value. */
-typedef struct {
-    atomic_int next;
-    int32_t chunk;
-    int64_t total;
-} work_queue;
-
-static void queue_init(work_queue *q, int64_t total, int32_t n_threads, int32_t per_thread,
-                       int32_t align)
-{
-    int64_t chunk = total / ((int64_t)n_threads * per_thread);
-    chunk = (chunk + align - 1) / align * align;
-    if (chunk < align)
-        chunk = align;
-    atomic_init(&q->next, 0);
-    q->chunk = (int32_t)(chunk < INT32_MAX ? chunk : INT32_MAX);
-    q->total = total;
-}
-
-static int queue_grab(work_queue *q, int64_t *lo, int64_t *hi)
-{
-    int64_t i = atomic_fetch_add_explicit(&q->next, 1, memory_order_relaxed);
-    int64_t a = i * q->chunk;
-    if (a >= q->total)
-        return 0;
-    *lo = a;
-    *hi = a + q->chunk < q->total ? a + q->chunk : q->total;
-    return 1;
-}
-
+/* Work is handed out in chunks from a shared counter (bn_queue) rather than split statically:
+ * on a machine with as many vCPUs as threads, a thread that loses its CPU would otherwise hold
+ * up the whole step. Which thread computes a row never changes its value. */
 typedef struct {
     const bn_ternary *w;
     float *y;           /* [T][w->n_out] */
@@ -441,7 +434,7 @@ typedef struct {
     matmul_part parts[3];
     int n_parts;
     int32_t total_rows;
-    work_queue queue;
+    bn_queue queue;
 } matmul_job;
 
 static void matmul_worker(void *arg, int32_t ith, int32_t nth)
@@ -450,7 +443,7 @@ static void matmul_worker(void *arg, int32_t ith, int32_t nth)
     (void)nth;
     matmul_job *job = arg;
     int64_t lo, hi;
-    while (queue_grab(&job->queue, &lo, &hi)) {
+    while (bn_queue_grab(&job->queue, &lo, &hi)) {
         int32_t base = 0;
         for (int p = 0; p < job->n_parts; p++) {
             const bn_ternary *w = job->parts[p].w;
@@ -477,7 +470,7 @@ static void run_matmul(bn_context *ctx, const bn_kernel_set *k, const bn_qact *a
         job.n_parts = 3;
         job.total_rows += w2->n_out;
     }
-    queue_init(&job.queue, job.total_rows, bn_pool_threads(ctx->pool), 4, 16);
+    bn_queue_init(&job.queue, job.total_rows, bn_pool_threads(ctx->pool), 4, 16);
     bn_pool_run(ctx->pool, matmul_worker, &job);
 }
 
@@ -485,7 +478,7 @@ typedef struct {
     bn_context *ctx;
     int32_t layer;
     int32_t n_tok;
-    work_queue queue;
+    bn_queue queue;
 } attn_job;
 
 static void attn_worker(void *arg, int32_t ith, int32_t nth)
@@ -499,7 +492,7 @@ static void attn_worker(void *arg, int32_t ith, int32_t nth)
     const float inv_sqrt_d = 1.0f / sqrtf((float)D);
     float *scores = ctx->scores + (size_t)ith * ctx->n_ctx;
     int64_t lo, hi;
-    while (queue_grab(&job->queue, &lo, &hi)) {
+    while (bn_queue_grab(&job->queue, &lo, &hi)) {
         for (int64_t item = lo; item < hi; item++) {
             const int32_t i = (int32_t)(item / H), hd = (int32_t)(item % H);
             const int32_t slot = ctx->tok_slot[i], pos = ctx->tok_pos[i];
@@ -543,7 +536,7 @@ typedef struct {
     int32_t n_in, n_vocab, n_tok;
     const float *x;
     float *y;
-    work_queue queue;
+    bn_queue queue;
 } head_job;
 
 static void head_worker(void *arg, int32_t ith, int32_t nth)
@@ -552,18 +545,49 @@ static void head_worker(void *arg, int32_t ith, int32_t nth)
     (void)nth;
     head_job *job = arg;
     int64_t lo, hi;
-    while (queue_grab(&job->queue, &lo, &hi))
+    while (bn_queue_grab(&job->queue, &lo, &hi))
         job->k->f16_matmul(job->head, job->n_in, (int32_t)lo, (int32_t)hi, job->x, job->n_tok,
                            job->n_in, job->y, job->n_vocab);
 }
 
 /* ------------------------------------------------------------------ one chunk */
 
-static void quantize_rows(const bn_kernel_set *k, const float *src, int32_t n, int32_t n_tok,
-                          int8_t *q, float *s, int32_t *qsum)
+/* RMSNorm of every token row of src (n wide) with weights w, then its int8 quantization
+ * into ctx->qa. Per token, so the result never depends on the split across threads. */
+typedef struct {
+    bn_context *ctx;
+    const bn_kernel_set *k;
+    const float *src;
+    const float *w;
+    int32_t n;
+    bn_queue queue;
+} norm_quant_job;
+
+static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
 {
-    for (int32_t i = 0; i < n_tok; i++)
-        k->quantize(src + (size_t)i * n, n, q + (size_t)i * n, &s[i], &qsum[i]);
+    (void)ith;
+    (void)nth;
+    norm_quant_job *job = arg;
+    bn_context *ctx = job->ctx;
+    const size_t n = (size_t)job->n;
+    int64_t lo, hi;
+    while (bn_queue_grab(&job->queue, &lo, &hi))
+        for (int64_t i = lo; i < hi; i++) {
+            float *h = ctx->h + (size_t)i * n;
+            rmsnorm(job->src + (size_t)i * n, job->w, job->n, ctx->hp.rms_eps, h);
+            job->k->quantize(h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
+        }
+}
+
+static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *src,
+                          const float *w, int32_t n, int32_t T)
+{
+    norm_quant_job job = {ctx, k, src, w, n, {0}};
+    bn_queue_init(&job.queue, T, bn_pool_threads(ctx->pool), 1, 1);
+    if (T == 1)
+        norm_quant_worker(&job, 0, 1);   /* not worth waking the pool */
+    else
+        bn_pool_run(ctx->pool, norm_quant_worker, &job);
 }
 
 /* Run the tokens tok_*[0..T) through the model; logits for the tokens whose tok_row >= 0,
@@ -582,9 +606,7 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     for (int32_t l = 0; l < hp->n_layer; l++) {
         const bn_layer *L = &m->layers[l];
         /* attention block */
-        for (int32_t i = 0; i < T; i++)
-            rmsnorm(ctx->x + (size_t)i * E, L->attn_norm, E, eps, ctx->h + (size_t)i * E);
-        quantize_rows(k, ctx->h, E, T, ctx->qa, ctx->qa_s, ctx->qa_sum);
+        norm_quantize(ctx, k, ctx->x, L->attn_norm, E, T);
         bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum};
         PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
@@ -601,38 +623,27 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         }
         PROF_LAP(0);
         attn_job aj = {ctx, l, T, {0}};
-        queue_init(&aj.queue, (int64_t)T * hp->n_head, bn_pool_threads(ctx->pool), 4, 1);
+        bn_queue_init(&aj.queue, (int64_t)T * hp->n_head, bn_pool_threads(ctx->pool), 4, 1);
         bn_pool_run(ctx->pool, attn_worker, &aj);
         PROF_LAP(2);
-        for (int32_t i = 0; i < T; i++)
-            rmsnorm(ctx->att + (size_t)i * E, L->attn_sub_norm, E, eps, ctx->h + (size_t)i * E);
-        quantize_rows(k, ctx->h, E, T, ctx->qa, ctx->qa_s, ctx->qa_sum);
+        norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, E, T);
         PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->wo, ctx->tmp, NULL, NULL, NULL, NULL);
         PROF_LAP(1);
-        for (size_t i = 0; i < (size_t)T * E; i++)
-            ctx->x[i] += ctx->tmp[i];
+        add_rows(ctx->x, ctx->tmp, (size_t)T * E);
 
         /* feed-forward block */
-        for (int32_t i = 0; i < T; i++)
-            rmsnorm(ctx->x + (size_t)i * E, L->ffn_norm, E, eps, ctx->h + (size_t)i * E);
-        quantize_rows(k, ctx->h, E, T, ctx->qa, ctx->qa_s, ctx->qa_sum);
+        norm_quantize(ctx, k, ctx->x, L->ffn_norm, E, T);
         PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
         PROF_LAP(1);
-        for (size_t i = 0; i < (size_t)T * F; i++) {
-            float gv = ctx->g[i] > 0.0f ? ctx->g[i] : 0.0f;
-            ctx->g[i] = gv * gv * ctx->u[i];
-        }
-        for (int32_t i = 0; i < T; i++)
-            rmsnorm(ctx->g + (size_t)i * F, L->ffn_sub_norm, F, eps, ctx->h + (size_t)i * F);
-        quantize_rows(k, ctx->h, F, T, ctx->qa, ctx->qa_s, ctx->qa_sum);
+        relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
+        norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, F, T);
         bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum};
         PROF_LAP(0);
         run_matmul(ctx, k, &af, &L->w_down, ctx->tmp, NULL, NULL, NULL, NULL);
         PROF_LAP(1);
-        for (size_t i = 0; i < (size_t)T * E; i++)
-            ctx->x[i] += ctx->tmp[i];
+        add_rows(ctx->x, ctx->tmp, (size_t)T * E);
     }
 
     int32_t n_out = 0, first_row = -1;
@@ -648,7 +659,7 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     if (n_out > 0) {
         head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm,
                        ctx->logits + (size_t)first_row * hp->n_vocab, {0}};
-        queue_init(&hj.queue, hp->n_vocab, bn_pool_threads(ctx->pool), 4, 16);
+        bn_queue_init(&hj.queue, hp->n_vocab, bn_pool_threads(ctx->pool), 4, 16);
         bn_pool_run(ctx->pool, head_worker, &hj);
     }
     PROF_LAP(3);

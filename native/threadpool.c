@@ -25,13 +25,14 @@ struct bn_pool {
 
     pthread_mutex_t mu;
     pthread_cond_t wake;       /* workers: a new generation (or stop) */
-    pthread_cond_t done;       /* caller: pending reached 0 */
+    pthread_cond_t done;       /* caller: active reached 0 */
     atomic_uint generation;    /* bumped for every job */
-    atomic_int pending;        /* workers still running the current job */
+    atomic_int open;           /* 1 while the current job admits workers */
+    atomic_int active;         /* workers inside fn (or deciding whether to enter) */
     atomic_int stop;
     int waiting_caller;        /* protected by mu */
 
-    bn_pool_fn fn;             /* current job, published before generation is bumped */
+    bn_pool_fn fn;             /* current job, published before open is set */
     void *arg;
 };
 
@@ -47,9 +48,9 @@ static int64_t now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-static void finish_one(bn_pool *p)
+static void leave(bn_pool *p)
 {
-    if (atomic_fetch_sub_explicit(&p->pending, 1, memory_order_acq_rel) == 1) {
+    if (atomic_fetch_sub(&p->active, 1) == 1) {
         pthread_mutex_lock(&p->mu);
         if (p->waiting_caller)
             pthread_cond_signal(&p->done);
@@ -88,8 +89,13 @@ static void *worker_main(void *opaque)
         if (atomic_load_explicit(&p->stop, memory_order_acquire))
             return NULL;
         seen = g;
-        p->fn(p->arg, ith, p->n_threads);
-        finish_one(p);
+        /* Join unless the caller has already closed the job (it did all the work itself).
+         * Sequentially consistent increment-then-check pairs with the caller's
+         * close-then-check: either we see the job closed, or the caller sees us active. */
+        atomic_fetch_add(&p->active, 1);
+        if (atomic_load(&p->open))
+            p->fn(p->arg, ith, p->n_threads);
+        leave(p);
     }
 }
 
@@ -104,7 +110,8 @@ bn_pool *bn_pool_new(int32_t n_threads)
         return NULL;
     p->n_threads = n_threads;
     atomic_init(&p->generation, 0);
-    atomic_init(&p->pending, 0);
+    atomic_init(&p->open, 0);
+    atomic_init(&p->active, 0);
     atomic_init(&p->stop, 0);
     if (pthread_mutex_init(&p->mu, NULL) != 0) {
         free(p);
@@ -167,28 +174,29 @@ void bn_pool_run(bn_pool *p, bn_pool_fn fn, void *arg)
     }
     p->fn = fn;
     p->arg = arg;
-    atomic_store_explicit(&p->pending, p->n_threads - 1, memory_order_relaxed);
+    atomic_store(&p->open, 1);
     /* The bump under the mutex pairs with the sleepers' check-then-wait; pollers see it
      * without the mutex. */
     pthread_mutex_lock(&p->mu);
-    atomic_fetch_add_explicit(&p->generation, 1, memory_order_acq_rel);
+    atomic_fetch_add(&p->generation, 1);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
 
     fn(arg, 0, p->n_threads);
 
-    if (atomic_load_explicit(&p->pending, memory_order_acquire) != 0) {
+    atomic_store(&p->open, 0);
+    if (atomic_load(&p->active) != 0) {
         int64_t t0 = now_ns();
-        for (int i = 1; atomic_load_explicit(&p->pending, memory_order_acquire) != 0; i++) {
+        for (int i = 1; atomic_load(&p->active) != 0; i++) {
             cpu_relax();
             if ((i & 63) == 0 && now_ns() - t0 > SPIN_NS)
                 break;
         }
     }
-    if (atomic_load_explicit(&p->pending, memory_order_acquire) != 0) {
+    if (atomic_load(&p->active) != 0) {
         pthread_mutex_lock(&p->mu);
         p->waiting_caller = 1;
-        while (atomic_load_explicit(&p->pending, memory_order_acquire) != 0)
+        while (atomic_load(&p->active) != 0)
             pthread_cond_wait(&p->done, &p->mu);
         p->waiting_caller = 0;
         pthread_mutex_unlock(&p->mu);
