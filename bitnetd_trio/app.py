@@ -934,12 +934,23 @@ class App:
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
                 "text_offset": offsets}
 
-    def _llama_final(self, gen: Generation, c: Choice, content: str) -> dict:
+    def _llama_probs(self, gen: Generation, tokens: list[TokenResult]) -> list[dict]:
+        """llama.cpp's `completion_probabilities` (n_probs) for generated tokens."""
+        tb = gen.engine.tokenizer.token_bytes
+
+        def one(t: int, lp: float | None) -> dict:
+            return {"id": t, "token": token_text(tb(t)), "bytes": list(tb(t)), "logprob": lp}
+
+        return [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in top]}
+                for t, lp, top in tokens]
+
+    def _llama_final(self, gen: Generation, c: Choice, content: str,
+                     tokens: list[TokenResult] | None = None) -> dict:
         prompt_n = len(gen.prompts[0])
         pred_n = c.n_generated
         prompt_ms = c.prompt_seconds * 1000.0
         pred_ms = c.generation_seconds * 1000.0
-        return {
+        out = {
             "content": content,
             "id_slot": -1,
             "stop": True,
@@ -971,6 +982,10 @@ class App:
                 if c.generation_seconds else 0.0,
             },
         }
+        if gen.req.logprobs:
+            out["completion_probabilities"] = self._llama_probs(
+                gen, c.tokens if tokens is None else tokens)
+        return out
 
     # -- streaming --
 
@@ -1010,7 +1025,7 @@ class App:
                     return
                 out += shaper.piece(c, upd)
                 if upd.final:
-                    out += shaper.finish(c, upd.text)
+                    out += shaper.finish(c, upd.text, upd.tokens)
             if gen.all_done:
                 break
             if out:
@@ -1065,14 +1080,19 @@ class _StreamShaper:
             self.text_offsets[i] += len(upd.text)
             return sse_event(self.cmpl.text(i, upd.text, lps))
         if g.endpoint == "completion":
-            if not upd.text or upd.final:
+            if upd.final or not (upd.text or (g.logprobs and upd.tokens)):
                 return b""  # the final event carries the last text
-            return sse_event({"content": upd.text, "stop": False, "id_slot": -1,
-                              "tokens_predicted": upd.n_generated, "tokens_evaluated":
-                              len(self.gen.prompts[0])})
+            event = {"content": upd.text, "stop": False, "id_slot": -1,
+                     "tokens_predicted": upd.n_generated,
+                     "tokens_evaluated": len(self.gen.prompts[0])}
+            if g.logprobs:
+                event["completion_probabilities"] = self.app._llama_probs(self.gen,
+                                                                          upd.tokens or [])
+            return sse_event(event)
         return b""  # /generate does not stream pieces: one final event
 
-    def finish(self, c: Choice, last_text: str) -> bytes:
+    def finish(self, c: Choice, last_text: str, last_tokens: list[TokenResult] | None = None
+               ) -> bytes:
         g = self.gen.req
         i = c.job.index
         if g.endpoint == "chat":
@@ -1080,7 +1100,7 @@ class _StreamShaper:
         if g.endpoint == "completions":
             return sse_event(self.cmpl.finish(i, c.openai_finish_reason))
         if g.endpoint == "completion":
-            return sse_event(self.app._llama_final(self.gen, c, last_text))
+            return sse_event(self.app._llama_final(self.gen, c, last_text, last_tokens or []))
         return sse_event({"generated_text": "".join(c.text), "tokens_generated": c.n_generated,
                           "tokens_processed": len(self.gen.prompts[0]) + c.n_generated})
 

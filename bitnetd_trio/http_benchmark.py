@@ -36,7 +36,10 @@ from . import gguf_writer as gw
 #: A shape with real work per token (about 1/8 of the 2B model's layer width), tiny vocabulary.
 MEDIUM = gw.ModelShape(n_vocab=gw.TINY_VOCAB_SIZE, n_embd=1024, n_head=16, n_head_kv=4,
                        n_ff=2816, n_layer=8, n_ctx=2048)
-SHAPES = {"tiny": dataclasses.replace(gw.TINY, n_ctx=2048), "medium": MEDIUM, "full": gw.FULL_2B4T}
+#: The 2B model's layer width (so the same per-layer cost) with 6 of its 30 layers.
+LARGE = dataclasses.replace(gw.FULL_2B4T, n_vocab=gw.TINY_VOCAB_SIZE, n_layer=6, n_ctx=2048)
+SHAPES = {"tiny": dataclasses.replace(gw.TINY, n_ctx=2048), "medium": MEDIUM, "large": LARGE,
+          "full": gw.FULL_2B4T}
 
 
 def model_for(shape_name: str) -> Path:
@@ -57,31 +60,40 @@ def prompt_ids(n: int, n_vocab: int) -> list[int]:
 # ---- raw engine ----------------------------------------------------------------------------
 
 
-def bench_raw(model_path: Path, prompt: list[int], n_tokens: int, threads: int,
-              batch: int = 1) -> tuple[float, float]:
-    """(decode tokens/s over all sequences, time to first token) of the bare engine."""
-    from . import engine
-    from .sampling import Sampler, SamplingParams
+class RawEngine:
+    """The bare engine on the benchmark's model: Context.forward + Sampler, nothing else."""
 
-    model = engine.Model.load(model_path)
-    ctx = engine.Context(model, batch, len(prompt) + n_tokens + 8, threads)
-    try:
-        samplers = [Sampler(SamplingParams(temperature=0.0), model.hparams.n_vocab)
+    def __init__(self, model_path: Path, n_ctx: int, threads: int, max_batch: int) -> None:
+        from . import engine
+
+        self.engine = engine
+        self.model = engine.Model.load(model_path)
+        self.ctx = engine.Context(self.model, max_batch, n_ctx, threads)
+
+    def run(self, prompt: list[int], n_tokens: int, batch: int = 1) -> tuple[float, float]:
+        """(decode tokens/s over all sequences, time to first token) for `batch` sequences."""
+        from .sampling import Sampler, SamplingParams
+
+        e, ctx = self.engine, self.ctx
+        for s in range(batch):
+            ctx.reset(s)
+        samplers = [Sampler(SamplingParams(temperature=0.0), self.model.hparams.n_vocab)
                     for _ in range(batch)]
         t0 = time.perf_counter()
-        ctx.forward([engine.BatchEntry(s, prompt, "last", None) for s in range(batch)])
+        ctx.forward([e.BatchEntry(s, prompt, "last", None) for s in range(batch)])
         tokens = [ctx.sample(s, samplers[s]) for s in range(batch)]
         t_first = time.perf_counter()
         for _ in range(n_tokens - 1):
-            ctx.forward([engine.BatchEntry(s, [tokens[s]], "last", None) for s in range(batch)])
+            ctx.forward([e.BatchEntry(s, [tokens[s]], "last", None) for s in range(batch)])
             for s in range(batch):
                 samplers[s].accept(tokens[s])
                 tokens[s] = ctx.sample(s, samplers[s])
         t_end = time.perf_counter()
         return batch * (n_tokens - 1) / (t_end - t_first), t_first - t0
-    finally:
-        ctx.close()
-        model.close()
+
+    def close(self) -> None:
+        self.ctx.close()
+        self.model.close()
 
 
 # ---- the daemon over HTTP ------------------------------------------------------------------
@@ -137,49 +149,92 @@ class StreamResult:
         return (self.tokens - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
 
-async def stream_once(client: httpx.AsyncClient, prompt: list[int], n_tokens: int
-                      ) -> StreamResult:
-    body = {"prompt": prompt, "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+async def stream_once(url: str, prompt: list[int], n_tokens: int) -> StreamResult:
+    """One streaming /v1/completions request over a plain socket.
+
+    A deliberately lean client (no HTTP library, JSON parsed only for the usage chunk): on a
+    small machine the client shares the CPU with the server, and its cost is not the server's.
+    """
+    # cache_prompt off: every request processes its whole prompt, as the raw run does
+    body = json.dumps({"prompt": prompt, "max_tokens": n_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True, "cache_prompt": False,
+                       "stream_options": {"include_usage": True}}).encode()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+               f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+               "\r\n").encode() + body
+    stream = await trio.open_tcp_stream(host, int(port))
     sent = time.perf_counter()
     first = last = 0.0
     tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
+    buf = b""
+    async with stream:
+        await stream.send_all(request)
+        while True:
+            data = await stream.receive_some(1 << 16)
+            if not data:
+                break
             now = time.perf_counter()
-            if chunk["choices"] and chunk["choices"][0]["text"]:
+            buf += data
+            # whole events only; chunked-encoding size lines fall between events
+            cut = buf.rfind(b"\n\n")
+            if cut < 0:
+                continue
+            events, buf = buf[: cut + 2], buf[cut + 2:]
+            if b'"text":"' in events.replace(b'"text":""', b""):
                 if not first:
                     first = now
                 last = now
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            u = events.find(b'"completion_tokens":')
+            if u >= 0:
+                tokens = int(events[u + 20:].split(b",", 1)[0])
+            if b"data: [DONE]" in events:
+                break
     return StreamResult(sent, first, last, tokens)
 
 
-async def bench_http(url: str, prompt: list[int], n_tokens: int, clients: list[int],
-                     runs: int) -> tuple[list[StreamResult], dict[int, float]]:
-    async with httpx.AsyncClient(base_url=url, timeout=3600,
-                                 limits=httpx.Limits(max_connections=64)) as c:
-        await stream_once(c, prompt, 8)  # warm-up
-        singles = [await stream_once(c, prompt, n_tokens) for _ in range(runs)]
-        aggregate: dict[int, float] = {}
-        for n in clients:
-            results: list[StreamResult] = []
+async def stream_many(url: str, prompt: list[int], n_tokens: int, n: int) -> float:
+    """Aggregate tokens/s of n concurrent streams (all tokens / wall time)."""
+    results: list[StreamResult] = []
 
-            async def one() -> None:
-                results.append(await stream_once(c, prompt, n_tokens))
+    async def one() -> None:
+        results.append(await stream_once(url, prompt, n_tokens))
 
-            start = time.perf_counter()
-            async with trio.open_nursery() as nursery:
-                for _ in range(n):
-                    nursery.start_soon(one)
-            wall = time.perf_counter() - start
-            aggregate[n] = sum(r.tokens for r in results) / wall
-        return singles, aggregate
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(n):
+            nursery.start_soon(one)
+    return sum(r.tokens for r in results) / (time.perf_counter() - start)
+
+
+@dataclasses.dataclass
+class Figures:
+    raw_rate: list[float] = dataclasses.field(default_factory=list)
+    raw_ttft: list[float] = dataclasses.field(default_factory=list)
+    http_rate: list[float] = dataclasses.field(default_factory=list)
+    http_ttft: list[float] = dataclasses.field(default_factory=list)
+    raw_batched: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+    http_aggregate: dict[int, list[float]] = dataclasses.field(default_factory=dict)
+
+
+async def measure(url: str, raw: RawEngine, prompt: list[int], n_tokens: int,
+                  clients: list[int], runs: int) -> Figures:
+    """Raw and HTTP runs alternate, so a change in background load hits both alike."""
+    f = Figures()
+    raw.run(prompt, 8)  # warm-up: first touch of the weights and the thread pool
+    await stream_once(url, prompt, 8)
+    for _ in range(runs):
+        rate, ttft = raw.run(prompt, n_tokens)
+        f.raw_rate.append(rate)
+        f.raw_ttft.append(ttft)
+        r = await stream_once(url, prompt, n_tokens)
+        f.http_rate.append(r.decode_rate)
+        f.http_ttft.append(r.ttft)
+    for n in clients:
+        for _ in range(max(1, runs // 2)):
+            f.raw_batched.setdefault(n, []).append(raw.run(prompt, n_tokens, batch=n)[0])
+            f.http_aggregate.setdefault(n, []).append(await stream_many(url, prompt, n_tokens, n))
+    return f
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,38 +260,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {model_path} ({n_params:,} params), kernel {engine.kernel_name()}, "
           f"threads {args.threads}, prompt {len(prompt)} tokens, {args.tokens} generated")
 
-    raw = [bench_raw(model_path, prompt, args.tokens, args.threads) for _ in range(args.runs)]
-    raw_rate = statistics.median(r[0] for r in raw)
-    raw_ttft = statistics.median(r[1] for r in raw)
-    raw_batched = {n: bench_raw(model_path, prompt, args.tokens, args.threads, batch=n)[0]
-                   for n in clients if n > 1}
-
-    with tempfile.TemporaryDirectory(prefix="bitnetd-bench-") as tmp:
-        proc, url = start_daemon(model_path, args.threads, max(clients),
-                                 len(prompt) + args.tokens + 16, Path(tmp))
-        try:
-            singles, aggregate = trio.run(bench_http, url, prompt, args.tokens, clients,
-                                          args.runs)
-        finally:
-            proc.terminate()
+    n_ctx = len(prompt) + args.tokens + 16
+    raw = RawEngine(model_path, n_ctx, args.threads, max(clients))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bitnetd-bench-") as tmp:
+            proc, url = start_daemon(model_path, args.threads, max(clients), n_ctx, Path(tmp))
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                f = trio.run(measure, url, raw, prompt, args.tokens, clients, args.runs)
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    finally:
+        raw.close()
 
-    http_rate = statistics.median(r.decode_rate for r in singles)
-    http_ttft = statistics.median(r.ttft for r in singles)
+    med = statistics.median
+    raw_rate, http_rate = med(f.raw_rate), med(f.http_rate)
+    raw_ttft, http_ttft = med(f.raw_ttft), med(f.http_ttft)
     print()
     print(f"{'':32}{'raw engine':>14}{'HTTP stream':>14}{'ratio':>8}")
     print(f"{'decode tokens/s, 1 sequence':32}{raw_rate:14.1f}{http_rate:14.1f}"
           f"{http_rate / raw_rate:8.3f}")
     print(f"{'time to first token, ms':32}{raw_ttft * 1e3:14.1f}{http_ttft * 1e3:14.1f}")
     for n in clients:
-        raw_n = raw_batched.get(n, raw_rate)
-        print(f"{f'aggregate tokens/s, {n} clients':32}{raw_n:14.1f}{aggregate[n]:14.1f}"
-              f"{aggregate[n] / raw_n:8.3f}")
-    print("\n(raw aggregate = one engine batch of n sequences, decode only; HTTP aggregate = all "
-          "tokens / wall time, prefill included)")
+        raw_n, http_n = med(f.raw_batched[n]), med(f.http_aggregate[n])
+        print(f"{f'aggregate tokens/s, {n} clients':32}{raw_n:14.1f}{http_n:14.1f}"
+              f"{http_n / raw_n:8.3f}")
+    print(f"\nmedians of {args.runs} alternating raw/HTTP runs. Raw aggregate: one engine batch "
+          "of n sequences, decode only;\nHTTP aggregate: all tokens / wall time, prefill "
+          "included. TTFT: prompt processing + first token (HTTP: from sending the request).")
     return 0
 
 

@@ -216,6 +216,8 @@ class InferenceThread:
         self._ctx: Any = None
         self._active: list[_Sequence] = []
         self._free: list[int] = []
+        self._outbox: list[Update] = []  # results of the last step, not yet delivered
+        self._trio_gone = False
         self._cached: list[list[int]] = []  # per slot: the tokens its KV cache holds
         self._stop_ids: frozenset[int] = frozenset()
         self._stop_array: np.ndarray = np.zeros(0, dtype=np.int64)
@@ -399,7 +401,9 @@ class InferenceThread:
             self._model = None
 
     def _fail_everything(self, message: str) -> None:
-        updates = [self._final(seq.job, "error", error=message, seq=seq) for seq in self._active]
+        updates = list(self._outbox)  # finished in the last step, not delivered yet
+        self._outbox.clear()
+        updates += [self._final(seq.job, "error", error=message, seq=seq) for seq in self._active]
         with self._cond:
             queued = list(self._queue)
             self._queue.clear()
@@ -407,9 +411,25 @@ class InferenceThread:
         if updates:
             self._call_trio(self._dispatch, updates)
 
+    def _flush(self) -> bool:
+        """Hand the collected updates to Trio (one run_sync_soon); False once Trio is gone.
+
+        Called just before the next forward rather than right after sampling: the Trio thread
+        wakes up and takes the GIL to stream the results while this thread is inside the
+        native forward (GIL released), instead of this thread waiting for the GIL to come
+        back before it can start the next step.
+        """
+        if not self._outbox:
+            return True
+        batch = list(self._outbox)
+        self._outbox.clear()
+        return self._call_trio(self._dispatch, batch)
+
     def _loop(self) -> None:
+        updates = self._outbox
         while True:
-            updates: list[Update] = []
+            if not self._active and not self._flush():  # nothing runs next: deliver now
+                return
             with self._cond:
                 while not self._stopping and not self._queue and not self._active:
                     self._cond.wait()
@@ -436,7 +456,7 @@ class InferenceThread:
                 # After the step: sequences that finished in it are no longer running (otherwise
                 # the gauge keeps the old count until the next request arrives).
                 self.metrics.requests_running.set(len(self._active))
-            if updates and not self._call_trio(self._dispatch, updates):
+            if self._trio_gone:
                 return
 
     def _drop_cancelled_waiting(self, updates: list[Update]) -> None:
@@ -568,6 +588,9 @@ class InferenceThread:
             plan.append((seq, len(tokens), mode))
             entries.append(engine.BatchEntry(seq.slot, tokens, mode, job.cancel))
         if not entries:
+            return
+        if not self._flush():
+            self._trio_gone = True
             return
         try:
             statuses = ctx.forward(entries)

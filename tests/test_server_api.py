@@ -261,6 +261,11 @@ async def test_llama_completion_and_generate(server: RunningServer) -> None:
         events = [json.loads(e) for e in sse_events(r.text)]
         assert events[-1]["stop"] is True and all(e["stop"] is False for e in events[:-1])
         assert "".join(e["content"] for e in events) == body["content"]
+        r = await c.post("/completion", json={"prompt": "Hi", "n_predict": 3, "n_probs": 2,
+                                              "ignore_eos": True, "temperature": 0})
+        probs = r.json()["completion_probabilities"]
+        assert len(probs) == 3 and all(len(p["top_logprobs"]) == 2 for p in probs)
+        assert all(p["logprob"] <= 0 for p in probs)
         r = await c.post("/generate", json={"prompt": "Hi", "max_tokens": 4,
                                             "ignore_eos": True})
         body = r.json()
