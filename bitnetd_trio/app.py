@@ -808,6 +808,14 @@ class App:
             gen.cancel_all()  # any way out (error, timeout, disconnect) frees the slots
         if watch.disconnected or gen.timed_out:
             self.metrics.requests_cancelled_total.inc()
+        if log.isEnabledFor(logging.DEBUG):
+            usage = gen.usage()
+            log.debug("%s %s: %d prompt + %d completion tokens (%d cached), %s, %.3f s",
+                      gen.id, g.endpoint, usage["prompt_tokens"], usage["completion_tokens"],
+                      usage["prompt_tokens_details"]["cached_tokens"],
+                      "client left" if watch.disconnected else "timed out" if gen.timed_out
+                      else ",".join(sorted({c.finish_reason or "?" for c in gen.choices})),
+                      trio.current_time() - gen.started_at)
         if watch.disconnected and not req.resp.finished:
             req.resp.status = req.resp.status or 499
 

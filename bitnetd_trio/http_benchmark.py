@@ -116,8 +116,11 @@ def start_daemon(model_path: Path, threads: int, parallel: int, n_ctx: int,
         f"listen = 127.0.0.1:{port}\nmax_queue = 64\nrequest_timeout = 3600\n"
     )
     log = open(workdir / "bitnetd.log", "wb")  # noqa: SIM115 - lives as long as the child
+    env = dict(os.environ)  # the same package as this program, installed or not
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     proc = subprocess.Popen([sys.executable, "-m", "bitnetd_trio.cli", "-f", "-c", str(conf)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:

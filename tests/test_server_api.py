@@ -341,9 +341,37 @@ async def test_demo_model_when_no_path(tmp_path, monkeypatch) -> None:
 
 
 async def test_model_load_failure_fails_startup(tmp_path) -> None:
+    from hypercorn.utils import LifespanFailureError
+
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 10)
-    with pytest.raises(BaseException) as info:  # noqa: PT011 - hypercorn's own error type
+    with pytest.raises(BaseExceptionGroup) as info:
         async with running_server(server_config(bad)):
             pass
-    assert "bad.gguf" in str(info.value) or info.value is not None
+    failures = leaves(info.value)
+    assert len(failures) == 1 and isinstance(failures[0], LifespanFailureError)
+    # the engine's reason reaches hypercorn (and so the daemon's exit message)
+    assert "bad.gguf" in str(failures[0]) and "GGUF header" in str(failures[0])
+
+
+def leaves(group: BaseException) -> list[BaseException]:
+    if isinstance(group, BaseExceptionGroup):
+        return [leaf for e in group.exceptions for leaf in leaves(e)]
+    return [group]
+
+
+async def test_api_keys_and_rate_limit(server_model_path) -> None:
+    config = server_config(server_model_path, server_api_keys=["sekrit-key-123"],
+                           security_rate_limit=0.01)
+    async with running_server(config) as s, httpx.AsyncClient(base_url=s.url) as c:
+        assert (await c.get("/health")).status_code == 200  # no key needed, not rate limited
+        r = await c.get("/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = await c.get("/v1/models", headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = await c.get("/v1/models", headers={"authorization": "Bearer sekrit-key-123"})
+        assert r.status_code == 200
+        # the bucket (burst 1, refilled at 0.01/s) is now empty
+        r = await c.get("/v1/models", headers={"authorization": "Bearer sekrit-key-123"})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
