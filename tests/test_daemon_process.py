@@ -300,13 +300,15 @@ async def test_sighup_swaps_the_model_under_load(tmp_path, model_a, model_b):
                 stop_load.set()
             assert failures == []
             assert served["a"] >= 5 and served["b"] >= 5
-            d.signal(signal.SIGUSR2)
+            freed = f"reload: previous model {model_a} freed after its last request"
+            assert await trio.to_thread.run_sync(wait_until, lambda: freed in d.stderr)
+            d.signal(signal.SIGUSR2)  # (signals may be taken in any order: wait for its line)
+            assert await trio.to_thread.run_sync(wait_until, lambda: "status: " in d.stderr)
             d.signal(signal.SIGTERM)
             assert await d.wait() == 0
             assert "reload: configuration rejected" in d.stderr
             assert "no_such_key" in d.stderr
             assert "reload: now serving model-b.gguf" in d.stderr
-            assert f"reload: previous model {model_a} freed after its last request" in d.stderr
             assert "status: serving" in d.stderr and "model model-b.gguf" in d.stderr
         finally:
             d.kill()
