@@ -67,8 +67,13 @@ class EngineSettings:
     n_ctx: int = 4096  # per slot; 0: the model's training context; capped to it
     n_threads: int = 1
     chat_template_override: str | None = None
-    prefill_chunk: int = 128  # most prompt tokens one sequence feeds in one step
-    prefill_budget: int = 256  # most prompt tokens all sequences feed in one step
+    prefill_chunk: int = 256  # most prompt tokens one sequence feeds in one step
+    prefill_budget: int = 512  # most prompt tokens all sequences feed in one step
+    # While other sequences are decoding, prompt tokens per step are limited so that a step
+    # takes at most about a decode step plus max(stall_factor x decode step, stall_floor).
+    prefill_stall_factor: float = 2.0
+    prefill_stall_floor: float = 0.02  # seconds
+    prefill_min_tokens: int = 8
     is_demo: bool = False
 
 
@@ -220,6 +225,8 @@ class InferenceThread:
         self._trio_gone = False
         self._cached: list[list[int]] = []  # per slot: the tokens its KV cache holds
         self._stop_ids: frozenset[int] = frozenset()
+        self._decode_step_s: float | None = None  # EMA: a forward of decode tokens only
+        self._prefill_token_s: float | None = None  # EMA: extra time per prompt token
         self._stop_array: np.ndarray = np.zeros(0, dtype=np.int64)
 
     # ---- Trio side ------------------------------------------------------------------------
@@ -564,7 +571,8 @@ class InferenceThread:
         s = self.settings
         plan: list[tuple[_Sequence, int, int]] = []  # (sequence, n tokens, logits mode)
         entries: list[engine.BatchEntry] = []
-        budget = s.prefill_budget
+        budget = self._prefill_budget()
+        n_prefill = n_decode = 0
         for seq in list(self._active):
             job = seq.job
             if job.cancel.is_set():
@@ -582,9 +590,11 @@ class InferenceThread:
                         continue  # other prompts took this step's budget
                     mode = "last" if n == remaining else "none"
                 budget -= n
+                n_prefill += n
                 tokens = job.prompt[seq.n_fed : seq.n_fed + n]
             else:
                 tokens, mode = [seq.next_token], "last"
+                n_decode += 1
             plan.append((seq, len(tokens), mode))
             entries.append(engine.BatchEntry(seq.slot, tokens, mode, job.cancel))
         if not entries:
@@ -592,6 +602,7 @@ class InferenceThread:
         if not self._flush():
             self._trio_gone = True
             return
+        started = time.monotonic()
         try:
             statuses = ctx.forward(entries)
         except engine.EngineError as exc:
@@ -600,6 +611,7 @@ class InferenceThread:
                 self._retire(seq, "error", updates, error=f"engine error: {exc}")
             return
         now = time.monotonic()
+        self._learn_step_cost(now - started, n_prefill, n_decode)
         for i, (seq, n, mode) in enumerate(plan):
             job = seq.job
             produces_token = mode != "none"
@@ -628,6 +640,30 @@ class InferenceThread:
                     continue
             self._sample(i, n - 1, seq, now, updates, prompt_lps)
         self._account_step()
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may feed: all it can when nobody decodes, else few enough
+        that the decoding sequences keep flowing (chunked prefill)."""
+        s = self.settings
+        decoding = any(not seq.prefilling for seq in self._active)
+        if not decoding or self._decode_step_s is None or not self._prefill_token_s:
+            return s.prefill_budget
+        allowed = max(s.prefill_stall_factor * self._decode_step_s, s.prefill_stall_floor)
+        return max(s.prefill_min_tokens, min(s.prefill_budget,
+                                             int(allowed / self._prefill_token_s)))
+
+    def _learn_step_cost(self, seconds: float, n_prefill: int, n_decode: int) -> None:
+        """Running estimates of a decode step's time and of a prompt token's extra time."""
+        def ema(old: float | None, new: float) -> float:
+            return new if old is None else 0.8 * old + 0.2 * new
+
+        if n_prefill == 0:
+            if n_decode:
+                self._decode_step_s = ema(self._decode_step_s, seconds)
+        else:
+            base = self._decode_step_s if n_decode and self._decode_step_s else 0.0
+            self._prefill_token_s = ema(self._prefill_token_s,
+                                        max(seconds - base, 0.0) / n_prefill)
 
     def _prompt_logprobs(self, entry: int, seq: _Sequence, n: int) -> list[TokenResult]:
         """Logprob of every prompt token given the ones before it (first one: None)."""
