@@ -1,0 +1,136 @@
+"""The inference thread on its own (no HTTP): continuous batching, stops, limits, cancellation.
+Real engine, the server tests' tiny model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from bitnetd_trio.inference import EngineSettings, InferenceThread, Job, Update
+from bitnetd_trio.sampling import SamplingParams
+
+
+@pytest.fixture
+async def thread(server_model_path: Path) -> AsyncIterator[InferenceThread]:
+    it = InferenceThread(EngineSettings(str(server_model_path), n_slots=2, n_ctx=4096,
+                                        n_threads=1), max_queue=4)
+    await it.start()
+    try:
+        yield it
+    finally:
+        await it.aclose()
+
+
+def new_job(prompt: list[int], **kw: object) -> tuple[Job, trio.MemoryReceiveChannel]:
+    send, recv = trio.open_memory_channel[Update](math.inf)
+    params = kw.pop("params", SamplingParams(temperature=0.0))
+    return Job(prompt=prompt, params=params, sink=send, **kw), recv  # type: ignore[arg-type]
+
+
+async def finish(recv: trio.MemoryReceiveChannel) -> tuple[list[Update], Update]:
+    got = []
+    async for upd in recv:
+        got.append(upd)
+        if upd.final:
+            return got, upd
+    raise AssertionError("channel ended without a final update")
+
+
+async def test_decoding_continues_while_a_long_prompt_prefills(thread: InferenceThread) -> None:
+    a, ra = new_job([1, 2, 3], max_tokens=3000, ignore_eos=True, logprobs=True)
+    thread.submit([a])
+    await ra.receive()  # A is decoding
+    long_prompt = [(7 * i) % 250 + 1 for i in range(2000)]  # several prefill steps
+    b, rb = new_job(long_prompt, max_tokens=1, ignore_eos=True)
+    thread.submit([b])
+    a_tokens_meanwhile = 0
+    b_done = trio.Event()
+
+    async def watch_b() -> None:
+        await finish(rb)
+        b_done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_b)
+        while not b_done.is_set():
+            upd = await ra.receive()
+            a_tokens_meanwhile += len(upd.tokens or [])
+        a.cancel.set()
+    # A produced a token in every step of B's prefill, not one long stall
+    assert a_tokens_meanwhile >= len(long_prompt) // thread.settings.prefill_budget
+
+
+async def test_cancelled_waiting_job_never_takes_a_slot(thread: InferenceThread) -> None:
+    runners = [new_job([1, 2], max_tokens=3000, ignore_eos=True) for _ in range(2)]
+    thread.submit([j for j, _ in runners])
+    for _, r in runners:
+        await r.receive()
+    waiting, rw = new_job([5, 6], max_tokens=5)
+    thread.submit([waiting])
+    assert thread.queue_length() == 1
+    waiting.cancel.set()
+    _, final = await finish(rw)
+    assert final.finish_reason == "cancelled" and final.n_generated == 0
+    assert all(s.job_id != waiting.id for s in thread.snapshot_slots())
+    for j, r in runners:
+        j.cancel.set()
+        _, f = await finish(r)
+        assert f.finish_reason == "cancelled"
+    assert thread.in_system == 0
+    assert not any(s.busy for s in thread.snapshot_slots())
+
+
+async def test_max_tokens_zero_and_context_end(server_model_path: Path) -> None:
+    it = InferenceThread(EngineSettings(str(server_model_path), n_slots=1, n_ctx=64,
+                                        n_threads=1))
+    await it.start()
+    try:
+        j, r = new_job([1, 2, 3], max_tokens=0)
+        it.submit([j])
+        _, f = await finish(r)
+        assert f.finish_reason == "length" and f.n_generated == 0
+        prompt = list(range(1, 61))
+        j, r = new_job(prompt, max_tokens=None, ignore_eos=True)
+        it.submit([j])
+        _, f = await finish(r)
+        # the context holds 64 positions: the prompt's 60, then tokens until it is full
+        assert f.finish_reason == "length" and f.n_generated == 64 - 60 + 1
+    finally:
+        await it.aclose()
+
+
+async def test_min_tokens_and_ignore_eos(thread: InferenceThread) -> None:
+    eot = thread.tokenizer.eot_id
+    assert eot is not None
+    forced = SamplingParams(temperature=0.0, logit_bias={eot: 100.0})
+    j, r = new_job([1, 2, 3], max_tokens=50, params=forced)
+    thread.submit([j])
+    _, f = await finish(r)
+    assert f.finish_reason == "stop" and f.stop_type == "eos" and f.n_generated == 1
+    j, r = new_job([1, 2, 3], max_tokens=50, min_tokens=4, params=forced)
+    thread.submit([j])
+    _, f = await finish(r)
+    assert f.finish_reason == "stop" and f.n_generated == 5  # 4 forced past EOT, then EOT
+    j, r = new_job([1, 2, 3], max_tokens=20, ignore_eos=True, params=forced)
+    thread.submit([j])
+    _, f = await finish(r)
+    assert f.finish_reason == "length" and f.n_generated == 20
+
+
+async def test_queue_full(thread: InferenceThread) -> None:
+    from bitnetd_trio.inference import QueueFull
+
+    jobs = [new_job([1], max_tokens=3000, ignore_eos=True) for _ in range(6)]  # 2 slots + 4
+    thread.submit([j for j, _ in jobs])
+    extra, _ = new_job([1], max_tokens=1)
+    with pytest.raises(QueueFull):
+        thread.submit([extra])
+    for j, _ in jobs:
+        j.cancel.set()
+    for _, r in jobs:
+        await finish(r)
+    assert thread.in_system == 0
