@@ -216,7 +216,7 @@ class Daemon:
                     raise
                 message = _describe(exc)
                 if self.serving:
-                    log.error("bitnetd stopped: %s", message)
+                    log.error("bitnetd stopped: %s", message, exc_info=exc)
                 else:
                     log.error("start-up failed: %s", message)
                     self.report.fail(message)
