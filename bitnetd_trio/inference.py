@@ -539,7 +539,7 @@ class InferenceThread:
             self._ctx.reset(seq.slot)
             self._cached[seq.slot] = []
         self._free.insert(0, seq.slot)  # most recently used last in the pick order
-        self._slots[seq.slot] = SlotState(seq.slot)
+        self._slots[seq.slot] = SlotState(seq.slot, n_past=len(self._cached[seq.slot]))
         updates.append(
             self._final(seq.job, reason, seq=seq, text=text, tokens=tokens,
                         stop_type=stop_type, stopping_word=stopping_word, error=error)
