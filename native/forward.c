@@ -32,7 +32,12 @@ static double prof_now(void)
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 #define PROF_START() double prof_t0 = prof_now()
-#define PROF_LAP(i) do { double prof_t1 = prof_now(); bn_prof[i] += prof_t1 - prof_t0; prof_t0 = prof_t1; } while (0)
+#define PROF_LAP(i)                                                                           \
+    do {                                                                                      \
+        double prof_t1 = prof_now();                                                          \
+        bn_prof[i] += prof_t1 - prof_t0;                                                      \
+        prof_t0 = prof_t1;                                                                    \
+    } while (0)
 #else
 #define PROF_START() ((void)0)
 #define PROF_LAP(i) ((void)0)
@@ -100,7 +105,8 @@ struct bn_context {
     float *qa_s;
     int32_t *qa_sum;
     int32_t *tok_slot, *tok_pos, *tok_id, *tok_row; /* tok_row: logits row or -1 */
-    float *scores;              /* [n_threads][n_ctx] attention scratch */
+    float *scores;              /* [n_threads][group][n_ctx] attention scratch */
+    size_t scores_per_thread;   /* group * n_ctx, group = n_head / n_head_kv */
 
     float *logits;              /* [logits_cap][n_vocab] */
     int64_t logits_cap;
@@ -204,8 +210,8 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     const int32_t E = hp->n_embd, F = hp->n_ff, H = hp->n_head, Hkv = hp->n_head_kv,
                   D = hp->head_dim;
     if (E <= 0 || E % 128 != 0 || F <= 0 || F % 128 != 0 || H <= 0 || Hkv <= 0 ||
-        H % Hkv != 0 || D <= 0 || D % 2 != 0 || (int64_t)D * H != E || hp->n_layer <= 0 ||
-        hp->n_vocab <= 0 || E > (1 << 20) || F > (1 << 22)) {
+        H % Hkv != 0 || H / Hkv > 64 || D <= 0 || D % 2 != 0 || (int64_t)D * H != E ||
+        hp->n_layer <= 0 || hp->n_vocab <= 0 || E > (1 << 20) || F > (1 << 22)) {
         set_err(err, errlen, "unsupported model dimensions (n_embd %d, n_ff %d, n_head %d, "
                 "n_head_kv %d, head_dim %d)", E, F, H, Hkv, D);
         return NULL;
@@ -275,7 +281,8 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     ctx->tok_pos = alloc_array(T, sizeof(int32_t), &failed);
     ctx->tok_id = alloc_array(T, sizeof(int32_t), &failed);
     ctx->tok_row = alloc_array(T, sizeof(int32_t), &failed);
-    ctx->scores = alloc_array((size_t)n_threads * (size_t)n_ctx, sizeof(float), &failed);
+    ctx->scores_per_thread = (size_t)(H / Hkv) * (size_t)n_ctx;
+    ctx->scores = alloc_array((size_t)n_threads * ctx->scores_per_thread, sizeof(float), &failed);
     ctx->logits_cap = n_slots;
     ctx->logits = alloc_array((size_t)n_slots * (size_t)hp->n_vocab, sizeof(float), &failed);
     ctx->ents = alloc_array((size_t)n_slots, sizeof(entry_state), &failed);
@@ -311,7 +318,7 @@ int bn_context_set_threads(bn_context *ctx, int32_t n_threads)
     if (n_threads == bn_pool_threads(ctx->pool))
         return 0;
     int failed = 0;
-    float *scores = alloc_array((size_t)n_threads * (size_t)ctx->n_ctx, sizeof(float), &failed);
+    float *scores = alloc_array((size_t)n_threads * ctx->scores_per_thread, sizeof(float), &failed);
     if (failed)
         return -1;
     bn_pool *pool = bn_pool_new(n_threads);
@@ -359,14 +366,23 @@ int32_t bn_seq_pos(const bn_context *ctx, int32_t slot)
 
 /* ------------------------------------------------------------------ per-token math */
 
+/* GCC vector types: elementwise arithmetic in the written order (no contraction in ISO C
+ * mode), lowered to whatever vector width the function is compiled for. */
+typedef float bn_v8f __attribute__((vector_size(32)));
+typedef float bn_v16f __attribute__((vector_size(64)));
+
 /* Sum of a[i]*b[i] in a fixed order: 8 partial sums, then a fixed tree. */
-static float dot_fixed(const float *a, const float *b, int32_t n)
+static inline __attribute__((always_inline)) float dot_fixed(const float *a, const float *b,
+                                                              int32_t n)
 {
-    float p[8] = {0};
+    bn_v8f p = {0};
     int32_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++)
-            p[l] += a[i + l] * b[i + l];
+    for (; i + 8 <= n; i += 8) {
+        bn_v8f x, y;
+        memcpy(&x, a + i, sizeof x);
+        memcpy(&y, b + i, sizeof y);
+        p += x * y;
+    }
     for (; i < n; i++)
         p[0] += a[i] * b[i];
     float s4[4];
@@ -481,51 +497,150 @@ typedef struct {
     bn_queue queue;
 } attn_job;
 
+/* Four dot products at once: four independent dependency chains, each the exact arithmetic
+ * of dot_fixed (same lanes, same order, same tree). */
+static inline __attribute__((always_inline)) void dot4_fixed(const float *const a[4],
+                                                             const float *const b[4],
+                                                             int32_t n, float out[4])
+{
+    bn_v8f p[4] = {{0}, {0}, {0}, {0}};
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 4; k++) {
+            bn_v8f x, y;
+            memcpy(&x, a[k] + i, sizeof x);
+            memcpy(&y, b[k] + i, sizeof y);
+            p[k] += x * y;
+        }
+    for (; i < n; i++)
+        for (int k = 0; k < 4; k++)
+            p[k][0] += a[k][i] * b[k][i];
+    for (int k = 0; k < 4; k++) {
+        float s4[4];
+        for (int l = 0; l < 4; l++)
+            s4[l] = p[k][l] + p[k][l + 4];
+        out[k] = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    }
+}
+
+/* o[c*16 .. c*16+15] for c < m (m 16-wide chunks of one head's output) =
+ * inv * sum over t ascending of p_t * v_t[...]: m independent accumulators in registers. */
+static inline __attribute__((always_inline)) void weighted_sum(const float *sg, const float *vc,
+                                                               size_t kvd, int32_t pos,
+                                                               const int m, float inv, float *o)
+{
+    bn_v16f acc[8];
+    for (int c = 0; c < m; c++)
+        acc[c] = (bn_v16f){0};
+    for (int32_t t = 0; t <= pos; t++) {
+        const float p = sg[t];
+        const float *vt = vc + (size_t)t * kvd;
+        for (int c = 0; c < m; c++) {
+            bn_v16f v;
+            memcpy(&v, vt + 16 * c, sizeof v);
+            acc[c] += p * v;
+        }
+    }
+    for (int c = 0; c < m; c++) {
+        acc[c] *= inv;
+        memcpy(o + 16 * c, &acc[c], sizeof acc[c]);
+    }
+}
+
+/* Causal attention of token i's query heads hd0..hd0+group-1, which share one kv head:
+ * each K and V row is loaded once for the whole group. Every head's arithmetic runs in the
+ * same fixed order as if it were alone (scores, max, exp-sum in position order, weighted
+ * sum in position order, one multiplication by 1/sum), so results do not depend on the
+ * grouping or the batch. Cloned for wider vectors: the operations and their order stay the
+ * same (no contraction in ISO C mode). */
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void attend_group(const float *q, const float *kc, const float *vc, size_t kvd,
+                         int32_t pos, int32_t D, int32_t group, float inv_sqrt_d,
+                         float *scores, size_t score_stride, float *out)
+{
+    float mx[64], sum[64];
+    for (int32_t g = 0; g < group; g++)
+        mx[g] = -INFINITY;
+    /* scores for every (position, head) pair, four pairs at a time */
+    const int64_t n_pairs = (int64_t)(pos + 1) * group;
+    for (int64_t idx = 0; idx < n_pairs; idx += 4) {
+        const int n = n_pairs - idx < 4 ? (int)(n_pairs - idx) : 4;
+        const float *qa[4], *kb[4];
+        int32_t tt[4], gg[4];
+        for (int k = 0; k < 4; k++) {
+            const int64_t j = idx + (k < n ? k : 0);
+            tt[k] = (int32_t)(j / group);
+            gg[k] = (int32_t)(j % group);
+            qa[k] = q + (size_t)gg[k] * D;
+            kb[k] = kc + (size_t)tt[k] * kvd;
+        }
+        float d4[4];
+        dot4_fixed(qa, kb, D, d4);
+        for (int k = 0; k < n; k++) {
+            const float sc = d4[k] * inv_sqrt_d;
+            scores[gg[k] * score_stride + (size_t)tt[k]] = sc;
+            if (sc > mx[gg[k]])
+                mx[gg[k]] = sc;
+        }
+    }
+    for (int32_t g = 0; g < group; g++) {
+        float *sg = scores + g * score_stride;
+        float acc = 0.0f;
+        for (int32_t t = 0; t <= pos; t++) {
+            const float e = expf(sg[t] - mx[g]);
+            sg[t] = e;
+            acc += e;
+        }
+        sum[g] = acc;
+    }
+    for (int32_t g = 0; g < group; g++) {
+        const float *sg = scores + g * score_stride;
+        float *o = out + (size_t)g * D;
+        const float inv = 1.0f / sum[g];
+        const int32_t chunks = D / 16;
+        int32_t c = 0;
+        for (; c + 8 <= chunks; c += 8)
+            weighted_sum(sg, vc + 16 * c, kvd, pos, 8, inv, o + 16 * c);
+        if (c + 4 <= chunks) {
+            weighted_sum(sg, vc + 16 * c, kvd, pos, 4, inv, o + 16 * c);
+            c += 4;
+        }
+        if (c + 2 <= chunks) {
+            weighted_sum(sg, vc + 16 * c, kvd, pos, 2, inv, o + 16 * c);
+            c += 2;
+        }
+        if (c < chunks)
+            weighted_sum(sg, vc + 16 * c, kvd, pos, 1, inv, o + 16 * c);
+        for (int32_t d = chunks * 16; d < D; d++) {
+            float acc = 0.0f;
+            for (int32_t t = 0; t <= pos; t++)
+                acc += sg[t] * vc[(size_t)t * kvd + d];
+            o[d] = acc * inv;
+        }
+    }
+}
+
 static void attn_worker(void *arg, int32_t ith, int32_t nth)
 {
+    (void)nth;
     attn_job *job = arg;
     bn_context *ctx = job->ctx;
-    (void)nth;
     const bn_hparams *hp = &ctx->hp;
-    const int32_t H = hp->n_head, D = hp->head_dim, group = hp->n_head / hp->n_head_kv;
+    const int32_t Hkv = hp->n_head_kv, D = hp->head_dim, group = hp->n_head / hp->n_head_kv;
     const int32_t kvd = ctx->kv_dim, E = hp->n_embd;
     const float inv_sqrt_d = 1.0f / sqrtf((float)D);
-    float *scores = ctx->scores + (size_t)ith * ctx->n_ctx;
+    float *scores = ctx->scores + (size_t)ith * ctx->scores_per_thread;
     int64_t lo, hi;
     while (bn_queue_grab(&job->queue, &lo, &hi)) {
         for (int64_t item = lo; item < hi; item++) {
-            const int32_t i = (int32_t)(item / H), hd = (int32_t)(item % H);
+            const int32_t i = (int32_t)(item / Hkv), kh = (int32_t)(item % Hkv);
             const int32_t slot = ctx->tok_slot[i], pos = ctx->tok_pos[i];
             const size_t layer_base =
                 ((size_t)slot * hp->n_layer + (size_t)job->layer) * (size_t)ctx->n_ctx * kvd;
-            const float *kc = ctx->kcache + layer_base + (size_t)(hd / group) * D;
-            const float *vc = ctx->vcache + layer_base + (size_t)(hd / group) * D;
-            const float *qv = ctx->q + (size_t)i * E + (size_t)hd * D;
-            float *out = ctx->att + (size_t)i * E + (size_t)hd * D;
-            float mx = -INFINITY;
-            for (int32_t t = 0; t <= pos; t++) {
-                float s = dot_fixed(qv, kc + (size_t)t * kvd, D) * inv_sqrt_d;
-                scores[t] = s;
-                if (s > mx)
-                    mx = s;
-            }
-            float sum = 0.0f;
-            for (int32_t t = 0; t <= pos; t++) {
-                float e = expf(scores[t] - mx);
-                scores[t] = e;
-                sum += e;
-            }
-            for (int32_t d = 0; d < D; d++)
-                out[d] = 0.0f;
-            for (int32_t t = 0; t <= pos; t++) {
-                const float p = scores[t];
-                const float *vt = vc + (size_t)t * kvd;
-                for (int32_t d = 0; d < D; d++)
-                    out[d] += p * vt[d];
-            }
-            const float inv = 1.0f / sum;
-            for (int32_t d = 0; d < D; d++)
-                out[d] *= inv;
+            const size_t q_off = (size_t)i * E + (size_t)kh * group * D;
+            attend_group(ctx->q + q_off, ctx->kcache + layer_base + (size_t)kh * D,
+                         ctx->vcache + layer_base + (size_t)kh * D, (size_t)kvd, pos, D, group,
+                         inv_sqrt_d, scores, (size_t)ctx->n_ctx, ctx->att + q_off);
         }
     }
 }
@@ -623,7 +738,7 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         }
         PROF_LAP(0);
         attn_job aj = {ctx, l, T, {0}};
-        bn_queue_init(&aj.queue, (int64_t)T * hp->n_head, bn_pool_threads(ctx->pool), 4, 1);
+        bn_queue_init(&aj.queue, (int64_t)T * hp->n_head_kv, bn_pool_threads(ctx->pool), 4, 1);
         bn_pool_run(ctx->pool, attn_worker, &aj);
         PROF_LAP(2);
         norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, E, T);
@@ -783,7 +898,8 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
                 ctx->pos[entries[c].slot] = st->orig_pos;
             }
         }
-        while (e < n_entries && (ctx->ents[e].status != 0 || ctx->ents[e].done >= ctx->ents[e].n_tokens))
+        while (e < n_entries &&
+               (ctx->ents[e].status != 0 || ctx->ents[e].done >= ctx->ents[e].n_tokens))
             e++;
         if (e >= n_entries)
             break;

@@ -230,10 +230,11 @@ AVX2_INLINE void ternary_tile_avx2(const uint8_t *const *rows, const int nr,
                 const __m256i p3 = _mm256_and_si256(c, m3);
                 for (int j = 0; j < nt; j++) {
                     const int8_t *a = acts[j] + 128 * b;
-                    __m256i d0 = _mm256_maddubs_epi16(p0, _mm256_loadu_si256((const __m256i *)a));
-                    __m256i d1 = _mm256_maddubs_epi16(p1, _mm256_loadu_si256((const __m256i *)(a + 32)));
-                    __m256i d2 = _mm256_maddubs_epi16(p2, _mm256_loadu_si256((const __m256i *)(a + 64)));
-                    __m256i d3 = _mm256_maddubs_epi16(p3, _mm256_loadu_si256((const __m256i *)(a + 96)));
+                    const __m256i *av = (const __m256i *)a;
+                    __m256i d0 = _mm256_maddubs_epi16(p0, _mm256_loadu_si256(av));
+                    __m256i d1 = _mm256_maddubs_epi16(p1, _mm256_loadu_si256(av + 1));
+                    __m256i d2 = _mm256_maddubs_epi16(p2, _mm256_loadu_si256(av + 2));
+                    __m256i d3 = _mm256_maddubs_epi16(p3, _mm256_loadu_si256(av + 3));
                     s16[i * nt + j] = _mm256_add_epi16(
                         s16[i * nt + j],
                         _mm256_add_epi16(_mm256_add_epi16(d0, d1), _mm256_add_epi16(d2, d3)));
@@ -325,8 +326,9 @@ AVX2_INLINE void f16_tile_avx2(const uint16_t *const *rows, const int nr,
             const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows[i] + e)));
             const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(rows[i] + e + 8)));
             for (int j = 0; j < nt; j++) {
-                lo[i * nt + j] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs[j] + e), lo[i * nt + j]);
-                hi[i * nt + j] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs[j] + e + 8), hi[i * nt + j]);
+                const int k = i * nt + j;
+                lo[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xs[j] + e), lo[k]);
+                hi[k] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xs[j] + e + 8), hi[k]);
             }
         }
     }
@@ -500,39 +502,39 @@ static const ternary_tile_fn ternary512_tiles[2][4] = {
     {ternary512_tile_4x1, ternary512_tile_4x2, ternary512_tile_4x3, ternary512_tile_4x4},
 };
 
-AVX512_FN static void ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1,
-                                     const bn_qact *a, float *y, int64_t y_stride)
+/* Tokens [t0, t1) of rows [r0, r1). */
+AVX512_FN static void ternary512_span(const bn_ternary *w, int32_t r0, int32_t r1,
+                                      const bn_qact *a, int32_t t0, int32_t t1, float *y,
+                                      int64_t y_stride)
 {
     const size_t row_bytes = (size_t)w->n_in / 4;
     const int32_t nb = w->n_in / 128;
-    const int32_t n_tok = a->n_tok;
     const int32_t len = (r1 - r0) / STREAMS;
     int32_t out[16];
     const uint8_t *rows[4];
-    const int8_t *acts[4];
+    const int8_t *acts[8];
     int32_t rr[4];
     /* 4 rows from 4 streams, up to 4 tokens per tile: 16 accumulators; groups of 8 tokens
      * take 2 rows at a time (16 accumulators too, half the plane decoding per product) */
-    const int32_t t8 = n_tok / 8 * 8;
+    const int32_t t8 = t0 + (t1 - t0) / 8 * 8;
     for (int32_t i = 0; i < len; i++) {
         for (int k = 0; k < 4; k++) {
             rr[k] = r0 + k * len + i;
             rows[k] = w->codes + (size_t)rr[k] * row_bytes;
         }
-        for (int32_t t = 0; t < t8; t += 8) {
-            const int8_t *acts8[8];
+        for (int32_t t = t0; t < t8; t += 8) {
             for (int j = 0; j < 8; j++)
-                acts8[j] = a->q + (size_t)(t + j) * a->stride;
+                acts[j] = a->q + (size_t)(t + j) * a->stride;
             for (int half = 0; half < 2; half++) {
-                ternary512_tile_2x8(rows + 2 * half, acts8, nb, out);
+                ternary512_tile_2x8(rows + 2 * half, acts, nb, out);
                 for (int k = 0; k < 2; k++)
                     for (int j = 0; j < 8; j++)
                         y[(t + j) * y_stride + rr[2 * half + k]] = bitlinear_out(
                             out[k * 8 + j], a->qsum[t + j], a->s[t + j], w->scale);
             }
         }
-        for (int32_t t = t8; t < n_tok; t += 4) {
-            const int nt = n_tok - t < 4 ? n_tok - t : 4;
+        for (int32_t t = t8; t < t1; t += 4) {
+            const int nt = t1 - t < 4 ? t1 - t : 4;
             for (int j = 0; j < nt; j++)
                 acts[j] = a->q + (size_t)(t + j) * a->stride;
             ternary512_tiles[1][nt - 1](rows, acts, nb, out);
@@ -544,8 +546,8 @@ AVX512_FN static void ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1
     }
     for (int32_t r = r0 + STREAMS * len; r < r1; r++) {
         rows[0] = w->codes + (size_t)r * row_bytes;
-        for (int32_t t = 0; t < n_tok; t += 4) {
-            const int nt = n_tok - t < 4 ? n_tok - t : 4;
+        for (int32_t t = t0; t < t1; t += 4) {
+            const int nt = t1 - t < 4 ? t1 - t : 4;
             for (int j = 0; j < nt; j++)
                 acts[j] = a->q + (size_t)(t + j) * a->stride;
             ternary512_tiles[0][nt - 1](rows, acts, nb, out);
@@ -554,6 +556,15 @@ AVX512_FN static void ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1
                     bitlinear_out(out[j], a->qsum[t + j], a->s[t + j], w->scale);
         }
     }
+}
+
+AVX512_FN static void ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1,
+                                     const bn_qact *a, float *y, int64_t y_stride)
+{
+    /* Many tokens (prefill): groups of 8 outermost, so a group's activations stay in L1
+     * while the rows stream past; the rows come again from L2 for the next group. */
+    for (int32_t t = 0; t < a->n_tok; t += 8)
+        ternary512_span(w, r0, r1, a, t, t + 8 < a->n_tok ? t + 8 : a->n_tok, y, y_stride);
 }
 
 /* F16 head with 16-lane accumulators: lane l of a zmm is partial sum l of kernels.h. */
@@ -575,8 +586,9 @@ AVX512_INLINE void f16_tile_avx512(const uint16_t *const *rows, const int nr,
         }
     }
     for (int k = 0; k < nr * nt; k++)
-        out[k] = reduce16_avx2(_mm512_castps512_ps256(acc[k]),
-                               _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[k]), 1)));
+        out[k] = reduce16_avx2(
+            _mm512_castps512_ps256(acc[k]),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[k]), 1)));
 }
 
 #define F16_TILE512(NR, NT)                                                                   \
@@ -805,7 +817,8 @@ static void read_worker(void *arg, int32_t ith, int32_t nth)
 double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams,
                                  int32_t reps)
 {
-    if (n_bytes < ((uint64_t)1 << 24) || n_bytes > ((uint64_t)1 << 40) || n_threads < 1 || streams < 1 ||
+    if (n_bytes < ((uint64_t)1 << 24) || n_bytes > ((uint64_t)1 << 40) || n_threads < 1 ||
+        streams < 1 ||
         streams > 64 || reps < 1)
         return -1.0;
     uint8_t *buf = malloc((size_t)n_bytes);
