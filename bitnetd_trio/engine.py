@@ -356,7 +356,7 @@ _select_lock = threading.Lock()
 
 
 def kernel_name() -> str:
-    """The I2_S kernel in use: "scalar", "avx2", ..."""
+    """The kernel set in use: "scalar", "avx2" or "avx512vnni"."""
     return ffi.string(lib.bn_kernel_name()).decode()
 
 

@@ -152,9 +152,10 @@ double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t st
                                  int32_t reps);
 
 /* ---- introspection ---- */
-/* "scalar", "avx2", ... : the I2_S kernel chosen at run time. */
+/* "scalar", "avx2", "avx512vnni": the kernel set chosen at run time. */
 const char *bn_kernel_name(void);
-/* Force a kernel for tests ("scalar" or "avx2"); returns 0, or -1 if not supported here. */
+/* Force a kernel set ("scalar", "avx2", "avx512vnni"); returns 0, or -1 if not supported
+ * here. Every set computes bit-identical results. */
 int bn_kernel_select(const char *name);
 
 #ifdef __cplusplus

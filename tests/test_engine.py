@@ -165,3 +165,36 @@ def test_model_close_waits_for_contexts(tiny_model_path: Path) -> None:
         m.metadata("general.name")
     with pytest.raises(engine.EngineError):
         c.forward([BatchEntry(0, [1], "last")])
+
+
+def test_cancel_while_running_leaves_slots_consistent(head128_model_path: Path) -> None:
+    """A flag set from another thread during a long, chunked forward: the entry ends either
+    done (status 0, position advanced) or cancelled (status 1, position unchanged), and the
+    other entry of the call is unaffected. Which one happens depends on timing."""
+    prompt = [(i * 37) % 500 for i in range(700)]
+    with engine.Model.load(head128_model_path) as m, engine.Context(m, 2, 1024, 2) as ctx:
+        ctx.forward([BatchEntry(1, prompt[:20], "last")])
+        want_other = None
+        seen = set()
+        for delay in (0.0, 0.002, 0.01, 0.05):
+            ctx.reset(0)
+            ctx.truncate(1, 20)
+            flag = engine.CancelFlag()
+            timer = threading.Timer(delay, flag.set)
+            timer.start()
+            st = ctx.forward([BatchEntry(0, prompt, "last", flag),
+                              BatchEntry(1, prompt[20:40], "last")])
+            timer.join()
+            seen.add(st[0])
+            assert st[1] == 0 and ctx.pos(1) == 40
+            other = np.array(ctx.logits(1, 19))
+            if want_other is None:
+                want_other = other
+            np.testing.assert_array_equal(other, want_other)
+            if st[0] == 1:
+                assert ctx.pos(0) == 0
+                with pytest.raises(engine.EngineError):
+                    ctx.logits(0, 699)
+            else:
+                assert st[0] == 0 and ctx.pos(0) == 700
+        assert seen <= {0, 1}
