@@ -104,7 +104,12 @@ typedef struct {
 
 /* Advance every entry's sequence together: each weight row is read once for all tokens
  * of all entries. Distinct slots only. Returns 0, or <0 with a message (bad slot, token id
- * out of range, context full). */
+ * out of range, context full); on error nothing is applied, the offending entry's status is
+ * -1 and every other entry's -2. Long calls run in internal chunks of up to 512 tokens; an
+ * entry whose cancel flag is set before its first or between chunks is skipped (status 1)
+ * and its slot keeps the position it had before the call. A sequence's logits are
+ * bit-identical whatever else is in the call, however its tokens are split into calls, and
+ * whatever the thread count. */
 int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries,
                char *err, size_t errlen);
 /* Logits of the last bn_forward: entry e, token t (t must be n_tokens-1 for
@@ -141,7 +146,7 @@ int32_t bn_sampler_sample(bn_sampler *s, const float *logits);
 /* ---- kernels (exposed for tests and benchmarks) ---- */
 /* y[t][r] = BitLinear(x[t], W) for t < n_tok, r < n_out: x is n_tok x n_in floats, y is
  * n_tok x n_out, W is n_out rows of n_in/4 bytes of I2_S codes (n_in % 128 == 0) with
- * per-tensor scale. kernel: "scalar", "avx2" or NULL for the dispatched one. */
+ * per-tensor scale. kernel: "scalar", "avx2", "avx512vnni" or NULL for the dispatched one. */
 int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
                       int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads);
 
