@@ -374,6 +374,7 @@ class App:
         if config is not None:
             self.config = config
         self.engine = engine
+        self.metrics.model_loaded.set(1)
         self.model_path = engine.settings.model_path
         self.is_demo = engine.settings.is_demo
         self.model_id = self._model_id_for(engine)
@@ -389,6 +390,7 @@ class App:
 
     async def shutdown(self) -> None:
         engine, self.engine = self.engine, None
+        self.metrics.model_loaded.set(0)
         if engine is not None:
             await engine.aclose()
 

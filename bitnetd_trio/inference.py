@@ -337,6 +337,8 @@ class InferenceThread:
             self._loop()
         except BaseException:
             log.exception("inference thread crashed")
+            if self.metrics is not None:
+                self.metrics.model_loaded.set(0)
         finally:
             self._fail_everything("the inference engine stopped")
             self._close_engine()
@@ -395,8 +397,8 @@ class InferenceThread:
         )
 
     def _close_engine(self) -> None:
-        if self.metrics is not None:
-            self.metrics.model_loaded.set(0)
+        # model_loaded is the app's to clear: after a reload, closing the old engine must not
+        # mark the new one as unloaded.
         for seq in self._active:
             seq.sampler.close()
         self._active.clear()
