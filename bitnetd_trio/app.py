@@ -33,6 +33,7 @@ from .inference import EngineSettings, InferenceThread, Job, QueueFull, TokenRes
 from .metrics import Metrics
 from .streaming import (
     SSE_DONE,
+    SSE_KEEPALIVE,
     ChatChunks,
     CompletionChunks,
     chat_logprob_entry,
@@ -302,6 +303,7 @@ class App:
         self._generations: set[Generation] = set()  # in flight, for begin_drain
         self.drain_deadline = math.inf  # Trio time after which generations are ended
         self.draining = False
+        self.stream_keepalive = 10.0  # seconds of silence before a stream sends ": ping"
         self._rate_buckets: dict[str, tuple[float, float]] = {}
         self.routes: dict[str, Route] = self._build_routes()
 
@@ -826,17 +828,21 @@ class App:
         deadline = gen.started_at + timeout if timeout > 0 else math.inf
         return min(deadline, self.drain_deadline)
 
-    async def _next_updates(self, gen: Generation) -> list[Update] | None:
-        """The next update and any already waiting behind it; None when time ran out."""
+    async def _next_updates(self, gen: Generation, patience: float = math.inf
+                            ) -> list[Update] | None:
+        """The next update and any already waiting behind it; [] if none came within
+        `patience` seconds; None when the request's time ran out."""
         with trio.CancelScope(deadline=self._deadline(gen)) as scope:
             gen.wait_scope = scope
-            first = await gen.receiver.receive()
-            batch = [first]
-            while True:
-                try:
-                    batch.append(gen.receiver.receive_nowait())
-                except trio.WouldBlock:
-                    return batch
+            with trio.move_on_after(patience):
+                first = await gen.receiver.receive()
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(gen.receiver.receive_nowait())
+                    except trio.WouldBlock:
+                        return batch
+            return []
         gen.timed_out = True
         gen.cancel_all()
         return None
@@ -1000,10 +1006,11 @@ class App:
     # -- streaming --
 
     async def _stream(self, req: Request, gen: Generation, watch: DisconnectWatch) -> None:
-        g = gen.req
         # Wait for the first result before answering, so a request that fails or times out
-        # before producing anything still gets a real HTTP status.
-        first = await self._next_updates(gen)
+        # before producing anything still gets a real HTTP status; but not for longer than
+        # stream_keepalive: then the stream starts with keep-alive comments, so proxies and
+        # clients with read timeouts do not give up during a long queue wait or prefill.
+        first = await self._next_updates(gen, self.stream_keepalive)
         if first is None:
             raise ApiError(504, "the request timed out before any token was produced",
                            type="timeout_error")
@@ -1019,12 +1026,21 @@ class App:
         out = bytearray(shaper.opening())
         updates: list[Update] | None = first
         while True:
+            if updates is None and not gen.anything_produced:
+                err = ApiError(504, "the request timed out before any token was produced",
+                               type="timeout_error")
+                out += sse_event(err.envelope())
+                watch.completed = True
+                await req.resp.body(bytes(out))
+                return
             if updates is None:  # timed out: finish every open choice with "length"
                 for c in gen.choices:
                     if not c.done:
                         c.finish_reason = "cancelled"
                         out += shaper.finish(c, "")
                 break
+            if not updates:
+                out += SSE_KEEPALIVE
             for upd in updates:
                 c = gen.choices[upd.job.index]
                 c.apply(upd)
@@ -1041,7 +1057,7 @@ class App:
             if out:
                 await req.resp.body(bytes(out), more=True)
                 out.clear()
-            updates = await self._next_updates(gen)
+            updates = await self._next_updates(gen, self.stream_keepalive)
         out += shaper.closing()
         watch.completed = True
         await req.resp.body(bytes(out))

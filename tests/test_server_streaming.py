@@ -218,3 +218,35 @@ async def test_drain_ends_running_streams_cleanly(server: RunningServer) -> None
         r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 503 and "retry-after" in r.headers
         await wait_until(lambda: all_slots_idle(c), "the slot to be released")
+
+
+async def test_stream_waiting_in_the_queue_gets_keepalives(server_model_path) -> None:
+    config = server_config(server_model_path, model_parallel=1)
+    async with running_server(config) as s, httpx.AsyncClient(base_url=s.url) as c:
+        s.app.stream_keepalive = 0.05  # type: ignore[attr-defined]
+        engine = s.app.engine  # type: ignore[attr-defined]
+        sink, receiver = trio.open_memory_channel(math.inf)
+        blocker = Job(prompt=[1, 2, 3], params=SamplingParams(seed=1), max_tokens=4000,
+                      sink=sink, ignore_eos=True)
+        engine.submit([blocker])
+        await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
+        body = {**long_chat(s), "max_tokens": 5}
+        stream = await trio.open_tcp_stream("127.0.0.1", s.port)
+        await stream.send_all(request_bytes("/v1/chat/completions", body))
+        buf = b""
+        while b": ping\n\n" not in buf:  # the stream started and is being kept alive
+            chunk = await stream.receive_some(65536)
+            assert chunk
+            buf += chunk
+        assert buf.startswith(b"HTTP/1.1 200")
+        blocker.cancel.set()
+        while not (b"data: [DONE]\n\n" in buf and buf.endswith(b"0\r\n\r\n")):
+            chunk = await stream.receive_some(65536)
+            assert chunk
+            buf += chunk
+        await stream.aclose()
+        receiver.close()
+        chunks = [json.loads(line[6:]) for line in buf.decode().split("\n")
+                  if line.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert sum(1 for ch in chunks if ch["choices"][0]["delta"].get("content")) >= 1
