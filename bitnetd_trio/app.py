@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from . import api_schema
+from . import __version__, api_schema
 from .config import Config, load_config
 from .errors import ApiError, ConfigError
 from .inference import EngineSettings, InferenceThread, Job, QueueFull, TokenResult, Update
@@ -52,7 +52,6 @@ Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 
 DEMO_MODEL_ID = "bitnet-demo"
-VERSION = "0.1.0"
 
 
 class ClientGone(Exception):
@@ -650,10 +649,11 @@ class App:
             "total_slots": info.n_slots,
             "model_path": info.path,
             "model_alias": self.config.model.alias or self._model_id_for(engine),
-            "chat_template": getattr(engine.chat_template, "source", None),
+            "chat_template": engine.chat_template.source,  # None: the BitNet trained format
+            "chat_template_kind": engine.chat_template.kind,
             "bos_token": _piece_or_none(engine.tokenizer, engine.tokenizer.bos_id),
             "eos_token": _piece_or_none(engine.tokenizer, engine.tokenizer.eos_id),
-            "build_info": f"bitnetd-trio {VERSION} ({info.kernel})",
+            "build_info": f"bitnetd-trio {__version__} ({info.kernel})",
             "demo_model": info.is_demo,
             "modalities": {"vision": False, "audio": False},
         })
@@ -745,9 +745,8 @@ class App:
         """Token ids and text of each prompt (chat: the rendered conversation)."""
         tok = engine.tokenizer
         if g.messages is not None:
-            text = self._render_chat(engine, g.messages)
             ids = self._chat_tokens(engine, g.messages)
-            prompts, texts, param = [ids], [text], "messages"
+            prompts, texts, param = [ids], [tok.decode(ids)], "messages"
         else:
             prompts, texts, param = [], [], "prompt"
             for p in g.prompts or []:
@@ -909,7 +908,7 @@ class App:
         return self._llama_final(gen, c, "".join(c.text))
 
     def _fingerprint(self, engine: InferenceThread) -> str:
-        return f"bitnetd-trio-{VERSION}-{engine.info.kernel}"
+        return f"bitnetd-trio-{__version__}-{engine.info.kernel}"
 
     def _token_bytes(self, engine: InferenceThread, token: int) -> bytes:
         return engine.tokenizer.token_bytes(token)
