@@ -1102,6 +1102,9 @@ class _StreamShaper:
             lps = None
             if g.logprobs:
                 lps = self.app._logprob_lists(self.gen, upd.tokens or [], self.text_offsets[i])
+                if g.echo and upd.prompt_logprobs:  # the echoed prompt's, at offset 0
+                    head = self.app._logprob_lists(self.gen, upd.prompt_logprobs, 0)
+                    lps = {k: head[k] + lps[k] for k in lps}
             self.text_offsets[i] += len(upd.text)
             return sse_event(self.cmpl.text(i, upd.text, lps))
         if g.endpoint == "completion":

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -137,6 +138,19 @@ async def test_prompt_scoring_matches_the_engine(server: RunningServer,
     lp = choice["logprobs"]
     assert len(lp["tokens"]) == len(prompt) and lp["token_logprobs"][0] is None
     assert r.json()["usage"]["completion_tokens"] == 0
+
+    # streamed: the same values, in the stream's logprobs
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        r = await c.post("/v1/completions", json={
+            "model": mid(server), "prompt": prompt, "max_tokens": 0, "echo": True,
+            "logprobs": 3, "temperature": 0, "stream": True})
+    streamed: list = []
+    for line in r.text.split("\n"):
+        if line.startswith("data: {"):
+            ch = json.loads(line[6:])["choices"][0]
+            if ch["logprobs"]:
+                streamed += ch["logprobs"]["token_logprobs"]
+    assert streamed == lp["token_logprobs"]
 
     model = engine.Model.load(server_model_path)
     ctx = engine.Context(model, 1, 64, 1)
