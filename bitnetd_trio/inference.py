@@ -74,6 +74,9 @@ class EngineSettings:
     prefill_stall_factor: float = 2.0
     prefill_stall_floor: float = 0.02  # seconds
     prefill_min_tokens: int = 8
+    # Results of steps closer together than this are handed to Trio together (first tokens
+    # and finished sequences at once): every hand-over costs the Trio thread a wake-up.
+    delivery_interval: float = 0.004  # seconds
     is_demo: bool = False
 
 
@@ -221,7 +224,8 @@ class InferenceThread:
         self._ctx: Any = None
         self._active: list[_Sequence] = []
         self._free: list[int] = []
-        self._outbox: list[Update] = []  # results of the last step, not yet delivered
+        self._outbox: list[Update] = []  # results of the last steps, not yet delivered
+        self._delivered_at = 0.0
         self._trio_gone = False
         self._cached: list[list[int]] = []  # per slot: the tokens its KV cache holds
         self._stop_ids: frozenset[int] = frozenset()
@@ -420,16 +424,22 @@ class InferenceThread:
         if updates:
             self._call_trio(self._dispatch, updates)
 
-    def _flush(self) -> bool:
+    def _flush(self, force: bool = False) -> bool:
         """Hand the collected updates to Trio (one run_sync_soon); False once Trio is gone.
 
         Called just before the next forward rather than right after sampling: the Trio thread
         wakes up and takes the GIL to stream the results while this thread is inside the
         native forward (GIL released), instead of this thread waiting for the GIL to come
-        back before it can start the next step.
+        back before it can start the next step. Fast steps are delivered together (at most
+        one hand-over per delivery_interval), except first tokens and endings.
         """
         if not self._outbox:
             return True
+        now = time.monotonic()
+        if (not force and now - self._delivered_at < self.settings.delivery_interval
+                and not any(u.final or u.n_generated <= 1 for u in self._outbox)):
+            return True
+        self._delivered_at = now
         batch = list(self._outbox)
         self._outbox.clear()
         return self._call_trio(self._dispatch, batch)
@@ -437,7 +447,7 @@ class InferenceThread:
     def _loop(self) -> None:
         updates = self._outbox
         while True:
-            if not self._active and not self._flush():  # nothing runs next: deliver now
+            if not self._active and not self._flush(force=True):  # nothing runs next
                 return
             with self._cond:
                 while not self._stopping and not self._queue and not self._active:
