@@ -76,7 +76,7 @@ class EngineSettings:
     prefill_min_tokens: int = 8
     # Results of steps closer together than this are handed to Trio together (first tokens
     # and finished sequences at once): every hand-over costs the Trio thread a wake-up.
-    delivery_interval: float = 0.004  # seconds
+    delivery_interval: float = 0.010  # seconds
     is_demo: bool = False
 
 
@@ -226,6 +226,7 @@ class InferenceThread:
         self._free: list[int] = []
         self._outbox: list[Update] = []  # results of the last steps, not yet delivered
         self._delivered_at = 0.0
+        self._gauges = (-1, -1)  # last (waiting, running) written to the metrics
         self._trio_gone = False
         self._cached: list[list[int]] = []  # per slot: the tokens its KV cache holds
         self._stop_ids: frozenset[int] = frozenset()
@@ -462,19 +463,16 @@ class InferenceThread:
             try:
                 for job in admitted:
                     self._admit(job, updates)
-                if self.metrics is not None:
-                    self.metrics.requests_waiting.set(waiting)
-                    self.metrics.requests_running.set(len(self._active))
+                self._set_gauges(waiting)
                 self._step(updates)
             except Exception as exc:  # a bug: end the sequences involved, keep serving
                 log.exception("inference step failed")
                 for seq in list(self._active):
                     self._retire(seq, "error", updates, error=f"internal error: {exc}")
             self._steps += 1
-            if self.metrics is not None:
-                # After the step: sequences that finished in it are no longer running (otherwise
-                # the gauge keeps the old count until the next request arrives).
-                self.metrics.requests_running.set(len(self._active))
+            # After the step too: sequences that finished in it are no longer running
+            # (otherwise the gauge keeps the old count until the next request arrives).
+            self._set_gauges(waiting)
             if self._trio_gone:
                 return
 
@@ -760,6 +758,14 @@ class InferenceThread:
         self.tokens_after_disconnect += 1
         if self.metrics is not None:
             self.metrics.tokens_after_disconnect_total.inc()
+
+    def _set_gauges(self, waiting: int) -> None:
+        """requests_waiting / requests_running, written only when they change."""
+        counts = (waiting, len(self._active))
+        if self.metrics is not None and counts != self._gauges:
+            self._gauges = counts
+            self.metrics.requests_waiting.set(counts[0])
+            self.metrics.requests_running.set(counts[1])
 
     def _account_step(self) -> None:
         if self.metrics is not None:
