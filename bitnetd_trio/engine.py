@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - only while the sampler module is missi
 __all__ = [
     "EngineError", "ModelLoadError", "HParams", "Model", "CancelFlag", "BatchEntry", "Context",
     "Sampler", "SamplingParams", "logprobs", "kernel_name", "select_kernel", "ternary_matmul",
-    "measure_read_bandwidth",
+    "measure_read_bandwidth", "BandwidthProbe",
 ]
 
 _ERRLEN = 512
@@ -392,3 +392,26 @@ def measure_read_bandwidth(n_bytes: int = 1 << 30, n_threads: int = 1, streams: 
     if v <= 0:
         raise EngineError("bandwidth measurement failed (out of memory?)")
     return float(v)
+
+
+class BandwidthProbe:
+    """A read-bandwidth probe that keeps its buffer and threads, for interleaved passes."""
+
+    def __init__(self, n_bytes: int = 1 << 30, n_threads: int = 1) -> None:
+        raw = lib.bn_bwprobe_new(int(n_bytes), int(n_threads))
+        if raw == ffi.NULL:
+            raise EngineError(f"cannot set up a {n_bytes}-byte probe with {n_threads} threads")
+        self._ptr = ffi.gc(raw, lib.bn_bwprobe_free)
+        self.n_threads = int(n_threads)
+
+    def run(self, streams: int = 8) -> float:
+        """One pass over the buffer: GB/s."""
+        v = lib.bn_bwprobe_run(self._ptr, int(streams))
+        if v <= 0:
+            raise EngineError("bandwidth probe failed")
+        return float(v)
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            ffi.release(self._ptr)
+            self._ptr = None

@@ -155,6 +155,12 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
  * For benchmarks (spec section 9). */
 double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams,
                                  int32_t reps);
+/* The same probe with its buffer and threads kept, so that single passes can be interleaved
+ * with other measurements. */
+typedef struct bn_bwprobe bn_bwprobe;
+bn_bwprobe *bn_bwprobe_new(uint64_t n_bytes, int32_t n_threads);   /* NULL on failure */
+double bn_bwprobe_run(bn_bwprobe *p, int32_t streams);              /* one pass, GB/s */
+void bn_bwprobe_free(bn_bwprobe *p);
 
 /* ---- introspection ---- */
 /* "scalar", "avx2", "avx512vnni": the kernel set chosen at run time. */

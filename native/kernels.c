@@ -834,37 +834,70 @@ static void read_worker(void *arg, int32_t ith, int32_t nth)
     job->sink[ith] = sink;
 }
 
+struct bn_bwprobe {
+    uint8_t *buf;
+    bn_pool *pool;
+    read_job job;
+    int32_t n_threads;
+};
+
+void bn_bwprobe_free(bn_bwprobe *p)
+{
+    if (!p)
+        return;
+    bn_pool_free(p->pool);
+    free(p->buf);
+    free(p);
+}
+
+bn_bwprobe *bn_bwprobe_new(uint64_t n_bytes, int32_t n_threads)
+{
+    if (n_bytes < ((uint64_t)1 << 24) || n_bytes > ((uint64_t)1 << 40) || n_threads < 1 ||
+        n_threads > BN_POOL_MAX_THREADS)
+        return NULL;
+    bn_bwprobe *p = calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    p->buf = malloc((size_t)n_bytes);
+    p->pool = bn_pool_new(n_threads);
+    if (!p->buf || !p->pool) {
+        bn_bwprobe_free(p);
+        return NULL;
+    }
+    memset(p->buf, 1, (size_t)n_bytes);  /* fault every page in before timing */
+    p->job.buf = p->buf;
+    p->job.n = (size_t)n_bytes;
+    p->n_threads = n_threads;
+    return p;
+}
+
+double bn_bwprobe_run(bn_bwprobe *p, int32_t streams)
+{
+    if (!p || streams < 1 || streams > 64)
+        return -1.0;
+    p->job.streams = streams;
+    /* about 4 chunks per thread, whole MiBs each, each read as `streams` streams */
+    bn_queue_init(&p->job.queue, (int64_t)(p->job.n >> 20), p->n_threads, 4, 1);
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    bn_pool_run(p->pool, read_worker, &p->job);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    return dt > 0 ? (double)((p->job.n >> 20) << 20) / dt / 1e9 : -1.0;
+}
+
 double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams,
                                  int32_t reps)
 {
-    if (n_bytes < ((uint64_t)1 << 24) || n_bytes > ((uint64_t)1 << 40) || n_threads < 1 ||
-        streams < 1 ||
-        streams > 64 || reps < 1)
+    if (reps < 1)
         return -1.0;
-    uint8_t *buf = malloc((size_t)n_bytes);
-    bn_pool *pool = bn_pool_new(n_threads);
-    read_job *job = calloc(1, sizeof *job);
+    bn_bwprobe *p = bn_bwprobe_new(n_bytes, n_threads);
     double best = -1.0;
-    if (buf && pool && job) {
-        memset(buf, 1, (size_t)n_bytes);  /* fault every page in before timing */
-        job->buf = buf;
-        job->n = (size_t)n_bytes;
-        job->streams = streams;
-        for (int32_t r = 0; r < reps; r++) {
-            /* about 4 chunks per thread, whole MiBs each, each read as `streams` streams */
-            bn_queue_init(&job->queue, (int64_t)(n_bytes >> 20), n_threads, 4, 1);
-            struct timespec t0, t1;
-            clock_gettime(CLOCK_MONOTONIC, &t0);
-            bn_pool_run(pool, read_worker, job);
-            clock_gettime(CLOCK_MONOTONIC, &t1);
-            double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
-            double gbs = dt > 0 ? (double)((n_bytes >> 20) << 20) / dt / 1e9 : -1.0;
-            if (gbs > best)
-                best = gbs;
-        }
+    for (int32_t r = 0; p && r < reps; r++) {
+        double v = bn_bwprobe_run(p, streams);
+        if (v > best)
+            best = v;
     }
-    free(job);
-    bn_pool_free(pool);
-    free(buf);
+    bn_bwprobe_free(p);
     return best;
 }
