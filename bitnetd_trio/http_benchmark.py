@@ -59,6 +59,18 @@ def prompt_ids(n: int, n_vocab: int) -> list[int]:
     return [(17 + 31 * i) % min(n_vocab, 256) + 1 for i in range(n)]
 
 
+def letter_bias(model: object) -> dict[int, float]:
+    """A logit bias toward the one-letter tokens a-z and space, used on both sides: random
+    weights would otherwise often pick tokens without text (padding, control), and a stream
+    only carries tokens that have text."""
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.from_model(model)
+    ids = {t for ch in "abcdefghijklmnopqrstuvwxyz " for t in tok.encode(ch, add_bos=False,
+                                                                          parse_special=False)}
+    return {i: 30.0 for i in sorted(ids)}
+
+
 # ---- raw engine ----------------------------------------------------------------------------
 
 
@@ -72,7 +84,7 @@ class RawEngine:
         self.model = engine.Model.load(model_path)
         self.ctx = engine.Context(self.model, max_batch, n_ctx, threads)
 
-    def run(self, prompt: list[int], n_tokens: int, batch: int = 1
+    def run(self, prompt: list[int], n_tokens: int, bias: dict[int, float], batch: int = 1
             ) -> tuple[float, float, float]:
         """For `batch` sequences: (decode tokens/s over all of them, time to first token,
         all tokens / total time including the prompt)."""
@@ -81,7 +93,8 @@ class RawEngine:
         e, ctx = self.engine, self.ctx
         for s in range(batch):
             ctx.reset(s)
-        samplers = [Sampler(SamplingParams(temperature=0.0), self.model.hparams.n_vocab)
+        samplers = [Sampler(SamplingParams(temperature=0.0, logit_bias=bias),
+                            self.model.hparams.n_vocab)
                     for _ in range(batch)]
         t0 = time.perf_counter()
         ctx.forward([e.BatchEntry(s, prompt, "last", None) for s in range(batch)])
@@ -157,7 +170,8 @@ class StreamResult:
         return (self.tokens - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
 
-async def stream_once(url: str, prompt: list[int], n_tokens: int) -> StreamResult:
+async def stream_once(url: str, prompt: list[int], n_tokens: int, bias: dict[int, float]
+                      ) -> StreamResult:
     """One streaming /v1/completions request over a plain socket.
 
     A deliberately lean client (no HTTP library, JSON parsed only for the usage chunk): on a
@@ -166,6 +180,7 @@ async def stream_once(url: str, prompt: list[int], n_tokens: int) -> StreamResul
     # cache_prompt off: every request processes its whole prompt, as the raw run does
     body = json.dumps({"prompt": prompt, "max_tokens": n_tokens, "temperature": 0,
                        "ignore_eos": True, "stream": True, "cache_prompt": False,
+                       "logit_bias": {str(k): v for k, v in bias.items()},
                        "stream_options": {"include_usage": True}}).encode()
     host, port = url.removeprefix("http://").rsplit(":", 1)
     request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
@@ -201,12 +216,13 @@ async def stream_once(url: str, prompt: list[int], n_tokens: int) -> StreamResul
     return StreamResult(sent, first, last, tokens)
 
 
-async def stream_many(url: str, prompt: list[int], n_tokens: int, n: int) -> float:
+async def stream_many(url: str, prompt: list[int], n_tokens: int, bias: dict[int, float],
+                      n: int) -> float:
     """Aggregate tokens/s of n concurrent streams (all tokens / wall time)."""
     results: list[StreamResult] = []
 
     async def one() -> None:
-        results.append(await stream_once(url, prompt, n_tokens))
+        results.append(await stream_once(url, prompt, n_tokens, bias))
 
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -226,22 +242,23 @@ class Figures:
 
 
 async def measure(url: str, raw: RawEngine, prompt: list[int], n_tokens: int,
-                  clients: list[int], runs: int) -> Figures:
+                  bias: dict[int, float], clients: list[int], runs: int) -> Figures:
     """Raw and HTTP runs alternate, so a change in background load hits both alike."""
     f = Figures()
-    raw.run(prompt, 8)  # warm-up: first touch of the weights and the thread pool
-    await stream_once(url, prompt, 8)
+    raw.run(prompt, 8, bias)  # warm-up: first touch of the weights and the thread pool
+    await stream_once(url, prompt, 8, bias)
     for _ in range(runs):
-        rate, ttft, _ = raw.run(prompt, n_tokens)
+        rate, ttft, _ = raw.run(prompt, n_tokens, bias)
         f.raw_rate.append(rate)
         f.raw_ttft.append(ttft)
-        r = await stream_once(url, prompt, n_tokens)
+        r = await stream_once(url, prompt, n_tokens, bias)
         f.http_rate.append(r.decode_rate)
         f.http_ttft.append(r.ttft)
     for n in clients:
         for _ in range(max(1, runs // 2)):
-            f.raw_batched.setdefault(n, []).append(raw.run(prompt, n_tokens, batch=n)[2])
-            f.http_aggregate.setdefault(n, []).append(await stream_many(url, prompt, n_tokens, n))
+            f.raw_batched.setdefault(n, []).append(raw.run(prompt, n_tokens, bias, batch=n)[2])
+            f.http_aggregate.setdefault(n, []).append(
+                await stream_many(url, prompt, n_tokens, bias, n))
     return f
 
 
@@ -286,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
     m = engine.Model.load(model_path)
     n_vocab, n_params = m.hparams.n_vocab, m.hparams.n_params
+    bias = letter_bias(m)
     m.close()
     prompt = prompt_ids(args.prompt_tokens, n_vocab)
     print(f"model {model_path} ({n_params:,} params), kernel {engine.kernel_name()}, "
@@ -297,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bitnetd-bench-") as tmp:
             proc, url = start_daemon(model_path, args.threads, max(clients), n_ctx, Path(tmp))
             try:
-                f = trio.run(measure, url, raw, prompt, args.tokens, clients, args.runs)
+                f = trio.run(measure, url, raw, prompt, args.tokens, bias, clients, args.runs)
             finally:
                 proc.terminate()
                 try:
