@@ -9,7 +9,7 @@
  * for -1..1. So the four 2-bit planes of a 32-byte block line up with four consecutive 32-byte
  * runs of activations, and sum(code*q) - sum(q) is the ternary dot product.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE  /* syscall() for the AMX permission request */
 #include "kernels.h"
 
 #include <math.h>
@@ -681,6 +681,165 @@ static int cpu_has_avx512vnni(void)
            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
            __builtin_cpu_supports("avx512vnni");
 }
+
+/* ------------------------------------------------------------------ AMX (tile) int8 */
+/* Sapphire Rapids and later: TDPBUSD multiplies a 16x64 tile of unsigned bytes by a 64x16
+ * tile of signed bytes into 16x16 int32 sums in one instruction. The 2-bit codes of 64 rows
+ * are unpacked into byte tiles (one plane of a block pair per tile row, the same paired layout
+ * as the AVX-512 activations), the activations of up to 16 tokens are regrouped once per call
+ * into the tile layout (4 consecutive inputs per token per row). Exact int32 sums: the same
+ * results as every other kernel. Used for two or more tokens; single tokens (memory-bound)
+ * keep the AVX-512 path. */
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define BN_HAVE_AMX 1
+#define AMX_FN                                                                                \
+    __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,"    \
+                          "fma,f16c")))
+#define AMX_ROWS 64         /* rows per pass: four 16-row accumulator tiles */
+#define AMX_MAX_TOK 16
+#define AMX_ACT_BYTES (128 * 1024)  /* regrouped activations live on the stack */
+
+typedef struct {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+/* The kernel asks Linux for the AMX register state once per process. */
+static int amx_permitted(void)
+{
+    static int state;  /* 0 unknown, 1 yes, -1 no */
+    if (state == 0) {
+        const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        int ok = __builtin_cpu_supports("avx512vnni") &&
+                 syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+        state = ok ? 1 : -1;
+    }
+    return state == 1;
+}
+
+/* Rows [r0, r1) (r1 - r0 a multiple of 64) for tokens [t0, t0 + n) (n <= 16). */
+AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1,
+                                    const bn_qact *a, int32_t t0, int32_t n, float *y,
+                                    int64_t y_stride)
+{
+    const int32_t nb = w->n_in / 128, npairs = nb / 2;
+    const size_t row_bytes = (size_t)w->n_in / 4;
+    /* activations: for pair p, plane k: 16 tile rows of n tokens x 4 bytes */
+    const size_t b_tile = (size_t)16 * n * 4;
+    uint8_t bbuf[AMX_ACT_BYTES] __attribute__((aligned(64)));
+    for (int32_t p = 0; p < npairs; p++)
+        for (int k = 0; k < 4; k++) {
+            uint8_t *dst = bbuf + ((size_t)p * 4 + k) * b_tile;
+            for (int32_t j = 0; j < n; j++) {
+                const int8_t *src = a->q + (size_t)(t0 + j) * a->stride + 256 * (size_t)p + 64 * k;
+                for (int r = 0; r < 16; r++)
+                    memcpy(dst + (size_t)r * n * 4 + 4 * (size_t)j, src + 4 * r, 4);
+            }
+        }
+    amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 4; t++) {       /* tmm0-3: 16 rows x n int32 accumulators */
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = (uint16_t)(n * 4);
+    }
+    cfg.rows[4] = 16;                   /* tmm4: 16 rows x 64 code bytes */
+    cfg.colsb[4] = 64;
+    cfg.rows[5] = 16;                   /* tmm5: 16 x (n tokens x 4) activation bytes */
+    cfg.colsb[5] = (uint16_t)(n * 4);
+    _tile_loadconfig(&cfg);
+
+    const __m512i m3 = _mm512_set1_epi8(3);
+    uint8_t abuf[4][4][16][64] __attribute__((aligned(64)));   /* [row tile][plane][row][byte] */
+    int32_t cbuf[4][16][AMX_MAX_TOK] __attribute__((aligned(64)));
+    for (int32_t rb = r0; rb < r1; rb += AMX_ROWS) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int32_t p = 0; p < npairs; p++) {
+            for (int m = 0; m < AMX_ROWS; m++) {
+                const uint8_t *row = w->codes + (size_t)(rb + m) * row_bytes + 64 * (size_t)p;
+                prefetch_at(row, row_bytes * AMX_ROWS);   /* this row in the next pass */
+                const __m512i c = _mm512_loadu_si512((const void *)row);
+                _mm512_store_si512((void *)abuf[m / 16][0][m % 16],
+                                   _mm512_and_si512(_mm512_srli_epi16(c, 6), m3));
+                _mm512_store_si512((void *)abuf[m / 16][1][m % 16],
+                                   _mm512_and_si512(_mm512_srli_epi16(c, 4), m3));
+                _mm512_store_si512((void *)abuf[m / 16][2][m % 16],
+                                   _mm512_and_si512(_mm512_srli_epi16(c, 2), m3));
+                _mm512_store_si512((void *)abuf[m / 16][3][m % 16], _mm512_and_si512(c, m3));
+            }
+            __asm__ volatile("" ::: "memory");   /* the tile loads below read abuf */
+            for (int k = 0; k < 4; k++) {
+                _tile_loadd(5, bbuf + ((size_t)p * 4 + k) * b_tile, n * 4);
+                _tile_loadd(4, abuf[0][k], 64);
+                _tile_dpbusd(0, 4, 5);
+                _tile_loadd(4, abuf[1][k], 64);
+                _tile_dpbusd(1, 4, 5);
+                _tile_loadd(4, abuf[2][k], 64);
+                _tile_dpbusd(2, 4, 5);
+                _tile_loadd(4, abuf[3][k], 64);
+                _tile_dpbusd(3, 4, 5);
+            }
+        }
+        _tile_stored(0, cbuf[0], AMX_MAX_TOK * 4);
+        _tile_stored(1, cbuf[1], AMX_MAX_TOK * 4);
+        _tile_stored(2, cbuf[2], AMX_MAX_TOK * 4);
+        _tile_stored(3, cbuf[3], AMX_MAX_TOK * 4);
+        __asm__ volatile("" ::: "memory");
+        for (int m = 0; m < AMX_ROWS; m++) {
+            const int32_t r = rb + m;
+            const uint8_t *row = w->codes + (size_t)r * row_bytes;
+            for (int32_t j = 0; j < n; j++) {
+                const int32_t t = t0 + j;
+                int32_t acc = cbuf[m / 16][m % 16][j];
+                if (nb % 2)   /* odd last block, natural layout */
+                    acc += ternary_dot_scalar(row + 32 * (size_t)(nb - 1), 128,
+                                              a->q + (size_t)t * a->stride + 128 * (size_t)(nb - 1));
+                y[t * y_stride + r] = bitlinear_out(acc, a->qsum[t], a->s[t], w->scale);
+            }
+        }
+    }
+    _tile_release();
+}
+
+AMX_FN static void ternary_amx(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                               float *y, int64_t y_stride)
+{
+    const int32_t n_tok = a->n_tok;
+    int32_t group = AMX_MAX_TOK;
+    while (group > 1 && (size_t)w->n_in * (size_t)group > AMX_ACT_BYTES)
+        group /= 2;
+    if (n_tok < 2 || group < 2) {
+        ternary_avx512(w, r0, r1, a, y, y_stride);
+        return;
+    }
+    const int32_t r_amx = r0 + (r1 - r0) / AMX_ROWS * AMX_ROWS;
+    for (int32_t t = 0; t < n_tok; t += group) {
+        const int32_t n = n_tok - t < group ? n_tok - t : group;
+        if (r_amx > r0)
+            ternary_amx_rows(w, r0, r_amx, a, t, n, y, y_stride);
+    }
+    if (r_amx < r1)
+        ternary_avx512(w, r_amx, r1, a, y, y_stride);
+}
+
+static const bn_kernel_set amx_set = {
+    "amx", quantize_avx512, ternary_amx, f16_matmul_avx512,
+};
+
+static int cpu_has_amx(void)
+{
+    return cpu_has_avx512vnni() && __builtin_cpu_supports("amx-tile") &&
+           __builtin_cpu_supports("amx-int8") && amx_permitted();
+}
+#endif
 #endif /* BN_X86 */
 
 /* ------------------------------------------------------------------ dispatch */
@@ -698,6 +857,10 @@ const bn_kernel_set *bn_kernels_by_name(const char *name)
         return cpu_has_avx2() ? &avx2_set : NULL;
     if (strcmp(name, "avx512vnni") == 0)
         return cpu_has_avx512vnni() ? &avx512_set : NULL;
+#ifdef BN_HAVE_AMX
+    if (strcmp(name, "amx") == 0)
+        return cpu_has_amx() ? &amx_set : NULL;
+#endif
 #endif
     return NULL;
 }
@@ -705,6 +868,10 @@ const bn_kernel_set *bn_kernels_by_name(const char *name)
 static const bn_kernel_set *best_kernels(void)
 {
 #ifdef BN_X86
+#ifdef BN_HAVE_AMX
+    if (cpu_has_amx())
+        return &amx_set;
+#endif
     if (cpu_has_avx512vnni())
         return &avx512_set;
     if (cpu_has_avx2())

@@ -22,7 +22,7 @@ def _available(name: str) -> bool:
     return True
 
 
-SIMD_KERNELS = ("avx2", "avx512vnni")
+SIMD_KERNELS = ("avx2", "avx512vnni", "amx")
 AVAILABLE = [k for k in SIMD_KERNELS if _available(k)]
 HAS_AVX2 = "avx2" in AVAILABLE
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2/FMA/F16C")
@@ -116,6 +116,19 @@ def test_real_shapes_and_thread_counts(kernel: str) -> None:
     want = run("scalar", w, 1.25, x)
     for n_threads in (1, 2, 3, 7):
         np.testing.assert_array_equal(run(kernel, w, 1.25, x, n_threads=n_threads), want)
+
+
+@simd
+def test_many_rows_and_token_groups(kernel: str) -> None:
+    """Enough rows for the 64-row AMX passes (plus a remainder), 2..20 tokens (token groups
+    of 16 and a partial group), an odd number of 128-blocks (the natural-layout tail)."""
+    rng = np.random.default_rng(6)
+    for n_in, n_out, n_tok in ((2560, 1000, 8), (384, 200, 5), (1280, 130, 20), (3456, 300, 2)):
+        w, x = random_case(rng, n_in, n_out, n_tok)
+        want = bitlinear_reference(w, 0.5, x)
+        for n_threads in (1, 2):
+            np.testing.assert_array_equal(run(kernel, w, 0.5, x, n_threads=n_threads), want,
+                                          err_msg=f"{n_in}x{n_out} tokens {n_tok}")
 
 
 def test_code_three_is_bounded() -> None:
