@@ -51,13 +51,14 @@ def head128_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # A real hypercorn on 127.0.0.1:0 inside the test's nursery (async fixtures are function-scoped
 # under pytest-trio; the model file is shared per session).
 
-#: TINY with a 4096-token context, so a generation can run long enough to be interrupted.
-SERVER_SHAPE = dataclasses.replace(gw.TINY, n_ctx=4096)
+#: TINY with a 16384-token context, so a generation can run long enough to be interrupted
+#: (the tiny model makes ~10k tokens/s) whatever the machine's load.
+SERVER_SHAPE = dataclasses.replace(gw.TINY, n_ctx=16384)
 
 
 @pytest.fixture(scope="session")
 def server_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The model the server tests serve: TINY shape, tiny vocabulary, context 4096, seed 11."""
+    """The model the server tests serve: TINY shape, tiny vocabulary, context 16384, seed 11."""
     return _write(tmp_path_factory, "server", SERVER_SHAPE, 11)
 
 
@@ -68,7 +69,7 @@ def server_config(model_path: Path | None, **changes: object):  # -> bitnetd_tri
     config = Config()
     sections: dict[str, dict[str, object]] = {
         "model": {"path": str(model_path) if model_path else None, "threads": 2,
-                  "parallel": 4, "ctx_size": 4096},
+                  "parallel": 4, "ctx_size": 16384},
         "server": {"listen": ["127.0.0.1:0"], "max_queue": 16, "request_timeout": 60.0},
     }
     for name, value in changes.items():

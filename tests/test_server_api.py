@@ -43,7 +43,7 @@ async def test_health_models_and_model_by_id(server: RunningServer) -> None:
         card = body["data"][0]
         assert card["id"] == model_id(server) == "server.gguf"
         assert card["object"] == "model" and card["owned_by"] and card["created"] > 0
-        assert card["meta"]["n_ctx_train"] == 4096 and card["meta"]["demo"] is False
+        assert card["meta"]["n_ctx_train"] == 16384 and card["meta"]["demo"] is False
         assert card["meta"]["n_params"] > 0 and card["meta"]["size"] > 0
         r = await c.get(f"/v1/models/{card['id']}")
         assert r.status_code == 200 and r.json()["id"] == card["id"]
@@ -230,12 +230,12 @@ async def test_props_slots_model_info_metrics(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as c:
         props = (await c.get("/props")).json()
         assert props["total_slots"] == 4
-        assert props["default_generation_settings"]["n_ctx"] == 4096
+        assert props["default_generation_settings"]["n_ctx"] == 16384
         slots = (await c.get("/slots")).json()
         assert [s["id"] for s in slots] == [0, 1, 2, 3]
-        assert all(s["state"] == "idle" and s["n_ctx"] == 4096 for s in slots)
+        assert all(s["state"] == "idle" and s["n_ctx"] == 16384 for s in slots)
         info = (await c.get("/model_info")).json()
-        assert info["instances"] == 4 and info["context_size"] == 4096
+        assert info["instances"] == 4 and info["context_size"] == 16384
         await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2,
                                               "ignore_eos": True})
         r = await c.get("/metrics")

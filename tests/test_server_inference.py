@@ -13,10 +13,12 @@ import trio
 from bitnetd_trio.inference import EngineSettings, InferenceThread, Job, Update
 from bitnetd_trio.sampling import SamplingParams
 
+LONG = 16000  # max_tokens of jobs meant to keep running (cancelled by the test)
+
 
 @pytest.fixture
 async def thread(server_model_path: Path) -> AsyncIterator[InferenceThread]:
-    it = InferenceThread(EngineSettings(str(server_model_path), n_slots=2, n_ctx=4096,
+    it = InferenceThread(EngineSettings(str(server_model_path), n_slots=2, n_ctx=16384,
                                         n_threads=1), max_queue=4)
     await it.start()
     try:
@@ -41,7 +43,7 @@ async def finish(recv: trio.MemoryReceiveChannel) -> tuple[list[Update], Update]
 
 
 async def test_decoding_continues_while_a_long_prompt_prefills(thread: InferenceThread) -> None:
-    a, ra = new_job([1, 2, 3], max_tokens=3000, ignore_eos=True, logprobs=True)
+    a, ra = new_job([1, 2, 3], max_tokens=LONG, ignore_eos=True, logprobs=True)
     thread.submit([a])
     await ra.receive()  # A is decoding
     long_prompt = [(7 * i) % 250 + 1 for i in range(2000)]  # several prefill steps
@@ -59,13 +61,20 @@ async def test_decoding_continues_while_a_long_prompt_prefills(thread: Inference
         while not b_done.is_set():
             upd = await ra.receive()
             a_tokens_meanwhile += len(upd.tokens or [])
+            assert not upd.final, "A ended before B's prompt was in"
+        # A's tokens from the steps up to B's end were handed over with B's end
+        while True:
+            try:
+                a_tokens_meanwhile += len(ra.receive_nowait().tokens or [])
+            except trio.WouldBlock:
+                break
         a.cancel.set()
     # A produced a token in every step of B's prefill, not one long stall
     assert a_tokens_meanwhile >= len(long_prompt) // thread.settings.prefill_budget
 
 
 async def test_cancelled_waiting_job_never_takes_a_slot(thread: InferenceThread) -> None:
-    runners = [new_job([1, 2], max_tokens=3000, ignore_eos=True) for _ in range(2)]
+    runners = [new_job([1, 2], max_tokens=LONG, ignore_eos=True) for _ in range(2)]
     thread.submit([j for j, _ in runners])
     for _, r in runners:
         await r.receive()
@@ -124,7 +133,7 @@ async def test_min_tokens_and_ignore_eos(thread: InferenceThread) -> None:
 async def test_queue_full(thread: InferenceThread) -> None:
     from bitnetd_trio.inference import QueueFull
 
-    jobs = [new_job([1], max_tokens=3000, ignore_eos=True) for _ in range(6)]  # 2 slots + 4
+    jobs = [new_job([1], max_tokens=LONG, ignore_eos=True) for _ in range(6)]  # 2 slots + 4
     thread.submit([j for j, _ in jobs])
     extra, _ = new_job([1], max_tokens=1)
     with pytest.raises(QueueFull):

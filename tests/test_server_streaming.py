@@ -15,7 +15,7 @@ from bitnetd_trio.inference import Job
 from bitnetd_trio.sampling import SamplingParams
 from conftest import RunningServer, running_server, server_config
 
-LONG = 3000  # max_tokens of generations meant to be interrupted (the context holds 4096)
+LONG = 16000  # max_tokens of generations meant to be interrupted (the context holds 16384)
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], what: str, tries: int = 1000) -> None:
@@ -93,7 +93,9 @@ async def test_fifty_disconnects_leave_no_work_behind(server: RunningServer) -> 
         assert server.app.engine.in_system == 0  # type: ignore[attr-defined]
         assert await metric(c, "bitnetd_requests_cancelled_total") == 50
         assert await metric(c, "bitnetd_tokens_after_disconnect_total") <= 50
-        assert await metric(c, "bitnetd_tokens_generated_total") < 50 * LONG / 10
+        # far from 50 x LONG: each generation was cut short (the bound leaves room for a slow,
+        # loaded machine)
+        assert await metric(c, "bitnetd_tokens_generated_total") < 50 * LONG / 16
 
 
 async def test_disconnect_of_a_whole_response_request(server: RunningServer) -> None:
@@ -178,19 +180,19 @@ async def test_request_timeout(server_model_path) -> None:
     config = server_config(server_model_path, model_parallel=1, server_request_timeout=0.3)
     async with running_server(config) as s, httpx.AsyncClient(base_url=s.url, timeout=30) as c:
         # Generating past the deadline: cut off with finish_reason "length".
-        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 4000,
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": LONG,
                                                   "ignore_eos": True})
         body = r.json()
         assert r.status_code == 200
         assert body["choices"][0]["finish_reason"] == "length"
-        assert 0 < body["usage"]["completion_tokens"] < 4000
+        assert 0 < body["usage"]["completion_tokens"] < LONG
         await wait_until(lambda: all_slots_idle(c), "the slot to be released")
 
         # Waiting in the queue until the deadline, nothing produced: 504. The slot is held by a
         # job submitted to the engine directly (no HTTP deadline applies to it).
         engine = s.app.engine  # type: ignore[attr-defined]
         sink, receiver = trio.open_memory_channel(math.inf)
-        blocker = Job(prompt=[1, 2, 3], params=SamplingParams(seed=1), max_tokens=4000,
+        blocker = Job(prompt=[1, 2, 3], params=SamplingParams(seed=1), max_tokens=LONG,
                       sink=sink, ignore_eos=True)
         engine.submit([blocker])
         await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
@@ -226,7 +228,7 @@ async def test_stream_waiting_in_the_queue_gets_keepalives(server_model_path) ->
         s.app.stream_keepalive = 0.05  # type: ignore[attr-defined]
         engine = s.app.engine  # type: ignore[attr-defined]
         sink, receiver = trio.open_memory_channel(math.inf)
-        blocker = Job(prompt=[1, 2, 3], params=SamplingParams(seed=1), max_tokens=4000,
+        blocker = Job(prompt=[1, 2, 3], params=SamplingParams(seed=1), max_tokens=LONG,
                       sink=sink, ignore_eos=True)
         engine.submit([blocker])
         await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
