@@ -101,7 +101,8 @@ struct bn_context {
 
     /* chunk scratch, max_chunk token rows each */
     float *x, *h, *q, *k, *v, *att, *g, *u, *tmp, *ynorm;
-    int8_t *qa;
+    int8_t *qa;                 /* [T][n_wide] quantized activations */
+    int8_t *qa_tiles;           /* [T][n_wide] the same, rearranged by the kernel's prepare */
     float *qa_s;
     int32_t *qa_sum;
     int32_t *tok_slot, *tok_pos, *tok_id, *tok_row; /* tok_row: logits row or -1 */
@@ -161,6 +162,7 @@ void bn_context_free(bn_context *ctx)
     free(ctx->tmp);
     free(ctx->ynorm);
     free(ctx->qa);
+    free(ctx->qa_tiles);
     free(ctx->qa_s);
     free(ctx->qa_sum);
     free(ctx->tok_slot);
@@ -275,6 +277,7 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     ctx->tmp = alloc_array(T * (size_t)E, sizeof(float), &failed);
     ctx->ynorm = alloc_array(T * (size_t)E, sizeof(float), &failed);
     ctx->qa = alloc_array(T * (size_t)ctx->n_wide, 1, &failed);
+    ctx->qa_tiles = alloc_array(T * (size_t)ctx->n_wide, 1, &failed);
     ctx->qa_s = alloc_array(T, sizeof(float), &failed);
     ctx->qa_sum = alloc_array(T, sizeof(int32_t), &failed);
     ctx->tok_slot = alloc_array(T, sizeof(int32_t), &failed);
@@ -703,6 +706,8 @@ static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *
         norm_quant_worker(&job, 0, 1);   /* not worth waking the pool */
     else
         bn_pool_run(ctx->pool, norm_quant_worker, &job);
+    if (k->prepare)
+        k->prepare(ctx->qa, n, n, T, ctx->qa_tiles);
 }
 
 /* Run the tokens tok_*[0..T) through the model; logits for the tokens whose tok_row >= 0,
@@ -722,7 +727,7 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         const bn_layer *L = &m->layers[l];
         /* attention block */
         norm_quantize(ctx, k, ctx->x, L->attn_norm, E, T);
-        bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum};
+        bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
         PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
         PROF_LAP(1);
@@ -754,7 +759,7 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         PROF_LAP(1);
         relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
         norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, F, T);
-        bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum};
+        bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
         PROF_LAP(0);
         run_matmul(ctx, k, &af, &L->w_down, ctx->tmp, NULL, NULL, NULL, NULL);
         PROF_LAP(1);

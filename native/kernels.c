@@ -144,7 +144,7 @@ static void f16_matmul_scalar(const uint16_t *w, int32_t n_in, int32_t r0, int32
 }
 
 static const bn_kernel_set scalar_set = {
-    "scalar", quantize_scalar, ternary_scalar, f16_matmul_scalar,
+    "scalar", quantize_scalar, NULL, ternary_scalar, f16_matmul_scalar,
 };
 
 /* ------------------------------------------------------------------ AVX2 */
@@ -399,7 +399,7 @@ AVX2_FN static void f16_row_avx2(const uint16_t *src, int32_t n, float *dst)
 }
 
 static const bn_kernel_set avx2_set = {
-    "avx2", quantize_avx2, ternary_avx2, f16_matmul_avx2,
+    "avx2", quantize_avx2, NULL, ternary_avx2, f16_matmul_avx2,
 };
 
 static int cpu_has_avx2(void)
@@ -672,7 +672,7 @@ AVX512_FN static void f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t
 }
 
 static const bn_kernel_set avx512_set = {
-    "avx512vnni", quantize_avx512, ternary_avx512, f16_matmul_avx512,
+    "avx512vnni", quantize_avx512, NULL, ternary_avx512, f16_matmul_avx512,
 };
 
 static int cpu_has_avx512vnni(void)
@@ -688,8 +688,8 @@ static int cpu_has_avx512vnni(void)
  * are unpacked into byte tiles (one plane of a block pair per tile row, the same paired layout
  * as the AVX-512 activations), the activations of up to 16 tokens are regrouped once per call
  * into the tile layout (4 consecutive inputs per token per row). Exact int32 sums: the same
- * results as every other kernel. Used for two or more tokens; single tokens (memory-bound)
- * keep the AVX-512 path. */
+ * results as every other kernel. Used for four or more tokens; fewer keep the AVX-512 path
+ * (faster there, measured). */
 #if defined(__x86_64__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -699,7 +699,6 @@ static int cpu_has_avx512vnni(void)
                           "fma,f16c")))
 #define AMX_ROWS 64         /* rows per pass: four 16-row accumulator tiles */
 #define AMX_MAX_TOK 16
-#define AMX_ACT_BYTES (128 * 1024)  /* regrouped activations live on the stack */
 
 typedef struct {
     uint8_t palette_id;
@@ -722,25 +721,46 @@ static int amx_permitted(void)
     return state == 1;
 }
 
-/* Rows [r0, r1) (r1 - r0 a multiple of 64) for tokens [t0, t0 + n) (n <= 16). */
+/* Activations in tile order, once per matrix input: tokens in groups of 16; for group g
+ * (n tokens), block pair p and plane k, a 16-row tile whose row r holds 4 consecutive inputs
+ * (64k + 4r .. +3 of the pair, paired layout) of each of the n tokens. The odd last block
+ * (if any) is not included. */
+AMX_FN static void prepare_amx(const int8_t *q, int32_t stride, int32_t n_in, int32_t n_tok,
+                               int8_t *tiles)
+{
+    if (n_tok < 4)
+        return;
+    const int32_t npairs = n_in / 256;
+    for (int32_t g0 = 0; g0 < n_tok; g0 += AMX_MAX_TOK) {
+        const int32_t n = n_tok - g0 < AMX_MAX_TOK ? n_tok - g0 : AMX_MAX_TOK;
+        int8_t *base = tiles + (size_t)g0 * n_in;
+        for (int32_t j = 0; j < n; j++) {
+            const int8_t *src = q + (size_t)(g0 + j) * stride;
+            /* each 4-byte group of the token lands at (chunk, row r, column j) */
+            const __m512i idx = _mm512_add_epi32(
+                _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4,
+                                                    3, 2, 1, 0),
+                                   _mm512_set1_epi32(n)),
+                _mm512_set1_epi32(j));
+            for (int32_t c = 0; c < npairs * 4; c++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(src + 64 * (size_t)c));
+                _mm512_i32scatter_epi32((void *)(base + (size_t)c * 64 * n), idx, v, 4);
+            }
+        }
+    }
+}
+
+/* Rows [r0, r1) (r1 - r0 a multiple of 64) for tokens [t0, t0 + n) (t0 % 16 == 0, n <= 16).
+ * The codes of the next block pair are unpacked while the tiles multiply the current one
+ * (two unpack buffers), so tile loads never wait for just-written bytes. */
 AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1,
                                     const bn_qact *a, int32_t t0, int32_t n, float *y,
                                     int64_t y_stride)
 {
     const int32_t nb = w->n_in / 128, npairs = nb / 2;
     const size_t row_bytes = (size_t)w->n_in / 4;
-    /* activations: for pair p, plane k: 16 tile rows of n tokens x 4 bytes */
     const size_t b_tile = (size_t)16 * n * 4;
-    uint8_t bbuf[AMX_ACT_BYTES] __attribute__((aligned(64)));
-    for (int32_t p = 0; p < npairs; p++)
-        for (int k = 0; k < 4; k++) {
-            uint8_t *dst = bbuf + ((size_t)p * 4 + k) * b_tile;
-            for (int32_t j = 0; j < n; j++) {
-                const int8_t *src = a->q + (size_t)(t0 + j) * a->stride + 256 * (size_t)p + 64 * k;
-                for (int r = 0; r < 16; r++)
-                    memcpy(dst + (size_t)r * n * 4 + 4 * (size_t)j, src + 4 * r, 4);
-            }
-        }
+    const int8_t *bt = a->tiles + (size_t)t0 * w->n_in;
     amx_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
@@ -755,36 +775,45 @@ AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1,
     _tile_loadconfig(&cfg);
 
     const __m512i m3 = _mm512_set1_epi8(3);
-    uint8_t abuf[4][4][16][64] __attribute__((aligned(64)));   /* [row tile][plane][row][byte] */
+    /* [buffer][row tile][plane][row][byte] */
+    uint8_t abuf[2][4][4][16][64] __attribute__((aligned(64)));
     int32_t cbuf[4][16][AMX_MAX_TOK] __attribute__((aligned(64)));
     for (int32_t rb = r0; rb < r1; rb += AMX_ROWS) {
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (int32_t p = 0; p < npairs; p++) {
-            for (int m = 0; m < AMX_ROWS; m++) {
-                const uint8_t *row = w->codes + (size_t)(rb + m) * row_bytes + 64 * (size_t)p;
-                prefetch_at(row, row_bytes * AMX_ROWS);   /* this row in the next pass */
-                const __m512i c = _mm512_loadu_si512((const void *)row);
-                _mm512_store_si512((void *)abuf[m / 16][0][m % 16],
-                                   _mm512_and_si512(_mm512_srli_epi16(c, 6), m3));
-                _mm512_store_si512((void *)abuf[m / 16][1][m % 16],
-                                   _mm512_and_si512(_mm512_srli_epi16(c, 4), m3));
-                _mm512_store_si512((void *)abuf[m / 16][2][m % 16],
-                                   _mm512_and_si512(_mm512_srli_epi16(c, 2), m3));
-                _mm512_store_si512((void *)abuf[m / 16][3][m % 16], _mm512_and_si512(c, m3));
+        for (int32_t p = 0; p <= npairs; p++) {
+            if (p < npairs) {   /* unpack pair p */
+                uint8_t (*ab)[4][16][64] = abuf[p & 1];
+                for (int m = 0; m < AMX_ROWS; m++) {
+                    const uint8_t *row =
+                        w->codes + (size_t)(rb + m) * row_bytes + 64 * (size_t)p;
+                    prefetch_at(row, row_bytes * AMX_ROWS);   /* this row in the next pass */
+                    const __m512i c = _mm512_loadu_si512((const void *)row);
+                    _mm512_store_si512((void *)ab[m / 16][0][m % 16],
+                                       _mm512_and_si512(_mm512_srli_epi16(c, 6), m3));
+                    _mm512_store_si512((void *)ab[m / 16][1][m % 16],
+                                       _mm512_and_si512(_mm512_srli_epi16(c, 4), m3));
+                    _mm512_store_si512((void *)ab[m / 16][2][m % 16],
+                                       _mm512_and_si512(_mm512_srli_epi16(c, 2), m3));
+                    _mm512_store_si512((void *)ab[m / 16][3][m % 16], _mm512_and_si512(c, m3));
+                }
             }
+            if (p == 0)
+                continue;
             __asm__ volatile("" ::: "memory");   /* the tile loads below read abuf */
+            const int32_t q = p - 1;              /* multiply pair q = p - 1 */
+            uint8_t (*ab)[4][16][64] = abuf[q & 1];
             for (int k = 0; k < 4; k++) {
-                _tile_loadd(5, bbuf + ((size_t)p * 4 + k) * b_tile, n * 4);
-                _tile_loadd(4, abuf[0][k], 64);
+                _tile_loadd(5, bt + ((size_t)q * 4 + k) * b_tile, n * 4);
+                _tile_loadd(4, ab[0][k], 64);
                 _tile_dpbusd(0, 4, 5);
-                _tile_loadd(4, abuf[1][k], 64);
+                _tile_loadd(4, ab[1][k], 64);
                 _tile_dpbusd(1, 4, 5);
-                _tile_loadd(4, abuf[2][k], 64);
+                _tile_loadd(4, ab[2][k], 64);
                 _tile_dpbusd(2, 4, 5);
-                _tile_loadd(4, abuf[3][k], 64);
+                _tile_loadd(4, ab[3][k], 64);
                 _tile_dpbusd(3, 4, 5);
             }
         }
@@ -793,17 +822,27 @@ AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1,
         _tile_stored(2, cbuf[2], AMX_MAX_TOK * 4);
         _tile_stored(3, cbuf[3], AMX_MAX_TOK * 4);
         __asm__ volatile("" ::: "memory");
+        /* the epilogue of bitlinear_out, 16 tokens per vector: the same IEEE operations */
+        const __mmask16 live = (__mmask16)((1u << n) - 1);
+        const __m512i vqsum = _mm512_maskz_loadu_epi32(live, a->qsum + t0);
+        const __m512 vs = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), live, a->s + t0);
+        const __m512 vscale = _mm512_set1_ps(w->scale);
         for (int m = 0; m < AMX_ROWS; m++) {
             const int32_t r = rb + m;
-            const uint8_t *row = w->codes + (size_t)r * row_bytes;
-            for (int32_t j = 0; j < n; j++) {
-                const int32_t t = t0 + j;
-                int32_t acc = cbuf[m / 16][m % 16][j];
-                if (nb % 2)   /* odd last block, natural layout */
-                    acc += ternary_dot_scalar(row + 32 * (size_t)(nb - 1), 128,
-                                              a->q + (size_t)t * a->stride + 128 * (size_t)(nb - 1));
-                y[t * y_stride + r] = bitlinear_out(acc, a->qsum[t], a->s[t], w->scale);
+            if (nb % 2) {   /* odd last block, natural layout */
+                const uint8_t *row = w->codes + (size_t)r * row_bytes;
+                for (int32_t j = 0; j < n; j++)
+                    cbuf[m / 16][m % 16][j] += ternary_dot_scalar(
+                        row + 32 * (size_t)(nb - 1), 128,
+                        a->q + (size_t)(t0 + j) * a->stride + 128 * (size_t)(nb - 1));
             }
+            const __m512i acc = _mm512_load_si512((const void *)cbuf[m / 16][m % 16]);
+            const __m512 v = _mm512_mul_ps(
+                _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, vqsum)), vs), vscale);
+            float outv[16];
+            _mm512_storeu_ps(outv, v);
+            for (int32_t j = 0; j < n; j++)
+                y[(t0 + j) * y_stride + r] = outv[j];
         }
     }
     _tile_release();
@@ -813,25 +852,21 @@ AMX_FN static void ternary_amx(const bn_ternary *w, int32_t r0, int32_t r1, cons
                                float *y, int64_t y_stride)
 {
     const int32_t n_tok = a->n_tok;
-    int32_t group = AMX_MAX_TOK;
-    while (group > 1 && (size_t)w->n_in * (size_t)group > AMX_ACT_BYTES)
-        group /= 2;
-    if (n_tok < 2 || group < 2) {
+    if (n_tok < 4 || !a->tiles || w->n_in < 256) {   /* 2-3 tokens: AVX-512 is faster */
         ternary_avx512(w, r0, r1, a, y, y_stride);
         return;
     }
     const int32_t r_amx = r0 + (r1 - r0) / AMX_ROWS * AMX_ROWS;
-    for (int32_t t = 0; t < n_tok; t += group) {
-        const int32_t n = n_tok - t < group ? n_tok - t : group;
-        if (r_amx > r0)
-            ternary_amx_rows(w, r0, r_amx, a, t, n, y, y_stride);
+    for (int32_t t = 0; t < n_tok && r_amx > r0; t += AMX_MAX_TOK) {
+        const int32_t n = n_tok - t < AMX_MAX_TOK ? n_tok - t : AMX_MAX_TOK;
+        ternary_amx_rows(w, r0, r_amx, a, t, n, y, y_stride);
     }
     if (r_amx < r1)
         ternary_avx512(w, r_amx, r1, a, y, y_stride);
 }
 
 static const bn_kernel_set amx_set = {
-    "amx", quantize_avx512, ternary_amx, f16_matmul_avx512,
+    "amx", quantize_avx512, prepare_amx, ternary_amx, f16_matmul_avx512,
 };
 
 static int cpu_has_amx(void)
@@ -945,19 +980,23 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
     int8_t *q = aligned_alloc(64, (size_t)n_tok * (size_t)stride);
     float *s = malloc((size_t)n_tok * sizeof *s);
     int32_t *qsum = malloc((size_t)n_tok * sizeof *qsum);
+    int8_t *tiles = aligned_alloc(64, (size_t)n_tok * (size_t)stride);
     bn_pool *pool = bn_pool_new(n_threads);
     int rc = -1;
-    if (q && s && qsum && pool) {
+    if (q && s && qsum && tiles && pool) {
         for (int32_t t = 0; t < n_tok; t++)
             k->quantize(x + (size_t)t * n_in, n_in, q + (size_t)t * stride, &s[t], &qsum[t]);
+        if (k->prepare && tiles)
+            k->prepare(q, stride, n_in, n_tok, tiles);
         bn_ternary w = {packed, scale, n_in, n_out};
-        bn_qact a = {q, stride, n_tok, s, qsum};
+        bn_qact a = {q, stride, n_tok, s, qsum, k->prepare ? tiles : NULL};
         matmul_job job = {k, &w, &a, y, {0}};
         bn_queue_init(&job.queue, n_out, n_threads, 3, 4);
         bn_pool_run(pool, matmul_worker, &job);
         rc = 0;
     }
     bn_pool_free(pool);
+    free(tiles);
     free(qsum);
     free(s);
     free(q);

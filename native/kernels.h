@@ -22,12 +22,17 @@ typedef struct {
     int32_t n_tok;
     const float *s;        /* per token: 127 / max(max|x|, 1e-5) */
     const int32_t *qsum;   /* per token: sum of q */
+    const int8_t *tiles;   /* the kernel set's prepare() output, or NULL */
 } bn_qact;
 
 typedef struct {
     const char *name;
     /* q[i] = clamp(round_half_even(x[i] * s)), *s_out = s, *qsum = sum q; n % 32 == 0. */
     void (*quantize)(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum);
+    /* Optional (NULL if unused): rearrange the quantized rows of all n_tok tokens once per
+     * matrix input, into `tiles` (n_tok * n_in bytes), before the ternary calls. */
+    void (*prepare)(const int8_t *q, int32_t stride, int32_t n_in, int32_t n_tok,
+                    int8_t *tiles);
     /* y[t * y_stride + r] = BitLinear for rows r0 <= r < r1 of w, every token of a. */
     void (*ternary)(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
                     float *y, int64_t y_stride);
