@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .tokenizer import byte_to_unicode  # the one byte-level alphabet, shared with decoding
+
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_I2_S = 36
@@ -108,20 +110,6 @@ PRESETS: dict[str, ModelShape] = {"tiny": TINY, "smallest": SMALLEST, "full": FU
 
 # --------------------------------------------------------------------------------------------
 # Byte-level tokens
-
-
-@lru_cache(maxsize=1)
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from bytes to printable characters (space -> 'Ġ', '\\n' -> 'Ċ')."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    mapping = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return mapping
 
 
 def bytes_to_token(data: bytes) -> str:
