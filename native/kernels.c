@@ -504,7 +504,6 @@ AVX512_INLINE void ternary_tile_avx512(const uint8_t *const *rows, const int nr,
     {                                                                                        \
         ternary_tile_avx512(rows, NR, acts, NT, nb, out);                                    \
     }
-TERNARY_TILE512(4, 1)
 TERNARY_TILE512(4, 2)
 TERNARY_TILE512(4, 3)
 TERNARY_TILE512(4, 4)
@@ -514,9 +513,56 @@ TERNARY_TILE512(1, 3)
 TERNARY_TILE512(1, 4)
 TERNARY_TILE512(2, 8)
 
+/* Single token, 4 rows: the planes are masked in place instead of shifted down (code << 6,
+ * << 4, << 2 and << 0 as unsigned bytes, at most 192), each plane into its own accumulator,
+ * and the exact multiples of 64, 16 and 4 divided out at the end. This keeps port 0 (which
+ * runs both 512-bit shifts and vpdpbusd) to the four multiplications per 64 code bytes. */
+AVX512_FN static void ternary512_tile_4x1_masked(const uint8_t *const *rows,
+                                                 const int8_t *const *acts, int32_t nb,
+                                                 int32_t *out)
+{
+    const size_t next_row = (size_t)nb * 32;
+    const __m512i mk0 = _mm512_set1_epi8((char)0xC0), mk1 = _mm512_set1_epi8(0x30),
+                  mk2 = _mm512_set1_epi8(0x0C), mk3 = _mm512_set1_epi8(0x03);
+    __m512i acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int k = 0; k < 4; k++)
+            acc[i][k] = _mm512_setzero_si512();
+    int32_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const int8_t *a = acts[0] + 128 * b;
+        const __m512i a0 = _mm512_loadu_si512((const void *)a);
+        const __m512i a1 = _mm512_loadu_si512((const void *)(a + 64));
+        const __m512i a2 = _mm512_loadu_si512((const void *)(a + 128));
+        const __m512i a3 = _mm512_loadu_si512((const void *)(a + 192));
+        for (int i = 0; i < 4; i++) {
+            prefetch_at(rows[i], 32 * (size_t)b + next_row);
+            const __m512i c = _mm512_loadu_si512((const void *)(rows[i] + 32 * b));
+            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], _mm512_and_si512(c, mk0), a0);
+            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], _mm512_and_si512(c, mk1), a1);
+            acc[i][2] = _mm512_dpbusd_epi32(acc[i][2], _mm512_and_si512(c, mk2), a2);
+            acc[i][3] = _mm512_dpbusd_epi32(acc[i][3], _mm512_and_si512(c, mk3), a3);
+        }
+    }
+    int32_t tail[4] = {0};
+    if (b < nb) {  /* odd last block, natural layout */
+        const int8_t *a1[1] = {acts[0]};
+        for (int i = 0; i < 4; i++) {
+            const uint8_t *r1[1] = {rows[i] + 32 * b};
+            const int8_t *ab[1] = {a1[0] + 128 * b};
+            ternary_tile_1x1(r1, ab, 1, &tail[i]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        out[i] = _mm512_reduce_add_epi32(acc[i][0]) / 64 +
+                 _mm512_reduce_add_epi32(acc[i][1]) / 16 +
+                 _mm512_reduce_add_epi32(acc[i][2]) / 4 + _mm512_reduce_add_epi32(acc[i][3]) +
+                 tail[i];
+}
+
 static const ternary_tile_fn ternary512_tiles[2][4] = {
     {ternary512_tile_1x1, ternary512_tile_1x2, ternary512_tile_1x3, ternary512_tile_1x4},
-    {ternary512_tile_4x1, ternary512_tile_4x2, ternary512_tile_4x3, ternary512_tile_4x4},
+    {ternary512_tile_4x1_masked, ternary512_tile_4x2, ternary512_tile_4x3, ternary512_tile_4x4},
 };
 
 /* Tokens [t0, t1) of rows [r0, r1). */
