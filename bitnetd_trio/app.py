@@ -418,7 +418,7 @@ class App:
             "/v1/chat/completions": Route({"POST": App.chat_completions}),
             "/v1/completions": Route({"POST": App.completions}),
             "/v1/models": Route({"GET": App.models}),
-            "/health": Route({"GET": App.health}, public=True),
+            "/health": Route({"GET": App.health, "HEAD": App.health}, public=True),
             "/metrics": Route({"GET": App.metrics_endpoint}, metrics=True),
             "/tokenize": Route({"POST": App.tokenize}),
             "/detokenize": Route({"POST": App.detokenize}),

@@ -36,6 +36,8 @@ async def test_health_models_and_model_by_id(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as c:
         r = await c.get("/health")
         assert r.status_code == 200 and r.json() == {"status": "ok"}
+        r = await c.head("/health")  # load balancers' probes
+        assert r.status_code == 200 and r.content == b""
         r = await c.get("/v1/models")
         assert r.status_code == 200
         body = r.json()
