@@ -131,6 +131,21 @@ def test_many_rows_and_token_groups(kernel: str) -> None:
                                           err_msg=f"{n_in}x{n_out} tokens {n_tok}")
 
 
+@simd
+def test_single_token_rows_with_any_codes(kernel: str) -> None:
+    """The single-token tiles (planes masked in place, one accumulator per plane), over all
+    byte values (code 3 included), even and odd numbers of 128-blocks, extreme inputs."""
+    rng = np.random.default_rng(7)
+    for n_in, n_out in ((2560, 300), (3456, 77), (128, 40)):
+        packed = rng.integers(0, 256, size=n_out * n_in // 4, dtype=np.uint8).tobytes()
+        for x in (rng.standard_normal((1, n_in)).astype(np.float32),
+                  np.full((1, n_in), -5.0, np.float32), np.full((1, n_in), 5.0, np.float32)):
+            want = engine.ternary_matmul(packed, 0.9, n_in, n_out, x, kernel="scalar")
+            got = engine.ternary_matmul(packed, 0.9, n_in, n_out, x, kernel=kernel,
+                                        n_threads=2)
+            np.testing.assert_array_equal(got, want, err_msg=f"{n_in}x{n_out}")
+
+
 def test_code_three_is_bounded() -> None:
     """Code 3 never occurs in a valid file; the kernels still agree (no int16 overflow)."""
     rng = np.random.default_rng(4)
