@@ -910,9 +910,6 @@ class App:
     def _fingerprint(self, engine: InferenceThread) -> str:
         return f"bitnetd-trio-{__version__}-{engine.info.kernel}"
 
-    def _token_bytes(self, engine: InferenceThread, token: int) -> bytes:
-        return engine.tokenizer.token_bytes(token)
-
     def _chat_logprobs(self, gen: Generation, tokens: list[TokenResult]) -> dict:
         return {"content": self._chat_logprob_entries(gen, tokens)}
 
@@ -962,6 +959,7 @@ class App:
     def _llama_final(self, gen: Generation, c: Choice, content: str,
                      tokens: list[TokenResult] | None = None) -> dict:
         prompt_n = len(gen.prompts[0])
+        evaluated = prompt_n - c.n_cached  # the prompt tokens actually processed
         pred_n = c.n_generated
         prompt_ms = c.prompt_seconds * 1000.0
         pred_ms = c.generation_seconds * 1000.0
@@ -986,10 +984,10 @@ class App:
             "stopping_word": c.stopping_word,
             "tokens_cached": prompt_n + pred_n,
             "timings": {
-                "prompt_n": prompt_n,
+                "prompt_n": evaluated,
                 "prompt_ms": prompt_ms,
-                "prompt_per_token_ms": prompt_ms / prompt_n if prompt_n else 0.0,
-                "prompt_per_second": prompt_n / c.prompt_seconds if c.prompt_seconds else 0.0,
+                "prompt_per_token_ms": prompt_ms / evaluated if evaluated else 0.0,
+                "prompt_per_second": evaluated / c.prompt_seconds if c.prompt_seconds else 0.0,
                 "predicted_n": pred_n,
                 "predicted_ms": pred_ms,
                 "predicted_per_token_ms": pred_ms / pred_n if pred_n else 0.0,
