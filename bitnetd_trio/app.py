@@ -1027,6 +1027,7 @@ class App:
                 err = ApiError(504, "the request timed out before any token was produced",
                                type="timeout_error")
                 out += sse_event(err.envelope())
+                req.resp.error_type = err.type
                 watch.completed = True
                 await req.resp.body(bytes(out))
                 return
@@ -1043,6 +1044,7 @@ class App:
                 c.apply(upd)
                 if upd.finish_reason == "error":
                     out += sse_event(ApiError(500, f"generation failed: {upd.error}").envelope())
+                    req.resp.error_type = "server_error"
                     watch.completed = True
                     await req.resp.body(bytes(out))
                     return
