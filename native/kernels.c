@@ -553,11 +553,14 @@ AVX512_FN static void ternary512_tile_4x1_masked(const uint8_t *const *rows,
             ternary_tile_1x1(r1, ab, 1, &tail[i]);
         }
     }
-    for (int i = 0; i < 4; i++)
-        out[i] = _mm512_reduce_add_epi32(acc[i][0]) / 64 +
-                 _mm512_reduce_add_epi32(acc[i][1]) / 16 +
-                 _mm512_reduce_add_epi32(acc[i][2]) / 4 + _mm512_reduce_add_epi32(acc[i][3]) +
-                 tail[i];
+    /* every lane of plane l's accumulator is an exact multiple of 4^(3-l): shift per lane,
+     * then one reduction per row */
+    for (int i = 0; i < 4; i++) {
+        const __m512i v = _mm512_add_epi32(
+            _mm512_add_epi32(_mm512_srai_epi32(acc[i][0], 6), _mm512_srai_epi32(acc[i][1], 4)),
+            _mm512_add_epi32(_mm512_srai_epi32(acc[i][2], 2), acc[i][3]));
+        out[i] = _mm512_reduce_add_epi32(v) + tail[i];
+    }
 }
 
 static const ternary_tile_fn ternary512_tiles[2][4] = {
