@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds")
     p.add_argument("--bw-mb", type=int, default=1024, help="bandwidth probe buffer (MiB)")
     p.add_argument("--streams", type=int, default=8, help="read streams per thread in the probe")
-    p.add_argument("--kernel", help="force a kernel set (scalar, avx2, avx512vnni)")
+    p.add_argument("--kernel", help="force a kernel set (scalar, avx2, avx512vnni, amx)")
     args = p.parse_args(argv)
     if args.kernel:
         engine.select_kernel(args.kernel)

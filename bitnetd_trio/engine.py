@@ -356,12 +356,12 @@ _select_lock = threading.Lock()
 
 
 def kernel_name() -> str:
-    """The kernel set in use: "scalar", "avx2" or "avx512vnni"."""
+    """The kernel set in use: "scalar", "avx2", "avx512vnni" or "amx"."""
     return ffi.string(lib.bn_kernel_name()).decode()
 
 
 def select_kernel(name: str) -> None:
-    """Force a kernel set (tests, benchmarks); ValueError if this CPU cannot run it."""
+    """Force a kernel set (tests, benchmarks); ValueError if this machine cannot run it."""
     with _select_lock:
         if lib.bn_kernel_select(name.encode()) != 0:
             raise ValueError(f"kernel {name!r} is not available on this machine")

@@ -146,7 +146,7 @@ int32_t bn_sampler_sample(bn_sampler *s, const float *logits);
 /* ---- kernels (exposed for tests and benchmarks) ---- */
 /* y[t][r] = BitLinear(x[t], W) for t < n_tok, r < n_out: x is n_tok x n_in floats, y is
  * n_tok x n_out, W is n_out rows of n_in/4 bytes of I2_S codes (n_in % 128 == 0) with
- * per-tensor scale. kernel: "scalar", "avx2", "avx512vnni" or NULL for the dispatched one. */
+ * per-tensor scale. kernel: a name of bn_kernel_select, or NULL for the dispatched one. */
 int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
                       int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads);
 
@@ -163,9 +163,9 @@ double bn_bwprobe_run(bn_bwprobe *p, int32_t streams);              /* one pass,
 void bn_bwprobe_free(bn_bwprobe *p);
 
 /* ---- introspection ---- */
-/* "scalar", "avx2", "avx512vnni": the kernel set chosen at run time. */
+/* "scalar", "avx2", "avx512vnni", "amx": the kernel set chosen at run time. */
 const char *bn_kernel_name(void);
-/* Force a kernel set ("scalar", "avx2", "avx512vnni"); returns 0, or -1 if not supported
+/* Force a kernel set ("scalar", "avx2", "avx512vnni", "amx"); returns 0, or -1 if not supported
  * here. Every set computes bit-identical results. */
 int bn_kernel_select(const char *name);
 
