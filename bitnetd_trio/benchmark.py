@@ -31,7 +31,7 @@ def bytes_per_token(hp: engine.HParams, kv_positions: float) -> tuple[float, flo
     per_layer = (e * e * 2 + e * kvd * 2 + e * f * 3) / 4 + 7 * 32
     ternary = per_layer * hp.n_layer
     head = hp.n_vocab * e * 2
-    kv = 2 * hp.n_layer * kv_positions * kvd * 4   # K and V, F32
+    kv = 2 * hp.n_layer * kv_positions * kvd * 4  # K and V, F32
     return ternary, head, kv
 
 
@@ -65,19 +65,25 @@ def prompt_tokens(n: int, n_vocab: int, salt: int) -> list[int]:
 class DecodeVariant:
     """`batch` sequences in slots [first, first+batch) of ctx, decoding at a fixed position."""
 
-    def __init__(self, ctx: engine.Context, first: int, batch: int, start: int,
-                 n_vocab: int) -> None:
+    def __init__(
+        self, ctx: engine.Context, first: int, batch: int, start: int, n_vocab: int
+    ) -> None:
         self.ctx, self.slots, self.start = ctx, list(range(first, first + batch)), start
-        ctx.forward([engine.BatchEntry(s, prompt_tokens(start, n_vocab, s + 2), "none")
-                     for s in self.slots])
+        ctx.forward(
+            [engine.BatchEntry(s, prompt_tokens(start, n_vocab, s + 2), "none") for s in self.slots]
+        )
         self.tokens = [1] * batch
 
     def step(self) -> float:
         """Seconds for one decode step of every sequence (token selection included)."""
         ctx = self.ctx
         t0 = time.perf_counter()
-        ctx.forward([engine.BatchEntry(s, [t], "last")
-                     for s, t in zip(self.slots, self.tokens, strict=True)])
+        ctx.forward(
+            [
+                engine.BatchEntry(s, [t], "last")
+                for s, t in zip(self.slots, self.tokens, strict=True)
+            ]
+        )
         self.tokens = [int(ctx.logits(i, 0).argmax()) for i in range(len(self.slots))]
         dt = time.perf_counter() - t0
         for s in self.slots:
@@ -104,23 +110,29 @@ def run(args: argparse.Namespace) -> int:
     n_ctx = max(args.prompt, args.start + 1)
     per_token = sum(bytes_per_token(hp, args.start + 1))
     ternary, head, _ = bytes_per_token(hp, 0)
-    print(f"model {path} ({hp.n_layer} layers, n_embd {hp.n_embd}, vocab {hp.n_vocab}), "
-          f"kernel {engine.kernel_name()}, threads 1 and {n_threads}")
-    print(f"bytes per decoded token: ternary {ternary / 1e6:.1f} MB + head {head / 1e6:.1f} MB "
-          f"+ KV {(per_token - ternary - head) / 1e6:.2f} MB = {per_token / 1e9:.3f} GB")
+    print(
+        f"model {path} ({hp.n_layer} layers, n_embd {hp.n_embd}, vocab {hp.n_vocab}), "
+        f"kernel {engine.kernel_name()}, threads 1 and {n_threads}"
+    )
+    print(
+        f"bytes per decoded token: ternary {ternary / 1e6:.1f} MB + head {head / 1e6:.1f} MB "
+        f"+ KV {(per_token - ternary - head) / 1e6:.2f} MB = {per_token / 1e9:.3f} GB"
+    )
 
     slots = 1 + sum(batches)
     ctx = engine.Context(model, slots, n_ctx, n_threads)
     ctx1 = engine.Context(model, 1, n_ctx, 1)
     probe = engine.BandwidthProbe(args.bw_mb << 20, n_threads)
     probe1 = engine.BandwidthProbe(args.bw_mb << 20, 1)
-    decoders = {("t1", 1): DecodeVariant(ctx1, 0, 1, args.start, hp.n_vocab),
-                (f"t{n_threads}", 1): DecodeVariant(ctx, 0, 1, args.start, hp.n_vocab)}
+    decoders = {
+        ("t1", 1): DecodeVariant(ctx1, 0, 1, args.start, hp.n_vocab),
+        (f"t{n_threads}", 1): DecodeVariant(ctx, 0, 1, args.start, hp.n_vocab),
+    }
     first = 1
     for b in batches:
         decoders[(f"t{n_threads}", b)] = DecodeVariant(ctx, first, b, args.start, hp.n_vocab)
         first += b
-    for d in decoders.values():   # warm up: first touch of the mapping, thread start
+    for d in decoders.values():  # warm up: first touch of the mapping, thread start
         d.step()
 
     tasks: dict[str, Callable[[], float]] = {
@@ -128,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         "bw1": lambda: probe1.run(args.streams),
     }
     for (t, b), d in decoders.items():
-        tasks[f"{t}b{b}"] = (lambda d=d, b=b: b / d.step())   # tok/s of this step
+        tasks[f"{t}b{b}"] = lambda d=d, b=b: b / d.step()  # tok/s of this step
     results: dict[str, list[float]] = {k: [] for k in tasks}
     names = list(tasks)
     for r in range(args.rounds):
@@ -170,8 +182,10 @@ def run(args: argparse.Namespace) -> int:
     show(f"prefill, {args.prompt} tokens", prefill, "tok/s")
     print("ratios (median of per-round ratios):")
     print(f"  single-stream / limit       {med([s / lim for s, lim in zip(single, limit)]):8.0%}")
-    print(f"  1 thread / 1-thread limit   "
-          f"{med([s * per_token / (b * 1e9) for s, b in zip(results['t1b1'], results['bw1'])]):8.0%}")
+    print(
+        f"  1 thread / 1-thread limit   "
+        f"{med([s * per_token / (b * 1e9) for s, b in zip(results['t1b1'], results['bw1'])]):8.0%}"
+    )
     for b in batches:
         ratio = med([x / s for x, s in zip(results[f"{tn}b{b}"], single)])
         print(f"  batch {b} / batch 1           {ratio:8.2f}x")
@@ -180,10 +194,17 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bitnetd-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", nargs="?", type=Path,
-                   help="GGUF model (with --synthetic: where to keep the synthetic model)")
-    p.add_argument("--synthetic", action="store_true",
-                   help="use (and write once) a full-size 2B-4T model with random weights")
+    p.add_argument(
+        "model",
+        nargs="?",
+        type=Path,
+        help="GGUF model (with --synthetic: where to keep the synthetic model)",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="use (and write once) a full-size 2B-4T model with random weights",
+    )
     p.add_argument("--threads", type=int, default=0, help="N threads (default: all CPUs)")
     p.add_argument("--prompt", type=int, default=128, help="prefill length")
     p.add_argument("--prefill-runs", type=int, default=3)

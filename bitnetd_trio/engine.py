@@ -7,10 +7,12 @@ CancelFlag.set/clear/is_set may be called from any thread. Every native call rel
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Self
 
 import numpy as np
 
@@ -22,21 +24,48 @@ except ImportError:  # pragma: no cover - only while the sampler module is missi
     Sampler = SamplingParams = logprobs = None  # type: ignore[assignment,misc]
 
 __all__ = [
-    "EngineError", "ModelLoadError", "HParams", "Model", "CancelFlag", "BatchEntry", "Context",
-    "Sampler", "SamplingParams", "logprobs", "kernel_name", "select_kernel", "ternary_matmul",
-    "measure_read_bandwidth", "BandwidthProbe",
+    "BandwidthProbe",
+    "BatchEntry",
+    "CancelFlag",
+    "Context",
+    "EngineError",
+    "HParams",
+    "Model",
+    "ModelLoadError",
+    "Sampler",
+    "SamplingParams",
+    "kernel_name",
+    "logprobs",
+    "measure_read_bandwidth",
+    "select_kernel",
+    "ternary_matmul",
 ]
 
 _ERRLEN = 512
 _LOGITS_MODES = {"none": lib.BN_LOGITS_NONE, "last": lib.BN_LOGITS_LAST, "all": lib.BN_LOGITS_ALL}
 _NUMERIC_DTYPES = {
-    lib.BN_GGUF_U8: "<u1", lib.BN_GGUF_I8: "<i1", lib.BN_GGUF_U16: "<u2",
-    lib.BN_GGUF_I16: "<i2", lib.BN_GGUF_U32: "<u4", lib.BN_GGUF_I32: "<i4",
-    lib.BN_GGUF_F32: "<f4", lib.BN_GGUF_U64: "<u8", lib.BN_GGUF_I64: "<i8",
-    lib.BN_GGUF_F64: "<f8", lib.BN_GGUF_BOOL: "<u1",
+    lib.BN_GGUF_U8: "<u1",
+    lib.BN_GGUF_I8: "<i1",
+    lib.BN_GGUF_U16: "<u2",
+    lib.BN_GGUF_I16: "<i2",
+    lib.BN_GGUF_U32: "<u4",
+    lib.BN_GGUF_I32: "<i4",
+    lib.BN_GGUF_F32: "<f4",
+    lib.BN_GGUF_U64: "<u8",
+    lib.BN_GGUF_I64: "<i8",
+    lib.BN_GGUF_F64: "<f8",
+    lib.BN_GGUF_BOOL: "<u1",
 }
-_INT_TYPES = {lib.BN_GGUF_U8, lib.BN_GGUF_I8, lib.BN_GGUF_U16, lib.BN_GGUF_I16,
-              lib.BN_GGUF_U32, lib.BN_GGUF_I32, lib.BN_GGUF_U64, lib.BN_GGUF_I64}
+_INT_TYPES = {
+    lib.BN_GGUF_U8,
+    lib.BN_GGUF_I8,
+    lib.BN_GGUF_U16,
+    lib.BN_GGUF_I16,
+    lib.BN_GGUF_U32,
+    lib.BN_GGUF_I32,
+    lib.BN_GGUF_U64,
+    lib.BN_GGUF_I64,
+}
 
 
 class EngineError(Exception):
@@ -82,16 +111,24 @@ class Model:
     def __init__(self, ptr: Any, path: Path) -> None:
         self._ptr = ptr
         self.path = path
-        self._users = 0          # open contexts; the C model is freed when the last one closes
+        self._users = 0  # open contexts; the C model is freed when the last one closes
         self._closed = False
         hp = ffi.new("bn_hparams *")
         lib.bn_model_hparams(ptr, hp)
         self.hparams = HParams(
             architecture=ffi.string(hp.architecture).decode("utf-8", "replace"),
-            n_vocab=hp.n_vocab, n_ctx_train=hp.n_ctx_train, n_embd=hp.n_embd,
-            n_layer=hp.n_layer, n_ff=hp.n_ff, n_head=hp.n_head, n_head_kv=hp.n_head_kv,
-            head_dim=hp.head_dim, rms_eps=float(hp.rms_eps), rope_base=float(hp.rope_base),
-            tied_head=bool(hp.tied_head), n_params=int(hp.n_params),
+            n_vocab=hp.n_vocab,
+            n_ctx_train=hp.n_ctx_train,
+            n_embd=hp.n_embd,
+            n_layer=hp.n_layer,
+            n_ff=hp.n_ff,
+            n_head=hp.n_head,
+            n_head_kv=hp.n_head_kv,
+            head_dim=hp.head_dim,
+            rms_eps=float(hp.rms_eps),
+            rope_base=float(hp.rope_base),
+            tied_head=bool(hp.tied_head),
+            n_params=int(hp.n_params),
             file_size=int(hp.file_size),
         )
 
@@ -169,17 +206,15 @@ class Model:
             lib.bn_model_free(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> Model:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 class CancelFlag:
@@ -216,8 +251,9 @@ class Context:
 
     def __init__(self, model: Model, n_slots: int, n_ctx: int, n_threads: int) -> None:
         err = _errbuf()
-        ptr = lib.bn_context_new(model._live(), int(n_slots), int(n_ctx), int(n_threads),
-                                 err, _ERRLEN)
+        ptr = lib.bn_context_new(
+            model._live(), int(n_slots), int(n_ctx), int(n_threads), err, _ERRLEN
+        )
         if ptr == ffi.NULL:
             raise EngineError(_errmsg(err, "cannot create context"))
         self._ptr = ptr
@@ -261,14 +297,15 @@ class Context:
             k = len(e.tokens)
             mode = _LOGITS_MODES.get(e.logits)
             if mode is None:
-                raise EngineError(f"entry {i}: logits must be 'none', 'last' or 'all', "
-                                  f"got {e.logits!r}")
+                raise EngineError(
+                    f"entry {i}: logits must be 'none', 'last' or 'all', got {e.logits!r}"
+                )
             ce = c[i]
             ce.slot = int(e.slot)
             ce.n_tokens = k
             if k:
                 try:
-                    buf[off:off + k] = e.tokens
+                    buf[off : off + k] = e.tokens
                 except (TypeError, OverflowError) as exc:
                     raise EngineError(f"entry {i}: bad token list: {exc}") from None
             ce.tokens = buf + off
@@ -285,8 +322,10 @@ class Context:
     def _logits_ptr(self, entry_index: int, token_index: int) -> Any:
         p = lib.bn_logits(self._live(), int(entry_index), int(token_index))
         if p == ffi.NULL:
-            raise EngineError(f"no logits for entry {entry_index} token {token_index} "
-                              "(not requested, cancelled, or out of range)")
+            raise EngineError(
+                f"no logits for entry {entry_index} token {token_index} "
+                "(not requested, cancelled, or out of range)"
+            )
         return p
 
     def logits(self, entry_index: int, token_index: int) -> np.ndarray:
@@ -315,8 +354,9 @@ class Context:
         """Keep the slot's first pos tokens (a common prefix), drop the rest."""
         self._check_slot(slot)
         if lib.bn_seq_truncate(self._live(), int(slot), int(pos)) != 0:
-            raise EngineError(f"slot {slot}: cannot truncate to {pos} "
-                              f"(position is {self.pos(slot)})")
+            raise EngineError(
+                f"slot {slot}: cannot truncate to {pos} (position is {self.pos(slot)})"
+            )
 
     def pos(self, slot: int) -> int:
         """Number of tokens in the slot's cache."""
@@ -339,17 +379,15 @@ class Context:
             self.model._users -= 1
             self.model._maybe_free()
 
-    def __enter__(self) -> Context:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
 
 _select_lock = threading.Lock()
@@ -367,8 +405,16 @@ def select_kernel(name: str) -> None:
             raise ValueError(f"kernel {name!r} is not available on this machine")
 
 
-def ternary_matmul(packed: bytes | np.ndarray, scale: float, n_in: int, n_out: int,
-                   x: np.ndarray, *, kernel: str | None = None, n_threads: int = 1) -> np.ndarray:
+def ternary_matmul(
+    packed: bytes | np.ndarray,
+    scale: float,
+    n_in: int,
+    n_out: int,
+    x: np.ndarray,
+    *,
+    kernel: str | None = None,
+    n_threads: int = 1,
+) -> np.ndarray:
     """BitLinear of x (n_tok, n_in) with an I2_S matrix of n_out rows: (n_tok, n_out) float32."""
     codes = np.frombuffer(packed, dtype=np.uint8) if isinstance(packed, bytes) else packed
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
@@ -377,16 +423,24 @@ def ternary_matmul(packed: bytes | np.ndarray, scale: float, n_in: int, n_out: i
     xa = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_in)
     y = np.empty((xa.shape[0], n_out), dtype=np.float32)
     rc = lib.bn_ternary_matmul(
-        kernel.encode() if kernel else ffi.NULL, ffi.from_buffer("uint8_t[]", codes),
-        float(scale), int(n_in), int(n_out), ffi.from_buffer("float[]", xa), xa.shape[0],
-        ffi.from_buffer("float[]", y, require_writable=True), int(n_threads))
+        kernel.encode() if kernel else ffi.NULL,
+        ffi.from_buffer("uint8_t[]", codes),
+        float(scale),
+        int(n_in),
+        int(n_out),
+        ffi.from_buffer("float[]", xa),
+        xa.shape[0],
+        ffi.from_buffer("float[]", y, require_writable=True),
+        int(n_threads),
+    )
     if rc != 0:
         raise EngineError("bn_ternary_matmul refused its arguments (kernel, shape or threads)")
     return y
 
 
-def measure_read_bandwidth(n_bytes: int = 1 << 30, n_threads: int = 1, streams: int = 4,
-                           reps: int = 3) -> float:
+def measure_read_bandwidth(
+    n_bytes: int = 1 << 30, n_threads: int = 1, streams: int = 4, reps: int = 3
+) -> float:
     """Best memory read bandwidth in GB/s over reps passes of a buffer of n_bytes."""
     v = lib.bn_measure_read_bandwidth(int(n_bytes), int(n_threads), int(streams), int(reps))
     if v <= 0:

@@ -19,14 +19,15 @@ from bitnetd_trio import engine
 
 
 @pytest.fixture(scope="module")
-def model(gqa_model_path: Path):  # noqa: ANN201
+def model(gqa_model_path: Path):
     m = engine.Model.load(gqa_model_path)
     yield m
     m.close()
 
 
-def greedy_alone(model: engine.Model, prompt: list[int], n_new: int, n_threads: int = 1,
-                 n_ctx: int = 128) -> tuple[list[int], list[np.ndarray]]:
+def greedy_alone(
+    model: engine.Model, prompt: list[int], n_new: int, n_threads: int = 1, n_ctx: int = 128
+) -> tuple[list[int], list[np.ndarray]]:
     """Prefill then greedy decode, one sequence in its own context."""
     with engine.Context(model, 1, n_ctx, n_threads) as ctx:
         ctx.forward([engine.BatchEntry(0, prompt, "last")])
@@ -111,7 +112,7 @@ def test_internal_chunks_are_invisible(head128_model_path: Path) -> None:
         whole = [np.array(ctx.logits(0, t)) for t in (0, 511, 512, 699)]
         got = {}
         for start in range(0, 700, 100):
-            ctx.forward([engine.BatchEntry(1, prompt[start:start + 100], "all")])
+            ctx.forward([engine.BatchEntry(1, prompt[start : start + 100], "all")])
             for t in (0, 511, 512, 699):
                 if start <= t < start + 100:
                     got[t] = np.array(ctx.logits(0, t - start))

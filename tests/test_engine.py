@@ -13,14 +13,14 @@ from bitnetd_trio.engine import BatchEntry
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_path: Path):  # noqa: ANN201
+def model(tiny_model_path: Path):
     m = engine.Model.load(tiny_model_path)
     yield m
     m.close()
 
 
 @pytest.fixture
-def ctx(model: engine.Model):  # noqa: ANN201
+def ctx(model: engine.Model):
     c = engine.Context(model, 3, 32, 2)
     yield c
     c.close()
@@ -44,8 +44,11 @@ def test_hparams_and_metadata(model: engine.Model) -> None:
     assert isinstance(model.metadata("bitnet-b1.58.rope.freq_base"), float)
     assert model.metadata("tokenizer.ggml.add_bos_token") is True
     tokens = model.metadata("tokenizer.ggml.tokens")
-    assert isinstance(tokens, list) and len(tokens) == hp.n_vocab and all(
-        isinstance(t, str) for t in tokens)
+    assert (
+        isinstance(tokens, list)
+        and len(tokens) == hp.n_vocab
+        and all(isinstance(t, str) for t in tokens)
+    )
     types = model.metadata("tokenizer.ggml.token_type")
     assert len(types) == hp.n_vocab and set(types) <= {1, 2, 3, 4, 5, 6}
     assert model.metadata("no.such.key", 42) == 42
@@ -72,7 +75,7 @@ def test_slot_and_token_errors_apply_nothing(ctx: engine.Context) -> None:
             ctx.forward(entries)
         assert (ctx.pos(0), ctx.pos(1)) == (3, 0)
     with pytest.raises(engine.EngineError):
-        ctx.logits(0, 0)   # the failed forward left no logits
+        ctx.logits(0, 0)  # the failed forward left no logits
 
 
 def test_context_overflow_names_slot_and_sizes(ctx: engine.Context) -> None:
@@ -94,7 +97,7 @@ def test_cancel_flag_skips_entry(ctx: engine.Context) -> None:
     ctx.forward([BatchEntry(1, [7, 8], "none")])
     st = ctx.forward([BatchEntry(0, [1, 2, 3], "last"), BatchEntry(1, [9], "last", flag)])
     assert st == [0, 1]
-    assert (ctx.pos(0), ctx.pos(1)) == (3, 2)   # the cancelled slot keeps its position
+    assert (ctx.pos(0), ctx.pos(1)) == (3, 2)  # the cancelled slot keeps its position
     assert ctx.logits(0, 2).shape == (512,)
     with pytest.raises(engine.EngineError):
         ctx.logits(1, 0)
@@ -113,9 +116,9 @@ def test_truncate_and_reset(ctx: engine.Context) -> None:
     ctx.forward([BatchEntry(0, toks[3:], "last")])
     np.testing.assert_array_equal(np.array(ctx.logits(0, 2)), want)
     with pytest.raises(engine.EngineError):
-        ctx.truncate(0, 7)       # beyond the position
+        ctx.truncate(0, 7)  # beyond the position
     with pytest.raises(engine.EngineError):
-        ctx.truncate(5, 0)       # no such slot
+        ctx.truncate(5, 0)  # no such slot
     ctx.reset(0)
     assert ctx.pos(0) == 0
     ctx.forward([BatchEntry(0, toks, "last")])
@@ -124,18 +127,23 @@ def test_truncate_and_reset(ctx: engine.Context) -> None:
 
 def test_logits_modes_and_views(ctx: engine.Context, model: engine.Model) -> None:
     n_vocab = model.hparams.n_vocab
-    ctx.forward([BatchEntry(0, [1, 2, 3, 4], "all"), BatchEntry(1, [5, 6], "last"),
-                 BatchEntry(2, [7], "none")])
+    ctx.forward(
+        [
+            BatchEntry(0, [1, 2, 3, 4], "all"),
+            BatchEntry(1, [5, 6], "last"),
+            BatchEntry(2, [7], "none"),
+        ]
+    )
     rows = [ctx.logits(0, t) for t in range(4)]
     assert all(r.shape == (n_vocab,) and r.dtype == np.float32 for r in rows)
-    assert not rows[0].flags.writeable and not rows[0].flags.owndata   # a view, not a copy
+    assert not rows[0].flags.writeable and not rows[0].flags.owndata  # a view, not a copy
     assert len({r.tobytes() for r in rows}) == 4
     assert np.isfinite(np.stack(rows)).all()
     assert ctx.logits(1, 1).shape == (n_vocab,)
     with pytest.raises(engine.EngineError):
-        ctx.logits(1, 0)          # "last" keeps only the last token's row
+        ctx.logits(1, 0)  # "last" keeps only the last token's row
     with pytest.raises(engine.EngineError):
-        ctx.logits(2, 0)          # "none"
+        ctx.logits(2, 0)  # "none"
     with pytest.raises(engine.EngineError):
         ctx.logits(0, 4)
 
@@ -157,7 +165,7 @@ def test_empty_and_zero_token_entries(ctx: engine.Context) -> None:
 def test_model_close_waits_for_contexts(tiny_model_path: Path) -> None:
     m = engine.Model.load(tiny_model_path)
     c = engine.Context(m, 1, 16, 1)
-    m.close()                    # deferred: the context still reads the weights
+    m.close()  # deferred: the context still reads the weights
     c.forward([BatchEntry(0, [1, 2], "last")])
     assert c.logits(0, 1).shape == (512,)
     c.close()
@@ -182,8 +190,9 @@ def test_cancel_while_running_leaves_slots_consistent(head128_model_path: Path) 
             flag = engine.CancelFlag()
             timer = threading.Timer(delay, flag.set)
             timer.start()
-            st = ctx.forward([BatchEntry(0, prompt, "last", flag),
-                              BatchEntry(1, prompt[20:40], "last")])
+            st = ctx.forward(
+                [BatchEntry(0, prompt, "last", flag), BatchEntry(1, prompt[20:40], "last")]
+            )
             timer.join()
             seen.add(st[0])
             assert st[1] == 0 and ctx.pos(1) == 40

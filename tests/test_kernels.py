@@ -15,8 +15,14 @@ from bitnetd_trio.gguf_writer import pack_i2s
 
 def _available(name: str) -> bool:
     try:
-        engine.ternary_matmul(pack_i2s(np.zeros((1, 128), np.int8)), 1.0, 128, 1,
-                              np.zeros((1, 128), np.float32), kernel=name)
+        engine.ternary_matmul(
+            pack_i2s(np.zeros((1, 128), np.int8)),
+            1.0,
+            128,
+            1,
+            np.zeros((1, 128), np.float32),
+            kernel=name,
+        )
     except engine.EngineError:
         return False
     return True
@@ -27,9 +33,13 @@ AVAILABLE = [k for k in SIMD_KERNELS if _available(k)]
 HAS_AVX2 = "avx2" in AVAILABLE
 needs_avx2 = pytest.mark.skipif(not HAS_AVX2, reason="this CPU has no AVX2/FMA/F16C")
 #: every SIMD kernel set, skipped where the CPU lacks it
-simd = pytest.mark.parametrize("kernel", [
-    pytest.param(k, marks=pytest.mark.skipif(k not in AVAILABLE, reason=f"no {k} on this CPU"))
-    for k in SIMD_KERNELS])
+simd = pytest.mark.parametrize(
+    "kernel",
+    [
+        pytest.param(k, marks=pytest.mark.skipif(k not in AVAILABLE, reason=f"no {k} on this CPU"))
+        for k in SIMD_KERNELS
+    ],
+)
 
 
 def bitlinear_reference(w: np.ndarray, scale: float, x: np.ndarray) -> np.ndarray:
@@ -39,22 +49,23 @@ def bitlinear_reference(w: np.ndarray, scale: float, x: np.ndarray) -> np.ndarra
     m = np.maximum(np.abs(x).max(axis=1), np.float32(1e-5)).astype(np.float32)
     s = (np.float32(127.0) / m).astype(np.float32)
     q = np.clip(np.rint(x * s[:, None]), -128, 127).astype(np.int64)
-    acc = q @ (w.astype(np.int64) + 1).T           # codes are weight + 1
+    acc = q @ (w.astype(np.int64) + 1).T  # codes are weight + 1
     qsum = q.sum(axis=1, keepdims=True)
     diff = (acc - qsum).astype(np.float32)
     return (diff / s[:, None] * np.float32(scale)).astype(np.float32)
 
 
-def random_case(rng: np.random.Generator, n_in: int, n_out: int, n_tok: int,
-                kind: str = "normal") -> tuple[np.ndarray, np.ndarray]:
+def random_case(
+    rng: np.random.Generator, n_in: int, n_out: int, n_tok: int, kind: str = "normal"
+) -> tuple[np.ndarray, np.ndarray]:
     w = rng.integers(-1, 2, size=(n_out, n_in), dtype=np.int8)
     if kind == "normal":
         x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
-    elif kind == "large":   # all +-1e30: every activation quantizes to +-127
+    elif kind == "large":  # all +-1e30: every activation quantizes to +-127
         x = np.where(rng.random((n_tok, n_in)) < 0.5, -1e30, 1e30).astype(np.float32)
     elif kind == "zeros":
         x = np.zeros((n_tok, n_in), np.float32)
-    elif kind == "tiny":    # denormal-ish: below the 1e-5 floor of max|x|
+    elif kind == "tiny":  # denormal-ish: below the 1e-5 floor of max|x|
         x = (rng.standard_normal((n_tok, n_in)) * 1e-39).astype(np.float32)
     elif kind == "onehot":  # one huge value, the rest rounds to 0 or +-1
         x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
@@ -66,8 +77,9 @@ def random_case(rng: np.random.Generator, n_in: int, n_out: int, n_tok: int,
 
 def run(kernel: str, w: np.ndarray, scale: float, x: np.ndarray, n_threads: int = 1) -> np.ndarray:
     n_out, n_in = w.shape
-    return engine.ternary_matmul(pack_i2s(w, scale), scale, n_in, n_out, x, kernel=kernel,
-                                 n_threads=n_threads)
+    return engine.ternary_matmul(
+        pack_i2s(w, scale), scale, n_in, n_out, x, kernel=kernel, n_threads=n_threads
+    )
 
 
 @pytest.mark.parametrize("kind", ["normal", "large", "zeros", "tiny", "onehot"])
@@ -98,7 +110,7 @@ def test_simd_identical_to_scalar(kernel: str, kind: str) -> None:
     rng = np.random.default_rng(2)
     for _ in range(12):
         n_in = 128 * int(rng.integers(1, 30))
-        n_out = int(rng.integers(1, 70))        # often not a multiple of 4 or of the threads
+        n_out = int(rng.integers(1, 70))  # often not a multiple of 4 or of the threads
         n_tok = int(rng.integers(1, 9))
         n_threads = int(rng.integers(1, 4))
         w, x = random_case(rng, n_in, n_out, n_tok, kind)
@@ -127,8 +139,11 @@ def test_many_rows_and_token_groups(kernel: str) -> None:
         w, x = random_case(rng, n_in, n_out, n_tok)
         want = bitlinear_reference(w, 0.5, x)
         for n_threads in (1, 2):
-            np.testing.assert_array_equal(run(kernel, w, 0.5, x, n_threads=n_threads), want,
-                                          err_msg=f"{n_in}x{n_out} tokens {n_tok}")
+            np.testing.assert_array_equal(
+                run(kernel, w, 0.5, x, n_threads=n_threads),
+                want,
+                err_msg=f"{n_in}x{n_out} tokens {n_tok}",
+            )
 
 
 @simd
@@ -138,11 +153,13 @@ def test_single_token_rows_with_any_codes(kernel: str) -> None:
     rng = np.random.default_rng(7)
     for n_in, n_out in ((2560, 300), (3456, 77), (128, 40)):
         packed = rng.integers(0, 256, size=n_out * n_in // 4, dtype=np.uint8).tobytes()
-        for x in (rng.standard_normal((1, n_in)).astype(np.float32),
-                  np.full((1, n_in), -5.0, np.float32), np.full((1, n_in), 5.0, np.float32)):
+        for x in (
+            rng.standard_normal((1, n_in)).astype(np.float32),
+            np.full((1, n_in), -5.0, np.float32),
+            np.full((1, n_in), 5.0, np.float32),
+        ):
             want = engine.ternary_matmul(packed, 0.9, n_in, n_out, x, kernel="scalar")
-            got = engine.ternary_matmul(packed, 0.9, n_in, n_out, x, kernel=kernel,
-                                        n_threads=2)
+            got = engine.ternary_matmul(packed, 0.9, n_in, n_out, x, kernel=kernel, n_threads=2)
             np.testing.assert_array_equal(got, want, err_msg=f"{n_in}x{n_out}")
 
 
@@ -163,10 +180,11 @@ def test_code_three_is_bounded() -> None:
 def test_bad_arguments_are_refused() -> None:
     x = np.zeros((1, 100), np.float32)
     with pytest.raises(engine.EngineError):
-        engine.ternary_matmul(b"\0" * 100, 1.0, 100, 4, x)      # n_in not a multiple of 128
+        engine.ternary_matmul(b"\0" * 100, 1.0, 100, 4, x)  # n_in not a multiple of 128
     with pytest.raises(engine.EngineError):
-        engine.ternary_matmul(b"\0" * 32, 1.0, 128, 1, np.zeros((1, 128), np.float32),
-                              kernel="no-such-kernel")
+        engine.ternary_matmul(
+            b"\0" * 32, 1.0, 128, 1, np.zeros((1, 128), np.float32), kernel="no-such-kernel"
+        )
 
 
 def test_kernel_selection() -> None:
@@ -183,7 +201,7 @@ def test_kernel_selection() -> None:
 
 
 @needs_avx2
-def test_whole_model_same_logits_from_every_kernel(gqa_model_path) -> None:  # noqa: ANN001
+def test_whole_model_same_logits_from_every_kernel(gqa_model_path) -> None:
     """The F16 head and embedding paths too: the same logits bit for bit from every kernel."""
     name = engine.kernel_name()
     model = engine.Model.load(gqa_model_path)
