@@ -189,6 +189,22 @@ def run(args: argparse.Namespace) -> int:
     for b in batches:
         ratio = med([x / s for x, s in zip(results[f"{tn}b{b}"], single)])
         print(f"  batch {b} / batch 1           {ratio:8.2f}x")
+    # Rounds in which the other CPUs were free: N threads read clearly faster than one.
+    quiet = [i for i in range(args.rounds) if bw[i] >= 1.5 * results["bw1"][i]]
+    if n_threads > 1 and quiet:
+        print(
+            f"rounds with the other CPUs free (N-thread bandwidth >= 1.5x one thread's): "
+            f"{len(quiet)} of {args.rounds}"
+        )
+        print(f"  read bandwidth              {med([bw[i] for i in quiet]):8.1f} GB/s")
+        print(
+            f"  decode, {n_threads} threads           {med([single[i] for i in quiet]):8.1f} tok/s"
+        )
+        print(f"  single-stream / limit       {med([single[i] / limit[i] for i in quiet]):8.0%}")
+        for b in batches:
+            agg = [results[f"{tn}b{b}"][i] for i in quiet]
+            ratio = med([results[f"{tn}b{b}"][i] / single[i] for i in quiet])
+            print(f"  batch {b}: {med(agg):.1f} tok/s aggregate, {ratio:.2f}x batch 1")
     return 0
 
 
