@@ -70,7 +70,8 @@ class EngineSettings:
     prefill_chunk: int = 256  # most prompt tokens one sequence feeds in one step
     prefill_budget: int = 512  # most prompt tokens all sequences feed in one step
     # While other sequences are decoding, prompt tokens per step are limited so that a step
-    # takes at most about a decode step plus max(stall_factor x decode step, stall_floor).
+    # takes at most about a decode step plus max(stall_factor x share x decode step,
+    # stall_floor), share = sequences in prefill / sequences decoding (at least 1).
     prefill_stall_factor: float = 2.0
     prefill_stall_floor: float = 0.02  # seconds
     prefill_min_tokens: int = 8
@@ -653,12 +654,17 @@ class InferenceThread:
 
     def _prefill_budget(self) -> int:
         """Prompt tokens this step may feed: all it can when nobody decodes, else few enough
-        that the decoding sequences keep flowing (chunked prefill)."""
+        that the decoding sequences keep flowing (chunked prefill). The prefill's share of a
+        step grows with the number of sequences waiting for their prompt against those
+        decoding, so a burst of new requests is not starved by one running stream."""
         s = self.settings
-        decoding = any(not seq.prefilling for seq in self._active)
-        if not decoding or self._decode_step_s is None or not self._prefill_token_s:
+        n_decoding = sum(1 for seq in self._active if not seq.prefilling)
+        if not n_decoding or self._decode_step_s is None or not self._prefill_token_s:
             return s.prefill_budget
-        allowed = max(s.prefill_stall_factor * self._decode_step_s, s.prefill_stall_floor)
+        n_prefilling = len(self._active) - n_decoding
+        share = max(1.0, n_prefilling / n_decoding)
+        allowed = max(s.prefill_stall_factor * share * self._decode_step_s,
+                      s.prefill_stall_floor)
         return max(s.prefill_min_tokens, min(s.prefill_budget,
                                              int(allowed / self._prefill_token_s)))
 
