@@ -81,11 +81,18 @@ class Responder:
             self.finished = True
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
 
-    async def send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None,
-                        before_final: Callable[[], None] | None = None) -> None:
+    async def send_json(
+        self,
+        status: int,
+        obj: Any,
+        headers: dict[str, str] | None = None,
+        before_final: Callable[[], None] | None = None,
+    ) -> None:
         data = json_bytes(obj)
-        hdrs = [(b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode())]
+        hdrs = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+        ]
         for k, v in (headers or {}).items():
             hdrs.append((k.lower().encode("latin-1"), v.encode("latin-1")))
         await self.start(status, hdrs)
@@ -93,14 +100,20 @@ class Responder:
             before_final()
         await self.body(data)
 
-    async def send_error(self, exc: ApiError, before_final: Callable[[], None] | None = None
-                         ) -> None:
+    async def send_error(
+        self, exc: ApiError, before_final: Callable[[], None] | None = None
+    ) -> None:
         self.error_type = exc.type
         await self.send_json(exc.status, exc.envelope(), exc.headers, before_final)
 
     async def send_text(self, status: int, data: bytes, content_type: str) -> None:
-        await self.start(status, [(b"content-type", content_type.encode("latin-1")),
-                                  (b"content-length", str(len(data)).encode())])
+        await self.start(
+            status,
+            [
+                (b"content-type", content_type.encode("latin-1")),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        )
         await self.body(data)
 
 
@@ -173,7 +186,7 @@ class DisconnectWatch:
             nursery.start_soon(watch)
             try:
                 await body()
-            except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup
+            except Exception as exc:  # noqa: BLE001 - re-raised below, not wrapped in a group
                 error = exc
             finally:
                 nursery.cancel_scope.cancel()
@@ -328,7 +341,8 @@ class App:
             self._nursery = nursery
             try:
                 await self.startup()
-            except Exception as exc:  # must become startup.failed: hypercorn would serve anyway
+            except Exception as exc:  # noqa: BLE001 - must become startup.failed (else hypercorn
+                # serves without a model)
                 error = exc
                 nursery.cancel_scope.cancel()
             else:
@@ -352,8 +366,11 @@ class App:
             from .gguf_writer import demo_model_path
 
             path = str(demo_model_path())
-            log.warning("no [model] path configured: serving the demo model %s (random "
-                        "weights, for trying the API only)", path)
+            log.warning(
+                "no [model] path configured: serving the demo model %s (random "
+                "weights, for trying the API only)",
+                path,
+            )
         return EngineSettings(
             model_path=str(path),
             n_slots=m.parallel,
@@ -442,7 +459,7 @@ class App:
         route = self.routes.get(path)
         if route is None and path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
             route = Route({"GET": App.model_by_id})
-            params["id"] = path[len("/v1/models/"):]
+            params["id"] = path[len("/v1/models/") :]
         if route is None:
             raise ApiError.route_not_found(method, path)
         handler = route.methods.get(method)
@@ -463,8 +480,9 @@ class App:
                 self._check_access(scope, route)
                 if scope["method"] in ("POST", "PUT", "PATCH"):
                     api_schema.check_content_type(_header(scope, b"content-type"))
-                    body = await read_body(receive, scope.get("headers", []),
-                                           self.config.server.max_body_size)
+                    body = await read_body(
+                        receive, scope.get("headers", []), self.config.server.max_body_size
+                    )
                 await handler(self, Request(scope, receive, resp, body or b"", params))
             except ApiError as exc:
                 if not resp.started:
@@ -486,8 +504,14 @@ class App:
             self._active_requests -= 1
             self.metrics.active_connections.dec()
             self.metrics.count_request(path, resp.status or 499, resp.error_type)
-            if path in ("/v1/chat/completions", "/v1/completions", "/completion", "/generate",
-                        "/chat/completions", "/completions"):
+            if path in (
+                "/v1/chat/completions",
+                "/v1/completions",
+                "/completion",
+                "/generate",
+                "/chat/completions",
+                "/completions",
+            ):
                 self.metrics.e2e_request_seconds.observe(time.monotonic() - started)
 
     def _check_access(self, scope: Scope, route: Route) -> None:
@@ -497,8 +521,9 @@ class App:
         keys = self.config.server.api_keys
         if keys and (not route.metrics or self.config.metrics.require_api_key):
             given = _bearer_token(scope)
-            if given is None or not any(hmac.compare_digest(given.encode(), k.encode())
-                                        for k in keys):
+            if given is None or not any(
+                hmac.compare_digest(given.encode(), k.encode()) for k in keys
+            ):
                 raise ApiError.invalid_api_key()
         if route.metrics and not self.config.metrics.enabled:
             raise ApiError.route_not_found(scope["method"], scope.get("path", ""))
@@ -507,7 +532,8 @@ class App:
             self._rate_limit(scope, rate)
         if self._active_requests > self.config.server.max_connections:
             raise ApiError.unavailable(
-                f"too many requests in progress (limit {self.config.server.max_connections})")
+                f"too many requests in progress (limit {self.config.server.max_connections})"
+            )
 
     def _rate_limit(self, scope: Scope, rate: float) -> None:
         """A token bucket per client address: `rate` requests per second, burst of rate."""
@@ -520,8 +546,11 @@ class App:
         if tokens < 1.0:
             self._rate_buckets[addr] = (tokens, now)
             wait = max(1, math.ceil((1.0 - tokens) / rate))
-            raise ApiError(429, f"rate limit of {rate:g} requests per second exceeded",
-                           headers={"retry-after": str(wait)})
+            raise ApiError(
+                429,
+                f"rate limit of {rate:g} requests per second exceeded",
+                headers={"retry-after": str(wait)},
+            )
         self._rate_buckets[addr] = (tokens - 1.0, now)
         if len(self._rate_buckets) > 10000:  # forget idle clients
             self._rate_buckets = {a: b for a, b in self._rate_buckets.items() if now - b[1] < 60}
@@ -637,34 +666,46 @@ class App:
         engine = self._require_engine()
         info = engine.info
         m = self.config.model
-        await req.resp.send_json(200, {
-            "default_generation_settings": {
-                "n_ctx": info.n_ctx,
-                "params": {
-                    "temperature": m.temperature, "top_k": m.top_k, "top_p": m.top_p,
-                    "min_p": m.min_p, "n_predict": -1 if m.max_tokens_default is None
-                    else m.max_tokens_default,
+        await req.resp.send_json(
+            200,
+            {
+                "default_generation_settings": {
+                    "n_ctx": info.n_ctx,
+                    "params": {
+                        "temperature": m.temperature,
+                        "top_k": m.top_k,
+                        "top_p": m.top_p,
+                        "min_p": m.min_p,
+                        "n_predict": -1 if m.max_tokens_default is None else m.max_tokens_default,
+                    },
                 },
+                "total_slots": info.n_slots,
+                "model_path": info.path,
+                "model_alias": self.config.model.alias or self._model_id_for(engine),
+                "chat_template": engine.chat_template.source,  # None: the BitNet trained format
+                "chat_template_kind": engine.chat_template.kind,
+                "bos_token": _piece_or_none(engine.tokenizer, engine.tokenizer.bos_id),
+                "eos_token": _piece_or_none(engine.tokenizer, engine.tokenizer.eos_id),
+                "build_info": f"bitnetd-trio {__version__} ({info.kernel})",
+                "demo_model": info.is_demo,
+                "modalities": {"vision": False, "audio": False},
             },
-            "total_slots": info.n_slots,
-            "model_path": info.path,
-            "model_alias": self.config.model.alias or self._model_id_for(engine),
-            "chat_template": engine.chat_template.source,  # None: the BitNet trained format
-            "chat_template_kind": engine.chat_template.kind,
-            "bos_token": _piece_or_none(engine.tokenizer, engine.tokenizer.bos_id),
-            "eos_token": _piece_or_none(engine.tokenizer, engine.tokenizer.eos_id),
-            "build_info": f"bitnetd-trio {__version__} ({info.kernel})",
-            "demo_model": info.is_demo,
-            "modalities": {"vision": False, "audio": False},
-        })
+        )
 
     async def slots(self, req: Request) -> None:
         engine = self._require_engine()
         n_ctx = engine.info.n_ctx
         data = [
-            {"id": s.id, "n_ctx": n_ctx, "state": "busy" if s.busy else "idle",
-             "is_processing": s.busy, "job_id": s.job_id, "n_past": s.n_past,
-             "n_prompt_tokens": s.n_prompt, "n_decoded": s.n_generated}
+            {
+                "id": s.id,
+                "n_ctx": n_ctx,
+                "state": "busy" if s.busy else "idle",
+                "is_processing": s.busy,
+                "job_id": s.job_id,
+                "n_past": s.n_past,
+                "n_prompt_tokens": s.n_prompt,
+                "n_decoded": s.n_generated,
+            }
             for s in engine.snapshot_slots()
         ]
         await req.resp.send_json(200, data)
@@ -672,26 +713,30 @@ class App:
     async def model_info(self, req: Request) -> None:
         engine = self._require_engine()
         info = engine.info
-        await req.resp.send_json(200, {
-            "model": self._model_id_for(engine),
-            "model_path": info.path,
-            "architecture": info.architecture,
-            "n_params": info.n_params,
-            "file_size": info.file_size,
-            "context_size": info.n_ctx,
-            "n_ctx_train": info.n_ctx_train,
-            "threads": info.n_threads,
-            "instances": info.n_slots,
-            "kernel": info.kernel,
-            "demo": info.is_demo,
-            "loaded": engine.ready,
-        })
+        await req.resp.send_json(
+            200,
+            {
+                "model": self._model_id_for(engine),
+                "model_path": info.path,
+                "architecture": info.architecture,
+                "n_params": info.n_params,
+                "file_size": info.file_size,
+                "context_size": info.n_ctx,
+                "n_ctx_train": info.n_ctx_train,
+                "threads": info.n_threads,
+                "instances": info.n_slots,
+                "kernel": info.kernel,
+                "demo": info.is_demo,
+                "loaded": engine.ready,
+            },
+        )
 
     # ---- generation endpoints ----
 
     def _defaults(self, engine: InferenceThread) -> api_schema.SchemaDefaults:
         return api_schema.SchemaDefaults.from_config(
-            self.config, n_vocab=engine.info.n_vocab, model_ids=self._accepted_model_ids(engine))
+            self.config, n_vocab=engine.info.n_vocab, model_ids=self._accepted_model_ids(engine)
+        )
 
     async def chat_completions(self, req: Request) -> None:
         engine = self._require_engine()
@@ -713,16 +758,19 @@ class App:
         g = api_schema.parse_llama_completion(req.json(), self._defaults(engine))
         await self._generate(req, g, engine)
 
-    def _render_chat(self, engine: InferenceThread, messages: list[dict],
-                     add_generation_prompt: bool = True) -> str:
+    def _render_chat(
+        self, engine: InferenceThread, messages: list[dict], add_generation_prompt: bool = True
+    ) -> str:
         from .chat import ChatTemplateError
 
         try:
-            return engine.chat_template.render(messages,
-                                               add_generation_prompt=add_generation_prompt)
+            return engine.chat_template.render(
+                messages, add_generation_prompt=add_generation_prompt
+            )
         except ChatTemplateError as exc:
-            raise ApiError(400, f"the chat template failed on these messages: {exc}",
-                           param="messages") from None
+            raise ApiError(
+                400, f"the chat template failed on these messages: {exc}", param="messages"
+            ) from None
 
     def _chat_tokens(self, engine: InferenceThread, messages: list[dict]) -> list[int]:
         from .chat import ChatTemplateError
@@ -730,18 +778,21 @@ class App:
         try:
             return engine.chat_template.render_tokens(messages, engine.tokenizer)
         except ChatTemplateError as exc:
-            raise ApiError(400, f"the chat template failed on these messages: {exc}",
-                           param="messages") from None
+            raise ApiError(
+                400, f"the chat template failed on these messages: {exc}", param="messages"
+            ) from None
 
     def _check_token_ids(self, ids: list[int], engine: InferenceThread, param: str) -> None:
         n_vocab = engine.info.n_vocab
         for i in ids:
             if not 0 <= i < n_vocab:
-                raise ApiError(400, f"token id {i} is out of range (vocabulary size {n_vocab})",
-                               param=param)
+                raise ApiError(
+                    400, f"token id {i} is out of range (vocabulary size {n_vocab})", param=param
+                )
 
-    def _prepare_prompts(self, g: api_schema.GenerationRequest, engine: InferenceThread
-                         ) -> tuple[list[list[int]], list[str]]:
+    def _prepare_prompts(
+        self, g: api_schema.GenerationRequest, engine: InferenceThread
+    ) -> tuple[list[list[int]], list[str]]:
         """Token ids and text of each prompt (chat: the rendered conversation)."""
         tok = engine.tokenizer
         if g.messages is not None:
@@ -751,8 +802,7 @@ class App:
             prompts, texts, param = [], [], "prompt"
             for p in g.prompts or []:
                 if isinstance(p, str):
-                    prompts.append(tok.encode(p, add_bos=tok.add_bos_default,
-                                              parse_special=True))
+                    prompts.append(tok.encode(p, add_bos=tok.add_bos_default, parse_special=True))
                     texts.append(p)
                 else:
                     self._check_token_ids(p, engine, "prompt")
@@ -761,14 +811,14 @@ class App:
         for ids in prompts:
             if not ids:
                 raise ApiError(400, "the prompt is empty (no tokens)", param=param)
-            err = api_schema.check_context(len(ids), g.max_tokens, engine.info.n_ctx,
-                                           param=param)
+            err = api_schema.check_context(len(ids), g.max_tokens, engine.info.n_ctx, param=param)
             if err is not None:
                 raise err
         return prompts, texts
 
-    async def _generate(self, req: Request, g: api_schema.GenerationRequest,
-                        engine: InferenceThread) -> None:
+    async def _generate(
+        self, req: Request, g: api_schema.GenerationRequest, engine: InferenceThread
+    ) -> None:
         if self.draining:
             raise ApiError.unavailable("the server is shutting down", retry_after=5)
         model_id = self._check_model(g.model, engine)
@@ -784,16 +834,34 @@ class App:
                 params = g.sampling
                 if k > 0 and params.seed is not None:  # n seeded choices must still differ
                     params = _with_seed(params, params.seed + k)
-                job = Job(prompt=ids, params=params, max_tokens=max_tokens, sink=send_ch,
-                          stop=tuple(g.stop), index=p_index * g.n + k,
-                          min_tokens=g.min_tokens, ignore_eos=g.ignore_eos,
-                          logprobs=g.logprobs, top_logprobs=g.top_logprobs,
-                          prompt_logprobs=echo_score, cache_prompt=g.cache_prompt)
+                job = Job(
+                    prompt=ids,
+                    params=params,
+                    max_tokens=max_tokens,
+                    sink=send_ch,
+                    stop=tuple(g.stop),
+                    index=p_index * g.n + k,
+                    min_tokens=g.min_tokens,
+                    ignore_eos=g.ignore_eos,
+                    logprobs=g.logprobs,
+                    top_logprobs=g.top_logprobs,
+                    prompt_logprobs=echo_score,
+                    cache_prompt=g.cache_prompt,
+                )
                 choices.append(Choice(job))
         prefix = "chatcmpl-" if g.endpoint == "chat" else "cmpl-"
-        gen = Generation(g, engine, prompts, texts, choices, recv_ch,
-                         id=prefix + uuid.uuid4().hex[:24], created=int(time.time()),
-                         model_id=model_id, started_at=trio.current_time())
+        gen = Generation(
+            g,
+            engine,
+            prompts,
+            texts,
+            choices,
+            recv_ch,
+            id=prefix + uuid.uuid4().hex[:24],
+            created=int(time.time()),
+            model_id=model_id,
+            started_at=trio.current_time(),
+        )
         try:
             engine.submit([c.job for c in choices])
         except QueueFull as exc:
@@ -813,12 +881,20 @@ class App:
             self.metrics.requests_cancelled_total.inc()
         if log.isEnabledFor(logging.DEBUG):
             usage = gen.usage()
-            log.debug("%s %s: %d prompt + %d completion tokens (%d cached), %s, %.3f s",
-                      gen.id, g.endpoint, usage["prompt_tokens"], usage["completion_tokens"],
-                      usage["prompt_tokens_details"]["cached_tokens"],
-                      "client left" if watch.disconnected else "timed out" if gen.timed_out
-                      else ",".join(sorted({c.finish_reason or "?" for c in gen.choices})),
-                      trio.current_time() - gen.started_at)
+            log.debug(
+                "%s %s: %d prompt + %d completion tokens (%d cached), %s, %.3f s",
+                gen.id,
+                g.endpoint,
+                usage["prompt_tokens"],
+                usage["completion_tokens"],
+                usage["prompt_tokens_details"]["cached_tokens"],
+                "client left"
+                if watch.disconnected
+                else "timed out"
+                if gen.timed_out
+                else ",".join(sorted({c.finish_reason or "?" for c in gen.choices})),
+                trio.current_time() - gen.started_at,
+            )
         if watch.disconnected and not req.resp.finished:
             req.resp.status = req.resp.status or 499
 
@@ -827,8 +903,9 @@ class App:
         deadline = gen.started_at + timeout if timeout > 0 else math.inf
         return min(deadline, self.drain_deadline)
 
-    async def _next_updates(self, gen: Generation, patience: float = math.inf
-                            ) -> list[Update] | None:
+    async def _next_updates(
+        self, gen: Generation, patience: float = math.inf
+    ) -> list[Update] | None:
         """The next update and any already waiting behind it; [] if none came within
         `patience` seconds; None when the request's time ran out."""
         with trio.CancelScope(deadline=self._deadline(gen)) as scope:
@@ -852,14 +929,16 @@ class App:
 
     # -- non-streaming --
 
-    async def _respond_whole(self, req: Request, gen: Generation, watch: DisconnectWatch
-                             ) -> None:
+    async def _respond_whole(self, req: Request, gen: Generation, watch: DisconnectWatch) -> None:
         while not gen.all_done:
             updates = await self._next_updates(gen)
             if updates is None:
                 if not gen.anything_produced:
-                    raise ApiError(504, "the request timed out before any token was produced",
-                                   type="timeout_error")
+                    raise ApiError(
+                        504,
+                        "the request timed out before any token was produced",
+                        type="timeout_error",
+                    )
                 break
             self._apply(gen, updates)
         failed = gen.failed()
@@ -876,12 +955,18 @@ class App:
         g = gen.req
         if g.endpoint == "chat":
             return {
-                "id": gen.id, "object": "chat.completion", "created": gen.created,
-                "model": gen.model_id, "system_fingerprint": self._fingerprint(gen.engine),
+                "id": gen.id,
+                "object": "chat.completion",
+                "created": gen.created,
+                "model": gen.model_id,
+                "system_fingerprint": self._fingerprint(gen.engine),
                 "choices": [
-                    {"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-                     "logprobs": self._chat_logprobs(gen, c.tokens) if g.logprobs else None,
-                     "finish_reason": c.openai_finish_reason}
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": "".join(c.text)},
+                        "logprobs": self._chat_logprobs(gen, c.tokens) if g.logprobs else None,
+                        "finish_reason": c.openai_finish_reason,
+                    }
                     for i, c in enumerate(gen.choices)
                 ],
                 "usage": gen.usage(),
@@ -892,19 +977,32 @@ class App:
                 p_index = i // g.n
                 text = "".join(c.text)
                 prefix = gen.prompt_texts[p_index] if g.echo else ""
-                choices.append({
-                    "index": i, "text": prefix + text,
-                    "logprobs": self._completion_logprobs(gen, c, p_index) if g.logprobs
-                    else None,
-                    "finish_reason": c.openai_finish_reason,
-                })
-            return {"id": gen.id, "object": "text_completion", "created": gen.created,
-                    "model": gen.model_id, "system_fingerprint": self._fingerprint(gen.engine),
-                    "choices": choices, "usage": gen.usage()}
+                choices.append(
+                    {
+                        "index": i,
+                        "text": prefix + text,
+                        "logprobs": self._completion_logprobs(gen, c, p_index)
+                        if g.logprobs
+                        else None,
+                        "finish_reason": c.openai_finish_reason,
+                    }
+                )
+            return {
+                "id": gen.id,
+                "object": "text_completion",
+                "created": gen.created,
+                "model": gen.model_id,
+                "system_fingerprint": self._fingerprint(gen.engine),
+                "choices": choices,
+                "usage": gen.usage(),
+            }
         c = gen.choices[0]
         if g.endpoint == "generate":
-            return {"generated_text": "".join(c.text), "tokens_generated": c.n_generated,
-                    "tokens_processed": len(gen.prompts[0]) + c.n_generated}
+            return {
+                "generated_text": "".join(c.text),
+                "tokens_generated": c.n_generated,
+                "tokens_processed": len(gen.prompts[0]) + c.n_generated,
+            }
         return self._llama_final(gen, c, "".join(c.text))
 
     def _fingerprint(self, engine: InferenceThread) -> str:
@@ -916,13 +1014,13 @@ class App:
     def _chat_logprob_entries(self, gen: Generation, tokens: list[TokenResult]) -> list[dict]:
         tb = gen.engine.tokenizer.token_bytes
         return [
-            chat_logprob_entry(tb(t), lp if lp is not None else 0.0,
-                               [(tb(i), v) for i, v in top])
+            chat_logprob_entry(tb(t), lp if lp is not None else 0.0, [(tb(i), v) for i, v in top])
             for t, lp, top in tokens
         ]
 
-    def _completion_logprobs(self, gen: Generation, c: Choice, p_index: int,
-                             offset: int = 0) -> dict:
+    def _completion_logprobs(
+        self, gen: Generation, c: Choice, p_index: int, offset: int = 0
+    ) -> dict:
         """The legacy `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
         entries: list[TokenResult] = []
         if gen.req.echo and c.prompt_logprobs is not None:
@@ -943,8 +1041,12 @@ class App:
             tops.append(None if lp is None else {token_text(tb(i)): v for i, v in top})
             offsets.append(pos)
             pos += len(tb(t).decode("utf-8", errors="replace"))
-        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": lps,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
 
     def _llama_probs(self, gen: Generation, tokens: list[TokenResult]) -> list[dict]:
         """llama.cpp's `completion_probabilities` (n_probs) for generated tokens."""
@@ -953,11 +1055,13 @@ class App:
         def one(t: int, lp: float | None) -> dict:
             return {"id": t, "token": token_text(tb(t)), "bytes": list(tb(t)), "logprob": lp}
 
-        return [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in top]}
-                for t, lp, top in tokens]
+        return [
+            {**one(t, lp), "top_logprobs": [one(i, v) for i, v in top]} for t, lp, top in tokens
+        ]
 
-    def _llama_final(self, gen: Generation, c: Choice, content: str,
-                     tokens: list[TokenResult] | None = None) -> dict:
+    def _llama_final(
+        self, gen: Generation, c: Choice, content: str, tokens: list[TokenResult] | None = None
+    ) -> dict:
         prompt_n = len(gen.prompts[0])
         evaluated = prompt_n - c.n_cached  # the prompt tokens actually processed
         pred_n = c.n_generated
@@ -970,14 +1074,15 @@ class App:
             "model": gen.model_id,
             "tokens_predicted": pred_n,
             "tokens_evaluated": prompt_n,
-            "generation_settings": {"n_predict": gen.req.max_tokens if gen.req.max_tokens
-                                    is not None else -1,
-                                    "seed": gen.req.sampling.seed,
-                                    "temperature": gen.req.sampling.temperature,
-                                    "top_k": gen.req.sampling.top_k,
-                                    "top_p": gen.req.sampling.top_p,
-                                    "min_p": gen.req.sampling.min_p,
-                                    "stop": list(gen.req.stop)},
+            "generation_settings": {
+                "n_predict": gen.req.max_tokens if gen.req.max_tokens is not None else -1,
+                "seed": gen.req.sampling.seed,
+                "temperature": gen.req.sampling.temperature,
+                "top_k": gen.req.sampling.top_k,
+                "top_p": gen.req.sampling.top_p,
+                "min_p": gen.req.sampling.min_p,
+                "stop": list(gen.req.stop),
+            },
             "prompt": gen.prompt_texts[0],
             "truncated": False,
             "stop_type": c.stop_type or ("limit" if c.finish_reason != "stop" else "eos"),
@@ -992,12 +1097,14 @@ class App:
                 "predicted_ms": pred_ms,
                 "predicted_per_token_ms": pred_ms / pred_n if pred_n else 0.0,
                 "predicted_per_second": pred_n / c.generation_seconds
-                if c.generation_seconds else 0.0,
+                if c.generation_seconds
+                else 0.0,
             },
         }
         if gen.req.logprobs:
             out["completion_probabilities"] = self._llama_probs(
-                gen, c.tokens if tokens is None else tokens)
+                gen, c.tokens if tokens is None else tokens
+            )
         return out
 
     # -- streaming --
@@ -1009,23 +1116,28 @@ class App:
         # clients with read timeouts do not give up during a long queue wait or prefill.
         first = await self._next_updates(gen, self.stream_keepalive)
         if first is None:
-            raise ApiError(504, "the request timed out before any token was produced",
-                           type="timeout_error")
+            raise ApiError(
+                504, "the request timed out before any token was produced", type="timeout_error"
+            )
         failed = next((u for u in first if u.finish_reason == "error"), None)
         if failed is not None:
             raise ApiError(500, f"generation failed: {failed.error}")
-        await req.resp.start(200, [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-        ])
+        await req.resp.start(
+            200,
+            [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+            ],
+        )
         shaper = _StreamShaper(self, gen)
         out = bytearray(shaper.opening())
         updates: list[Update] | None = first
         while True:
             if updates is None and not gen.anything_produced:
-                err = ApiError(504, "the request timed out before any token was produced",
-                               type="timeout_error")
+                err = ApiError(
+                    504, "the request timed out before any token was produced", type="timeout_error"
+                )
                 out += sse_event(err.envelope())
                 req.resp.error_type = err.type
                 watch.completed = True
@@ -1095,8 +1207,7 @@ class _StreamShaper:
             return b""
         i = c.job.index
         if g.endpoint == "chat":
-            lps = self.app._chat_logprob_entries(self.gen, upd.tokens or []) if g.logprobs \
-                else None
+            lps = self.app._chat_logprob_entries(self.gen, upd.tokens or []) if g.logprobs else None
             return sse_event(self.chat.content(i, upd.text, lps))
         if g.endpoint == "completions":
             lps = None
@@ -1110,17 +1221,23 @@ class _StreamShaper:
         if g.endpoint == "completion":
             if upd.final or not (upd.text or (g.logprobs and upd.tokens)):
                 return b""  # the final event carries the last text
-            event = {"content": upd.text, "stop": False, "id_slot": -1,
-                     "tokens_predicted": upd.n_generated,
-                     "tokens_evaluated": len(self.gen.prompts[0])}
+            event = {
+                "content": upd.text,
+                "stop": False,
+                "id_slot": -1,
+                "tokens_predicted": upd.n_generated,
+                "tokens_evaluated": len(self.gen.prompts[0]),
+            }
             if g.logprobs:
-                event["completion_probabilities"] = self.app._llama_probs(self.gen,
-                                                                          upd.tokens or [])
+                event["completion_probabilities"] = self.app._llama_probs(
+                    self.gen, upd.tokens or []
+                )
             return sse_event(event)
         return b""  # /generate does not stream pieces: one final event
 
-    def finish(self, c: Choice, last_text: str, last_tokens: list[TokenResult] | None = None
-               ) -> bytes:
+    def finish(
+        self, c: Choice, last_text: str, last_tokens: list[TokenResult] | None = None
+    ) -> bytes:
         g = self.gen.req
         i = c.job.index
         if g.endpoint == "chat":
@@ -1129,8 +1246,13 @@ class _StreamShaper:
             return sse_event(self.cmpl.finish(i, c.openai_finish_reason))
         if g.endpoint == "completion":
             return sse_event(self.app._llama_final(self.gen, c, last_text, last_tokens or []))
-        return sse_event({"generated_text": "".join(c.text), "tokens_generated": c.n_generated,
-                          "tokens_processed": len(self.gen.prompts[0]) + c.n_generated})
+        return sse_event(
+            {
+                "generated_text": "".join(c.text),
+                "tokens_generated": c.n_generated,
+                "tokens_processed": len(self.gen.prompts[0]) + c.n_generated,
+            }
+        )
 
     def closing(self) -> bytes:
         g = self.gen.req

@@ -35,12 +35,23 @@ import trio
 from . import gguf_writer as gw
 
 #: A shape with real work per token (about 1/8 of the 2B model's layer width), tiny vocabulary.
-MEDIUM = gw.ModelShape(n_vocab=gw.TINY_VOCAB_SIZE, n_embd=1024, n_head=16, n_head_kv=4,
-                       n_ff=2816, n_layer=8, n_ctx=2048)
+MEDIUM = gw.ModelShape(
+    n_vocab=gw.TINY_VOCAB_SIZE,
+    n_embd=1024,
+    n_head=16,
+    n_head_kv=4,
+    n_ff=2816,
+    n_layer=8,
+    n_ctx=2048,
+)
 #: The 2B model's layer width (so the same per-layer cost) with 6 of its 30 layers.
 LARGE = dataclasses.replace(gw.FULL_2B4T, n_vocab=gw.TINY_VOCAB_SIZE, n_layer=6, n_ctx=2048)
-SHAPES = {"tiny": dataclasses.replace(gw.TINY, n_ctx=2048), "medium": MEDIUM, "large": LARGE,
-          "full": gw.FULL_2B4T}
+SHAPES = {
+    "tiny": dataclasses.replace(gw.TINY, n_ctx=2048),
+    "medium": MEDIUM,
+    "large": LARGE,
+    "full": gw.FULL_2B4T,
+}
 
 
 def model_for(shape_name: str) -> Path:
@@ -66,8 +77,11 @@ def letter_bias(model: object) -> dict[int, float]:
     from .tokenizer import Tokenizer
 
     tok = Tokenizer.from_model(model)
-    ids = {t for ch in "abcdefghijklmnopqrstuvwxyz " for t in tok.encode(ch, add_bos=False,
-                                                                          parse_special=False)}
+    ids = {
+        t
+        for ch in "abcdefghijklmnopqrstuvwxyz "
+        for t in tok.encode(ch, add_bos=False, parse_special=False)
+    }
     return {i: 30.0 for i in sorted(ids)}
 
 
@@ -84,8 +98,9 @@ class RawEngine:
         self.model = engine.Model.load(model_path)
         self.ctx = engine.Context(self.model, max_batch, n_ctx, threads)
 
-    def run(self, prompt: list[int], n_tokens: int, bias: dict[int, float], batch: int = 1
-            ) -> tuple[float, float, float]:
+    def run(
+        self, prompt: list[int], n_tokens: int, bias: dict[int, float], batch: int = 1
+    ) -> tuple[float, float, float]:
         """For `batch` sequences: (decode tokens/s over all of them, time to first token,
         all tokens / total time including the prompt)."""
         from .sampling import Sampler, SamplingParams
@@ -93,9 +108,10 @@ class RawEngine:
         e, ctx = self.engine, self.ctx
         for s in range(batch):
             ctx.reset(s)
-        samplers = [Sampler(SamplingParams(temperature=0.0, logit_bias=bias),
-                            self.model.hparams.n_vocab)
-                    for _ in range(batch)]
+        samplers = [
+            Sampler(SamplingParams(temperature=0.0, logit_bias=bias), self.model.hparams.n_vocab)
+            for _ in range(batch)
+        ]
         t0 = time.perf_counter()
         ctx.forward([e.BatchEntry(s, prompt, "last", None) for s in range(batch)])
         tokens = [ctx.sample(s, samplers[s]) for s in range(batch)]
@@ -106,8 +122,11 @@ class RawEngine:
                 samplers[s].accept(tokens[s])
                 tokens[s] = ctx.sample(s, samplers[s])
         t_end = time.perf_counter()
-        return (batch * (n_tokens - 1) / (t_end - t_first), t_first - t0,
-                batch * n_tokens / (t_end - t0))
+        return (
+            batch * (n_tokens - 1) / (t_end - t_first),
+            t_first - t0,
+            batch * n_tokens / (t_end - t0),
+        )
 
     def close(self) -> None:
         self.ctx.close()
@@ -123,8 +142,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_daemon(model_path: Path, threads: int, parallel: int, n_ctx: int,
-                 workdir: Path) -> tuple[subprocess.Popen, str]:
+def start_daemon(
+    model_path: Path, threads: int, parallel: int, n_ctx: int, workdir: Path
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     conf = workdir / "bench.conf"
     conf.write_text(
@@ -137,8 +157,12 @@ def start_daemon(model_path: Path, threads: int, parallel: int, n_ctx: int,
     env = dict(os.environ)  # the same package as this program, installed or not
     package_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    proc = subprocess.Popen([sys.executable, "-m", "bitnetd_trio.cli", "-f", "-c", str(conf)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bitnetd_trio.cli", "-f", "-c", str(conf)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -170,22 +194,33 @@ class StreamResult:
         return (self.tokens - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
 
-async def stream_once(url: str, prompt: list[int], n_tokens: int, bias: dict[int, float]
-                      ) -> StreamResult:
+async def stream_once(
+    url: str, prompt: list[int], n_tokens: int, bias: dict[int, float]
+) -> StreamResult:
     """One streaming /v1/completions request over a plain socket.
 
     A deliberately lean client (no HTTP library, JSON parsed only for the usage chunk): on a
     small machine the client shares the CPU with the server, and its cost is not the server's.
     """
     # cache_prompt off: every request processes its whole prompt, as the raw run does
-    body = json.dumps({"prompt": prompt, "max_tokens": n_tokens, "temperature": 0,
-                       "ignore_eos": True, "stream": True, "cache_prompt": False,
-                       "logit_bias": {str(k): v for k, v in bias.items()},
-                       "stream_options": {"include_usage": True}}).encode()
+    body = json.dumps(
+        {
+            "prompt": prompt,
+            "max_tokens": n_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "cache_prompt": False,
+            "logit_bias": {str(k): v for k, v in bias.items()},
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
     host, port = url.removeprefix("http://").rsplit(":", 1)
-    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
-               f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
-               "\r\n").encode() + body
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+        f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+        "\r\n"
+    ).encode() + body
     stream = await trio.open_tcp_stream(host, int(port))
     sent = time.perf_counter()
     first = last = 0.0
@@ -203,21 +238,22 @@ async def stream_once(url: str, prompt: list[int], n_tokens: int, bias: dict[int
             cut = buf.rfind(b"\n\n")
             if cut < 0:
                 continue
-            events, buf = buf[: cut + 2], buf[cut + 2:]
+            events, buf = buf[: cut + 2], buf[cut + 2 :]
             if b'"text":"' in events.replace(b'"text":""', b""):
                 if not first:
                     first = now
                 last = now
             u = events.find(b'"completion_tokens":')
             if u >= 0:
-                tokens = int(events[u + 20:].split(b",", 1)[0])
+                tokens = int(events[u + 20 :].split(b",", 1)[0])
             if b"data: [DONE]" in events:
                 break
     return StreamResult(sent, first, last, tokens)
 
 
-async def stream_many(url: str, prompt: list[int], n_tokens: int, bias: dict[int, float],
-                      n: int) -> float:
+async def stream_many(
+    url: str, prompt: list[int], n_tokens: int, bias: dict[int, float], n: int
+) -> float:
     """Aggregate tokens/s of n concurrent streams (all tokens / wall time)."""
     results: list[StreamResult] = []
 
@@ -241,8 +277,15 @@ class Figures:
     http_aggregate: dict[int, list[float]] = dataclasses.field(default_factory=dict)
 
 
-async def measure(url: str, raw: RawEngine, prompt: list[int], n_tokens: int,
-                  bias: dict[int, float], clients: list[int], runs: int) -> Figures:
+async def measure(
+    url: str,
+    raw: RawEngine,
+    prompt: list[int],
+    n_tokens: int,
+    bias: dict[int, float],
+    clients: list[int],
+    runs: int,
+) -> Figures:
     """Raw and HTTP runs alternate, so a change in background load hits both alike."""
     f = Figures()
     raw.run(prompt, 8, bias)  # warm-up: first touch of the weights and the thread pool
@@ -258,7 +301,8 @@ async def measure(url: str, raw: RawEngine, prompt: list[int], n_tokens: int,
         for _ in range(max(1, runs // 2)):
             f.raw_batched.setdefault(n, []).append(raw.run(prompt, n_tokens, bias, batch=n)[2])
             f.http_aggregate.setdefault(n, []).append(
-                await stream_many(url, prompt, n_tokens, bias, n))
+                await stream_many(url, prompt, n_tokens, bias, n)
+            )
     return f
 
 
@@ -267,29 +311,41 @@ def report(f: Figures, clients: list[int], runs: int) -> None:
     slows a run down, so the best runs are the cleanest comparison."""
     med = statistics.median
     print()
-    print(f"{'':32}{'raw engine':>12}{'HTTP stream':>13}{'ratio':>7}   "
-          f"{'best raw':>9}{'best HTTP':>10}{'ratio':>7}")
+    print(
+        f"{'':32}{'raw engine':>12}{'HTTP stream':>13}{'ratio':>7}   "
+        f"{'best raw':>9}{'best HTTP':>10}{'ratio':>7}"
+    )
 
     def row(label: str, raw: list[float], http: list[float], fmt: str = "12.1f") -> None:
-        print(f"{label:32}{med(raw):{fmt}}{med(http):13.1f}{med(http) / med(raw):7.3f}   "
-              f"{max(raw):9.1f}{max(http):10.1f}{max(http) / max(raw):7.3f}")
+        print(
+            f"{label:32}{med(raw):{fmt}}{med(http):13.1f}{med(http) / med(raw):7.3f}   "
+            f"{max(raw):9.1f}{max(http):10.1f}{max(http) / max(raw):7.3f}"
+        )
 
     row("decode tokens/s, 1 sequence", f.raw_rate, f.http_rate)
-    print(f"{'time to first token, ms':32}{med(f.raw_ttft) * 1e3:12.1f}"
-          f"{med(f.http_ttft) * 1e3:13.1f}{'':7}   {min(f.raw_ttft) * 1e3:9.1f}"
-          f"{min(f.http_ttft) * 1e3:10.1f}")
+    print(
+        f"{'time to first token, ms':32}{med(f.raw_ttft) * 1e3:12.1f}"
+        f"{med(f.http_ttft) * 1e3:13.1f}{'':7}   {min(f.raw_ttft) * 1e3:9.1f}"
+        f"{min(f.http_ttft) * 1e3:10.1f}"
+    )
     for n in clients:
         row(f"aggregate tokens/s, {n} clients", f.raw_batched[n], f.http_aggregate[n])
-    print(f"\n{runs} alternating raw/HTTP runs (aggregates: {max(1, runs // 2)}). Aggregate: all "
-          "tokens / wall time, prompts included\n(raw: one engine batch of n sequences). "
-          "TTFT: prompt + first token (HTTP: from sending the request).")
+    print(
+        f"\n{runs} alternating raw/HTTP runs (aggregates: {max(1, runs // 2)}). Aggregate: all "
+        "tokens / wall time, prompts included\n(raw: one engine batch of n sequences). "
+        "TTFT: prompt + first token (HTTP: from sending the request)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bitnetd-http-benchmark", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, help="a GGUF file (default: a generated model)")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="medium",
-                   help="shape of the generated model (default: medium)")
+    p.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="medium",
+        help="shape of the generated model (default: medium)",
+    )
     p.add_argument("--tokens", type=int, default=256, help="tokens generated per request")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -306,8 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     bias = letter_bias(m)
     m.close()
     prompt = prompt_ids(args.prompt_tokens, n_vocab)
-    print(f"model {model_path} ({n_params:,} params), kernel {engine.kernel_name()}, "
-          f"threads {args.threads}, prompt {len(prompt)} tokens, {args.tokens} generated")
+    print(
+        f"model {model_path} ({n_params:,} params), kernel {engine.kernel_name()}, "
+        f"threads {args.threads}, prompt {len(prompt)} tokens, {args.tokens} generated"
+    )
 
     n_ctx = len(prompt) + args.tokens + 16
     raw = RawEngine(model_path, n_ctx, args.threads, max(clients))

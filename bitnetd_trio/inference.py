@@ -34,7 +34,8 @@ import trio
 
 from . import engine
 from .chat import ChatTemplate
-from .sampling import Sampler, SamplingParams, logprobs as compute_logprobs
+from .sampling import Sampler, SamplingParams
+from .sampling import logprobs as compute_logprobs
 from .streaming import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -168,8 +169,18 @@ class _Sequence:
     """A job admitted into an engine slot (inference thread only)."""
 
     __slots__ = (
-        "job", "slot", "sampler", "decoder", "matcher", "n_fed", "n_cached", "n_generated",
-        "next_token", "admitted_at", "prefill_done_at", "last_token_at",
+        "admitted_at",
+        "decoder",
+        "job",
+        "last_token_at",
+        "matcher",
+        "n_cached",
+        "n_fed",
+        "n_generated",
+        "next_token",
+        "prefill_done_at",
+        "sampler",
+        "slot",
     )
 
     def __init__(self, job: Job, slot: int, sampler: Sampler, decoder: Any, now: float) -> None:
@@ -305,7 +316,7 @@ class InferenceThread:
                 if upd.final:
                     self._in_system -= 1
                 upd.job.sink.send_nowait(upd)
-            except Exception:  # receiver gone (client left) or closed: nothing to do
+            except Exception:  # noqa: BLE001, S110 - receiver gone (client left): nothing to do
                 pass
 
     def _set_ready(self, error: BaseException | None) -> None:
@@ -332,7 +343,7 @@ class InferenceThread:
     def _main(self) -> None:
         try:
             self._load()
-        except BaseException as exc:  # report every load failure to lifespan startup
+        except BaseException as exc:  # noqa: BLE001 - every load failure goes to lifespan startup
             log.error("model load failed: %s", exc)
             self._close_engine()
             self._call_trio(self._set_ready, exc)
@@ -341,7 +352,7 @@ class InferenceThread:
         self._call_trio(self._set_ready, None)
         try:
             self._loop()
-        except BaseException:
+        except BaseException:  # logged; the finally below fails every job still in flight
             log.exception("inference thread crashed")
             if self.metrics is not None:
                 self.metrics.model_loaded.set(0)
@@ -397,9 +408,16 @@ class InferenceThread:
         log.info(
             "loaded %s%s in %.2f s: %s, %d layers, %d params, context %d x %d slots, "
             "%d threads, kernel %s",
-            s.model_path, " (demo model)" if s.is_demo else "", time.monotonic() - t0,
-            hp.architecture, hp.n_layer, hp.n_params, self._ctx.n_ctx, s.n_slots,
-            s.n_threads, self.info.kernel,
+            s.model_path,
+            " (demo model)" if s.is_demo else "",
+            time.monotonic() - t0,
+            hp.architecture,
+            hp.n_layer,
+            hp.n_params,
+            self._ctx.n_ctx,
+            s.n_slots,
+            s.n_threads,
+            self.info.kernel,
         )
 
     def _close_engine(self) -> None:
@@ -438,8 +456,11 @@ class InferenceThread:
         if not self._outbox:
             return True
         now = time.monotonic()
-        if (not force and now - self._delivered_at < self.settings.delivery_interval
-                and not any(u.final or u.n_generated <= 1 for u in self._outbox)):
+        if (
+            not force
+            and now - self._delivered_at < self.settings.delivery_interval
+            and not any(u.final or u.n_generated <= 1 for u in self._outbox)
+        ):
             return True
         self._delivered_at = now
         batch = list(self._outbox)
@@ -540,9 +561,16 @@ class InferenceThread:
         return slot, keep
 
     def _retire(
-        self, seq: _Sequence, reason: str, updates: list[Update], *, text: str = "",
-        tokens: list[TokenResult] | None = None, stop_type: str | None = None,
-        stopping_word: str = "", error: str | None = None,
+        self,
+        seq: _Sequence,
+        reason: str,
+        updates: list[Update],
+        *,
+        text: str = "",
+        tokens: list[TokenResult] | None = None,
+        stop_type: str | None = None,
+        stopping_word: str = "",
+        error: str | None = None,
     ) -> None:
         self._active.remove(seq)
         seq.sampler.close()
@@ -552,21 +580,45 @@ class InferenceThread:
         self._free.insert(0, seq.slot)  # most recently used last in the pick order
         self._slots[seq.slot] = SlotState(seq.slot, n_past=len(self._cached[seq.slot]))
         updates.append(
-            self._final(seq.job, reason, seq=seq, text=text, tokens=tokens,
-                        stop_type=stop_type, stopping_word=stopping_word, error=error)
+            self._final(
+                seq.job,
+                reason,
+                seq=seq,
+                text=text,
+                tokens=tokens,
+                stop_type=stop_type,
+                stopping_word=stopping_word,
+                error=error,
+            )
         )
         if self.metrics is not None:
             upd = updates[-1]
-            self.metrics.finish_generation(seq.n_generated, upd.generation_seconds,
-                                           time.monotonic() - seq.admitted_at)
+            self.metrics.finish_generation(
+                seq.n_generated, upd.generation_seconds, time.monotonic() - seq.admitted_at
+            )
 
     def _final(
-        self, job: Job, reason: str, *, seq: _Sequence | None = None, text: str = "",
-        tokens: list[TokenResult] | None = None, stop_type: str | None = None,
-        stopping_word: str = "", error: str | None = None,
+        self,
+        job: Job,
+        reason: str,
+        *,
+        seq: _Sequence | None = None,
+        text: str = "",
+        tokens: list[TokenResult] | None = None,
+        stop_type: str | None = None,
+        stopping_word: str = "",
+        error: str | None = None,
     ) -> Update:
-        upd = Update(job, text=text, tokens=tokens, finish_reason=reason, stop_type=stop_type,
-                     stopping_word=stopping_word, error=error, n_prompt=len(job.prompt))
+        upd = Update(
+            job,
+            text=text,
+            tokens=tokens,
+            finish_reason=reason,
+            stop_type=stop_type,
+            stopping_word=stopping_word,
+            error=error,
+            n_prompt=len(job.prompt),
+        )
         if seq is not None:
             now = time.monotonic()
             upd.n_generated = seq.n_generated
@@ -639,13 +691,13 @@ class InferenceThread:
                     prompt_lps = self._prompt_logprobs(i, seq, n)
                 seq.n_fed += n
                 if seq.prefilling:
-                    self._slots[seq.slot] = SlotState(seq.slot, True, job.id, seq.n_fed,
-                                                      len(job.prompt), 0)
+                    self._slots[seq.slot] = SlotState(
+                        seq.slot, True, job.id, seq.n_fed, len(job.prompt), 0
+                    )
                     continue
                 seq.prefill_done_at = now
                 if job.max_tokens == 0:
-                    self._retire(seq, "length", updates, stop_type="limit",
-                                 tokens=None)
+                    self._retire(seq, "length", updates, stop_type="limit", tokens=None)
                     if prompt_lps is not None:
                         updates[-1].prompt_logprobs = prompt_lps
                     continue
@@ -663,13 +715,14 @@ class InferenceThread:
             return s.prefill_budget
         n_prefilling = len(self._active) - n_decoding
         share = max(1.0, n_prefilling / n_decoding)
-        allowed = max(s.prefill_stall_factor * share * self._decode_step_s,
-                      s.prefill_stall_floor)
-        return max(s.prefill_min_tokens, min(s.prefill_budget,
-                                             int(allowed / self._prefill_token_s)))
+        allowed = max(s.prefill_stall_factor * share * self._decode_step_s, s.prefill_stall_floor)
+        return max(
+            s.prefill_min_tokens, min(s.prefill_budget, int(allowed / self._prefill_token_s))
+        )
 
     def _learn_step_cost(self, seconds: float, n_prefill: int, n_decode: int) -> None:
         """Running estimates of a decode step's time and of a prompt token's extra time."""
+
         def ema(old: float | None, new: float) -> float:
             return new if old is None else 0.8 * old + 0.2 * new
 
@@ -678,8 +731,7 @@ class InferenceThread:
                 self._decode_step_s = ema(self._decode_step_s, seconds)
         else:
             base = self._decode_step_s if n_decode and self._decode_step_s else 0.0
-            self._prefill_token_s = ema(self._prefill_token_s,
-                                        max(seconds - base, 0.0) / n_prefill)
+            self._prefill_token_s = ema(self._prefill_token_s, max(seconds - base, 0.0) / n_prefill)
 
     def _prompt_logprobs(self, entry: int, seq: _Sequence, n: int) -> list[TokenResult]:
         """Logprob of every prompt token given the ones before it (first one: None)."""
@@ -695,7 +747,12 @@ class InferenceThread:
         return out
 
     def _sample(
-        self, entry: int, t: int, seq: _Sequence, now: float, updates: list[Update],
+        self,
+        entry: int,
+        t: int,
+        seq: _Sequence,
+        now: float,
+        updates: list[Update],
         prompt_lps: list[TokenResult] | None,
     ) -> bool:
         """Sample the next token of `seq` from entry's logits at token t; emit or finish."""
@@ -728,22 +785,38 @@ class InferenceThread:
         piece = "" if self.tokenizer.is_control(token) else seq.decoder.push(token)
         text, hit = seq.matcher.push(piece)
         if hit:
-            self._retire(seq, "stop", updates, text=text, tokens=results, stop_type="word",
-                         stopping_word=seq.matcher.matched)
-        elif job.max_tokens is not None and seq.n_generated >= job.max_tokens:
-            text += self._flush_text(seq)
-            self._retire(seq, "length", updates, text=text, tokens=results, stop_type="limit")
-        elif seq.n_fed + seq.n_generated > ctx.n_ctx:  # no room to feed the token back
+            self._retire(
+                seq,
+                "stop",
+                updates,
+                text=text,
+                tokens=results,
+                stop_type="word",
+                stopping_word=seq.matcher.matched,
+            )
+        elif (
+            job.max_tokens is not None
+            and seq.n_generated >= job.max_tokens
+            or seq.n_fed + seq.n_generated > ctx.n_ctx
+        ):
             text += self._flush_text(seq)
             self._retire(seq, "length", updates, text=text, tokens=results, stop_type="limit")
         else:
             seq.next_token = token
-            self._slots[seq.slot] = SlotState(seq.slot, True, job.id, seq.n_past,
-                                              len(job.prompt), seq.n_generated)
+            self._slots[seq.slot] = SlotState(
+                seq.slot, True, job.id, seq.n_past, len(job.prompt), seq.n_generated
+            )
             if text or results or prompt_lps:
-                updates.append(Update(job, text=text, tokens=results,
-                                      prompt_logprobs=prompt_lps, n_prompt=len(job.prompt),
-                                      n_generated=seq.n_generated))
+                updates.append(
+                    Update(
+                        job,
+                        text=text,
+                        tokens=results,
+                        prompt_logprobs=prompt_lps,
+                        n_prompt=len(job.prompt),
+                        n_generated=seq.n_generated,
+                    )
+                )
             if job.cancel.is_set():  # the client left while this token was being made
                 self._count_after_disconnect()
                 self._retire(seq, "cancelled", updates)

@@ -97,7 +97,7 @@ class ChatChunks:
 
     def __init__(
         self,
-        id: str,  # noqa: A002 - the OpenAI field name
+        id: str,
         created: int,
         model: str,
         system_fingerprint: str,
@@ -160,7 +160,7 @@ class CompletionChunks:
 
     def __init__(
         self,
-        id: str,  # noqa: A002
+        id: str,
         created: int,
         model: str,
         system_fingerprint: str,
@@ -188,7 +188,9 @@ class CompletionChunks:
         )
 
     def finish(self, index: int, reason: str) -> dict:
-        return self._chunk([{"index": index, "text": "", "logprobs": None, "finish_reason": reason}])
+        return self._chunk(
+            [{"index": index, "text": "", "logprobs": None, "finish_reason": reason}]
+        )
 
     def usage(self, usage: dict) -> dict:
         chunk = dict(self.base)
@@ -215,9 +217,7 @@ def token_text(data: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
-def chat_logprob_entry(
-    data: bytes, logprob: float, top: Sequence[tuple[bytes, float]]
-) -> dict:
+def chat_logprob_entry(data: bytes, logprob: float, top: Sequence[tuple[bytes, float]]) -> dict:
     """One element of a chat choice's `logprobs.content`."""
     return {
         "token": token_text(data),

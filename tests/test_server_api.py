@@ -7,12 +7,9 @@ import json
 
 import httpx
 import pytest
-
-from bitnetd_trio.app import DEMO_MODEL_ID
-
 from conftest import RunningServer, running_server, server_config
 
-
+from bitnetd_trio.app import DEMO_MODEL_ID
 
 
 def sse_events(body: str) -> list[str]:
@@ -24,7 +21,7 @@ def sse_events(body: str) -> list[str]:
         if not lines:
             continue
         assert len(lines) == 1 and lines[0].startswith("data: "), block
-        events.append(lines[0][len("data: "):])
+        events.append(lines[0][len("data: ") :])
     return events
 
 
@@ -56,9 +53,16 @@ async def test_health_models_and_model_by_id(server: RunningServer) -> None:
 
 async def test_chat_completion_whole(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as c:
-        r = await c.post("/v1/chat/completions", json={
-            "model": model_id(server), "messages": [{"role": "user", "content": "Hello"}],
-            "max_tokens": 8, "temperature": 0, "some_future_field": {"x": 1}})
+        r = await c.post(
+            "/v1/chat/completions",
+            json={
+                "model": model_id(server),
+                "messages": [{"role": "user", "content": "Hello"}],
+                "max_tokens": 8,
+                "temperature": 0,
+                "some_future_field": {"x": 1},
+            },
+        )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
@@ -75,9 +79,15 @@ async def test_chat_completion_whole(server: RunningServer) -> None:
 
 
 async def test_chat_stream_shape(server: RunningServer) -> None:
-    req = {"model": model_id(server), "messages": [{"role": "user", "content": "Hi"}],
-           "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": True,
-           "stream_options": {"include_usage": True}}
+    req = {
+        "model": model_id(server),
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     async with httpx.AsyncClient(base_url=server.url) as c:
         r = await c.post("/v1/chat/completions", json=req)
     assert r.status_code == 200
@@ -100,15 +110,23 @@ async def test_chat_stream_shape(server: RunningServer) -> None:
         assert ch["choices"][0]["finish_reason"] is None
     # the stream says the same as the whole response with the same settings
     async with httpx.AsyncClient(base_url=server.url) as c:
-        whole = (await c.post("/v1/chat/completions", json={**req, "stream": False,
-                                                            "stream_options": None})).json()
+        whole = (
+            await c.post(
+                "/v1/chat/completions", json={**req, "stream": False, "stream_options": None}
+            )
+        ).json()
     text = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks[:-1])
     assert text == whole["choices"][0]["message"]["content"]
 
 
 async def test_completions_whole_and_stream(server: RunningServer) -> None:
-    req = {"model": model_id(server), "prompt": "Once upon a time", "max_tokens": 10,
-           "temperature": 0, "ignore_eos": True}
+    req = {
+        "model": model_id(server),
+        "prompt": "Once upon a time",
+        "max_tokens": 10,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     async with httpx.AsyncClient(base_url=server.url) as c:
         whole = await c.post("/v1/completions", json=req)
         stream = await c.post("/v1/completions", json={**req, "stream": True})
@@ -128,9 +146,16 @@ async def test_completions_whole_and_stream(server: RunningServer) -> None:
 
 async def test_completions_echo_and_default_max_tokens(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as c:
-        r = await c.post("/v1/completions", json={
-            "model": model_id(server), "prompt": "Echo me", "echo": True, "temperature": 0,
-            "ignore_eos": True})
+        r = await c.post(
+            "/v1/completions",
+            json={
+                "model": model_id(server),
+                "prompt": "Echo me",
+                "echo": True,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
+        )
     body = r.json()
     assert body["choices"][0]["text"].startswith("Echo me")
     assert body["usage"]["completion_tokens"] == 16  # OpenAI's default for /v1/completions
@@ -138,17 +163,31 @@ async def test_completions_echo_and_default_max_tokens(server: RunningServer) ->
 
 async def test_completions_several_prompts_and_n(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as c:
-        r = await c.post("/v1/completions", json={
-            "model": model_id(server), "prompt": ["a", "b"], "n": 2, "max_tokens": 3,
-            "ignore_eos": True, "seed": 5})
+        r = await c.post(
+            "/v1/completions",
+            json={
+                "model": model_id(server),
+                "prompt": ["a", "b"],
+                "n": 2,
+                "max_tokens": 3,
+                "ignore_eos": True,
+                "seed": 5,
+            },
+        )
     body = r.json()
     assert [ch["index"] for ch in body["choices"]] == [0, 1, 2, 3]
     assert body["usage"]["completion_tokens"] == 12
 
 
 async def test_stop_string_over_several_tokens_is_withheld(server: RunningServer) -> None:
-    base = {"model": model_id(server), "prompt": "The", "max_tokens": 40, "temperature": 0,
-            "ignore_eos": True, "logprobs": 0}
+    base = {
+        "model": model_id(server),
+        "prompt": "The",
+        "max_tokens": 40,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": 0,
+    }
     async with httpx.AsyncClient(base_url=server.url) as c:
         free = (await c.post("/v1/completions", json=base)).json()["choices"][0]
         text = free["text"]
@@ -174,9 +213,17 @@ async def test_multibyte_text_never_split(server: RunningServer) -> None:
         ids = (await c.post("/tokenize", json={"content": "é✓"})).json()["tokens"]
         assert len(ids) >= 3  # byte tokens: the characters need several tokens each
         bias = {str(i): 30 for i in ids}
-        req = {"model": model_id(server), "messages": [{"role": "user", "content": "x"}],
-               "max_tokens": 60, "seed": 3, "temperature": 1.0, "ignore_eos": True,
-               "logit_bias": bias, "logprobs": True, "stream": True}
+        req = {
+            "model": model_id(server),
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 60,
+            "seed": 3,
+            "temperature": 1.0,
+            "ignore_eos": True,
+            "logit_bias": bias,
+            "logprobs": True,
+            "stream": True,
+        }
         r = await c.post("/v1/chat/completions", json=req)
     chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
     texts, raw = [], b""
@@ -194,13 +241,17 @@ async def test_multibyte_text_never_split(server: RunningServer) -> None:
 
 
 async def test_prompt_prefix_reused_from_the_slot_cache(server: RunningServer) -> None:
-    req = {"model": model_id(server), "max_tokens": 8, "temperature": 0, "ignore_eos": True,
-           "messages": [{"role": "user", "content": "A long shared prefix " * 20}]}
+    req = {
+        "model": model_id(server),
+        "max_tokens": 8,
+        "temperature": 0,
+        "ignore_eos": True,
+        "messages": [{"role": "user", "content": "A long shared prefix " * 20}],
+    }
     async with httpx.AsyncClient(base_url=server.url) as c:
         first = (await c.post("/v1/chat/completions", json=req)).json()
         second = (await c.post("/v1/chat/completions", json=req)).json()
-        fresh = (await c.post("/v1/chat/completions",
-                              json={**req, "cache_prompt": False})).json()
+        fresh = (await c.post("/v1/chat/completions", json={**req, "cache_prompt": False})).json()
     p1, p2 = first["usage"]["prompt_tokens_details"], second["usage"]["prompt_tokens_details"]
     assert p1["cached_tokens"] == 0
     assert p2["cached_tokens"] == second["usage"]["prompt_tokens"] - 1
@@ -220,8 +271,12 @@ async def test_tokenize_detokenize_apply_template(server: RunningServer) -> None
         r = await c.post("/tokenize", json={"content": "hi", "with_pieces": True})
         pieces = r.json()["tokens"]
         assert "".join(p["piece"] for p in pieces) == "hi"
-        r = await c.post("/apply-template", json={"messages": [
-            {"role": "system", "content": "S"}, {"role": "user", "content": "U"}]})
+        r = await c.post(
+            "/apply-template",
+            json={
+                "messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+            },
+        )
         prompt = r.json()["prompt"]
         assert "System: S" in prompt and "User: U" in prompt and prompt.endswith("Assistant: ")
         r = await c.post("/detokenize", json={"tokens": [10**9]})
@@ -238,38 +293,59 @@ async def test_props_slots_model_info_metrics(server: RunningServer) -> None:
         assert all(s["state"] == "idle" and s["n_ctx"] == 16384 for s in slots)
         info = (await c.get("/model_info")).json()
         assert info["instances"] == 4 and info["context_size"] == 16384
-        await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2,
-                                              "ignore_eos": True})
+        await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "ignore_eos": True})
         r = await c.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     text = r.text
-    for name in ("bitnetd_requests_total", "bitnetd_tokens_generated_total",
-                 "bitnetd_model_loaded 1.0", "bitnetd_time_to_first_token_seconds_bucket",
-                 "bitnetd_tokens_after_disconnect_total", "bitnetd_prompt_tokens_total"):
+    for name in (
+        "bitnetd_requests_total",
+        "bitnetd_tokens_generated_total",
+        "bitnetd_model_loaded 1.0",
+        "bitnetd_time_to_first_token_seconds_bucket",
+        "bitnetd_tokens_after_disconnect_total",
+        "bitnetd_prompt_tokens_total",
+    ):
         assert name in text, name
     assert 'bitnetd_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
 
 
 async def test_llama_completion_and_generate(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as c:
-        r = await c.post("/completion", json={"prompt": "Hi", "n_predict": 5,
-                                              "ignore_eos": True, "temperature": 0})
+        r = await c.post(
+            "/completion",
+            json={"prompt": "Hi", "n_predict": 5, "ignore_eos": True, "temperature": 0},
+        )
         body = r.json()
         assert body["stop"] is True and body["tokens_predicted"] == 5
         assert body["tokens_evaluated"] >= 2 and body["stop_type"] == "limit"
         assert body["timings"]["predicted_n"] == 5
-        r = await c.post("/completion", json={"prompt": "Hi", "n_predict": 5, "stream": True,
-                                              "ignore_eos": True, "temperature": 0})
+        r = await c.post(
+            "/completion",
+            json={
+                "prompt": "Hi",
+                "n_predict": 5,
+                "stream": True,
+                "ignore_eos": True,
+                "temperature": 0,
+            },
+        )
         events = [json.loads(e) for e in sse_events(r.text)]
         assert events[-1]["stop"] is True and all(e["stop"] is False for e in events[:-1])
         assert "".join(e["content"] for e in events) == body["content"]
-        r = await c.post("/completion", json={"prompt": "Hi", "n_predict": 3, "n_probs": 2,
-                                              "ignore_eos": True, "temperature": 0})
+        r = await c.post(
+            "/completion",
+            json={
+                "prompt": "Hi",
+                "n_predict": 3,
+                "n_probs": 2,
+                "ignore_eos": True,
+                "temperature": 0,
+            },
+        )
         probs = r.json()["completion_probabilities"]
         assert len(probs) == 3 and all(len(p["top_logprobs"]) == 2 for p in probs)
         assert all(p["logprob"] <= 0 for p in probs)
-        r = await c.post("/generate", json={"prompt": "Hi", "max_tokens": 4,
-                                            "ignore_eos": True})
+        r = await c.post("/generate", json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": True})
         body = r.json()
         assert set(body) == {"generated_text", "tokens_generated", "tokens_processed"}
         assert body["tokens_generated"] == 4 and body["tokens_processed"] > 4
@@ -283,21 +359,37 @@ async def test_llama_completion_and_generate(server: RunningServer) -> None:
         ("POST", "/v1/models", None, 405, None),
         ("POST", "/v1/chat/completions", b"{not json", 400, None),
         ("POST", "/v1/chat/completions", b'{"messages": []}', 400, "messages"),
-        ("POST", "/v1/chat/completions",
-         b'{"messages": [{"role":"user","content":"x"}], "temperature": "hot"}', 400,
-         "temperature"),
-        ("POST", "/v1/chat/completions",
-         b'{"model": "gpt-4", "messages": [{"role":"user","content":"x"}]}', 404, "model"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"messages": [{"role":"user","content":"x"}], "temperature": "hot"}',
+            400,
+            "temperature",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            b'{"model": "gpt-4", "messages": [{"role":"user","content":"x"}]}',
+            404,
+            "model",
+        ),
         ("POST", "/v1/completions", b'{"prompt": [99999999]}', 400, "prompt"),
         ("POST", "/v1/completions", b'{"prompt": "x", "max_tokens": -1}', 400, "max_tokens"),
         ("POST", "/v1/completions", b'{"prompt": "x", "suffix": "y"}', 400, "suffix"),
     ],
 )
-async def test_client_errors(server: RunningServer, method: str, path: str, body: bytes | None,
-                             status: int, param: str | None) -> None:
+async def test_client_errors(
+    server: RunningServer,
+    method: str,
+    path: str,
+    body: bytes | None,
+    status: int,
+    param: str | None,
+) -> None:
     async with httpx.AsyncClient(base_url=server.url) as c:
-        r = await c.request(method, path, content=body,
-                            headers={"content-type": "application/json"})
+        r = await c.request(
+            method, path, content=body, headers={"content-type": "application/json"}
+        )
         assert r.status_code == status, r.text
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
@@ -322,10 +414,12 @@ async def test_body_too_large(server_model_path) -> None:
     async with running_server(config) as s, httpx.AsyncClient(base_url=s.url) as c:
         r = await c.post("/v1/completions", json={"prompt": "x" * 5000})
         assert r.status_code == 413
+
         # chunked upload without Content-Length: counted while reading
         async def chunks():
             for _ in range(10):
                 yield b"x" * 500
+
         r = await c.post("/v1/completions", content=chunks())
         assert r.status_code == 413
         assert (await c.get("/health")).status_code == 200
@@ -336,9 +430,14 @@ async def test_demo_model_when_no_path(tmp_path, monkeypatch) -> None:
     async with running_server(server_config(None)) as s, httpx.AsyncClient(base_url=s.url) as c:
         card = (await c.get("/v1/models")).json()["data"][0]
         assert card["id"] == DEMO_MODEL_ID and card["meta"]["demo"] is True
-        r = await c.post("/v1/chat/completions", json={
-            "model": DEMO_MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 3})
+        r = await c.post(
+            "/v1/chat/completions",
+            json={
+                "model": DEMO_MODEL_ID,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 3,
+            },
+        )
         assert r.status_code == 200
 
 
@@ -363,8 +462,9 @@ def leaves(group: BaseException) -> list[BaseException]:
 
 
 async def test_api_keys_and_rate_limit(server_model_path) -> None:
-    config = server_config(server_model_path, server_api_keys=["sekrit-key-123"],
-                           security_rate_limit=0.01)
+    config = server_config(
+        server_model_path, server_api_keys=["sekrit-key-123"], security_rate_limit=0.01
+    )
     async with running_server(config) as s, httpx.AsyncClient(base_url=s.url) as c:
         assert (await c.get("/health")).status_code == 200  # no key needed, not rate limited
         r = await c.get("/v1/models")

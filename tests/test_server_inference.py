@@ -18,8 +18,9 @@ LONG = 16000  # max_tokens of jobs meant to keep running (cancelled by the test)
 
 @pytest.fixture
 async def thread(server_model_path: Path) -> AsyncIterator[InferenceThread]:
-    it = InferenceThread(EngineSettings(str(server_model_path), n_slots=2, n_ctx=16384,
-                                        n_threads=1), max_queue=4)
+    it = InferenceThread(
+        EngineSettings(str(server_model_path), n_slots=2, n_ctx=16384, n_threads=1), max_queue=4
+    )
     await it.start()
     try:
         yield it
@@ -94,8 +95,7 @@ async def test_cancelled_waiting_job_never_takes_a_slot(thread: InferenceThread)
 
 
 async def test_max_tokens_zero_and_context_end(server_model_path: Path) -> None:
-    it = InferenceThread(EngineSettings(str(server_model_path), n_slots=1, n_ctx=64,
-                                        n_threads=1))
+    it = InferenceThread(EngineSettings(str(server_model_path), n_slots=1, n_ctx=64, n_threads=1))
     await it.start()
     try:
         j, r = new_job([1, 2, 3], max_tokens=0)

@@ -9,23 +9,26 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from conftest import RunningServer
 
 from bitnetd_trio import engine
 from bitnetd_trio.sampling import logprobs as engine_logprobs
-from conftest import RunningServer
 
 
 def client(server: RunningServer) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0,
-                              timeout=60)
+    return openai.AsyncOpenAI(
+        base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60
+    )
 
 
 def mid(server: RunningServer) -> str:
     return server.app.model_id  # type: ignore[attr-defined]
 
 
-MESSAGES = [{"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "Say something."}]
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say something."},
+]
 
 
 async def test_sdk_chat_whole_stream_usage_and_models(server: RunningServer) -> None:
@@ -33,14 +36,25 @@ async def test_sdk_chat_whole_stream_usage_and_models(server: RunningServer) -> 
     models = await c.models.list()
     assert [m.id for m in models.data] == [mid(server)]
 
-    whole = await c.chat.completions.create(model=mid(server), messages=MESSAGES, max_tokens=10,
-                                            temperature=0, extra_body={"ignore_eos": True})
+    whole = await c.chat.completions.create(
+        model=mid(server),
+        messages=MESSAGES,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert whole.choices[0].finish_reason == "length"
     assert whole.usage is not None and whole.usage.completion_tokens == 10
 
     stream = await c.chat.completions.create(
-        model=mid(server), messages=MESSAGES, max_tokens=10, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model=mid(server),
+        messages=MESSAGES,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     text, usage, finish = "", None, None
     async for chunk in stream:
         if chunk.usage is not None:
@@ -58,17 +72,28 @@ async def test_sdk_seed_reproducibility_and_n(server: RunningServer) -> None:
     c = client(server)
 
     async def run(seed: int) -> str:
-        r = await c.chat.completions.create(model=mid(server), messages=MESSAGES, max_tokens=16,
-                                            temperature=1.0, seed=seed,
-                                            extra_body={"ignore_eos": True})
+        r = await c.chat.completions.create(
+            model=mid(server),
+            messages=MESSAGES,
+            max_tokens=16,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"ignore_eos": True},
+        )
         return r.choices[0].message.content or ""
 
     a, b, other = await run(42), await run(42), await run(43)
     assert a == b
     assert a != other
-    r = await c.chat.completions.create(model=mid(server), messages=MESSAGES, max_tokens=8,
-                                        temperature=1.0, seed=7, n=2,
-                                        extra_body={"ignore_eos": True})
+    r = await c.chat.completions.create(
+        model=mid(server),
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=1.0,
+        seed=7,
+        n=2,
+        extra_body={"ignore_eos": True},
+    )
     assert [ch.index for ch in r.choices] == [0, 1]
     assert r.choices[0].message.content != r.choices[1].message.content
     assert r.usage is not None and r.usage.completion_tokens == 16
@@ -76,9 +101,15 @@ async def test_sdk_seed_reproducibility_and_n(server: RunningServer) -> None:
 
 async def test_sdk_stop_and_logprobs(server: RunningServer) -> None:
     c = client(server)
-    r = await c.chat.completions.create(model=mid(server), messages=MESSAGES, max_tokens=12,
-                                        temperature=0, logprobs=True, top_logprobs=3,
-                                        extra_body={"ignore_eos": True})
+    r = await c.chat.completions.create(
+        model=mid(server),
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 12
     text = r.choices[0].message.content or ""
@@ -91,21 +122,36 @@ async def test_sdk_stop_and_logprobs(server: RunningServer) -> None:
     # stop on a piece of that text
     stop = text[3:6]
     if stop and text.find(stop) == 3:
-        r2 = await c.chat.completions.create(model=mid(server), messages=MESSAGES,
-                                             max_tokens=12, temperature=0, stop=[stop],
-                                             extra_body={"ignore_eos": True})
+        r2 = await c.chat.completions.create(
+            model=mid(server),
+            messages=MESSAGES,
+            max_tokens=12,
+            temperature=0,
+            stop=[stop],
+            extra_body={"ignore_eos": True},
+        )
         assert r2.choices[0].message.content == text[:3]
         assert r2.choices[0].finish_reason == "stop"
 
 
 async def test_sdk_completions(server: RunningServer) -> None:
     c = client(server)
-    r = await c.completions.create(model=mid(server), prompt="The cat", max_tokens=6,
-                                   temperature=0, extra_body={"ignore_eos": True})
+    r = await c.completions.create(
+        model=mid(server),
+        prompt="The cat",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
-    stream = await c.completions.create(model=mid(server), prompt="The cat", max_tokens=6,
-                                        temperature=0, stream=True,
-                                        extra_body={"ignore_eos": True})
+    stream = await c.completions.create(
+        model=mid(server),
+        prompt="The cat",
+        max_tokens=6,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     text = ""
     async for chunk in stream:
         text += "".join(ch.text for ch in chunk.choices)
@@ -121,18 +167,29 @@ async def test_sdk_errors_raise_matching_exceptions(server: RunningServer) -> No
         await c.chat.completions.create(model=mid(server), messages=MESSAGES, temperature=5)
     assert bad.value.body["param"] == "temperature"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
-        await c.chat.completions.create(model=mid(server), messages=MESSAGES,
-                                        tools=[{"type": "function",
-                                                "function": {"name": "f"}}])
+        await c.chat.completions.create(
+            model=mid(server),
+            messages=MESSAGES,
+            tools=[{"type": "function", "function": {"name": "f"}}],
+        )
 
 
-async def test_prompt_scoring_matches_the_engine(server: RunningServer,
-                                                 server_model_path: Path) -> None:
+async def test_prompt_scoring_matches_the_engine(
+    server: RunningServer, server_model_path: Path
+) -> None:
     prompt = [5, 77, 300, 42, 9, 260, 101, 33, 400, 12, 7, 8]
     async with httpx.AsyncClient(base_url=server.url) as c:
-        r = await c.post("/v1/completions", json={
-            "model": mid(server), "prompt": prompt, "max_tokens": 0, "echo": True,
-            "logprobs": 3, "temperature": 0})
+        r = await c.post(
+            "/v1/completions",
+            json={
+                "model": mid(server),
+                "prompt": prompt,
+                "max_tokens": 0,
+                "echo": True,
+                "logprobs": 3,
+                "temperature": 0,
+            },
+        )
     assert r.status_code == 200, r.text
     (choice,) = r.json()["choices"]
     lp = choice["logprobs"]
@@ -141,9 +198,18 @@ async def test_prompt_scoring_matches_the_engine(server: RunningServer,
 
     # streamed: the same values, in the stream's logprobs
     async with httpx.AsyncClient(base_url=server.url) as c:
-        r = await c.post("/v1/completions", json={
-            "model": mid(server), "prompt": prompt, "max_tokens": 0, "echo": True,
-            "logprobs": 3, "temperature": 0, "stream": True})
+        r = await c.post(
+            "/v1/completions",
+            json={
+                "model": mid(server),
+                "prompt": prompt,
+                "max_tokens": 0,
+                "echo": True,
+                "logprobs": 3,
+                "temperature": 0,
+                "stream": True,
+            },
+        )
     streamed: list = []
     for line in r.text.split("\n"):
         if line.startswith("data: {"):

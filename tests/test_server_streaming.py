@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import trio
+from conftest import RunningServer, running_server, server_config
 
 from bitnetd_trio.inference import Job
 from bitnetd_trio.sampling import SamplingParams
-from conftest import RunningServer, running_server, server_config
 
 LONG = 16000  # max_tokens of generations meant to be interrupted (the context holds 16384)
 
@@ -29,13 +29,16 @@ async def wait_until(check: Callable[[], Awaitable[bool]], what: str, tries: int
 
 def request_bytes(path: str, body: dict) -> bytes:
     data = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
     return head.encode() + data
 
 
-async def open_stream(server: RunningServer, body: dict, path: str = "/v1/chat/completions",
-                      events: int = 1) -> tuple[trio.SocketStream, bytes]:
+async def open_stream(
+    server: RunningServer, body: dict, path: str = "/v1/chat/completions", events: int = 1
+) -> tuple[trio.SocketStream, bytes]:
     """Send a streaming request over a raw socket and read until `events` SSE events came."""
     stream = await trio.open_tcp_stream("127.0.0.1", server.port)
     await stream.send_all(request_bytes(path, body))
@@ -48,14 +51,19 @@ async def open_stream(server: RunningServer, body: dict, path: str = "/v1/chat/c
 
 
 def long_chat(server: RunningServer, **extra: object) -> dict:
-    return {"model": server.app.model_id,  # type: ignore[attr-defined]
-            "messages": [{"role": "user", "content": "Tell me a long story"}],
-            "max_tokens": LONG, "ignore_eos": True, "stream": True, **extra}
+    return {
+        "model": server.app.model_id,  # type: ignore[attr-defined]
+        "messages": [{"role": "user", "content": "Tell me a long story"}],
+        "max_tokens": LONG,
+        "ignore_eos": True,
+        "stream": True,
+        **extra,
+    }
 
 
 async def metric(c: httpx.AsyncClient, name: str) -> float:
     text = (await c.get("/metrics")).text
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert m, name
     return float(m.group(1))
 
@@ -66,7 +74,7 @@ async def all_slots_idle(c: httpx.AsyncClient) -> bool:
 
 async def test_disconnect_releases_the_slot(server: RunningServer) -> None:
     async with httpx.AsyncClient(base_url=server.url) as c:
-        stream, buf = await open_stream(server, long_chat(server), events=4)
+        stream, _ = await open_stream(server, long_chat(server), events=4)
         slots = (await c.get("/slots")).json()
         busy = [s for s in slots if s["state"] == "busy"]
         assert len(busy) == 1 and busy[0]["job_id"]
@@ -85,8 +93,16 @@ async def test_fifty_disconnects_leave_no_work_behind(server: RunningServer) -> 
     async with httpx.AsyncClient(base_url=server.url) as c:
         for i in range(50):
             path = "/v1/chat/completions" if i % 2 else "/v1/completions"
-            body = long_chat(server) if i % 2 else {
-                "prompt": "Hello there", "max_tokens": LONG, "ignore_eos": True, "stream": True}
+            body = (
+                long_chat(server)
+                if i % 2
+                else {
+                    "prompt": "Hello there",
+                    "max_tokens": LONG,
+                    "ignore_eos": True,
+                    "stream": True,
+                }
+            )
             stream, _ = await open_stream(server, body, path, events=2 + i % 3)
             await stream.aclose()
         await wait_until(lambda: all_slots_idle(c), "every slot to be released")
@@ -129,11 +145,17 @@ async def collect_stream(c: httpx.AsyncClient, body: dict) -> tuple[str, int]:
 
 async def test_eight_concurrent_streams_match_their_solo_runs(server: RunningServer) -> None:
     def body(i: int) -> dict:
-        return {"model": server.app.model_id,  # type: ignore[attr-defined]
-                # prompts up to ~450 tokens: prefilled in chunks beside decoding streams
-                "messages": [{"role": "user", "content": f"Story number {i}" + " go" * 64 * i}],
-                "max_tokens": 24, "ignore_eos": True, "seed": 100 + i, "temperature": 0.9,
-                "stream": True, "stream_options": {"include_usage": True}}
+        return {
+            "model": server.app.model_id,  # type: ignore[attr-defined]
+            # prompts up to ~450 tokens: prefilled in chunks beside decoding streams
+            "messages": [{"role": "user", "content": f"Story number {i}" + " go" * 64 * i}],
+            "max_tokens": 24,
+            "ignore_eos": True,
+            "seed": 100 + i,
+            "temperature": 0.9,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
 
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
         alone = [await collect_stream(c, body(i)) for i in range(8)]
@@ -180,8 +202,9 @@ async def test_request_timeout(server_model_path) -> None:
     config = server_config(server_model_path, model_parallel=1, server_request_timeout=0.3)
     async with running_server(config) as s, httpx.AsyncClient(base_url=s.url, timeout=30) as c:
         # Generating past the deadline: cut off with finish_reason "length".
-        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": LONG,
-                                                  "ignore_eos": True})
+        r = await c.post(
+            "/v1/completions", json={"prompt": "x", "max_tokens": LONG, "ignore_eos": True}
+        )
         body = r.json()
         assert r.status_code == 200
         assert body["choices"][0]["finish_reason"] == "length"
@@ -192,8 +215,13 @@ async def test_request_timeout(server_model_path) -> None:
         # job submitted to the engine directly (no HTTP deadline applies to it).
         engine = s.app.engine  # type: ignore[attr-defined]
         sink, receiver = trio.open_memory_channel(math.inf)
-        blocker = Job(prompt=[1, 2, 3], params=SamplingParams(seed=1), max_tokens=LONG,
-                      sink=sink, ignore_eos=True)
+        blocker = Job(
+            prompt=[1, 2, 3],
+            params=SamplingParams(seed=1),
+            max_tokens=LONG,
+            sink=sink,
+            ignore_eos=True,
+        )
         engine.submit([blocker])
         await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
         r = await c.post("/v1/completions", json={"prompt": "y", "max_tokens": 5})
@@ -214,8 +242,9 @@ async def test_drain_ends_running_streams_cleanly(server: RunningServer) -> None
             assert chunk, "the stream must end with [DONE], not be cut"
             buf += chunk
         await stream.aclose()
-        finals = [json.loads(line[6:]) for line in buf.decode().split("\n")
-                  if line.startswith("data: {")]
+        finals = [
+            json.loads(line[6:]) for line in buf.decode().split("\n") if line.startswith("data: {")
+        ]
         assert finals[-1]["choices"][0]["finish_reason"] == "length"
         r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 503 and "retry-after" in r.headers
@@ -228,8 +257,13 @@ async def test_stream_waiting_in_the_queue_gets_keepalives(server_model_path) ->
         s.app.stream_keepalive = 0.05  # type: ignore[attr-defined]
         engine = s.app.engine  # type: ignore[attr-defined]
         sink, receiver = trio.open_memory_channel(math.inf)
-        blocker = Job(prompt=[1, 2, 3], params=SamplingParams(seed=1), max_tokens=LONG,
-                      sink=sink, ignore_eos=True)
+        blocker = Job(
+            prompt=[1, 2, 3],
+            params=SamplingParams(seed=1),
+            max_tokens=LONG,
+            sink=sink,
+            ignore_eos=True,
+        )
         engine.submit([blocker])
         await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
         body = {**long_chat(s), "max_tokens": 5}
@@ -248,7 +282,8 @@ async def test_stream_waiting_in_the_queue_gets_keepalives(server_model_path) ->
             buf += chunk
         await stream.aclose()
         receiver.close()
-        chunks = [json.loads(line[6:]) for line in buf.decode().split("\n")
-                  if line.startswith("data: {")]
+        chunks = [
+            json.loads(line[6:]) for line in buf.decode().split("\n") if line.startswith("data: {")
+        ]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert sum(1 for ch in chunks if ch["choices"][0]["delta"].get("content")) >= 1

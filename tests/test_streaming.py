@@ -91,8 +91,10 @@ def test_random_splits_agree_with_whole_text() -> None:
     alphabet = "ab\n<|>é"
     for _ in range(500):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
-        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
-                 for _ in range(rng.randint(1, 3))]
+        stops = [
+            "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+            for _ in range(rng.randint(1, 3))
+        ]
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
         pieces, last = [], 0
         for c in cuts + [len(text)]:
@@ -152,7 +154,9 @@ def test_token_text(data: bytes, expected: str) -> None:
 def test_chat_logprob_entry() -> None:
     e = chat_logprob_entry(b" hi", -0.5, [(b" hi", -0.5), (b"\xe2", -2.0)])
     assert e == {
-        "token": " hi", "logprob": -0.5, "bytes": [32, 104, 105],
+        "token": " hi",
+        "logprob": -0.5,
+        "bytes": [32, 104, 105],
         "top_logprobs": [
             {"token": " hi", "logprob": -0.5, "bytes": [32, 104, 105]},
             {"token": "bytes:\\xe2", "logprob": -2.0, "bytes": [226]},
