@@ -739,7 +739,7 @@ static int cpu_has_avx512vnni(void)
  * into the tile layout (4 consecutive inputs per token per row). Exact int32 sums: the same
  * results as every other kernel. Used for four or more tokens; fewer keep the AVX-512 path
  * (faster there, measured). */
-#if defined(__x86_64__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__linux__) && (__GNUC__ >= 11 || __clang_major__ >= 12)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define BN_HAVE_AMX 1
