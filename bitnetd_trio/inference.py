@@ -34,7 +34,7 @@ import trio
 
 from . import engine
 from .chat import ChatTemplate
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingError, SamplingParams
 from .sampling import logprobs as compute_logprobs
 from .streaming import StopMatcher
 from .tokenizer import Tokenizer
@@ -179,6 +179,7 @@ class _Sequence:
         "n_generated",
         "next_token",
         "prefill_done_at",
+        "prompt_lps",
         "sampler",
         "slot",
     )
@@ -196,6 +197,8 @@ class _Sequence:
         self.admitted_at = now
         self.prefill_done_at = 0.0
         self.last_token_at = 0.0
+        # echo scoring: the prompt tokens' logprobs, gathered chunk by chunk
+        self.prompt_lps: list[TokenResult] | None = [] if job.prompt_logprobs else None
 
     @property
     def prefilling(self) -> bool:
@@ -643,14 +646,15 @@ class InferenceThread:
                 continue
             if seq.prefilling:
                 remaining = len(job.prompt) - seq.n_fed
+                n = min(remaining, s.prefill_chunk, budget)
+                if n <= 0:
+                    continue  # other prompts took this step's budget
+                # Scoring wants every position's logits. The engine's logits do not depend on
+                # how a prompt is cut into calls (bit-exact), so chunks keep the logits buffer
+                # and the other sequences' wait bounded without changing the values.
                 if job.prompt_logprobs:
-                    # scoring: the whole prompt in one forward, so the values are exactly the
-                    # engine's logits for this prompt
-                    n, mode = remaining, "all"
+                    mode = "all"
                 else:
-                    n = min(remaining, s.prefill_chunk, budget)
-                    if n <= 0:
-                        continue  # other prompts took this step's budget
                     mode = "last" if n == remaining else "none"
                 budget -= n
                 n_prefill += n
@@ -687,8 +691,8 @@ class InferenceThread:
                 continue
             prompt_lps = None
             if seq.prefilling:
-                if mode == "all":
-                    prompt_lps = self._prompt_logprobs(i, seq, n)
+                if seq.prompt_lps is not None:
+                    seq.prompt_lps.extend(self._prompt_logprobs(i, seq, n))
                 seq.n_fed += n
                 if seq.prefilling:
                     self._slots[seq.slot] = SlotState(
@@ -696,6 +700,7 @@ class InferenceThread:
                     )
                     continue
                 seq.prefill_done_at = now
+                prompt_lps = seq.prompt_lps
                 if job.max_tokens == 0:
                     self._retire(seq, "length", updates, stop_type="limit", tokens=None)
                     if prompt_lps is not None:
@@ -734,13 +739,14 @@ class InferenceThread:
             self._prefill_token_s = ema(self._prefill_token_s, max(seconds - base, 0.0) / n_prefill)
 
     def _prompt_logprobs(self, entry: int, seq: _Sequence, n: int) -> list[TokenResult]:
-        """Logprob of every prompt token given the ones before it (first one: None)."""
+        """Logprobs of the prompt tokens that this chunk's n positions predict (the first
+        prompt token, which nothing predicts, gets None)."""
         prompt = seq.job.prompt
         top_n = seq.job.top_logprobs
         out: list[TokenResult] = []
         if seq.n_fed == 0:
             out.append((prompt[0], None, []))
-        for t in range(n - 1):
+        for t in range(min(n, len(prompt) - 1 - seq.n_fed)):
             target = prompt[seq.n_fed + t + 1]
             lp, top = compute_logprobs(self._ctx.logits(entry, t), target, top_n)
             out.append((target, lp, top))
@@ -758,12 +764,18 @@ class InferenceThread:
         """Sample the next token of `seq` from entry's logits at token t; emit or finish."""
         job = seq.job
         ctx = self._ctx
-        if seq.n_generated < job.min_tokens and len(self._stop_array):
-            masked = np.array(ctx.logits(entry, t), dtype=np.float32, copy=True)
-            masked[self._stop_array] = -np.inf
-            token = seq.sampler.sample(masked)
-        else:
-            token = ctx.sample(entry, seq.sampler)
+        try:
+            if seq.n_generated < job.min_tokens and len(self._stop_array):
+                masked = np.array(ctx.logits(entry, t), dtype=np.float32, copy=True)
+                masked[self._stop_array] = -np.inf
+                token = seq.sampler.sample(masked)
+            else:
+                token = ctx.sample(entry, seq.sampler)
+        except SamplingError as exc:  # e.g. all-NaN logits from a broken model: this one fails
+            log.error("sampling failed for job %s: %s", job.id, exc)
+            self._retire(seq, "error", updates, error=str(exc))
+            self._attach_prompt_lps(updates, prompt_lps)
+            return True
         seq.sampler.accept(token)
         seq.n_generated += 1
         if self.metrics is not None:

@@ -174,10 +174,15 @@ async def test_sdk_errors_raise_matching_exceptions(server: RunningServer) -> No
         )
 
 
+# The long prompt is scored over several prefill chunks (EngineSettings.prefill_chunk = 128).
+@pytest.mark.parametrize(
+    "prompt",
+    [[5, 77, 300, 42, 9, 260, 101, 33, 400, 12, 7, 8], [(i * 37 + 5) % 500 for i in range(300)]],
+    ids=["short", "chunked"],
+)
 async def test_prompt_scoring_matches_the_engine(
-    server: RunningServer, server_model_path: Path
+    server: RunningServer, server_model_path: Path, prompt: list[int]
 ) -> None:
-    prompt = [5, 77, 300, 42, 9, 260, 101, 33, 400, 12, 7, 8]
     async with httpx.AsyncClient(base_url=server.url) as c:
         r = await c.post(
             "/v1/completions",
@@ -219,7 +224,7 @@ async def test_prompt_scoring_matches_the_engine(
     assert streamed == lp["token_logprobs"]
 
     model = engine.Model.load(server_model_path)
-    ctx = engine.Context(model, 1, 64, 1)
+    ctx = engine.Context(model, 1, len(prompt), 1)
     try:
         ctx.forward([engine.BatchEntry(0, prompt, "all", None)])
         for t in range(len(prompt) - 1):
