@@ -92,12 +92,15 @@ class StopMatcher:
         return held
 
 
-class ChatChunks:
-    """The `chat.completion.chunk` objects of one streamed chat completion."""
+class _Chunks:
+    """What every chunk of one streamed response shares: id, created, model, fingerprint,
+    and `"usage": null` on each choice chunk when the client asked for usage."""
+
+    object_name = ""
 
     def __init__(
         self,
-        id: str,
+        id: str,  # noqa: A002 - the OpenAI field name
         created: int,
         model: str,
         system_fingerprint: str,
@@ -105,7 +108,7 @@ class ChatChunks:
     ) -> None:
         self.base = {
             "id": id,
-            "object": "chat.completion.chunk",
+            "object": self.object_name,
             "created": created,
             "model": model,
             "system_fingerprint": system_fingerprint,
@@ -118,6 +121,18 @@ class ChatChunks:
         if self.include_usage:
             chunk["usage"] = None
         return chunk
+
+    def usage(self, usage: dict) -> dict:
+        chunk = dict(self.base)
+        chunk["choices"] = []
+        chunk["usage"] = usage
+        return chunk
+
+
+class ChatChunks(_Chunks):
+    """The `chat.completion.chunk` objects of one streamed chat completion."""
+
+    object_name = "chat.completion.chunk"
 
     def role(self, index: int) -> dict:
         return self._chunk(
@@ -148,39 +163,11 @@ class ChatChunks:
             [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
         )
 
-    def usage(self, usage: dict) -> dict:
-        chunk = dict(self.base)
-        chunk["choices"] = []
-        chunk["usage"] = usage
-        return chunk
 
-
-class CompletionChunks:
+class CompletionChunks(_Chunks):
     """The `text_completion` chunks of one streamed legacy completion (no role chunk)."""
 
-    def __init__(
-        self,
-        id: str,
-        created: int,
-        model: str,
-        system_fingerprint: str,
-        include_usage: bool,
-    ) -> None:
-        self.base = {
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": system_fingerprint,
-        }
-        self.include_usage = include_usage
-
-    def _chunk(self, choices: list[dict]) -> dict:
-        chunk = dict(self.base)
-        chunk["choices"] = choices
-        if self.include_usage:
-            chunk["usage"] = None
-        return chunk
+    object_name = "text_completion"
 
     def text(self, index: int, text: str, logprobs: dict | None = None) -> dict:
         return self._chunk(
@@ -191,12 +178,6 @@ class CompletionChunks:
         return self._chunk(
             [{"index": index, "text": "", "logprobs": None, "finish_reason": reason}]
         )
-
-    def usage(self, usage: dict) -> dict:
-        chunk = dict(self.base)
-        chunk["choices"] = []
-        chunk["usage"] = usage
-        return chunk
 
 
 def usage_object(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
