@@ -56,6 +56,10 @@ MAX_STOP = 4  # OpenAI's limit on stop strings (chat)
 # `until` list plus the EOS text untruncated (often 4-6 strings): a bound only keeps the stop
 # matcher's work small.
 LLAMA_MAX_STOP = 16
+# The stop matcher holds back up to the longest stop string's length and, on the inference
+# thread, compares every candidate prefix per token: a long stop string that the output keeps
+# matching (logit_bias can force that) costs quadratic work per token and stalls every sequence.
+MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETIONS = 5
 MAX_N_PROBS = 20
@@ -331,6 +335,8 @@ def _stop(f: _Fields, limit: int) -> list[str]:
     if isinstance(v, str):
         if not v:
             raise _bad("stop", "must not be an empty string")
+        if len(v) > MAX_STOP_CHARS:
+            raise _bad("stop", f"must be at most {MAX_STOP_CHARS} characters, got {len(v)}")
         return [v]
     if not isinstance(v, list):
         raise _bad("stop", f"must be a string or an array of strings, got {_jtype(v)}")
@@ -342,6 +348,8 @@ def _stop(f: _Fields, limit: int) -> list[str]:
             raise _bad(f"stop[{i}]", f"must be a string, got {_jtype(s)}")
         if not s:
             raise _bad(f"stop[{i}]", "must not be an empty string")
+        if len(s) > MAX_STOP_CHARS:
+            raise _bad(f"stop[{i}]", f"must be at most {MAX_STOP_CHARS} characters, got {len(s)}")
         out.append(s)
     return out
 

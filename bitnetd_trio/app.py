@@ -480,9 +480,17 @@ class App:
                 self._check_access(scope, route)
                 if scope["method"] in ("POST", "PUT", "PATCH"):
                     api_schema.check_content_type(_header(scope, b"content-type"))
-                    body = await read_body(
-                        receive, scope.get("headers", []), self.config.server.max_body_size
-                    )
+                    # A client that sends its headers and then trickles or withholds the body
+                    # would otherwise hold a request (and a max_connections place) forever.
+                    timeout = self.config.server.request_timeout
+                    with trio.move_on_after(timeout if timeout > 0 else math.inf):
+                        body = await read_body(
+                            receive, scope.get("headers", []), self.config.server.max_body_size
+                        )
+                    if body is None:
+                        raise ApiError(
+                            408, f"the request body did not arrive within {timeout:g} s"
+                        )
                 await handler(self, Request(scope, receive, resp, body or b"", params))
             except ApiError as exc:
                 if not resp.started:
