@@ -463,8 +463,11 @@ class App:
         if route is None:
             raise ApiError.route_not_found(method, path)
         handler = route.methods.get(method)
+        if handler is None and method == "HEAD":
+            handler = route.methods.get("GET")  # HEAD is GET without the body (hypercorn drops it)
         if handler is None:
-            raise ApiError.method_not_allowed(method, path, route.methods)
+            allowed = set(route.methods) | ({"HEAD"} if "GET" in route.methods else set())
+            raise ApiError.method_not_allowed(method, path, allowed)
         return route, handler, params
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -798,6 +801,19 @@ class App:
                     400, f"token id {i} is out of range (vocabulary size {n_vocab})", param=param
                 )
 
+    def _check_samplable(self, g: api_schema.GenerationRequest, engine: InferenceThread) -> None:
+        """400 when logit_bias bans every token (ignore_eos and min_tokens ban the stop tokens
+        too): the engine could sample nothing and would fail the request as a server error."""
+        banned = {t for t, b in g.sampling.logit_bias.items() if b == -math.inf}
+        if not banned:
+            return
+        if g.ignore_eos or g.min_tokens > 0:
+            banned |= engine.tokenizer.stop_ids
+        if len(banned) >= engine.info.n_vocab:
+            raise ApiError(
+                400, "'logit_bias' bans every token: nothing can be sampled", param="logit_bias"
+            )
+
     def _prepare_prompts(
         self, g: api_schema.GenerationRequest, engine: InferenceThread
     ) -> tuple[list[list[int]], list[str]]:
@@ -830,6 +846,7 @@ class App:
         if self.draining:
             raise ApiError.unavailable("the server is shutting down", retry_after=5)
         model_id = self._check_model(g.model, engine)
+        self._check_samplable(g, engine)
         prompts, texts = self._prepare_prompts(g, engine)
         send_ch, recv_ch = trio.open_memory_channel[Update](math.inf)
         max_tokens = g.max_tokens

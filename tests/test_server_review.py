@@ -51,3 +51,46 @@ def test_a_stop_string_longer_than_the_limit_is_a_400_naming_it():
         assert info.value.status == 400 and info.value.param == param
         with pytest.raises(ApiError):
             api_schema.parse_llama_completion({"prompt": "hi", "stop": stop}, defaults)
+
+
+async def test_a_logit_bias_banning_every_token_is_a_client_error(server_model_path):
+    """A client mistake is a 4xx, never a 5xx: banning the whole vocabulary (false biases,
+    or every other token with ignore_eos) used to come back as a 500 from the sampler."""
+    import httpx
+
+    async with running_server(server_config(server_model_path)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            n_vocab = srv.app.engine.info.n_vocab
+            stop_ids = srv.app.engine.tokenizer.stop_ids
+            everything = [[i, False] for i in range(n_vocab)]
+            all_but_stops = [[i, False] for i in range(n_vocab) if i not in stop_ids]
+            for body in (
+                {"prompt": "hi", "n_predict": 3, "logit_bias": everything},
+                {"prompt": "hi", "n_predict": 3, "logit_bias": all_but_stops, "ignore_eos": True},
+            ):
+                r = await client.post("/completion", json=body)
+                assert r.status_code == 400, r.text
+                assert r.json()["error"]["param"] == "logit_bias"
+            # banning all but the stop tokens without ignore_eos is fine: it stops at once
+            r = await client.post(
+                "/completion", json={"prompt": "hi", "n_predict": 3, "logit_bias": all_but_stops}
+            )
+            assert r.status_code == 200, r.text
+
+
+async def test_head_works_wherever_get_does(server_model_path):
+    """RFC 9110: a server supporting GET supports HEAD (same status and headers, no body);
+    405 answers list HEAD beside GET."""
+    import httpx
+
+    async with running_server(server_config(server_model_path)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            for path in ("/v1/models", "/props", "/metrics", "/health"):
+                get = await client.get(path)
+                head = await client.head(path)
+                assert head.status_code == get.status_code == 200, path
+                assert head.content == b""
+                assert head.headers["content-type"] == get.headers["content-type"]
+            r = await client.delete("/v1/models")
+            assert r.status_code == 405
+            assert r.headers["allow"] == "GET, HEAD"
