@@ -145,8 +145,9 @@ int32_t bn_sampler_sample(bn_sampler *s, const float *logits);
 
 /* ---- kernels (exposed for tests and benchmarks) ---- */
 /* y[t][r] = BitLinear(x[t], W) for t < n_tok, r < n_out: x is n_tok x n_in floats, y is
- * n_tok x n_out, W is n_out rows of n_in/4 bytes of I2_S codes (n_in % 128 == 0) with
- * per-tensor scale. kernel: a name of bn_kernel_select, or NULL for the dispatched one. */
+ * n_tok x n_out, W is n_out rows of n_in/4 bytes of I2_S codes (n_in % 128 == 0, n_in <=
+ * 2^22) with per-tensor scale. kernel: a name of bn_kernel_select, or NULL for the dispatched
+ * one. Returns 0, or -1 for bad arguments or out of memory. */
 int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
                       int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads);
 

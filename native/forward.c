@@ -65,17 +65,19 @@ void bn_cancel_free(bn_cancel *c)
 
 void bn_cancel_set(bn_cancel *c)
 {
-    atomic_store_explicit(&c->flag, 1, memory_order_release);
+    if (c)
+        atomic_store_explicit(&c->flag, 1, memory_order_release);
 }
 
 void bn_cancel_clear(bn_cancel *c)
 {
-    atomic_store_explicit(&c->flag, 0, memory_order_release);
+    if (c)
+        atomic_store_explicit(&c->flag, 0, memory_order_release);
 }
 
 int bn_cancel_is_set(const bn_cancel *c)
 {
-    return atomic_load_explicit(&((bn_cancel *)c)->flag, memory_order_acquire);
+    return c ? atomic_load_explicit(&((bn_cancel *)c)->flag, memory_order_acquire) : 0;
 }
 
 /* Per-entry bookkeeping of the last bn_forward call. */
@@ -338,12 +340,12 @@ int bn_context_set_threads(bn_context *ctx, int32_t n_threads)
 
 int32_t bn_context_n_ctx(const bn_context *ctx)
 {
-    return ctx->n_ctx;
+    return ctx ? ctx->n_ctx : 0;
 }
 
 int32_t bn_context_n_slots(const bn_context *ctx)
 {
-    return ctx->n_slots;
+    return ctx ? ctx->n_slots : 0;
 }
 
 void bn_seq_reset(bn_context *ctx, int32_t slot)
@@ -799,10 +801,12 @@ static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_en
                 ctx->n_slots);
         return -1;
     }
-    if (++ctx->stamp == 0) {
+    /* a new stamp per call; start over before the int32 would overflow (signed: UB) */
+    if (ctx->stamp == INT32_MAX) {
         memset(ctx->slot_seen, 0, (size_t)ctx->n_slots * sizeof(int32_t));
-        ctx->stamp = 1;
+        ctx->stamp = 0;
     }
+    ctx->stamp++;
     int64_t rows = 0;
     for (int32_t e = 0; e < n_entries; e++) {
         const bn_batch_entry *be = &entries[e];

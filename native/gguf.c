@@ -553,6 +553,10 @@ static int parse(bn_gguf *g, char *err, size_t errlen) {
 /* ---- public reader API ---- */
 
 bn_gguf *bn_gguf_open(const char *path, char *err, size_t errlen) {
+    if (!path) {
+        set_err(err, errlen, "no model path given");
+        return NULL;
+    }
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         set_err(err, errlen, "cannot open '%s': %s", path, strerror(errno));

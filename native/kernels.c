@@ -13,6 +13,7 @@
 #include "kernels.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -760,14 +761,17 @@ typedef struct {
 /* The kernel asks Linux for the AMX register state once per process. */
 static int amx_permitted(void)
 {
-    static int state;  /* 0 unknown, 1 yes, -1 no */
-    if (state == 0) {
+    /* atomic: contexts on different threads may ask at once (the request is idempotent) */
+    static atomic_int state;  /* 0 unknown, 1 yes, -1 no */
+    int st = atomic_load_explicit(&state, memory_order_relaxed);
+    if (st == 0) {
         const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
         int ok = __builtin_cpu_supports("avx512vnni") &&
                  syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-        state = ok ? 1 : -1;
+        st = ok ? 1 : -1;
+        atomic_store_explicit(&state, st, memory_order_relaxed);
     }
-    return state == 1;
+    return st == 1;
 }
 
 /* Activations in tile order, once per matrix input: tokens in groups of 16; for group g
@@ -928,7 +932,9 @@ static int cpu_has_amx(void)
 
 /* ------------------------------------------------------------------ dispatch */
 
-static const bn_kernel_set *selected;
+/* Atomic: contexts may run bn_forward on several threads (each calls bn_kernels), and
+ * bn_kernel_select may come from yet another; a plain pointer would be a data race. */
+static _Atomic(const bn_kernel_set *) selected;
 
 const bn_kernel_set *bn_kernels_by_name(const char *name)
 {
@@ -966,10 +972,13 @@ static const bn_kernel_set *best_kernels(void)
 
 const bn_kernel_set *bn_kernels(void)
 {
-    /* Benign: every thread computes the same answer; the daemon calls this from one thread. */
-    if (!selected)
-        selected = best_kernels();
-    return selected;
+    /* Every thread computes the same answer, so a lost first-use race is harmless. */
+    const bn_kernel_set *k = atomic_load_explicit(&selected, memory_order_relaxed);
+    if (!k) {
+        k = best_kernels();
+        atomic_store_explicit(&selected, k, memory_order_relaxed);
+    }
+    return k;
 }
 
 const char *bn_kernel_name(void)
@@ -982,7 +991,7 @@ int bn_kernel_select(const char *name)
     const bn_kernel_set *k = bn_kernels_by_name(name);
     if (!k)
         return -1;
-    selected = k;
+    atomic_store_explicit(&selected, k, memory_order_relaxed);
     return 0;
 }
 
@@ -1022,8 +1031,10 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
                       int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads)
 {
     const bn_kernel_set *k = kernel ? bn_kernels_by_name(kernel) : bn_kernels();
+    /* n_in <= 2^22 keeps every int32 accumulator exact for any codes and inputs (3 * 128 *
+     * 2^22 < 2^31, also per lane of the masked AVX-512 planes), as bn_context_new's n_ff bound. */
     if (!k || !packed || !x || !y || n_in <= 0 || n_in % 128 != 0 || n_out <= 0 || n_tok <= 0 ||
-        n_in > (1 << 24) || n_threads < 1)
+        n_in > (1 << 22) || n_threads < 1)
         return -1;
     const int32_t stride = n_in;  /* a multiple of 128 */
     int8_t *q = aligned_alloc(64, (size_t)n_tok * (size_t)stride);

@@ -207,3 +207,29 @@ def test_cancel_while_running_leaves_slots_consistent(head128_model_path: Path) 
             else:
                 assert st[0] == 0 and ctx.pos(0) == 700
         assert seen <= {0, 1}
+
+
+def test_native_api_tolerates_null_handles() -> None:
+    """Every bn_* call that takes a handle answers NULL with its error value, not a crash
+    (the context size getters and the cancel flag calls used to dereference it)."""
+    from bitnetd_trio._native import ffi, lib
+
+    err = ffi.new("char[]", 128)
+    assert lib.bn_model_load(ffi.NULL, err, 128) == ffi.NULL
+    assert ffi.string(err)
+    assert lib.bn_context_new(ffi.NULL, 1, 16, 1, err, 128) == ffi.NULL
+    assert lib.bn_context_n_ctx(ffi.NULL) == 0
+    assert lib.bn_context_n_slots(ffi.NULL) == 0
+    assert lib.bn_context_set_threads(ffi.NULL, 2) == -1
+    assert lib.bn_seq_pos(ffi.NULL, 0) == -1
+    assert lib.bn_seq_truncate(ffi.NULL, 0, 0) == -1
+    lib.bn_seq_reset(ffi.NULL, 0)
+    assert lib.bn_logits(ffi.NULL, 0, 0) == ffi.NULL
+    assert lib.bn_forward(ffi.NULL, ffi.NULL, 0, err, 128) == -1
+    lib.bn_cancel_set(ffi.NULL)
+    lib.bn_cancel_clear(ffi.NULL)
+    assert lib.bn_cancel_is_set(ffi.NULL) == 0
+    assert lib.bn_meta_count(ffi.NULL) == 0 and lib.bn_meta_find(ffi.NULL, b"x") == -1
+    assert lib.bn_sampler_sample(ffi.NULL, ffi.NULL) == -1
+    lib.bn_context_free(ffi.NULL)
+    lib.bn_model_free(ffi.NULL)

@@ -177,6 +177,23 @@ def test_code_three_is_bounded() -> None:
         np.testing.assert_array_equal(a, b)
 
 
+def test_largest_input_size_exact_and_larger_refused() -> None:
+    """n_in up to 2^22 keeps every int32 accumulator exact, even with code 3 everywhere (the
+    masked AVX-512 planes hold 64x the plane's sum per lane); beyond it the kernels wrapped
+    around (2^23 inputs of code 3 gave -8322556 instead of -16777216), so it is refused."""
+    n_in, n_out = 1 << 22, 4  # 4 rows: the single-token masked tile
+    for byte, xv, want in ((0xFF, -1.0, -2.0 * n_in), (0xAA, 1.0, float(n_in))):
+        packed = bytes([byte]) * (n_out * n_in // 4)
+        x = np.full((1, n_in), xv, np.float32)
+        for k in ("scalar", *AVAILABLE):
+            got = engine.ternary_matmul(packed, 1.0, n_in, n_out, x, kernel=k)
+            np.testing.assert_array_equal(got, np.full((1, n_out), want, np.float32), err_msg=k)
+    big = 1 << 23
+    with pytest.raises(engine.EngineError):
+        engine.ternary_matmul(b"\xff" * (n_out * big // 4), 1.0, big, n_out,
+                              np.full((1, big), -1.0, np.float32))
+
+
 def test_bad_arguments_are_refused() -> None:
     x = np.zeros((1, 100), np.float32)
     with pytest.raises(engine.EngineError):
