@@ -165,6 +165,13 @@ static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparam
             bn_sampler_free(s);
         }
 #endif
+        if (bn_logits(ctx, 2, 0) || bn_logits(ctx, -1, 0) || bn_logits(ctx, 0, e[0].n_tokens) ||
+            bn_logits(ctx, 0, -1) || (e[1].n_tokens > 1 && bn_logits(ctx, 1, 0)))
+            broken(path, "bn_logits answered an index that has no logits");
+        /* The decode step on a new pool (the old one joined and freed under the sanitizers);
+         * not while fuzzing, where thousands of contexts come and go anyway. */
+        if (step == 0 && g_threads > 1 && bn_context_set_threads(ctx, g_threads + 1) != 0)
+            broken(path, "bn_context_set_threads failed");
         /* Decode step: one token per slot. */
         e[0].n_tokens = 1;
         e[0].logits = BN_LOGITS_LAST;
