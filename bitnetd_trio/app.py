@@ -902,8 +902,9 @@ class App:
         finally:
             self._generations.discard(gen)
             gen.cancel_all()  # any way out (error, timeout, disconnect) frees the slots
-        if watch.disconnected or gen.timed_out:
-            self.metrics.requests_cancelled_total.inc()
+            # here, not after: a timeout with nothing produced leaves as a 504 ApiError
+            if watch.disconnected or gen.timed_out:
+                self.metrics.requests_cancelled_total.inc()
         if log.isEnabledFor(logging.DEBUG):
             usage = gen.usage()
             log.debug(

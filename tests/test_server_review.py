@@ -94,3 +94,40 @@ async def test_head_works_wherever_get_does(server_model_path):
             r = await client.delete("/v1/models")
             assert r.status_code == 405
             assert r.headers["allow"] == "GET, HEAD"
+
+
+async def test_every_timed_out_generation_counts_as_cancelled(server_model_path):
+    """bitnetd_requests_cancelled_total counts requests whose time ran out, including those
+    answered 504 because nothing was produced (they left through an exception before)."""
+    import httpx
+
+    config = server_config(server_model_path, server_request_timeout=0.3, model_parallel=1)
+    async with running_server(config) as srv:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            a_id = (await client.post("/tokenize", json={"content": "a"})).json()["tokens"][-1]
+            body = {"prompt": "hello", "max_tokens": 16000, "logit_bias": {str(a_id): 100}}
+            replies: list[httpx.Response] = []
+
+            async def one() -> None:
+                replies.append(await client.post("/v1/completions", json=body))
+
+            # one slot, four never-ending requests submitted together: those still waiting
+            # when their time runs out get 504, the one running ends with "length"
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(one)
+            timed_out = 0
+            for r in replies:
+                if r.status_code == 504:
+                    timed_out += 1
+                else:
+                    assert r.status_code == 200, r.text
+                    if r.json()["usage"]["completion_tokens"] < 16000:
+                        timed_out += 1
+            assert any(r.status_code == 504 for r in replies)
+            while srv.app._active_requests:  # handlers finish just after their last byte
+                await trio.sleep(0.01)
+            cancelled = srv.app.metrics.registry.get_sample_value(
+                "bitnetd_requests_cancelled_total"
+            )
+            assert cancelled == timed_out
