@@ -87,7 +87,8 @@ static int arch_float(loader *L, const char *suffix, float dflt, float *out) {
     if ((t != BN_GGUF_F32 && t != BN_GGUF_F64) || bn_meta_get_f64(L->m, idx, &v) != 0)
         return lfail(L, "key '%s' has type %s, expected a float (f32 or f64)", key,
                      meta_type_name(t));
-    if (!(v > 0.0) || !(v <= 3.0e38))   /* also rejects NaN and what overflows a float */
+    /* also rejects NaN, what overflows a float and an f64 that rounds to a float 0 */
+    if (!(v > 0.0) || !(v <= 3.0e38) || !((float)v > 0.0f))
         return lfail(L, "key '%s' = %g is out of range (must be finite and > 0)", key, v);
     *out = (float)v;
     return 0;

@@ -233,3 +233,19 @@ def test_native_api_tolerates_null_handles() -> None:
     assert lib.bn_sampler_sample(ffi.NULL, ffi.NULL) == -1
     lib.bn_context_free(ffi.NULL)
     lib.bn_model_free(ffi.NULL)
+
+
+def test_float_key_that_rounds_to_zero_is_refused(tmp_path: Path) -> None:
+    """An f64 epsilon below the float range passed the > 0 check and loaded as 0.0 (then a
+    zero row normalizes to NaN); it is out of range like any other non-positive value."""
+    from gguf import GGUFValueType
+
+    from bitnetd_trio import gguf_writer as gw
+
+    key = f"{gw.SMALLEST.architecture}.attention.layer_norm_rms_epsilon"
+    path = gw.write_model(
+        tmp_path / "eps.gguf", gw.SMALLEST, 0,
+        extra_metadata={key: (1e-50, GGUFValueType.FLOAT64)},
+    )
+    with pytest.raises(engine.ModelLoadError, match="layer_norm_rms_epsilon.*out of range"):
+        engine.Model.load(path)
