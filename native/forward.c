@@ -789,17 +789,18 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
 
 /* ------------------------------------------------------------------ bn_forward */
 
+/* 0, or -1 - e when entry e is at fault, or 1 when the call as a whole is (no entry is). */
 static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_entries,
                     int64_t *n_rows, char *err, size_t errlen)
 {
     if (n_entries < 0 || (n_entries > 0 && !entries)) {
         set_err(err, errlen, "bad entry list (%d entries)", n_entries);
-        return -1;
+        return 1;
     }
     if (n_entries > ctx->n_slots) {
         set_err(err, errlen, "%d entries for %d slots: slots must be distinct", n_entries,
                 ctx->n_slots);
-        return -1;
+        return 1;
     }
     /* a new stamp per call; start over before the int32 would overflow (signed: UB) */
     if (ctx->stamp == INT32_MAX) {
@@ -872,7 +873,7 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
                            : realloc(ctx->logits, (size_t)n_rows * nv * sizeof(float));
         if (!grown) {
             set_err(err, errlen, "out of memory for %lld logits rows", (long long)n_rows);
-            rc = -1;
+            rc = 1;   /* no entry at fault: every status -2 */
         } else {
             ctx->logits = grown;
             ctx->logits_cap = n_rows;

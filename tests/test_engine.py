@@ -249,3 +249,23 @@ def test_float_key_that_rounds_to_zero_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(engine.ModelLoadError, match="layer_norm_rms_epsilon.*out of range"):
         engine.Model.load(path)
+
+
+def test_call_level_errors_blame_no_entry(model: engine.Model) -> None:
+    """Too many entries is the call's fault, not entry 0's: every status -2 (entry 0 used to
+    get -1, the mark of the offending entry)."""
+    from bitnetd_trio._native import ffi, lib
+
+    with engine.Context(model, 1, 16, 1) as c:
+        toks = ffi.new("int32_t[]", [1])
+        ents = ffi.new("bn_batch_entry[]", 2)
+        for i in range(2):
+            ents[i].slot, ents[i].n_tokens, ents[i].tokens = i, 1, toks
+            ents[i].logits = lib.BN_LOGITS_LAST
+        err = ffi.new("char[]", 128)
+        assert lib.bn_forward(c._live(), ents, 2, err, 128) == -1
+        assert b"2 entries for 1 slots" in ffi.string(err)
+        assert [ents[0].status, ents[1].status] == [-2, -2]
+        ents[0].slot = 5  # an entry at fault is still named
+        assert lib.bn_forward(c._live(), ents, 1, err, 128) == -1
+        assert ents[0].status == -1 and c.pos(0) == 0
