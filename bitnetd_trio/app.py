@@ -491,9 +491,7 @@ class App:
                             receive, scope.get("headers", []), self.config.server.max_body_size
                         )
                     if body is None:
-                        raise ApiError(
-                            408, f"the request body did not arrive within {timeout:g} s"
-                        )
+                        raise ApiError(408, f"the request body did not arrive within {timeout:g} s")
                 await handler(self, Request(scope, receive, resp, body or b"", params))
             except ApiError as exc:
                 if not resp.started:

@@ -23,7 +23,7 @@ async def test_a_withheld_body_ends_with_408_and_frees_the_request(server_model_
         stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
         await stream.send_all(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n{\"prompt\":"
+            b'Content-Length: 100\r\n\r\n{"prompt":'
         )
         with trio.fail_after(30):  # a hang guard, not a timing assertion
             reply = await _read_until_closed(stream)
@@ -58,24 +58,26 @@ async def test_a_logit_bias_banning_every_token_is_a_client_error(server_model_p
     or every other token with ignore_eos) used to come back as a 500 from the sampler."""
     import httpx
 
-    async with running_server(server_config(server_model_path)) as srv:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-            n_vocab = srv.app.engine.info.n_vocab
-            stop_ids = srv.app.engine.tokenizer.stop_ids
-            everything = [[i, False] for i in range(n_vocab)]
-            all_but_stops = [[i, False] for i in range(n_vocab) if i not in stop_ids]
-            for body in (
-                {"prompt": "hi", "n_predict": 3, "logit_bias": everything},
-                {"prompt": "hi", "n_predict": 3, "logit_bias": all_but_stops, "ignore_eos": True},
-            ):
-                r = await client.post("/completion", json=body)
-                assert r.status_code == 400, r.text
-                assert r.json()["error"]["param"] == "logit_bias"
-            # banning all but the stop tokens without ignore_eos is fine: it stops at once
-            r = await client.post(
-                "/completion", json={"prompt": "hi", "n_predict": 3, "logit_bias": all_but_stops}
-            )
-            assert r.status_code == 200, r.text
+    async with (
+        running_server(server_config(server_model_path)) as srv,
+        httpx.AsyncClient(base_url=srv.url, timeout=60) as client,
+    ):
+        n_vocab = srv.app.engine.info.n_vocab
+        stop_ids = srv.app.engine.tokenizer.stop_ids
+        everything = [[i, False] for i in range(n_vocab)]
+        all_but_stops = [[i, False] for i in range(n_vocab) if i not in stop_ids]
+        for body in (
+            {"prompt": "hi", "n_predict": 3, "logit_bias": everything},
+            {"prompt": "hi", "n_predict": 3, "logit_bias": all_but_stops, "ignore_eos": True},
+        ):
+            r = await client.post("/completion", json=body)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "logit_bias"
+        # banning all but the stop tokens without ignore_eos is fine: it stops at once
+        r = await client.post(
+            "/completion", json={"prompt": "hi", "n_predict": 3, "logit_bias": all_but_stops}
+        )
+        assert r.status_code == 200, r.text
 
 
 async def test_head_works_wherever_get_does(server_model_path):
@@ -83,17 +85,19 @@ async def test_head_works_wherever_get_does(server_model_path):
     405 answers list HEAD beside GET."""
     import httpx
 
-    async with running_server(server_config(server_model_path)) as srv:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-            for path in ("/v1/models", "/props", "/metrics", "/health"):
-                get = await client.get(path)
-                head = await client.head(path)
-                assert head.status_code == get.status_code == 200, path
-                assert head.content == b""
-                assert head.headers["content-type"] == get.headers["content-type"]
-            r = await client.delete("/v1/models")
-            assert r.status_code == 405
-            assert r.headers["allow"] == "GET, HEAD"
+    async with (
+        running_server(server_config(server_model_path)) as srv,
+        httpx.AsyncClient(base_url=srv.url, timeout=60) as client,
+    ):
+        for path in ("/v1/models", "/props", "/metrics", "/health"):
+            get = await client.get(path)
+            head = await client.head(path)
+            assert head.status_code == get.status_code == 200, path
+            assert head.content == b""
+            assert head.headers["content-type"] == get.headers["content-type"]
+        r = await client.delete("/v1/models")
+        assert r.status_code == 405
+        assert r.headers["allow"] == "GET, HEAD"
 
 
 async def test_every_timed_out_generation_counts_as_cancelled(server_model_path):
@@ -102,32 +106,32 @@ async def test_every_timed_out_generation_counts_as_cancelled(server_model_path)
     import httpx
 
     config = server_config(server_model_path, server_request_timeout=0.3, model_parallel=1)
-    async with running_server(config) as srv:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
-            a_id = (await client.post("/tokenize", json={"content": "a"})).json()["tokens"][-1]
-            body = {"prompt": "hello", "max_tokens": 16000, "logit_bias": {str(a_id): 100}}
-            replies: list[httpx.Response] = []
+    async with (
+        running_server(config) as srv,
+        httpx.AsyncClient(base_url=srv.url, timeout=60) as client,
+    ):
+        a_id = (await client.post("/tokenize", json={"content": "a"})).json()["tokens"][-1]
+        body = {"prompt": "hello", "max_tokens": 16000, "logit_bias": {str(a_id): 100}}
+        replies: list[httpx.Response] = []
 
-            async def one() -> None:
-                replies.append(await client.post("/v1/completions", json=body))
+        async def one() -> None:
+            replies.append(await client.post("/v1/completions", json=body))
 
-            # one slot, four never-ending requests submitted together: those still waiting
-            # when their time runs out get 504, the one running ends with "length"
-            async with trio.open_nursery() as nursery:
-                for _ in range(4):
-                    nursery.start_soon(one)
-            timed_out = 0
-            for r in replies:
-                if r.status_code == 504:
+        # one slot, four never-ending requests submitted together: those still waiting
+        # when their time runs out get 504, the one running ends with "length"
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(one)
+        timed_out = 0
+        for r in replies:
+            if r.status_code == 504:
+                timed_out += 1
+            else:
+                assert r.status_code == 200, r.text
+                if r.json()["usage"]["completion_tokens"] < 16000:
                     timed_out += 1
-                else:
-                    assert r.status_code == 200, r.text
-                    if r.json()["usage"]["completion_tokens"] < 16000:
-                        timed_out += 1
-            assert any(r.status_code == 504 for r in replies)
-            while srv.app._active_requests:  # handlers finish just after their last byte
-                await trio.sleep(0.01)
-            cancelled = srv.app.metrics.registry.get_sample_value(
-                "bitnetd_requests_cancelled_total"
-            )
-            assert cancelled == timed_out
+        assert any(r.status_code == 504 for r in replies)
+        while srv.app._active_requests:  # handlers finish just after their last byte
+            await trio.sleep(0.01)
+        cancelled = srv.app.metrics.registry.get_sample_value("bitnetd_requests_cancelled_total")
+        assert cancelled == timed_out
