@@ -244,7 +244,9 @@ def test_float_key_that_rounds_to_zero_is_refused(tmp_path: Path) -> None:
 
     key = f"{gw.SMALLEST.architecture}.attention.layer_norm_rms_epsilon"
     path = gw.write_model(
-        tmp_path / "eps.gguf", gw.SMALLEST, 0,
+        tmp_path / "eps.gguf",
+        gw.SMALLEST,
+        0,
         extra_metadata={key: (1e-50, GGUFValueType.FLOAT64)},
     )
     with pytest.raises(engine.ModelLoadError, match="layer_norm_rms_epsilon.*out of range"):

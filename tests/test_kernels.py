@@ -190,8 +190,9 @@ def test_largest_input_size_exact_and_larger_refused() -> None:
             np.testing.assert_array_equal(got, np.full((1, n_out), want, np.float32), err_msg=k)
     big = 1 << 23
     with pytest.raises(engine.EngineError):
-        engine.ternary_matmul(b"\xff" * (n_out * big // 4), 1.0, big, n_out,
-                              np.full((1, big), -1.0, np.float32))
+        engine.ternary_matmul(
+            b"\xff" * (n_out * big // 4), 1.0, big, n_out, np.full((1, big), -1.0, np.float32)
+        )
 
 
 def test_bad_arguments_are_refused() -> None:
