@@ -485,9 +485,13 @@ class InferenceThread:
                 while self._queue and len(admitted) < len(self._free):
                     admitted.append(self._queue.popleft())
                 waiting = len(self._queue)
-            try:
-                for job in admitted:
+            for job in admitted:
+                try:
                     self._admit(job, updates)
+                except Exception as exc:  # a bug in one job's admission: that job fails alone
+                    log.exception("admitting job %s failed", job.id)
+                    updates.append(self._final(job, "error", error=f"internal error: {exc}"))
+            try:
                 self._set_gauges(waiting)
                 self._step(updates)
             except Exception as exc:  # a bug: end the sequences involved, keep serving
@@ -528,8 +532,13 @@ class InferenceThread:
         except (ValueError, MemoryError) as exc:
             updates.append(self._final(job, "error", error=str(exc)))
             return
-        slot, keep = self._pick_slot(job)
-        seq = _Sequence(job, slot, sampler, self.tokenizer.stream_decoder(), now)
+        try:
+            decoder = self.tokenizer.stream_decoder()
+            slot, keep = self._pick_slot(job)
+        except BaseException:
+            sampler.close()
+            raise
+        seq = _Sequence(job, slot, sampler, decoder, now)
         seq.n_fed = seq.n_cached = keep
         self._active.append(seq)
         self._slots[slot] = SlotState(slot, True, job.id, 0, len(job.prompt), 0)
@@ -553,7 +562,7 @@ class InferenceThread:
                 n = _common_prefix(self._cached[slot], prompt)
                 if n > best_len:
                     best_i, best_len = i, n
-        slot = self._free.pop(best_i)
+        slot = self._free[best_i]
         keep = min(best_len, len(prompt) - 1)
         if keep > 0:
             self._ctx.truncate(slot, keep)
@@ -561,6 +570,7 @@ class InferenceThread:
         else:
             self._ctx.reset(slot)
             self._cached[slot] = []
+        self._free.pop(best_i)  # only now: a failure above leaves the slot free
         return slot, keep
 
     def _retire(

@@ -178,3 +178,32 @@ async def test_a_sequence_whose_logits_are_all_nan_fails_alone(
         assert again_end.finish_reason == "length"
     finally:
         await it.aclose()
+
+
+async def test_a_job_whose_admission_fails_ends_alone(thread: InferenceThread) -> None:
+    """Fault injection: the first stream decoder the thread asks for raises. That job gets a
+    final error, the job admitted beside it runs normally, and no slot is lost."""
+    real = thread.tokenizer.stream_decoder
+    calls = []
+
+    def failing_once():  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected")
+        return real()
+
+    thread.tokenizer.stream_decoder = failing_once  # type: ignore[method-assign]
+    a, ra = new_job([1, 2, 3], max_tokens=4, ignore_eos=True)
+    b, rb = new_job([4, 5, 6], max_tokens=4, ignore_eos=True)
+    thread.submit([a, b])
+    _, a_end = await finish(ra)
+    _, b_end = await finish(rb)
+    assert a_end.finish_reason == "error" and "injected" in (a_end.error or "")
+    assert b_end.finish_reason == "length" and b_end.n_generated == 4
+    # both slots still usable: two more jobs run side by side
+    c, rc = new_job([7, 8], max_tokens=3, ignore_eos=True)
+    d, rd = new_job([9, 10], max_tokens=3, ignore_eos=True)
+    thread.submit([c, d])
+    assert (await finish(rc))[1].finish_reason == "length"
+    assert (await finish(rd))[1].finish_reason == "length"
+    assert thread.in_system == 0
