@@ -196,8 +196,9 @@ async def test_a_job_whose_admission_fails_ends_alone(thread: InferenceThread) -
     a, ra = new_job([1, 2, 3], max_tokens=4, ignore_eos=True)
     b, rb = new_job([4, 5, 6], max_tokens=4, ignore_eos=True)
     thread.submit([a, b])
-    _, a_end = await finish(ra)
-    _, b_end = await finish(rb)
+    with trio.fail_after(30):  # without the fix, a's final update never comes
+        _, a_end = await finish(ra)
+        _, b_end = await finish(rb)
     assert a_end.finish_reason == "error" and "injected" in (a_end.error or "")
     assert b_end.finish_reason == "length" and b_end.n_generated == 4
     # both slots still usable: two more jobs run side by side
