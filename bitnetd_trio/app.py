@@ -947,6 +947,11 @@ class App:
         gen.cancel_all()
         return None
 
+    def _drain_ended(self) -> bool:
+        """A shutdown's drain deadline has passed: streams end cleanly (finish chunk and
+        [DONE]) even when they produced nothing, instead of a timeout error."""
+        return self.draining and trio.current_time() >= self.drain_deadline
+
     def _apply(self, gen: Generation, updates: list[Update]) -> None:
         for upd in updates:
             gen.choices[upd.job.index].apply(upd)
@@ -1139,11 +1144,11 @@ class App:
         # stream_keepalive: then the stream starts with keep-alive comments, so proxies and
         # clients with read timeouts do not give up during a long queue wait or prefill.
         first = await self._next_updates(gen, self.stream_keepalive)
-        if first is None:
+        if first is None and not self._drain_ended():
             raise ApiError(
                 504, "the request timed out before any token was produced", type="timeout_error"
             )
-        failed = next((u for u in first if u.finish_reason == "error"), None)
+        failed = next((u for u in first or () if u.finish_reason == "error"), None)
         if failed is not None:
             raise ApiError(500, f"generation failed: {failed.error}")
         await req.resp.start(
@@ -1158,7 +1163,7 @@ class App:
         out = bytearray(shaper.opening())
         updates: list[Update] | None = first
         while True:
-            if updates is None and not gen.anything_produced:
+            if updates is None and not gen.anything_produced and not self._drain_ended():
                 err = ApiError(
                     504, "the request timed out before any token was produced", type="timeout_error"
                 )
@@ -1167,7 +1172,7 @@ class App:
                 watch.completed = True
                 await req.resp.body(bytes(out))
                 return
-            if updates is None:  # timed out: finish every open choice with "length"
+            if updates is None:  # timed out or drained: finish every open choice with "length"
                 for c in gen.choices:
                     if not c.done:
                         c.finish_reason = "cancelled"

@@ -287,3 +287,44 @@ async def test_stream_waiting_in_the_queue_gets_keepalives(server_model_path) ->
         ]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert sum(1 for ch in chunks if ch["choices"][0]["delta"].get("content")) >= 1
+
+
+async def test_drain_ends_a_stream_still_waiting_for_its_first_token(server_model_path) -> None:
+    """On shutdown a queued stream that never got a token still ends cleanly: HTTP 200, a
+    finish chunk with finish_reason and [DONE] (not a 504 error)."""
+    config = server_config(server_model_path, model_parallel=1)
+    async with running_server(config) as s, httpx.AsyncClient(base_url=s.url) as c:
+        engine = s.app.engine  # type: ignore[attr-defined]
+        sink, receiver = trio.open_memory_channel(math.inf)
+        blocker = Job(
+            prompt=[1, 2, 3],
+            params=SamplingParams(seed=1),
+            max_tokens=LONG,
+            sink=sink,
+            ignore_eos=True,
+        )
+        engine.submit([blocker])  # holds the only slot: the stream below waits in the queue
+        await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
+        stream = await trio.open_tcp_stream("127.0.0.1", s.port)
+        await stream.send_all(request_bytes("/v1/chat/completions", long_chat(s)))
+        await wait_until(lambda: _waiting_requests(c), "the stream to wait in the queue")
+        s.app.begin_drain(trio.current_time())  # type: ignore[attr-defined]
+        buf = b""
+        with trio.fail_after(30):
+            while not (b"data: [DONE]\n\n" in buf and buf.endswith(b"0\r\n\r\n")):
+                chunk = await stream.receive_some(65536)
+                assert chunk, f"the stream must end with [DONE], not be cut: {buf!r}"
+                buf += chunk
+        await stream.aclose()
+        blocker.cancel.set()
+        receiver.close()
+        assert buf.startswith(b"HTTP/1.1 200")
+        chunks = [
+            json.loads(line[6:]) for line in buf.decode().split("\n") if line.startswith("data: {")
+        ]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def _waiting_requests(c: httpx.AsyncClient) -> bool:
+    text = (await c.get("/metrics")).text
+    return re.search(r"^bitnetd_requests_waiting (\d+)", text, re.MULTILINE).group(1) != "0"  # type: ignore[union-attr]
