@@ -24,7 +24,7 @@ C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Werror", "-pthread", "-fno-m
 def public_declarations() -> str:
     """bitnet.h reduced to what cffi's cdef parser accepts (no preprocessor lines)."""
     text = (NATIVE / "bitnet.h").read_text()
-    text = re.sub(r"#ifdef __cplusplus.*?#endif", "", text, flags=re.S)
+    text = re.sub(r"#ifdef __cplusplus.*?#endif", "", text, flags=re.DOTALL)
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 

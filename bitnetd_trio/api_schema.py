@@ -23,9 +23,9 @@ from .errors import ApiError
 from .sampling import SamplingParams
 
 __all__ = [
+    "GENERATE_SYSTEM_PROMPT",
     "ApplyTemplateRequest",
     "DetokenizeRequest",
-    "GENERATE_SYSTEM_PROMPT",
     "GenerationRequest",
     "SchemaDefaults",
     "TokenizeRequest",

@@ -30,19 +30,19 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = [
+    "LOG_LEVELS",
     "Config",
     "ConfigError",
     "DaemonConfig",
-    "LOG_LEVELS",
     "MetricsConfig",
     "ModelConfig",
     "SecurityConfig",
     "ServerConfig",
     "describe_config",
     "load_config",
+    "parse_duration",
     "parse_listen",
     "parse_size",
-    "parse_duration",
 ]
 
 # Syslog-style level names of the C daemon -> Python logging levels. NOTICE sits between INFO and

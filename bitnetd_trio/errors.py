@@ -50,7 +50,7 @@ class ApiError(Exception):
         status: int,
         message: str,
         *,
-        type: str | None = None,  # noqa: A002 - the envelope's field name
+        type: str | None = None,
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
-__all__ = ["Metrics", "ENDPOINTS", "CONTENT_TYPE_PLAIN_0_0_4"]
+__all__ = ["CONTENT_TYPE_PLAIN_0_0_4", "ENDPOINTS", "Metrics"]
 
 # The `_created` series double the output and no dashboard uses them. prometheus-client can only
 # turn them off process-wide; the daemon's process has no other registry that would want them.

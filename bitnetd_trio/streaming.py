@@ -100,7 +100,7 @@ class _Chunks:
 
     def __init__(
         self,
-        id: str,  # noqa: A002 - the OpenAI field name
+        id: str,
         created: int,
         model: str,
         system_fingerprint: str,

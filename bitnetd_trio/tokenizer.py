@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from tokenizers import Regex, Tokenizer as _HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
 
 #: The Llama-3 pre-tokenizer split pattern (the file has no tokenizer.ggml.pre).
 LLAMA3_SPLIT_PATTERN = (

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference_model as ref
+
 from bitnetd_trio import gguf_writer as gw
 
 TOLERANCE = 1e-3
@@ -112,7 +112,7 @@ def test_matcher_accepts_float_noise_and_rejects_a_different_model(
 
 
 @pytest.fixture(scope="module")
-def engine():  # noqa: ANN201
+def engine():
     import bitnetd_trio.engine as engine_module
 
     return engine_module

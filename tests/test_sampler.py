@@ -4,8 +4,8 @@ import math
 
 import numpy as np
 import pytest
-
 from bitnetd_trio._native import ffi
+
 from bitnetd_trio.sampling import Sampler, SamplingError, SamplingParams, logprobs
 
 # Every filter off: the draw follows softmax(logits / T) exactly.
