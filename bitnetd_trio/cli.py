@@ -1,14 +1,14 @@
 """`bitnetd [-c FILE] [-f] [-t] [-v]`: the daemon's command line.
 
-main() is three steps, each its own function so daemon mode can slot in between them:
-parse the arguments, load (and with -t only check) the configuration, run the server.
+main() parses the arguments, loads the configuration and hands over to lifecycle.py, which
+runs the server (foreground or daemon mode, signals, sd_notify) or, with -t, only checks.
+hypercorn_config() and serve() are shared by lifecycle.py and the tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 log = logging.getLogger("bitnetd")
 
-__all__ = ["hypercorn_config", "load_or_report", "main", "parse_args", "run_server", "serve"]
+__all__ = ["hypercorn_config", "load_or_report", "main", "parse_args", "serve"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -50,12 +50,6 @@ def load_or_report(path: str | None) -> Config | None:
         return None
 
 
-def setup_foreground_logging(config: Config, verbose: bool) -> None:
-    level = logging.DEBUG if verbose else config.daemon.loglevel_number
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def hypercorn_config(config: Config, binds: Sequence[str] | None = None) -> object:
     """hypercorn's Config for our [server] section (`binds` overrides listen/unix_socket)."""
     from hypercorn.config import Config as HypercornConfig
@@ -83,27 +77,6 @@ async def serve(app: object, hc: object,
 
     await hypercorn_serve(app, hc, shutdown_trigger=shutdown_trigger,  # type: ignore[arg-type]
                           task_status=task_status)
-
-
-async def wait_for_stop_signal() -> None:
-    """Returns on SIGINT or SIGTERM (the daemon mode installs its own signal handling)."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s received: shutting down", signal.Signals(signum).name)
-            return
-
-
-def run_server(config: Config) -> int:
-    """Serve in the foreground until SIGINT/SIGTERM; the exit status."""
-    from .app import create_app
-
-    app = create_app(config)
-    try:
-        trio.run(serve, app, hypercorn_config(config), wait_for_stop_signal)
-    except Exception as exc:  # startup failure: hypercorn raises after lifespan.startup.failed
-        log.error("bitnetd stopped: %s", exc)
-        return 1
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
