@@ -477,6 +477,7 @@ class App:
         self._active_requests += 1
         self.metrics.active_connections.inc()
         body: bytes | None = None
+        body_read_started = False
         try:
             try:
                 route, handler, params = self._route(scope["method"], path)
@@ -486,6 +487,7 @@ class App:
                     # A client that sends its headers and then trickles or withholds the body
                     # would otherwise hold a request (and a max_connections place) forever.
                     timeout = self.config.server.request_timeout
+                    body_read_started = True
                     with trio.move_on_after(timeout if timeout > 0 else math.inf):
                         body = await read_body(
                             receive, scope.get("headers", []), self.config.server.max_body_size
@@ -495,7 +497,11 @@ class App:
                 await handler(self, Request(scope, receive, resp, body or b"", params))
             except ApiError as exc:
                 if not resp.started:
-                    if body is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                    if (
+                        body is None
+                        and scope["method"] in ("POST", "PUT", "PATCH")
+                        and (body_read_started or not await self._discard_body(scope, receive))
+                    ):
                         # the body was not read (all of it): the connection cannot be reused
                         exc.headers.setdefault("connection", "close")
                     await resp.send_error(exc)
@@ -522,6 +528,19 @@ class App:
                 "/completions",
             ):
                 self.metrics.e2e_request_seconds.observe(time.monotonic() - started)
+
+    async def _discard_body(self, scope: Scope, receive: Receive) -> bool:
+        """Read and drop the body of a request refused before its body was read (unknown
+        route, wrong method or content type, access). Answering before the body is consumed
+        races with hypercorn's own reader when the client pipelines its next request. False
+        if the body is too large or slow: the connection is then closed instead."""
+        with trio.move_on_after(5.0):
+            try:
+                await read_body(receive, scope.get("headers", []), self.config.server.max_body_size)
+            except (ApiError, ClientGone):
+                return False
+            return True
+        return False
 
     def _check_access(self, scope: Scope, route: Route) -> None:
         """API key, per-client rate limit and the connection limit (in that order)."""

@@ -135,3 +135,32 @@ async def test_every_timed_out_generation_counts_as_cancelled(server_model_path)
             await trio.sleep(0.01)
         cancelled = srv.app.metrics.registry.get_sample_value("bitnetd_requests_cancelled_total")
         assert cancelled == timed_out
+
+
+async def test_pipelined_request_after_an_early_error_is_answered(server) -> None:
+    """A POST refused before its body is read (unknown route, wrong method, bad content type),
+    with the client's next request already sent on the same connection: the refused body is
+    consumed, both requests get their answer, and the connection stays usable."""
+    early_errors = [
+        (b"POST /no-such-route HTTP/1.1\r\n", b"application/json", b"404"),
+        (b"POST /health HTTP/1.1\r\n", b"application/json", b"405"),
+        (b"POST /v1/completions HTTP/1.1\r\n", b"application/xml", b"415"),
+    ]
+    for _ in range(10):
+        for request_line, content_type, status in early_errors:
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            body = b'{"prompt": "x"}'
+            await stream.send_all(
+                request_line
+                + b"Host: t\r\nContent-Type: "
+                + content_type
+                + b"\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+                + b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+            )
+            with trio.fail_after(10):
+                got = await _read_until_closed(stream)
+            assert got.startswith(b"HTTP/1.1 " + status), got[:200]
+            assert got.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 200" in got, got
