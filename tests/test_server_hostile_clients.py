@@ -1,4 +1,6 @@
-"""Hostile-client regressions found in review: each test fails without its fix."""
+"""Hostile or unusual clients at the HTTP level: withheld bodies, oversized stop strings, a
+logit_bias banning everything, HEAD, timeouts counted, pipelining after early errors. Each
+test fails without the fix it guards."""
 
 from __future__ import annotations
 
