@@ -350,16 +350,22 @@ def cmd_metrics(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
     return EXIT_OK, _parse_prometheus(text), text.rstrip("\n")
 
 
-def cmd_reload(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
-    pid = _daemon_pid(args.pidfile)
+def _signal_daemon(pidfile: str, signum: signal.Signals) -> int:
+    """Send signum to the daemon named by the pidfile; its pid."""
+    pid = _daemon_pid(pidfile)
     try:
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signum)
     except ProcessLookupError:
         raise ControlError(f"bitnetd (pid {pid}) is not running", EXIT_DOWN) from None
     except PermissionError:
         raise ControlError(
             f"not allowed to signal bitnetd (pid {pid}): run as its user or root", EXIT_ERROR
         ) from None
+    return pid
+
+
+def cmd_reload(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
+    pid = _signal_daemon(args.pidfile, signal.SIGHUP)
     return (
         EXIT_OK,
         {"signal": "SIGHUP", "pid": pid},
@@ -368,15 +374,7 @@ def cmd_reload(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
 
 
 def cmd_stop(ep: Endpoint, args: argparse.Namespace) -> tuple[int, Any, str]:
-    pid = _daemon_pid(args.pidfile)
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        raise ControlError(f"bitnetd (pid {pid}) is not running", EXIT_DOWN) from None
-    except PermissionError:
-        raise ControlError(
-            f"not allowed to signal bitnetd (pid {pid}): run as its user or root", EXIT_ERROR
-        ) from None
+    pid = _signal_daemon(args.pidfile, signal.SIGTERM)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         # The daemon releases its pidfile lock as the last step before exiting; then the
