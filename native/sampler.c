@@ -52,6 +52,18 @@ static void heap_sift_down(bn_cand *h, int32_t n, int32_t i) {
     }
 }
 
+/* Heap sort of a worst-at-root heap of k candidates: pop the worst to the back, so the
+ * front ends up best first. */
+static void sort_heap_best_first(bn_cand *c, int32_t k)
+{
+    for (int32_t end = k - 1; end > 0; end--) {
+        bn_cand t = c[0];
+        c[0] = c[end];
+        c[end] = t;
+        heap_sift_down(c, end, 0);
+    }
+}
+
 /* Rearrange c[0..n) so that c[0..k) holds the k best candidates sorted best first.
  * In place, O(n log k): a heap of the k best so far sits at the front of the array and
  * every later element either bounces off its root or replaces it. */
@@ -67,13 +79,7 @@ static void select_best_sorted(bn_cand *c, int32_t n, int32_t k) {
             heap_sift_down(c, k, 0);
         }
     }
-    /* Heap sort: pop the worst to the back, so the front ends up best first. */
-    for (int32_t end = k - 1; end > 0; end--) {
-        bn_cand t = c[0];
-        c[0] = c[end];
-        c[end] = t;
-        heap_sift_down(c, end, 0);
-    }
+    sort_heap_best_first(c, k);
 }
 
 /* ---- PRNG: xoshiro256** (Blackman & Vigna), state seeded with splitmix64 ---- */
@@ -275,12 +281,7 @@ static int32_t top_k_from_work(const float *w, int32_t n, int32_t k, bn_cand *c)
             heap_sift_down(c, k, 0);
         }
     }
-    for (int32_t end = k - 1; end > 0; end--) {
-        bn_cand t = c[0];
-        c[0] = c[end];
-        c[end] = t;
-        heap_sift_down(c, end, 0);
-    }
+    sort_heap_best_first(c, k);
     while (k > 0 && c[k - 1].logit == -INFINITY) k--;
     return k;
 }
