@@ -213,17 +213,7 @@ async def test_request_timeout(server_model_path) -> None:
 
         # Waiting in the queue until the deadline, nothing produced: 504. The slot is held by a
         # job submitted to the engine directly (no HTTP deadline applies to it).
-        engine = s.app.engine  # type: ignore[attr-defined]
-        sink, receiver = trio.open_memory_channel(math.inf)
-        blocker = Job(
-            prompt=[1, 2, 3],
-            params=SamplingParams(seed=1),
-            max_tokens=LONG,
-            sink=sink,
-            ignore_eos=True,
-        )
-        engine.submit([blocker])
-        await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
+        blocker, receiver = await hold_the_only_slot(s, c)
         r = await c.post("/v1/completions", json={"prompt": "y", "max_tokens": 5})
         assert r.status_code == 504
         assert r.json()["error"]["message"]
@@ -255,17 +245,7 @@ async def test_stream_waiting_in_the_queue_gets_keepalives(server_model_path) ->
     config = server_config(server_model_path, model_parallel=1)
     async with running_server(config) as s, httpx.AsyncClient(base_url=s.url) as c:
         s.app.stream_keepalive = 0.05  # type: ignore[attr-defined]
-        engine = s.app.engine  # type: ignore[attr-defined]
-        sink, receiver = trio.open_memory_channel(math.inf)
-        blocker = Job(
-            prompt=[1, 2, 3],
-            params=SamplingParams(seed=1),
-            max_tokens=LONG,
-            sink=sink,
-            ignore_eos=True,
-        )
-        engine.submit([blocker])
-        await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
+        blocker, receiver = await hold_the_only_slot(s, c)
         body = {**long_chat(s), "max_tokens": 5}
         stream = await trio.open_tcp_stream("127.0.0.1", s.port)
         await stream.send_all(request_bytes("/v1/chat/completions", body))
@@ -294,17 +274,7 @@ async def test_drain_ends_a_stream_still_waiting_for_its_first_token(server_mode
     finish chunk with finish_reason and [DONE] (not a 504 error)."""
     config = server_config(server_model_path, model_parallel=1)
     async with running_server(config) as s, httpx.AsyncClient(base_url=s.url) as c:
-        engine = s.app.engine  # type: ignore[attr-defined]
-        sink, receiver = trio.open_memory_channel(math.inf)
-        blocker = Job(
-            prompt=[1, 2, 3],
-            params=SamplingParams(seed=1),
-            max_tokens=LONG,
-            sink=sink,
-            ignore_eos=True,
-        )
-        engine.submit([blocker])  # holds the only slot: the stream below waits in the queue
-        await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
+        blocker, receiver = await hold_the_only_slot(s, c)
         stream = await trio.open_tcp_stream("127.0.0.1", s.port)
         await stream.send_all(request_bytes("/v1/chat/completions", long_chat(s)))
         await wait_until(lambda: _waiting_requests(c), "the stream to wait in the queue")
@@ -328,3 +298,22 @@ async def test_drain_ends_a_stream_still_waiting_for_its_first_token(server_mode
 async def _waiting_requests(c: httpx.AsyncClient) -> bool:
     text = (await c.get("/metrics")).text
     return re.search(r"^bitnetd_requests_waiting (\d+)", text, re.MULTILINE).group(1) != "0"  # type: ignore[union-attr]
+
+
+async def hold_the_only_slot(
+    s: RunningServer, c: httpx.AsyncClient
+) -> tuple[Job, trio.MemoryReceiveChannel]:
+    """Submit a long job straight to the engine (no HTTP deadline applies to it) and wait
+    until it occupies a slot; the caller cancels it with `blocker.cancel.set()`."""
+    engine = s.app.engine  # type: ignore[attr-defined]
+    sink, receiver = trio.open_memory_channel(math.inf)
+    blocker = Job(
+        prompt=[1, 2, 3],
+        params=SamplingParams(seed=1),
+        max_tokens=LONG,
+        sink=sink,
+        ignore_eos=True,
+    )
+    engine.submit([blocker])
+    await wait_until(lambda: _any_slot_busy(c), "the blocking job to start")
+    return blocker, receiver
