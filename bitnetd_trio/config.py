@@ -27,8 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-
 __all__ = [
     "LOG_LEVELS",
     "Config",
@@ -44,6 +42,21 @@ __all__ = [
     "parse_listen",
     "parse_size",
 ]
+
+
+class ConfigError(Exception):
+    """A configuration with one or more problems; `.problems` names each key and what is wrong."""
+
+    def __init__(self, problems: list[str], source: str | None = None) -> None:
+        self.problems = list(problems)
+        self.source = source
+        where = f" in {source}" if source else ""
+        if len(self.problems) == 1:
+            text = f"configuration error{where}: {self.problems[0]}"
+        else:
+            lines = "\n".join(f"  {p}" for p in self.problems)
+            text = f"{len(self.problems)} configuration errors{where}:\n{lines}"
+        super().__init__(text)
 
 # Syslog-style level names of the C daemon -> Python logging levels. NOTICE sits between INFO and
 # WARNING as in syslog; the daemon registers the name with logging.addLevelName.

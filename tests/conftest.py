@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bitnetd_trio import gguf_writer as gw
+from bitnetd_trio.engine import gguf_writer as gw
 
 #: 4 query heads per kv head (like 2B-4T's 20/5), head_dim 32.
 GQA = dataclasses.replace(gw.TINY, n_head=8, n_head_kv=2)
@@ -84,7 +84,7 @@ def server_config(model_path: Path | None, **changes: object):  # -> bitnetd_tri
 @dataclasses.dataclass
 class RunningServer:
     url: str  # "http://127.0.0.1:PORT"
-    app: object  # bitnetd_trio.app.App
+    app: object  # bitnetd_trio.api.asgi.App
 
     @property
     def port(self) -> int:
@@ -96,8 +96,8 @@ async def running_server(config) -> AsyncIterator[RunningServer]:
     """Serve `create_app(config)` with hypercorn on 127.0.0.1:0 until the block ends."""
     import trio
 
-    from bitnetd_trio.app import create_app
-    from bitnetd_trio.cli import hypercorn_config, serve
+    from bitnetd_trio.api.asgi import create_app
+    from bitnetd_trio.daemon.http_server import hypercorn_config, serve
 
     app = create_app(config)
     hc = hypercorn_config(config, binds=["127.0.0.1:0"])

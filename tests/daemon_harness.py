@@ -31,8 +31,8 @@ CHILD_ENV = {
     "PYTHONPATH": str(REPO),
     "PYTHONUNBUFFERED": "1",
 }
-BITNETD = [sys.executable, "-m", "bitnetd_trio.cli"]
-BITNETCTL = [sys.executable, "-m", "bitnetd_trio.control"]
+BITNETD = [sys.executable, "-m", "bitnetd_trio.daemon.cli"]
+BITNETCTL = [sys.executable, "-m", "bitnetd_trio.tools.control"]
 
 
 def write_config(

@@ -1,4 +1,4 @@
-"""Request validation (bitnetd_trio.api_schema): pure functions, no server."""
+"""Request validation (bitnetd_trio.api.schema): pure functions, no server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from bitnetd_trio.api_schema import (
+from bitnetd_trio.api.errors import ApiError
+from bitnetd_trio.api.schema import (
     GENERATE_SYSTEM_PROMPT,
     GenerationRequest,
     SchemaDefaults,
@@ -22,7 +23,6 @@ from bitnetd_trio.api_schema import (
     parse_llama_completion,
     parse_tokenize,
 )
-from bitnetd_trio.errors import ApiError
 
 DEFAULTS = SchemaDefaults(n_vocab=1000, model_ids=frozenset({"bitnet", "alias"}))
 USER = [{"role": "user", "content": "hi"}]

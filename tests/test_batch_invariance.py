@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnetd_trio import engine
+from bitnetd_trio.engine import native as engine
 
 
 @pytest.fixture(scope="module")

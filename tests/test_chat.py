@@ -1,4 +1,4 @@
-"""Chat templates (bitnetd_trio.chat) together with the tokenizer."""
+"""Chat templates (bitnetd_trio.engine.chat) together with the tokenizer."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from bitnetd_trio import gguf_writer as gw
-from bitnetd_trio.chat import ChatTemplate, ChatTemplateError, is_placeholder_template
-from bitnetd_trio.tokenizer import Tokenizer
+from bitnetd_trio.engine import gguf_writer as gw
+from bitnetd_trio.engine.chat import ChatTemplate, ChatTemplateError, is_placeholder_template
+from bitnetd_trio.engine.tokenizer import Tokenizer
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 
@@ -158,7 +158,7 @@ def test_syntax_error_in_override_raises():
 
 
 def test_syntax_error_in_model_template_falls_back(caplog):
-    with caplog.at_level(logging.WARNING, logger="bitnetd_trio.chat"):
+    with caplog.at_level(logging.WARNING, logger="bitnetd_trio.engine.chat"):
         t = ChatTemplate.from_model("{{ unclosed ", None, BOS, EOS)
     assert t.kind == "bitnet"
     assert "does not compile" in caplog.text

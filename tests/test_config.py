@@ -406,7 +406,6 @@ def _example_keys() -> dict[tuple[str, str], str]:
 
 def test_example_documents_every_key_with_its_default(tmp_path):
     from bitnetd_trio import config as cfg
-
     documented = _example_keys()
     schema = {(s, k) for s, keys in cfg._SCHEMA.items() for k in keys}
     assert set(documented) == schema

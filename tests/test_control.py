@@ -16,8 +16,8 @@ import threading
 
 import pytest
 
-from bitnetd_trio import control
-from bitnetd_trio.metrics import Metrics
+from bitnetd_trio.api.metrics import Metrics
+from bitnetd_trio.tools import control
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_ENV = {**os.environ, "PYTHONPATH": REPO}
@@ -149,7 +149,7 @@ def test_daemon_down_is_exit_1(tmp_path, capsys):
 
 def test_usage_error_is_exit_2():
     proc = subprocess.run(
-        [sys.executable, "-m", "bitnetd_trio.control", "frobnicate"],
+        [sys.executable, "-m", "bitnetd_trio.tools.control", "frobnicate"],
         capture_output=True,
         text=True,
         env=CHILD_ENV,
@@ -161,7 +161,7 @@ def test_usage_error_is_exit_2():
 
 _HOLDER = r"""
 import signal, sys, time
-from bitnetd_trio.daemon import PidFile
+from bitnetd_trio.daemon.unix import PidFile
 pf = PidFile(sys.argv[1]); pf.acquire()
 def hup(*_):
     print("HUP", flush=True)

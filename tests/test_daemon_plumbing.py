@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from bitnetd_trio import daemon, listeners
-from bitnetd_trio.sdnotify import InheritedSocket
+from bitnetd_trio.daemon import listeners
+from bitnetd_trio.daemon import unix as daemon
+from bitnetd_trio.daemon.sdnotify import InheritedSocket
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD_ENV = {**os.environ, "PYTHONPATH": REPO}
@@ -62,7 +63,7 @@ def test_pidfile_lock_seen_from_another_process(tmp_path):
     path = tmp_path / "p.pid"
     code = textwrap.dedent(f"""
         import sys, time
-        from bitnetd_trio.daemon import PidFile
+        from bitnetd_trio.daemon.unix import PidFile
         pf = PidFile({str(path)!r}); pf.acquire()
         print("locked", flush=True)
         sys.stdin.read()
@@ -201,7 +202,7 @@ def test_resolve_credentials():
 
 _DROP = r"""
 import json, os
-from bitnetd_trio import daemon
+from bitnetd_trio.daemon import unix as daemon
 creds = daemon.resolve_credentials("nobody", "nogroup")
 desc = daemon.drop_privileges(creds)
 try:
@@ -240,7 +241,7 @@ def test_drop_privileges_as_non_root_keeps_identity():
         # Run the non-root branch in a child that first becomes nobody.
         # (Everything is imported before the switch: this machine's Python lives under /root.)
         code = (
-            "import os; from bitnetd_trio import daemon;"
+            "import os; from bitnetd_trio.daemon import unix as daemon;"
             "c = daemon.resolve_credentials('root', None);"
             "os.setgid(65534); os.setuid(65534);"
             "print(daemon.drop_privileges(c))"
@@ -264,7 +265,7 @@ def test_drop_privileges_as_non_root_keeps_identity():
 
 _DAEMON = r"""
 import os, sys, time
-from bitnetd_trio import daemon
+from bitnetd_trio.daemon import unix as daemon
 pidfile = daemon.PidFile(sys.argv[1])
 pidfile.acquire()
 mode = sys.argv[2]

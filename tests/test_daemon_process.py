@@ -31,8 +31,8 @@ from daemon_harness import (
     write_config,
 )
 
-from bitnetd_trio import gguf_writer as gw
-from bitnetd_trio.daemon import read_pidfile
+from bitnetd_trio.daemon.unix import read_pidfile
+from bitnetd_trio.engine import gguf_writer as gw
 
 pytestmark = pytest.mark.skipif(
     not any(Path(__file__).resolve().parents[1].joinpath("bitnetd_trio").glob("_native*.so")),

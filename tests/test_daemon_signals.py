@@ -8,7 +8,7 @@ import signal
 
 import trio
 
-from bitnetd_trio.signals import SignalActions, serve_signals
+from bitnetd_trio.daemon.signals import SignalActions, serve_signals
 
 
 class Recorder:

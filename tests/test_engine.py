@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnetd_trio import engine
-from bitnetd_trio.engine import BatchEntry
+from bitnetd_trio.engine import native as engine
+from bitnetd_trio.engine.native import BatchEntry
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +240,7 @@ def test_float_key_that_rounds_to_zero_is_refused(tmp_path: Path) -> None:
     zero row normalizes to NaN); it is out of range like any other non-positive value."""
     from gguf import GGUFValueType
 
-    from bitnetd_trio import gguf_writer as gw
-
+    from bitnetd_trio.engine import gguf_writer as gw
     key = f"{gw.SMALLEST.architecture}.attention.layer_norm_rms_epsilon"
     path = gw.write_model(
         tmp_path / "eps.gguf",

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnetd_trio import gguf_writer as gw
+from bitnetd_trio.engine import gguf_writer as gw
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
@@ -603,7 +603,7 @@ def check_message(case: Case, message: str | None) -> None:
 def _loader() -> Callable[[Path], str | None] | None:
     """The engine's loader as `path -> error message or None`; None when not built."""
     try:
-        from bitnetd_trio.engine import Model, ModelLoadError
+        from bitnetd_trio.engine.native import Model, ModelLoadError
     except ImportError:
         pass
     else:
@@ -661,9 +661,9 @@ def test_walk_finds_every_official_key_and_tensor() -> None:
 def test_valid_model_metadata_and_hparams(tmp_path: Path) -> None:
     """Everything the loader reads back from a valid file matches what was written."""
     try:
-        from bitnetd_trio.engine import Model
+        from bitnetd_trio.engine.native import Model
     except ImportError:
-        pytest.skip("bitnetd_trio.engine not available yet")
+        pytest.skip("bitnetd_trio.engine.native not available yet")
     path = gw.write_model(tmp_path / "m.gguf", MINI, seed=3, tie_head=False,
                           extra_metadata={f"{ARCH}.attention.layer_norm_rms_epsilon": 2e-6})
     model = Model.load(path)

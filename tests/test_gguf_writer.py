@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from reference_model import F16, F32, I2_S, decode_i2s, read_gguf
 
-from bitnetd_trio import gguf_writer as gw
+from bitnetd_trio.engine import gguf_writer as gw
 
 U32, I32, F32V, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bitnetd_trio import engine
-from bitnetd_trio.gguf_writer import pack_i2s
+from bitnetd_trio.engine import native as engine
+from bitnetd_trio.engine.gguf_writer import pack_i2s
 
 
 def _available(name: str) -> bool:

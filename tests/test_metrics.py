@@ -1,4 +1,4 @@
-"""Prometheus metrics (bitnetd_trio.metrics): names, types, formats, isolation."""
+"""Prometheus metrics (bitnetd_trio.api.metrics): names, types, formats, isolation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bitnetd_trio.metrics import Metrics, endpoint_label
+from bitnetd_trio.api.metrics import Metrics, endpoint_label
 
 # The C bitnetd's families keep their names; the others are the ones issue 3 asks for.
 EXPECTED = {

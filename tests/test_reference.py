@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import reference_model as ref
 
-from bitnetd_trio import gguf_writer as gw
+from bitnetd_trio.engine import gguf_writer as gw
 
 TOLERANCE = 1e-3
 
@@ -113,7 +113,7 @@ def test_matcher_accepts_float_noise_and_rejects_a_different_model(
 
 @pytest.fixture(scope="module")
 def engine():
-    import bitnetd_trio.engine as engine_module
+    import bitnetd_trio.engine.native as engine_module
 
     return engine_module
 

@@ -1,4 +1,4 @@
-"""The C sampler (native/sampler.c) through bitnetd_trio.sampling."""
+"""The C sampler (native/sampler.c) through bitnetd_trio.engine.sampling."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from bitnetd_trio._native import ffi
 
-from bitnetd_trio.sampling import Sampler, SamplingError, SamplingParams, logprobs
+from bitnetd_trio.engine.sampling import Sampler, SamplingError, SamplingParams, logprobs
 
 # Every filter off: the draw follows softmax(logits / T) exactly.
 PLAIN = dict(top_k=0, top_p=1.0, min_p=0.0)

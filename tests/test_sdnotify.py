@@ -11,7 +11,7 @@ import uuid
 import pytest
 import trio
 
-from bitnetd_trio import sdnotify
+from bitnetd_trio.daemon import sdnotify
 
 
 def _receiver(path_or_abstract: str) -> socket.socket:
@@ -114,7 +114,7 @@ def test_listen_fds_ignores_other_pids():
 
 _CHILD = r"""
 import json, os, socket
-from bitnetd_trio import sdnotify
+from bitnetd_trio.daemon import sdnotify
 fds = sdnotify.listen_fds()
 out = []
 for item in fds:
@@ -243,7 +243,7 @@ def test_receiver_restart_is_survived(tmp_path):
 
 _AFTER_DROP = r"""
 import os, sys
-from bitnetd_trio import sdnotify
+from bitnetd_trio.daemon import sdnotify
 n = sdnotify.Notifier({"NOTIFY_SOCKET": sys.argv[1]})
 os.setgid(65534); os.setuid(65534)
 sys.exit(0 if n.ready("after drop") else 1)

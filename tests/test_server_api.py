@@ -9,7 +9,7 @@ import httpx
 import pytest
 from conftest import RunningServer, running_server, server_config
 
-from bitnetd_trio.app import DEMO_MODEL_ID
+from bitnetd_trio.api.asgi import DEMO_MODEL_ID
 
 
 def sse_events(body: str) -> list[str]:

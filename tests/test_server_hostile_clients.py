@@ -40,8 +40,8 @@ def test_a_stop_string_longer_than_the_limit_is_a_400_naming_it():
     thread, holding the GIL): a request may not make it unbounded."""
     import pytest
 
-    from bitnetd_trio import api_schema
-    from bitnetd_trio.errors import ApiError
+    from bitnetd_trio.api import schema as api_schema
+    from bitnetd_trio.api.errors import ApiError
 
     defaults = api_schema.SchemaDefaults()
     limit = api_schema.MAX_STOP_CHARS

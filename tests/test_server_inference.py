@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from bitnetd_trio.inference import EngineSettings, InferenceThread, Job, Update
-from bitnetd_trio.sampling import SamplingParams
+from bitnetd_trio.engine.inference import EngineSettings, InferenceThread, Job, Update
+from bitnetd_trio.engine.sampling import SamplingParams
 
 LONG = 16000  # max_tokens of jobs meant to keep running (cancelled by the test)
 
@@ -132,7 +132,7 @@ async def test_min_tokens_and_ignore_eos(thread: InferenceThread) -> None:
 
 
 async def test_queue_full(thread: InferenceThread) -> None:
-    from bitnetd_trio.inference import QueueFull
+    from bitnetd_trio.engine.inference import QueueFull
 
     jobs = [new_job([1], max_tokens=LONG, ignore_eos=True) for _ in range(6)]  # 2 slots + 4
     thread.submit([j for j, _ in jobs])
@@ -154,8 +154,7 @@ async def test_a_sequence_whose_logits_are_all_nan_fails_alone(
     error, the others in the same steps finish normally, and the thread keeps serving."""
     import numpy as np
 
-    from bitnetd_trio import gguf_writer as gw
-
+    from bitnetd_trio.engine import gguf_writer as gw
     shape = dataclasses.replace(gw.TINY, n_ctx=256)
     embd = gw.random_weights(shape, seed=3)["token_embd.weight"].copy()
     embd[7, :] = np.nan

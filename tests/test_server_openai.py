@@ -11,8 +11,8 @@ import openai
 import pytest
 from conftest import RunningServer
 
-from bitnetd_trio import engine
-from bitnetd_trio.sampling import logprobs as engine_logprobs
+from bitnetd_trio.engine import native as engine
+from bitnetd_trio.engine.sampling import logprobs as engine_logprobs
 
 
 def client(server: RunningServer) -> openai.AsyncOpenAI:

@@ -12,8 +12,8 @@ import httpx
 import trio
 from conftest import RunningServer, running_server, server_config
 
-from bitnetd_trio.inference import Job
-from bitnetd_trio.sampling import SamplingParams
+from bitnetd_trio.engine.inference import Job
+from bitnetd_trio.engine.sampling import SamplingParams
 
 LONG = 16000  # max_tokens of generations meant to be interrupted (the context holds 16384)
 

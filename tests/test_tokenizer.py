@@ -1,4 +1,4 @@
-"""The GGUF byte-level BPE tokenizer (bitnetd_trio.tokenizer)."""
+"""The GGUF byte-level BPE tokenizer (bitnetd_trio.engine.tokenizer)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bitnetd_trio import gguf_writer as gw
-from bitnetd_trio.tokenizer import Tokenizer, TokenizerError, byte_to_unicode
+from bitnetd_trio.engine import gguf_writer as gw
+from bitnetd_trio.engine.tokenizer import Tokenizer, TokenizerError, byte_to_unicode
 
 LLAMA3_PATTERN = gw.LLAMA3_SPLIT_PATTERN
 
@@ -327,7 +327,7 @@ def test_bad_vocabularies_are_rejected_clearly():
 
 
 def test_from_model_reads_a_written_file(tmp_path: Path):
-    engine = pytest.importorskip("bitnetd_trio.engine")
+    engine = pytest.importorskip("bitnetd_trio.engine.native")
     path = gw.write_model(tmp_path / "m.gguf", gw.SMALLEST, 0)
     model = engine.Model.load(path)
     try:

@@ -125,7 +125,7 @@ def test_man_pages_render_without_warnings(page):
 
 def test_man_pages_cover_every_config_key_and_command():
     from bitnetd_trio import config as cfgmod
-    from bitnetd_trio.control import COMMANDS
+    from bitnetd_trio.tools.control import COMMANDS
 
     conf5 = (MAN / "bitnetd.conf.5").read_text()
     for section, keys in cfgmod._SCHEMA.items():

@@ -1,15 +1,15 @@
-"""Sans-I/O pieces of streaming responses: SSE framing, stop-string matching, chunk shapes.
+"""Sans-I/O pieces of streaming responses: SSE framing and chunk shapes.
 
 Nothing here does I/O or touches the engine, so every rule of spec/http-api.md about streams
 (role delta first, one id and `created` for every chunk, the finish chunk with an empty delta,
-the usage chunk, `[DONE]`, stop strings held back across token boundaries) is tested as plain
+the usage chunk, `[DONE]`) is tested as plain
 functions.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -17,7 +17,6 @@ __all__ = [
     "SSE_KEEPALIVE",
     "ChatChunks",
     "CompletionChunks",
-    "StopMatcher",
     "chat_logprob_entry",
     "json_bytes",
     "sse_event",
@@ -37,59 +36,6 @@ def json_bytes(obj: Any) -> bytes:
 def sse_event(obj: Any) -> bytes:
     """One server-sent event `data: <json>\\n\\n`."""
     return b"data: " + json_bytes(obj) + b"\n\n"
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text, holding back what could still become one.
-
-    `push(text)` returns `(emit, hit)`: `emit` is the text that is certainly not part of a stop
-    string; when `hit` is true a stop string was found, `emit` is the text before it and
-    everything after it is dropped. Text that might be the start of a stop string stays in the
-    matcher until later text decides; `flush()` returns it at the end of generation.
-    """
-
-    def __init__(self, stops: Iterable[str]) -> None:
-        self.stops: tuple[str, ...] = tuple(s for s in stops if s)
-        self._held = ""
-        self.hit = False
-        self.matched = ""  # the stop string found
-
-    def push(self, text: str) -> tuple[str, bool]:
-        if self.hit:
-            return "", True
-        if not self.stops:
-            return text, False
-        buf = self._held + text
-        first = -1
-        for stop in self.stops:
-            i = buf.find(stop)
-            if i >= 0 and (first < 0 or i < first):
-                first = i
-                self.matched = stop
-        if first >= 0:
-            self._held = ""
-            self.hit = True
-            return buf[:first], True
-        hold = self._longest_stop_prefix_suffix(buf)
-        self._held = buf[len(buf) - hold :] if hold else ""
-        return buf[: len(buf) - hold], False
-
-    def _longest_stop_prefix_suffix(self, buf: str) -> int:
-        """Length of the longest suffix of `buf` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), best, -1):
-                if buf.endswith(stop[:k]):
-                    best = k
-                    break
-        return best
-
-    def flush(self) -> str:
-        """The held-back text (generation ended without completing a stop string)."""
-        if self.hit:
-            return ""
-        held, self._held = self._held, ""
-        return held
 
 
 class _Chunks:

@@ -19,7 +19,7 @@ import numpy as np
 from bitnetd_trio._native import ffi, lib
 
 try:  # the sampler lives in its own module; re-exported here for one import site
-    from bitnetd_trio.sampling import Sampler, SamplingParams, logprobs
+    from bitnetd_trio.engine.sampling import Sampler, SamplingParams, logprobs
 except ImportError:  # pragma: no cover - only while the sampler module is missing
     Sampler = SamplingParams = logprobs = None  # type: ignore[assignment,misc]
 

@@ -1,6 +1,6 @@
 """HTTP serving benchmark: tokens/s through the daemon's streaming API against the raw engine.
 
-    python -m bitnetd_trio.http_benchmark [--model FILE | --shape medium] [--tokens 256]
+    python -m bitnetd_trio.tools.http_benchmark [--model FILE | --shape medium] [--tokens 256]
                                           [--threads N] [--clients 1,4,8] [--runs 3]
 
 1. Raw engine, in this process: one sequence, greedy, `Context.forward` + `Sampler` per token
@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from . import gguf_writer as gw
+from bitnetd_trio.engine import gguf_writer as gw
 
 #: A shape with real work per token (about 1/8 of the 2B model's layer width), tiny vocabulary.
 MEDIUM = gw.ModelShape(
@@ -74,7 +74,7 @@ def letter_bias(model: object) -> dict[int, float]:
     """A logit bias toward the one-letter tokens a-z and space, used on both sides: random
     weights would otherwise often pick tokens without text (padding, control), and a stream
     only carries tokens that have text."""
-    from .tokenizer import Tokenizer
+    from bitnetd_trio.engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_model(model)
     ids = {
@@ -92,8 +92,7 @@ class RawEngine:
     """The bare engine on the benchmark's model: Context.forward + Sampler, nothing else."""
 
     def __init__(self, model_path: Path, n_ctx: int, threads: int, max_batch: int) -> None:
-        from . import engine
-
+        from bitnetd_trio.engine import native as engine
         self.engine = engine
         self.model = engine.Model.load(model_path)
         self.ctx = engine.Context(self.model, max_batch, n_ctx, threads)
@@ -103,7 +102,7 @@ class RawEngine:
     ) -> tuple[float, float, float]:
         """For `batch` sequences: (decode tokens/s over all of them, time to first token,
         all tokens / total time including the prompt)."""
-        from .sampling import Sampler, SamplingParams
+        from bitnetd_trio.engine.sampling import Sampler, SamplingParams
 
         e, ctx = self.engine, self.ctx
         for s in range(batch):
@@ -155,10 +154,10 @@ def start_daemon(
     )
     log = open(workdir / "bitnetd.log", "wb")  # noqa: SIM115 - lives as long as the child
     env = dict(os.environ)  # the same package as this program, installed or not
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bitnetd_trio.cli", "-f", "-c", str(conf)],
+        [sys.executable, "-m", "bitnetd_trio.daemon.cli", "-f", "-c", str(conf)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -355,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     clients = [int(x) for x in args.clients.split(",") if x]
     model_path = args.model or model_for(args.shape)
 
-    from . import engine
-
+    from bitnetd_trio.engine import native as engine
     m = engine.Model.load(model_path)
     n_vocab, n_params = m.hparams.n_vocab, m.hparams.n_params
     bias = letter_bias(m)

@@ -2,7 +2,6 @@
 
 main() parses the arguments, loads the configuration and hands over to lifecycle.py, which
 runs the server (foreground or daemon mode, signals, sd_notify) or, with -t, only checks.
-hypercorn_config() and serve() are shared by lifecycle.py and the tests.
 """
 
 from __future__ import annotations
@@ -10,17 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
-import trio
-
-from . import __version__
-from .config import Config, load_config
-from .errors import ConfigError
+from bitnetd_trio import __version__
+from bitnetd_trio.config import Config, ConfigError, load_config
+from bitnetd_trio.daemon.lifecycle import check, run
 
 log = logging.getLogger("bitnetd")
 
-__all__ = ["hypercorn_config", "load_or_report", "main", "parse_args", "serve"]
+__all__ = ["load_or_report", "main", "parse_args"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -50,48 +47,16 @@ def load_or_report(path: str | None) -> Config | None:
         return None
 
 
-def hypercorn_config(config: Config, binds: Sequence[str] | None = None) -> object:
-    """hypercorn's Config for our [server] section (`binds` overrides listen/unix_socket)."""
-    from hypercorn.config import Config as HypercornConfig
-
-    hc = HypercornConfig()
-    if binds is None:
-        binds = list(config.server.listen)
-        if config.server.unix_socket:
-            binds.append(f"unix:{config.server.unix_socket}")
-    hc.bind = list(binds)
-    hc.backlog = config.server.backlog
-    hc.startup_timeout = 3600.0  # a large model takes a while to map and check
-    hc.graceful_timeout = config.server.drain_timeout
-    hc.keep_alive_timeout = 75.0
-    hc.h11_max_incomplete_size = 64 * 1024
-    hc.include_server_header = False
-    return hc
-
-
-async def serve(app: object, hc: object,
-                shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
-                task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-    """Run hypercorn on Trio until `shutdown_trigger` returns."""
-    from hypercorn.trio import serve as hypercorn_serve
-
-    await hypercorn_serve(app, hc, shutdown_trigger=shutdown_trigger,  # type: ignore[arg-type]
-                          task_status=task_status)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # ---- daemon operations (lifecycle.py): -t, daemon mode, signals, sd_notify ----
-    from . import lifecycle
-
     if args.test:
-        return lifecycle.check(args.config)
+        return check(args.config)
     config = load_or_report(args.config)
     if config is None:
         return 2
     # The absolute path, re-read on SIGHUP (daemon mode changes the directory to /).
     config_path = str(config.source_path) if config.source_path else None
-    return lifecycle.run(config, config_path, foreground=args.foreground, verbose=args.verbose)
+    return run(config, config_path, foreground=args.foreground, verbose=args.verbose)
 
 
 if __name__ == "__main__":

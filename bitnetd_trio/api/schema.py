@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ApiError
-from .sampling import SamplingParams
+from bitnetd_trio.api.errors import ApiError
+from bitnetd_trio.engine.sampling import SamplingParams
 
 __all__ = [
     "GENERATE_SYSTEM_PROMPT",

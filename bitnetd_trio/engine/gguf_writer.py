@@ -26,7 +26,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .tokenizer import byte_to_unicode  # the one byte-level alphabet, shared with decoding
+from bitnetd_trio.engine.tokenizer import (
+    byte_to_unicode,  # the one byte-level alphabet, shared with decoding
+)
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1

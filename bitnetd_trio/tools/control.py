@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .daemon import read_pidfile
+from bitnetd_trio.daemon.unix import read_pidfile
 
 __all__ = ["ControlError", "Endpoint", "UnixHTTPConnection", "main"]
 
@@ -406,7 +406,7 @@ def _defaults_from_config(path: str | None) -> dict[str, Any]:
     """Endpoint and pidfile defaults from a bitnetd configuration file (-c or BITNETD_CONFIG)."""
     if not path:
         return {}
-    from .config import ConfigError, load_config
+    from bitnetd_trio.config import ConfigError, load_config
 
     try:
         cfg = load_config(path)
@@ -420,7 +420,7 @@ def _defaults_from_config(path: str | None) -> dict[str, Any]:
     if cfg.server.unix_socket:
         out["unix_socket"] = cfg.server.unix_socket
     if cfg.server.listen:
-        from .listeners import parse_listen_address
+        from bitnetd_trio.daemon.listeners import parse_listen_address
 
         _, host, port = parse_listen_address(cfg.server.listen[0])
         if host in ("0.0.0.0",):

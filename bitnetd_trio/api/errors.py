@@ -1,9 +1,8 @@
-"""Error types shared by the server layers.
+"""The HTTP layer's error type.
 
 `ApiError` is what a request handler raises for anything the client should see: it carries the
 HTTP status and the OpenAI error envelope fields, the way h11's `RemoteProtocolError` carries the
-status to answer with. `ConfigError` collects every problem of a configuration at once, so that
-`bitnetd -t` can list them all.
+status to answer with.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-__all__ = ["ApiError", "ConfigError", "default_error_type"]
+__all__ = ["ApiError", "default_error_type"]
 
 # OpenAI error types by HTTP status (spec/http-api.md, "Errors").
 _TYPE_BY_STATUS = {
@@ -124,18 +123,3 @@ class ApiError(Exception):
             code="invalid_api_key",
             headers={"www-authenticate": "Bearer"},
         )
-
-
-class ConfigError(Exception):
-    """A configuration with one or more problems; `.problems` names each key and what is wrong."""
-
-    def __init__(self, problems: list[str], source: str | None = None) -> None:
-        self.problems = list(problems)
-        self.source = source
-        where = f" in {source}" if source else ""
-        if len(self.problems) == 1:
-            text = f"configuration error{where}: {self.problems[0]}"
-        else:
-            lines = "\n".join(f"  {p}" for p in self.problems)
-            text = f"{len(self.problems)} configuration errors{where}:\n{lines}"
-        super().__init__(text)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bitnetd_trio import engine
+from bitnetd_trio.engine import native as engine
 
 
 def bytes_per_token(hp: engine.HParams, kv_positions: float) -> tuple[float, float, float]:
@@ -37,8 +37,7 @@ def bytes_per_token(hp: engine.HParams, kv_positions: float) -> tuple[float, flo
 
 def synthetic_model(path: Path | None) -> Path:
     """The full-size synthetic model at path (default: the cache), written once."""
-    from bitnetd_trio import gguf_writer as gw
-
+    from bitnetd_trio.engine import gguf_writer as gw
     target = path or gw.cache_dir() / "bench-full-2b4t-seed0.gguf"
     if target.exists():
         return target

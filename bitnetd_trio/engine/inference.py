@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import trio
 
-from . import engine
-from .chat import ChatTemplate
-from .sampling import Sampler, SamplingError, SamplingParams
-from .sampling import logprobs as compute_logprobs
-from .streaming import StopMatcher
-from .tokenizer import Tokenizer
+from bitnetd_trio.engine import native as engine
+from bitnetd_trio.engine.chat import ChatTemplate
+from bitnetd_trio.engine.sampling import Sampler, SamplingError, SamplingParams
+from bitnetd_trio.engine.sampling import logprobs as compute_logprobs
+from bitnetd_trio.engine.stops import StopMatcher
+from bitnetd_trio.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("bitnetd.inference")
 

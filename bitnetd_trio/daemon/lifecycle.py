@@ -22,9 +22,19 @@ from typing import Any
 
 import trio
 
-from . import __version__
-from .config import Config, load_config
-from .daemon import (
+from bitnetd_trio import __version__
+from bitnetd_trio.config import Config, ConfigError, load_config
+from bitnetd_trio.daemon.http_server import hypercorn_config
+from bitnetd_trio.daemon.listeners import Listener, adopt_inherited, close_listeners, open_listeners
+from bitnetd_trio.daemon.sdnotify import (
+    Notifier,
+    ProgressWatch,
+    listen_fds,
+    run_watchdog,
+    watchdog_interval,
+)
+from bitnetd_trio.daemon.signals import SignalActions, serve_signals
+from bitnetd_trio.daemon.unix import (
     DaemonError,
     LogSetup,
     PidFile,
@@ -35,10 +45,6 @@ from .daemon import (
     resolve_credentials,
     setup_logging,
 )
-from .errors import ConfigError
-from .listeners import Listener, adopt_inherited, close_listeners, open_listeners
-from .sdnotify import Notifier, ProgressWatch, listen_fds, run_watchdog, watchdog_interval
-from .signals import SignalActions, serve_signals
 
 __all__ = ["Daemon", "check", "run"]
 
@@ -154,8 +160,6 @@ class Daemon:
     # ---- Trio -------------------------------------------------------------------------------
 
     def hypercorn_config(self, binds: Sequence[str]) -> Any:
-        from .cli import hypercorn_config
-
         hc = hypercorn_config(self.config, binds)
         hc.graceful_timeout = self.config.server.drain_timeout + HYPERCORN_GRACE_MARGIN
         hc.startup_timeout = 3600.0
@@ -169,7 +173,9 @@ class Daemon:
 
         self._shutdown = trio.Event()
         if self.app_factory is None:
-            from .app import create_app  # imported after the fork: it starts nothing, but numpy
+            from bitnetd_trio.api.asgi import (
+                create_app,  # imported after the fork: it starts nothing, but numpy
+            )
 
             self.app_factory = create_app
         self.app = self.app_factory(self.config)
@@ -506,7 +512,7 @@ def check(config_path: str | None) -> int:
             print(f"bitnetd: {problem}", file=sys.stderr)
         return 2
     source = config.source_path or "built-in defaults"
-    from .listeners import parse_listen_address
+    from bitnetd_trio.daemon.listeners import parse_listen_address
 
     for addr in config.server.listen:
         try:
@@ -517,8 +523,7 @@ def check(config_path: str | None) -> int:
         print("bitnetd: no [model] path: the demo model would be served")
     else:
         try:
-            from . import engine
-
+            from bitnetd_trio.engine import native as engine
             model = engine.Model.load(config.model.path)
         except Exception as exc:  # noqa: BLE001 - ModelLoadError, or the engine not built
             problems.append(f"[model] path: {config.model.path}: {exc}")
@@ -530,7 +535,7 @@ def check(config_path: str | None) -> int:
                     f"{hp.n_layer} layers, {hp.n_embd} embd, vocab {hp.n_vocab}, "
                     f"context {hp.n_ctx_train}"
                 )
-                from .tokenizer import Tokenizer
+                from bitnetd_trio.engine.tokenizer import Tokenizer
 
                 Tokenizer.from_model(model)
             except Exception as exc:  # noqa: BLE001 - a vocabulary the tokenizer cannot use

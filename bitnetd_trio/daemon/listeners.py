@@ -14,8 +14,8 @@ import socket
 import stat
 from dataclasses import dataclass, field
 
-from .daemon import DaemonError, resolve_credentials
-from .sdnotify import InheritedSocket
+from bitnetd_trio.daemon.sdnotify import InheritedSocket
+from bitnetd_trio.daemon.unix import DaemonError, resolve_credentials
 
 __all__ = [
     "Listener",
