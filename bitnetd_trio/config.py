@@ -38,9 +38,11 @@ __all__ = [
     "ServerConfig",
     "describe_config",
     "load_config",
+    "log_level_name",
     "parse_duration",
     "parse_listen",
     "parse_size",
+    "split_listen_address",
 ]
 
 
@@ -67,8 +69,18 @@ LOG_LEVELS: dict[str, int] = {
     "notice": NOTICE,
     "warning": logging.WARNING,
     "error": logging.ERROR,
+    "critical": logging.CRITICAL,
 }
-_LOG_LEVEL_ALIASES = {"warn": "warning", "err": "error"}
+_LOG_LEVEL_ALIASES = {"warn": "warning", "err": "error", "crit": "critical"}
+
+
+def log_level_name(raw: str) -> str:
+    """The canonical name of a log level (syslog short names accepted); ValueError otherwise."""
+    name = raw.strip().lower()
+    name = _LOG_LEVEL_ALIASES.get(name, name)
+    if name not in LOG_LEVELS:
+        raise ValueError(f"{raw!r} is not a log level ({', '.join(LOG_LEVELS)})")
+    return name
 
 
 @dataclass(frozen=True)
@@ -293,10 +305,7 @@ def _owner(raw: str, base: Path) -> str:
 
 
 def _loglevel(raw: str, _base: Path) -> str:
-    name = _LOG_LEVEL_ALIASES.get(raw.lower(), raw.lower())
-    if name not in LOG_LEVELS:
-        raise ValueError(f"{raw!r} is not a log level ({', '.join(LOG_LEVELS)})")
-    return name
+    return log_level_name(raw)
 
 
 def _octal_mode(raw: str, _base: Path) -> int:
@@ -321,39 +330,48 @@ def _port(text: str, addr: str) -> int:
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*")
 
 
+def split_listen_address(item: str) -> tuple[str, int]:
+    """One 'host:port', '[v6]:port' or '*:port' address -> (host, port), raising ValueError.
+
+    The host comes back without brackets, `*` as 0.0.0.0, IP addresses in canonical form.
+    """
+    item = item.strip()
+    if item.startswith("unix:"):
+        raise ValueError(f"{item!r}: use [server] unix_socket for a unix socket")
+    if item.startswith("["):
+        host, sep, port = item[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{item!r} is not '[ipv6]:port'")
+        try:
+            addr = ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{item!r}: {host!r} is not an IPv6 address") from None
+        return addr.compressed, _port(port, item)
+    if item.count(":") > 1:
+        raise ValueError(f"{item!r}: write IPv6 addresses in brackets, e.g. [::1]:8080")
+    host, sep, port = item.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{item!r} is not 'host:port'")
+    if host == "*":
+        host = "0.0.0.0"
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            host = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            raise ValueError(f"{item!r}: {host!r} is not an IPv4 address") from None
+    elif not _HOSTNAME_RE.fullmatch(host):
+        raise ValueError(f"{item!r}: {host!r} is not a host name or address")
+    return host, _port(port, item)
+
+
 def parse_listen(raw: str) -> list[str]:
     """Comma-separated 'host:port' / '[v6]:port' addresses -> normalized list (raises ValueError)."""
     out: list[str] = []
     for item in (part.strip() for part in raw.split(",")):
         if not item:
             continue
-        if item.startswith("unix:"):
-            raise ValueError(f"{item!r}: use [server] unix_socket for a unix socket")
-        if item.startswith("["):
-            host, sep, port = item[1:].partition("]:")
-            if not sep:
-                raise ValueError(f"{item!r} is not '[ipv6]:port'")
-            try:
-                addr = ipaddress.IPv6Address(host)
-            except ValueError:
-                raise ValueError(f"{item!r}: {host!r} is not an IPv6 address") from None
-            out.append(f"[{addr.compressed}]:{_port(port, item)}")
-            continue
-        if item.count(":") > 1:
-            raise ValueError(f"{item!r}: write IPv6 addresses in brackets, e.g. [::1]:8080")
-        host, sep, port = item.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"{item!r} is not 'host:port'")
-        if host == "*":
-            host = "0.0.0.0"
-        if re.fullmatch(r"[0-9.]+", host):
-            try:
-                host = str(ipaddress.IPv4Address(host))
-            except ValueError:
-                raise ValueError(f"{item!r}: {host!r} is not an IPv4 address") from None
-        elif not _HOSTNAME_RE.fullmatch(host):
-            raise ValueError(f"{item!r}: {host!r} is not a host name or address")
-        out.append(f"{host}:{_port(port, item)}")
+        host, port = split_listen_address(item)
+        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
     seen: set[str] = set()
     for addr in out:
         if addr in seen:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -347,11 +348,15 @@ def test_unix_socket_mode_rejects(tmp_path, raw):
 
 
 def test_loglevels(tmp_path):
-    for name in ["debug", "info", "notice", "warning", "error", "WARN", "Err"]:
+    for name in ["debug", "info", "notice", "warning", "error", "critical", "WARN", "Err", "crit"]:
         load_config(write(tmp_path, f"[daemon]\nloglevel = {name}\n"), {})
+    # The daemon's logging setup and the configuration agree on every level (one table).
+    c = load_config(write(tmp_path, "[daemon]\nloglevel = crit\n"), {})
+    assert c.daemon.loglevel == "critical" and c.daemon.loglevel_number == logging.CRITICAL
     problems = problems_of(write(tmp_path, "[daemon]\nloglevel = verbose\n"))
     assert problems == [
-        "[daemon] loglevel: 'verbose' is not a log level (debug, info, notice, warning, error)"
+        "[daemon] loglevel: 'verbose' is not a log level "
+        "(debug, info, notice, warning, error, critical)"
     ]
 
 

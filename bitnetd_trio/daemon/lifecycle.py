@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,13 @@ import trio
 from bitnetd_trio import __version__
 from bitnetd_trio.config import Config, ConfigError, load_config
 from bitnetd_trio.daemon.http_server import hypercorn_config
-from bitnetd_trio.daemon.listeners import Listener, adopt_inherited, close_listeners, open_listeners
+from bitnetd_trio.daemon.listeners import (
+    Listener,
+    adopt_inherited,
+    close_listeners,
+    open_listeners,
+    parse_listen_address,
+)
 from bitnetd_trio.daemon.sdnotify import (
     Notifier,
     ProgressWatch,
@@ -87,10 +93,8 @@ class Daemon:
         *,
         foreground: bool,
         verbose: bool = False,
-        app_factory: Callable[[Config], Any] | None = None,
     ) -> None:
         self.config = config
-        self.app_factory = app_factory
         self.config_path = config_path
         self.foreground = foreground
         self.verbose = verbose
@@ -172,13 +176,10 @@ class Daemon:
         from hypercorn.trio import serve
 
         self._shutdown = trio.Event()
-        if self.app_factory is None:
-            from bitnetd_trio.api.asgi import (
-                create_app,  # imported after the fork: it starts nothing, but numpy
-            )
+        # Imported after the fork: importing it starts nothing, but it loads numpy and the engine.
+        from bitnetd_trio.api.asgi import create_app
 
-            self.app_factory = create_app
-        self.app = self.app_factory(self.config)
+        self.app = create_app(self.config)
         binds = [li.hypercorn_bind() for li in self.listeners]
         hc = self.hypercorn_config(binds)
         actions = SignalActions(
@@ -478,12 +479,9 @@ def run(
     *,
     foreground: bool,
     verbose: bool = False,
-    app_factory: Callable[[Config], Any] | None = None,
 ) -> int:
     """Serve until stopped; the exit status. `config_path` is re-read on SIGHUP."""
-    daemon = Daemon(
-        config, config_path, foreground=foreground, verbose=verbose, app_factory=app_factory
-    )
+    daemon = Daemon(config, config_path, foreground=foreground, verbose=verbose)
     try:
         daemon.prepare()
     except DaemonError as exc:
@@ -512,8 +510,6 @@ def check(config_path: str | None) -> int:
             print(f"bitnetd: {problem}", file=sys.stderr)
         return 2
     source = config.source_path or "built-in defaults"
-    from bitnetd_trio.daemon.listeners import parse_listen_address
-
     for addr in config.server.listen:
         try:
             parse_listen_address(addr)
@@ -524,6 +520,7 @@ def check(config_path: str | None) -> int:
     else:
         try:
             from bitnetd_trio.engine import native as engine
+
             model = engine.Model.load(config.model.path)
         except Exception as exc:  # noqa: BLE001 - ModelLoadError, or the engine not built
             problems.append(f"[model] path: {config.model.path}: {exc}")

@@ -14,6 +14,7 @@ import socket
 import stat
 from dataclasses import dataclass, field
 
+from bitnetd_trio.config import split_listen_address
 from bitnetd_trio.daemon.sdnotify import InheritedSocket
 from bitnetd_trio.daemon.unix import DaemonError, resolve_credentials
 
@@ -59,23 +60,10 @@ class Listener:
 def parse_listen_address(text: str) -> tuple[socket.AddressFamily, str, int]:
     """'127.0.0.1:8080', '[::1]:8080', '*:8080', 'localhost:8080' -> (family, address, port).
 
-    A host name is resolved now (first address getaddrinfo gives), as the C daemon did.
+    The syntax is the configuration's (`config.split_listen_address`); a host name is resolved
+    now (the first address getaddrinfo gives), as the C daemon did.
     """
-    value = text.strip()
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f"bad listen address {text!r} (expected [IPv6]:PORT)")
-        port_text = rest[1:]
-    else:
-        host, sep, port_text = value.rpartition(":")
-        if not sep or ":" in host:
-            raise ValueError(f"bad listen address {text!r} (expected HOST:PORT or [IPv6]:PORT)")
-        if host in ("*", ""):
-            host = "0.0.0.0"
-    if not port_text.isdigit() or int(port_text) > 65535:
-        raise ValueError(f"bad port in listen address {text!r}")
-    port = int(port_text)
+    host, port = split_listen_address(text)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from bitnetd_trio.config import LOG_LEVELS, NOTICE, log_level_name
+
 __all__ = [
     "Credentials",
     "DaemonError",
@@ -254,31 +256,13 @@ def _stdio_to_devnull() -> None:
 
 # ---- logging -------------------------------------------------------------------------------
 
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "notice": 25,  # between INFO and WARNING, as config.LOG_LEVELS has it
-    "warning": logging.WARNING,
-    "warn": logging.WARNING,
-    "error": logging.ERROR,
-    "err": logging.ERROR,
-    "critical": logging.CRITICAL,
-    "crit": logging.CRITICAL,
-}
-
-
 def parse_log_level(name: str | int) -> int:
     """A logging level from a config value (syslog names accepted); ValueError otherwise."""
     if isinstance(name, int):
         return name
-    if logging.getLevelName(25) != "NOTICE":
-        logging.addLevelName(25, "NOTICE")
-    try:
-        return _LEVELS[name.strip().lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown log level {name!r} (expected one of: debug, info, warning, error, critical)"
-        ) from None
+    if logging.getLevelName(NOTICE) != "NOTICE":
+        logging.addLevelName(NOTICE, "NOTICE")
+    return LOG_LEVELS[log_level_name(name)]
 
 
 class ReopenableFileHandler(logging.StreamHandler):
