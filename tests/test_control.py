@@ -123,6 +123,23 @@ def test_status_models_metrics_over_tcp_and_unix(servers, capsys):
         assert {s["labels"]["status"]: s["value"] for s in samples} == {"200": 1.0, "400": 1.0}
 
 
+def test_reader_gone_is_no_traceback(servers):
+    """`bitnetctl --json metrics | head`: a closed pipe ends the tool quietly, status 0."""
+    port, _ = servers
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bitnetd_trio.tools.control", "-p", str(port), "--json",
+             "metrics"],
+            stdout=write_end, stderr=subprocess.PIPE, env=CHILD_ENV, timeout=60, text=True,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
 def test_not_ready_is_exit_3(servers, capsys, monkeypatch):
     port, _ = servers
     monkeypatch.setattr(_Handler, "health_status", 503)

@@ -416,6 +416,35 @@ def test_check_mode_and_version(tmp_path, model_a):
     assert r.returncode == 0 and "bitnetd" in r.stdout and "0." in r.stdout
 
 
+async def test_listen_option_overrides_the_file_and_survives_a_reload(tmp_path, model_a):
+    """`bitnetd -f --listen 127.0.0.1:PORT` serves there (the file says port 0), also after HUP."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = write_config(tmp_path / "l.conf", model=model_a)
+    d = Daemon(conf, extra_args=["--listen", f"127.0.0.1:{port}"])
+    try:
+        url = f"http://127.0.0.1:{port}/health"
+        async with httpx.AsyncClient(timeout=10) as client:
+            with trio.fail_after(60):
+                while (await wait_http(url)).status_code != 200:
+                    await trio.sleep(0.05)
+            d.signal(signal.SIGHUP)
+            assert await trio.to_thread.run_sync(
+                wait_until, lambda: "configuration applied" in d.stderr
+            )
+            # The file's port 0 did not come back with the reload: the option still holds.
+            assert "take effect at the next restart" not in d.stderr
+            assert (await client.get(url)).status_code == 200
+        d.signal(signal.SIGTERM)
+        assert await d.wait() == 0
+    finally:
+        d.kill()
+    r = subprocess.run([*BITNETD, "-f", "--listen", "nonsense", "-c", str(conf)], env=CHILD_ENV,
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "--listen" in r.stderr and "Traceback" not in r.stderr
+
+
 # ---- daemon mode, unix socket and bitnetctl ------------------------------------------------
 
 

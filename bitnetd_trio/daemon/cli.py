@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
 from bitnetd_trio import __version__
-from bitnetd_trio.config import Config, ConfigError, load_config
+from bitnetd_trio.config import Config, ConfigError, load_config, parse_listen
 from bitnetd_trio.daemon.lifecycle import check, run
 
 log = logging.getLogger("bitnetd")
 
 __all__ = ["load_or_report", "main", "parse_args"]
+
+#: The environment override of [server] listen that --listen sets.
+LISTEN_ENV = "BITNETD_SERVER_LISTEN"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -35,6 +39,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # -v is the version, as in the C bitnetd; debug logging is the long option only.
     p.add_argument("-v", "--version", action="version", version=f"bitnetd {__version__}")
     p.add_argument("--verbose", action="store_true", help="log debug messages")
+    p.add_argument("-l", "--listen", metavar="ADDR[,ADDR...]",
+                   help="listen on these addresses instead of [server] listen (e.g. "
+                        "127.0.0.1:9000); the same as BITNETD_SERVER_LISTEN")
     return p.parse_args(argv)
 
 
@@ -49,6 +56,15 @@ def load_or_report(path: str | None) -> Config | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.listen is not None:
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            print(f"bitnetd: --listen: {exc}", file=sys.stderr)
+            return 2
+        # Through the environment, so that a reload (SIGHUP), which reads the configuration
+        # again, keeps the address given on the command line.
+        os.environ[LISTEN_ENV] = args.listen
     if args.test:
         return check(args.config)
     config = load_or_report(args.config)

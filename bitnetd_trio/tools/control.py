@@ -475,6 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # The reader went away (`bitnetctl --json metrics | head`): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         defaults = _defaults_from_config(args.config or os.environ.get("BITNETD_CONFIG"))
@@ -499,13 +511,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, data, text = COMMANDS[args.command](ep, args)
     except ControlError as exc:
         if args.json:
-            print(json.dumps({"error": str(exc), "running": exc.exit_code != EXIT_DOWN}))
+            print(json.dumps({"error": str(exc), "running": exc.exit_code != EXIT_DOWN}), flush=True)
         print(f"bitnetctl: {exc}", file=sys.stderr)
         return exc.exit_code
     if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print(json.dumps(data, indent=2, sort_keys=True), flush=True)
     elif text:
-        print(text)
+        print(text, flush=True)
     return code
 
 
