@@ -876,3 +876,31 @@ async def test_hypercorn_command_with_conf_toml(tmp_path, model_a):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("hypercorn") is None, reason="hypercorn command not installed")
+@pytest.mark.parametrize("broken", ["config", "model"])
+def test_hypercorn_command_start_failure_is_one_line(tmp_path, broken):
+    """A bad configuration or model under `hypercorn ... bitnetd_trio.app:app`: one line that
+    says why, no traceback, and the worker's status 2 (hypercorn's supervisor drops a worker's
+    status, so the in-process runner `-w 0` shows it)."""
+    env = dict(CHILD_ENV)
+    if broken == "config":
+        env["BITNETD_SERVER_BACKLOG"] = "-3"
+        why = "backlog"
+    else:
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(b"GGUF" + b"\0" * 60)
+        env["BITNETD_MODEL_PATH"] = str(bad)
+        why = "bad.gguf"
+    for workers in ("1", "0"):
+        proc = subprocess.run(
+            [shutil.which("hypercorn"), "-k", "trio", "-w", workers, "-b", "127.0.0.1:0",
+             "bitnetd_trio.app:app"],
+            env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=120, check=False,
+        )
+        out = proc.stdout + proc.stderr
+        assert "Traceback" not in out, out
+        assert why in out, out
+        if workers == "0":
+            assert proc.returncode == 2, out

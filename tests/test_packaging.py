@@ -48,14 +48,21 @@ def _venv_env(root: Path, tmp: Path) -> dict[str, str]:
     return env
 
 
-def test_plain_install_serves_the_demo_model(fresh_venv, tmp_path):
+@pytest.mark.parametrize("command", ["bitnetd", "hypercorn"])
+def test_plain_install_serves_the_demo_model(fresh_venv, tmp_path, command):
+    """`bitnetd -f`, and hypercorn's own command, with no configuration at all."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    argv = {
+        "bitnetd": ["bitnetd", "-f", "--listen", f"127.0.0.1:{port}"],
+        "hypercorn": ["hypercorn", "-k", "trio", "-b", f"127.0.0.1:{port}",
+                      "bitnetd_trio.app:app"],
+    }[command]
     log = tmp_path / "bitnetd.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [str(fresh_venv / "bin" / "bitnetd"), "-f", "--listen", f"127.0.0.1:{port}"],
+            [str(fresh_venv / "bin" / argv[0]), *argv[1:]],
             stdout=out, stderr=subprocess.STDOUT, env=_venv_env(fresh_venv, tmp_path),
             cwd=tmp_path,
         )
@@ -77,6 +84,7 @@ def test_plain_install_serves_the_demo_model(fresh_venv, tmp_path):
                 proc.kill()
                 proc.wait()
     assert "No module named" not in log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 def test_write_model_tool_runs_without_extras(fresh_venv, tmp_path):
