@@ -340,3 +340,41 @@ def test_from_model_reads_a_written_file(tmp_path: Path):
     assert tok.decode(tok.encode("Hello, world!", add_bos=True, parse_special=False)) == (
         "<|begin_of_text|>Hello, world!"
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("tokenizer.ggml.bos_token_id", ("1", "STRING"), "must be an integer, not a str"),
+        ("tokenizer.ggml.bos_token_id", (10**9, "UINT32"), "outside the vocabulary"),
+        ("tokenizer.ggml.eos_token_id", (-1, "INT32"), "outside the vocabulary"),
+        ("tokenizer.ggml.eos_token_id", (1.0, "FLOAT32"), "must be an integer, not a float"),
+        ("tokenizer.ggml.add_bos_token", (1, "UINT8"), "must be a boolean"),
+        ("tokenizer.ggml.model", (2, "UINT32"), "must be a string"),
+        ("tokenizer.ggml.merges", ([1, 2], None), "must be an array of strings"),
+    ],
+)
+def test_wrongly_typed_tokenizer_metadata_names_the_key(tmp_path: Path, key, value, words):
+    """Values from a model file are type- and range-checked, and the error names the key."""
+    engine = pytest.importorskip("bitnetd_trio.engine.native")
+    from gguf import GGUFValueType
+
+    raw, type_name = value
+    typed = raw if type_name is None else (raw, GGUFValueType[type_name])
+    path = gw.write_model(tmp_path / "m.gguf", gw.SMALLEST, 0, extra_metadata={key: typed})
+    model = engine.Model.load(path)
+    try:
+        with pytest.raises(TokenizerError, match=words) as info:
+            Tokenizer.from_model(model)
+    finally:
+        model.close()
+    assert key in str(info.value)
+
+
+def test_chat_template_of_the_wrong_type_falls_back_with_a_warning(caplog):
+    from bitnetd_trio.engine.chat import ChatTemplate
+
+    with caplog.at_level("WARNING"):
+        tmpl = ChatTemplate.from_model(7, None, "<|begin_of_text|>", "<|end_of_text|>")
+    assert tmpl.kind == "bitnet"
+    assert "tokenizer.chat_template" in caplog.text

@@ -296,6 +296,12 @@ class ChatTemplate:
 
         A broken override raises ChatTemplateError; a broken template inside the model file
         is logged and replaced by the trained format, so the model still serves."""
+        if metadata_template is not None and not isinstance(metadata_template, str):
+            log.warning(
+                "tokenizer.chat_template in the model file is not a string (%s); using the "
+                "BitNet trained chat format instead", type(metadata_template).__name__,
+            )
+            metadata_template = None
         if override is not None and override.strip():
             if is_placeholder_template(override):
                 return cls(None, bos_token=bos_token, eos_token=eos_token, origin="override")

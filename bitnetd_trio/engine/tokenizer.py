@@ -194,28 +194,38 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, get: Callable[[str], Any]) -> Tokenizer:
-        """Build from a metadata getter (key -> value, or None when absent)."""
-        model = get("tokenizer.ggml.model")
+        """Build from a metadata getter (key -> value, or None when absent).
+
+        Every key is type-checked here, and a bad one raises TokenizerError naming it: the
+        values come from model files downloaded from anywhere."""
+        model = _typed(get, "tokenizer.ggml.model", str, "a string")
         if model is not None and model != "gpt2":
             raise TokenizerError(
                 f"tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE) is supported"
             )
-        tokens = get("tokenizer.ggml.tokens")
-        merges = get("tokenizer.ggml.merges")
+        tokens = _typed_list(get, "tokenizer.ggml.tokens", str, "strings")
+        merges = _typed_list(get, "tokenizer.ggml.merges", str, "strings")
         if not tokens:
             raise TokenizerError("the model has no tokenizer.ggml.tokens")
         if merges is None:
             raise TokenizerError("the model has no tokenizer.ggml.merges")
-        if not all(isinstance(t, str) for t in tokens):
-            raise TokenizerError("tokenizer.ggml.tokens must be an array of strings")
-        add_bos = get("tokenizer.ggml.add_bos_token")
+        token_types = _typed_list(get, "tokenizer.ggml.token_type", int, "integers")
+        ids = {}
+        for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+            value = _typed(get, key, int, "an integer")
+            if value is not None and not 0 <= value < len(tokens):
+                raise TokenizerError(
+                    f"{key} is {value}, outside the vocabulary (0..{len(tokens) - 1})"
+                )
+            ids[key] = value
+        add_bos = _typed(get, "tokenizer.ggml.add_bos_token", bool, "a boolean")
         return cls(
             tokens,
             merges,
-            get("tokenizer.ggml.token_type"),
-            bos_id=get("tokenizer.ggml.bos_token_id"),
-            eos_id=get("tokenizer.ggml.eos_token_id"),
-            add_bos=True if add_bos is None else bool(add_bos),
+            token_types,
+            bos_id=ids["tokenizer.ggml.bos_token_id"],
+            eos_id=ids["tokenizer.ggml.eos_token_id"],
+            add_bos=True if add_bos is None else add_bos,
         )
 
     @classmethod
@@ -290,3 +300,29 @@ class Tokenizer:
 
     def stream_decoder(self, *, skip_special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special=skip_special)
+
+
+def _kind(value: Any) -> str:
+    return "a list" if isinstance(value, list) else f"a {type(value).__name__}"
+
+
+def _typed(get: Callable[[str], Any], key: str, kind: type, described: str) -> Any:
+    """get(key) when it is absent (None) or of `kind` (bool is not an int here)."""
+    value = get(key)
+    if value is None:
+        return None
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TokenizerError(f"{key} must be {described}, not {_kind(value)}")
+    return value
+
+
+def _typed_list(get: Callable[[str], Any], key: str, kind: type, described: str) -> Any:
+    """get(key) when it is absent (None) or a list whose items are all of `kind`."""
+    value = get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(v, kind) and not (kind is int and isinstance(v, bool)) for v in value
+    ):
+        raise TokenizerError(f"{key} must be an array of {described}")
+    return value
