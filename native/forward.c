@@ -22,27 +22,6 @@
 #include "model.h"
 #include "threadpool.h"
 
-#ifdef BN_PROFILE
-#include <time.h>
-double bn_prof[8];
-static double prof_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-#define PROF_START() double prof_t0 = prof_now()
-#define PROF_LAP(i)                                                                           \
-    do {                                                                                      \
-        double prof_t1 = prof_now();                                                          \
-        bn_prof[i] += prof_t1 - prof_t0;                                                      \
-        prof_t0 = prof_t1;                                                                    \
-    } while (0)
-#else
-#define PROF_START() ((void)0)
-#define PROF_LAP(i) ((void)0)
-#endif
-
 /* Largest number of tokens one internal step processes; longer calls run in chunks. */
 #define BN_MAX_CHUNK 512
 
@@ -721,7 +700,6 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     const int32_t E = hp->n_embd, F = hp->n_ff, D = hp->head_dim, kvd = ctx->kv_dim;
     const float eps = hp->rms_eps;
 
-    PROF_START();
     for (int32_t i = 0; i < T; i++)
         bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
 
@@ -730,9 +708,7 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         /* attention block */
         norm_quantize(ctx, k, ctx->x, L->attn_norm, E, T);
         bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
-        PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
-        PROF_LAP(1);
         for (int32_t i = 0; i < T; i++) {
             const size_t rp = (size_t)ctx->tok_pos[i] * (D / 2);
             rope(ctx->q + (size_t)i * E, hp->n_head, D, ctx->rope_cos + rp, ctx->rope_sin + rp);
@@ -743,28 +719,20 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
             memcpy(ctx->kcache + at, ctx->k + (size_t)i * kvd, (size_t)kvd * sizeof(float));
             memcpy(ctx->vcache + at, ctx->v + (size_t)i * kvd, (size_t)kvd * sizeof(float));
         }
-        PROF_LAP(0);
         attn_job aj = {ctx, l, T, {0}};
         bn_queue_init(&aj.queue, (int64_t)T * hp->n_head_kv, bn_pool_threads(ctx->pool), 4, 1);
         bn_pool_run(ctx->pool, attn_worker, &aj);
-        PROF_LAP(2);
         norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, E, T);
-        PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->wo, ctx->tmp, NULL, NULL, NULL, NULL);
-        PROF_LAP(1);
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
 
         /* feed-forward block */
         norm_quantize(ctx, k, ctx->x, L->ffn_norm, E, T);
-        PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
-        PROF_LAP(1);
         relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
         norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, F, T);
         bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
-        PROF_LAP(0);
         run_matmul(ctx, k, &af, &L->w_down, ctx->tmp, NULL, NULL, NULL, NULL);
-        PROF_LAP(1);
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
     }
 
@@ -777,14 +745,12 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         rmsnorm(ctx->x + (size_t)i * E, m->output_norm, E, eps, ctx->ynorm + (size_t)n_out * E);
         n_out++;
     }
-    PROF_LAP(0);
     if (n_out > 0) {
         head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm,
                        ctx->logits + (size_t)first_row * hp->n_vocab, {0}};
         bn_queue_init(&hj.queue, hp->n_vocab, bn_pool_threads(ctx->pool), 4, 16);
         bn_pool_run(ctx->pool, head_worker, &hj);
     }
-    PROF_LAP(3);
 }
 
 /* ------------------------------------------------------------------ bn_forward */

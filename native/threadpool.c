@@ -202,15 +202,3 @@ void bn_pool_run(bn_pool *p, bn_pool_fn fn, void *arg)
         pthread_mutex_unlock(&p->mu);
     }
 }
-
-void bn_split_range(int64_t n, int64_t align, int32_t ith, int32_t nth, int64_t *lo, int64_t *hi)
-{
-    if (align < 1)
-        align = 1;
-    int64_t units = (n + align - 1) / align;
-    int64_t u0 = units * ith / nth;
-    int64_t u1 = units * (ith + 1) / nth;
-    int64_t a = u0 * align, b = u1 * align;
-    *lo = a < n ? a : n;
-    *hi = b < n ? b : n;
-}

@@ -58,8 +58,4 @@ static inline int bn_queue_grab(bn_queue *q, int64_t *lo, int64_t *hi)
     return 1;
 }
 
-/* The share [*lo, *hi) of n items for thread ith of nth, boundaries multiples of align
- * (except n itself), as even as the alignment allows. */
-void bn_split_range(int64_t n, int64_t align, int32_t ith, int32_t nth, int64_t *lo, int64_t *hi);
-
 #endif
