@@ -11,13 +11,13 @@
  * call asks for more logits rows than ever before (before any state changes).
  */
 #include <math.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bitnet.h"
+#include "error.h"
 #include "kernels.h"
 #include "model.h"
 #include "threadpool.h"
@@ -98,16 +98,6 @@ struct bn_context {
     int32_t stamp;
 };
 
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 static void *alloc_array(size_t n, size_t size, int *failed)
 {
     if (n == 0)
@@ -161,7 +151,7 @@ static int check_matrix(const bn_ternary *w, int32_t n_in, int32_t n_out, const 
                         int32_t layer, char *err, size_t errlen)
 {
     if (!w->codes || w->n_in != n_in || w->n_out != n_out || n_in % 128 != 0) {
-        set_err(err, errlen, "layer %d %s: shape %d x %d, expected %d x %d", layer, what,
+        bn_set_err(err, errlen, "layer %d %s: shape %d x %d, expected %d x %d", layer, what,
                 w->n_out, w->n_in, n_out, n_in);
         return -1;
     }
@@ -172,22 +162,22 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
                            char *err, size_t errlen)
 {
     if (!m) {
-        set_err(err, errlen, "no model");
+        bn_set_err(err, errlen, "no model");
         return NULL;
     }
     const bn_hparams *hp = &m->hp;
     if (n_ctx <= 0)
         n_ctx = hp->n_ctx_train;
     if (n_slots < 1 || n_slots > 4096) {
-        set_err(err, errlen, "n_slots %d out of range 1..4096", n_slots);
+        bn_set_err(err, errlen, "n_slots %d out of range 1..4096", n_slots);
         return NULL;
     }
     if (n_ctx < 1 || n_ctx > (1 << 20)) {
-        set_err(err, errlen, "n_ctx %d out of range 1..%d", n_ctx, 1 << 20);
+        bn_set_err(err, errlen, "n_ctx %d out of range 1..%d", n_ctx, 1 << 20);
         return NULL;
     }
     if (n_threads < 1 || n_threads > BN_POOL_MAX_THREADS) {
-        set_err(err, errlen, "n_threads %d out of range 1..%d", n_threads, BN_POOL_MAX_THREADS);
+        bn_set_err(err, errlen, "n_threads %d out of range 1..%d", n_threads, BN_POOL_MAX_THREADS);
         return NULL;
     }
     const int32_t E = hp->n_embd, F = hp->n_ff, H = hp->n_head, Hkv = hp->n_head_kv,
@@ -195,12 +185,12 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     if (E <= 0 || E % 128 != 0 || F <= 0 || F % 128 != 0 || H <= 0 || Hkv <= 0 ||
         H % Hkv != 0 || H / Hkv > 64 || D <= 0 || D % 2 != 0 || (int64_t)D * H != E ||
         hp->n_layer <= 0 || hp->n_vocab <= 0 || E > (1 << 20) || F > (1 << 22)) {
-        set_err(err, errlen, "unsupported model dimensions (n_embd %d, n_ff %d, n_head %d, "
+        bn_set_err(err, errlen, "unsupported model dimensions (n_embd %d, n_ff %d, n_head %d, "
                 "n_head_kv %d, head_dim %d)", E, F, H, Hkv, D);
         return NULL;
     }
     if (!m->tok_embd || !m->head || !m->output_norm || !m->layers) {
-        set_err(err, errlen, "model is missing tensors");
+        bn_set_err(err, errlen, "model is missing tensors");
         return NULL;
     }
     for (int32_t l = 0; l < hp->n_layer; l++) {
@@ -214,14 +204,14 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
             check_matrix(&L->w_down, F, E, "ffn_down", l, err, errlen))
             return NULL;
         if (!L->attn_norm || !L->attn_sub_norm || !L->ffn_norm || !L->ffn_sub_norm) {
-            set_err(err, errlen, "layer %d: missing norm weights", l);
+            bn_set_err(err, errlen, "layer %d: missing norm weights", l);
             return NULL;
         }
     }
 
     bn_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx) {
-        set_err(err, errlen, "out of memory");
+        bn_set_err(err, errlen, "out of memory");
         return NULL;
     }
     ctx->m = m;
@@ -274,14 +264,14 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     if (!ctx->slot_seen)
         failed = 1;
     if (failed) {
-        set_err(err, errlen, "out of memory allocating a context of %d slots x %d positions",
+        bn_set_err(err, errlen, "out of memory allocating a context of %d slots x %d positions",
                 n_slots, n_ctx);
         bn_context_free(ctx);
         return NULL;
     }
     ctx->pool = bn_pool_new(n_threads);
     if (!ctx->pool) {
-        set_err(err, errlen, "cannot start %d threads", n_threads);
+        bn_set_err(err, errlen, "cannot start %d threads", n_threads);
         bn_context_free(ctx);
         return NULL;
     }
@@ -760,11 +750,11 @@ static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_en
                     int64_t *n_rows, char *err, size_t errlen)
 {
     if (n_entries < 0 || (n_entries > 0 && !entries)) {
-        set_err(err, errlen, "bad entry list (%d entries)", n_entries);
+        bn_set_err(err, errlen, "bad entry list (%d entries)", n_entries);
         return 1;
     }
     if (n_entries > ctx->n_slots) {
-        set_err(err, errlen, "%d entries for %d slots: slots must be distinct", n_entries,
+        bn_set_err(err, errlen, "%d entries for %d slots: slots must be distinct", n_entries,
                 ctx->n_slots);
         return 1;
     }
@@ -778,34 +768,34 @@ static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_en
     for (int32_t e = 0; e < n_entries; e++) {
         const bn_batch_entry *be = &entries[e];
         if (be->slot < 0 || be->slot >= ctx->n_slots) {
-            set_err(err, errlen, "entry %d: slot %d out of range 0..%d", e, be->slot,
+            bn_set_err(err, errlen, "entry %d: slot %d out of range 0..%d", e, be->slot,
                     ctx->n_slots - 1);
             return -1 - e;
         }
         if (ctx->slot_seen[be->slot] == ctx->stamp) {
-            set_err(err, errlen, "entry %d: slot %d appears twice in one batch", e, be->slot);
+            bn_set_err(err, errlen, "entry %d: slot %d appears twice in one batch", e, be->slot);
             return -1 - e;
         }
         ctx->slot_seen[be->slot] = ctx->stamp;
         if (be->n_tokens < 0 || (be->n_tokens > 0 && !be->tokens)) {
-            set_err(err, errlen, "entry %d (slot %d): bad token list (%d tokens)", e, be->slot,
+            bn_set_err(err, errlen, "entry %d (slot %d): bad token list (%d tokens)", e, be->slot,
                     be->n_tokens);
             return -1 - e;
         }
         if (be->logits < BN_LOGITS_NONE || be->logits > BN_LOGITS_ALL) {
-            set_err(err, errlen, "entry %d (slot %d): bad logits mode %d", e, be->slot,
+            bn_set_err(err, errlen, "entry %d (slot %d): bad logits mode %d", e, be->slot,
                     be->logits);
             return -1 - e;
         }
         for (int32_t t = 0; t < be->n_tokens; t++)
             if (be->tokens[t] < 0 || be->tokens[t] >= ctx->hp.n_vocab) {
-                set_err(err, errlen, "entry %d (slot %d): token %d at index %d out of range "
+                bn_set_err(err, errlen, "entry %d (slot %d): token %d at index %d out of range "
                         "0..%d", e, be->slot, be->tokens[t], t, ctx->hp.n_vocab - 1);
                 return -1 - e;
             }
         const int32_t pos = ctx->pos[be->slot];
         if ((int64_t)pos + be->n_tokens > ctx->n_ctx) {
-            set_err(err, errlen, "entry %d (slot %d): %d tokens at position %d exceed the "
+            bn_set_err(err, errlen, "entry %d (slot %d): %d tokens at position %d exceed the "
                     "context size %d", e, be->slot, be->n_tokens, pos, ctx->n_ctx);
             return -1 - e;
         }
@@ -826,7 +816,7 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
                size_t errlen)
 {
     if (!ctx) {
-        set_err(err, errlen, "no context");
+        bn_set_err(err, errlen, "no context");
         return -1;
     }
     ctx->n_ents = 0;
@@ -838,7 +828,7 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
                            ? NULL
                            : realloc(ctx->logits, (size_t)n_rows * nv * sizeof(float));
         if (!grown) {
-            set_err(err, errlen, "out of memory for %lld logits rows", (long long)n_rows);
+            bn_set_err(err, errlen, "out of memory for %lld logits rows", (long long)n_rows);
             rc = 1;   /* no entry at fault: every status -2 */
         } else {
             ctx->logits = grown;

@@ -8,6 +8,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include "error.h"
 #include "gguf.h"
 #include "model.h"
 
@@ -58,14 +59,6 @@ struct bn_gguf {
 };
 
 /* ---- errors ---- */
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...) {
-    if (!err || errlen == 0) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 /* A file-supplied name made safe to print: printable ASCII only, cut at 80 bytes. */
 static void printable(char *out, size_t outlen, const char *s, size_t len) {
@@ -129,9 +122,9 @@ static int fail(reader *r, const char *fmt, ...) {
     char msg[256];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    bn_vset_err(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    set_err(r->err, r->errlen, "%s: %s", r->ctx, msg);
+    bn_set_err(r->err, r->errlen, "%s: %s", r->ctx, msg);
     return -1;
 }
 
@@ -466,14 +459,14 @@ static int parse(bn_gguf *g, char *err, size_t errlen) {
     }
     name_source kvs = {kv_name, g->kv};
     if (index_init(&g->kv_index, g->n_kv)) {
-        set_err(err, errlen, "out of memory");
+        bn_set_err(err, errlen, "out of memory");
         return -1;
     }
     for (uint64_t i = 0; i < g->n_kv; i++) {
         if (index_insert(&g->kv_index, kvs, i) != UINT64_MAX) {
             char name[96];
             printable(name, sizeof name, g->kv[i].key, g->kv[i].key_len);
-            set_err(err, errlen, "duplicate key '%s'", name);
+            bn_set_err(err, errlen, "duplicate key '%s'", name);
             return -1;
         }
     }
@@ -483,13 +476,13 @@ static int parse(bn_gguf *g, char *err, size_t errlen) {
     if (ai != UINT64_MAX) {
         const gguf_kv *kv = &g->kv[ai];
         if (kv->type != BN_GGUF_U32) {
-            set_err(err, errlen, "key 'general.alignment' has type %s, expected u32",
+            bn_set_err(err, errlen, "key 'general.alignment' has type %s, expected u32",
                     value_type_name(kv->type));
             return -1;
         }
         uint32_t a = le32(g->base + kv->value_off);
         if (a == 0 || (a & (a - 1)) != 0) {
-            set_err(err, errlen, "key 'general.alignment' = %u is not a power of two", a);
+            bn_set_err(err, errlen, "key 'general.alignment' = %u is not a power of two", a);
             return -1;
         }
         g->alignment = a;
@@ -504,14 +497,14 @@ static int parse(bn_gguf *g, char *err, size_t errlen) {
     }
     name_source ts = {tensor_name, g->tensors};
     if (index_init(&g->tensor_index, g->n_tensors)) {
-        set_err(err, errlen, "out of memory");
+        bn_set_err(err, errlen, "out of memory");
         return -1;
     }
     for (uint64_t i = 0; i < g->n_tensors; i++) {
         if (index_insert(&g->tensor_index, ts, i) != UINT64_MAX) {
             char name[96];
             printable(name, sizeof name, g->tensors[i].name, g->tensors[i].name_len);
-            set_err(err, errlen, "duplicate tensor name '%s'", name);
+            bn_set_err(err, errlen, "duplicate tensor name '%s'", name);
             return -1;
         }
     }
@@ -534,12 +527,12 @@ static int parse(bn_gguf *g, char *err, size_t errlen) {
         char name[96];
         printable(name, sizeof name, t->name, t->name_len);
         if (t->offset % g->alignment != 0) {
-            set_err(err, errlen, "tensor '%s': offset %llu is not a multiple of the alignment %llu",
+            bn_set_err(err, errlen, "tensor '%s': offset %llu is not a multiple of the alignment %llu",
                     name, (unsigned long long)t->offset, (unsigned long long)g->alignment);
             return -1;
         }
         if (t->offset > data_size || t->nbytes > data_size - t->offset) {
-            set_err(err, errlen, "tensor '%s': data at offset %llu, %llu bytes, lies outside the "
+            bn_set_err(err, errlen, "tensor '%s': data at offset %llu, %llu bytes, lies outside the "
                     "file (data section holds %llu bytes; truncated file?)", name,
                     (unsigned long long)t->offset, (unsigned long long)t->nbytes,
                     (unsigned long long)data_size);
@@ -554,46 +547,46 @@ static int parse(bn_gguf *g, char *err, size_t errlen) {
 
 bn_gguf *bn_gguf_open(const char *path, char *err, size_t errlen) {
     if (!path) {
-        set_err(err, errlen, "no model path given");
+        bn_set_err(err, errlen, "no model path given");
         return NULL;
     }
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        set_err(err, errlen, "cannot open '%s': %s", path, strerror(errno));
+        bn_set_err(err, errlen, "cannot open '%s': %s", path, strerror(errno));
         return NULL;
     }
     struct stat st;
     if (fstat(fd, &st) != 0) {
-        set_err(err, errlen, "cannot stat '%s': %s", path, strerror(errno));
+        bn_set_err(err, errlen, "cannot stat '%s': %s", path, strerror(errno));
         close(fd);
         return NULL;
     }
     if (!S_ISREG(st.st_mode)) {
-        set_err(err, errlen, "'%s' is not a regular file", path);
+        bn_set_err(err, errlen, "'%s' is not a regular file", path);
         close(fd);
         return NULL;
     }
     if (st.st_size < 24) {
-        set_err(err, errlen, "truncated file: '%s' has %lld bytes, less than a GGUF header",
+        bn_set_err(err, errlen, "truncated file: '%s' has %lld bytes, less than a GGUF header",
                 path, (long long)st.st_size);
         close(fd);
         return NULL;
     }
     if ((uint64_t)st.st_size > (uint64_t)SIZE_MAX) {
-        set_err(err, errlen, "'%s' is too large to map", path);
+        bn_set_err(err, errlen, "'%s' is too large to map", path);
         close(fd);
         return NULL;
     }
     void *map = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
     close(fd);   /* the mapping keeps the file */
     if (map == MAP_FAILED) {
-        set_err(err, errlen, "cannot mmap '%s': %s", path, strerror(errno));
+        bn_set_err(err, errlen, "cannot mmap '%s': %s", path, strerror(errno));
         return NULL;
     }
     bn_gguf *g = calloc(1, sizeof *g);
     if (!g) {
         munmap(map, (size_t)st.st_size);
-        set_err(err, errlen, "out of memory");
+        bn_set_err(err, errlen, "out of memory");
         return NULL;
     }
     g->base = map;

@@ -8,6 +8,7 @@
  * omits it) and attention.layer_norm_rms_epsilon (1e-5, BitNet's training value).
  * Optional checked keys: vocab_size and tokenizer.ggml.tokens must agree with token_embd.
  */
+#include "error.h"
 #include "model.h"
 
 #include <math.h>
@@ -24,12 +25,10 @@ typedef struct {
 } loader;
 
 static int lfail(loader *L, const char *fmt, ...) {
-    if (L->err && L->errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(L->err, L->errlen, fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    bn_vset_err(L->err, L->errlen, fmt, ap);
+    va_end(ap);
     return -1;
 }
 
@@ -292,7 +291,7 @@ bn_model *bn_model_load(const char *path, char *err, size_t errlen) {
     if (err && errlen) err[0] = '\0';
     bn_model *m = calloc(1, sizeof *m);
     if (!m) {
-        if (err && errlen) snprintf(err, errlen, "out of memory");
+        bn_set_err(err, errlen, "out of memory");
         return NULL;
     }
     loader L = {.m = m, .err = err, .errlen = errlen};
