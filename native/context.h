@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 #include "bitnet.h"
-#include "kernels.h"
+#include "kernels/kernels.h"
 #include "model.h"
 #include "threadpool.h"
 

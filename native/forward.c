@@ -12,7 +12,7 @@
 #include <string.h>
 
 #include "context.h"
-#include "kernels.h"
+#include "kernels/kernels.h"
 #include "model.h"
 #include "threadpool.h"
 
