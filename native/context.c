@@ -4,7 +4,6 @@
  * Everything is allocated in bn_context_new; bn_forward only grows the logits buffer when a
  * call asks for more logits rows than ever before (before any state changes).
  */
-#include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -224,13 +223,10 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
         bn_context_free(ctx);
         return NULL;
     }
-    /* RoPE angles pos * base^(-2i/D), computed in double once */
+    /* RoPE angles of every position, once (model-format §5.2.3) */
     for (int32_t p = 0; p < n_ctx; p++)
-        for (int32_t i = 0; i < D / 2; i++) {
-            double theta = (double)p * pow((double)hp->rope_base, -2.0 * i / D);
-            ctx->rope_cos[(size_t)p * (D / 2) + i] = (float)cos(theta);
-            ctx->rope_sin[(size_t)p * (D / 2) + i] = (float)sin(theta);
-        }
+        bn_rope_angles(p, D, hp->rope_base, ctx->rope_cos + (size_t)p * (D / 2),
+                       ctx->rope_sin + (size_t)p * (D / 2));
     return ctx;
 }
 

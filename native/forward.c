@@ -1,12 +1,19 @@
-/* forward.c - the batched forward pass of one chunk of tokens (spec section 5).
+/* forward.c - the arithmetic of the forward pass for one chunk of tokens (model-format §5).
  *
- * bn_forward (context.c) concatenates the tokens of every entry into one activation matrix
- * and bn_forward_chunk runs each layer once for all of them, so every weight byte read from
- * memory serves the whole batch. Each token's arithmetic is independent of the other tokens
- * and of the thread count: the matrix kernels compute every output on its own in a fixed
- * order (kernels.h), and the per-token steps below (norms, RoPE, attention) run one token at
- * a time in a fixed order. So a sequence gets bit-identical logits whatever else is in the
- * batch.
+ * bn_forward (context.c) gathers the tokens of every batch entry into one chunk and
+ * bn_forward_chunk, at the bottom of this file, runs each layer once for all of them, so every
+ * weight byte read from memory serves the whole batch. The helpers above it come in the order
+ * of the spec's steps, which bn_forward_chunk numbers.
+ *
+ * Each token's arithmetic is independent of the other tokens and of the thread count: the
+ * matrix kernels compute every output on its own in a fixed order (kernels/kernels.h), and
+ * the per-token steps (norms, RoPE, attention) run one token at a time in a fixed order. So a
+ * sequence gets bit-identical logits whatever else is in the batch.
+ *
+ * Work is handed out to the pool's threads in chunks from a shared counter (bn_queue) rather
+ * than split statically: on a machine with as many vCPUs as threads, a thread that loses its
+ * CPU would otherwise hold up the whole step. Which thread computes a row never changes its
+ * value.
  */
 #include <math.h>
 #include <string.h>
@@ -16,7 +23,7 @@
 #include "model.h"
 #include "threadpool.h"
 
-/* ------------------------------------------------------------------ per-token math */
+/* ----------------------------------------------------------------------------- fixed-order sums */
 
 /* GCC vector types: elementwise arithmetic in the written order (no contraction in ISO C
  * mode), lowered to whatever vector width the function is compiled for. */
@@ -43,6 +50,36 @@ static inline __attribute__((always_inline)) float dot_fixed(const float *a, con
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+/* Four dot products at once: four independent dependency chains, each the exact arithmetic
+ * of dot_fixed (same lanes, same order, same tree). */
+static inline __attribute__((always_inline)) void dot4_fixed(const float *const a[4],
+                                                             const float *const b[4],
+                                                             int32_t n, float out[4])
+{
+    bn_v8f p[4] = {{0}, {0}, {0}, {0}};
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 4; k++) {
+            bn_v8f x, y;
+            memcpy(&x, a[k] + i, sizeof x);
+            memcpy(&y, b[k] + i, sizeof y);
+            p[k] += x * y;
+        }
+    for (; i < n; i++)
+        for (int k = 0; k < 4; k++)
+            p[k][0] += a[k][i] * b[k][i];
+    for (int k = 0; k < 4; k++) {
+        float s4[4];
+        for (int l = 0; l < 4; l++)
+            s4[l] = p[k][l] + p[k][l + 4];
+        out[k] = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    }
+}
+
+/* ------------------------------------------------------------ §5.2.1 RMSNorm, §5.4 quantization */
+
+/* out = RMSNorm(x) * w over n floats: mean of squares in dot_fixed's order, then one
+ * reciprocal square root multiplied in (model-format §5.2.1). */
 static void rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out)
 {
     float ss = dot_fixed(x, x, n);
@@ -51,46 +88,49 @@ static void rmsnorm(const float *x, const float *w, int32_t n, float eps, float 
         out[i] = w[i] * (x[i] * r);
 }
 
-/* x += y (the residual stream); restrict lets the compiler vectorize */
-static void add_rows(float *restrict x, const float *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        x[i] += y[i];
-}
+/* RMSNorm of every token row of src (n wide) with weights w into ctx->h, then its int8
+ * quantization into ctx->qa, qa_s, qa_sum (model-format §5.4.1-§5.4.2). Per token, so the
+ * result never depends on the split across threads. */
+typedef struct {
+    bn_context *ctx;
+    const bn_kernel_set *k;
+    const float *src;
+    const float *w;
+    int32_t n;
+    bn_queue queue;
+} norm_quant_job;
 
-/* g = max(g, 0)^2 * u (squared ReLU gate) */
-static void relu_sq_mul(float *restrict g, const float *restrict u, size_t n)
+static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
 {
-    for (size_t i = 0; i < n; i++) {
-        /* max(v, 0) on the bits: a set sign bit clears the word. Integer ops vectorize where
-         * a float comparison (which may trap) does not. */
-        uint32_t b;
-        memcpy(&b, &g[i], sizeof b);
-        b &= ~(uint32_t)((int32_t)b >> 31);
-        float gv;
-        memcpy(&gv, &b, sizeof gv);
-        g[i] = gv * gv * u[i];
-    }
-}
-
-static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const float *sinv)
-{
-    const int32_t half = D / 2;
-    for (int32_t hd = 0; hd < n_heads; hd++) {
-        float *x = v + (size_t)hd * D;
-        for (int32_t i = 0; i < half; i++) {
-            float a = x[i], b = x[i + half];
-            x[i] = a * cosv[i] - b * sinv[i];
-            x[i + half] = a * sinv[i] + b * cosv[i];
+    (void)ith;
+    (void)nth;
+    norm_quant_job *job = arg;
+    bn_context *ctx = job->ctx;
+    const size_t n = (size_t)job->n;
+    int64_t lo, hi;
+    while (bn_queue_grab(&job->queue, &lo, &hi))
+        for (int64_t i = lo; i < hi; i++) {
+            float *h = ctx->h + (size_t)i * n;
+            rmsnorm(job->src + (size_t)i * n, job->w, job->n, ctx->hp.rms_eps, h);
+            job->k->quantize(h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
         }
-    }
 }
 
-/* ------------------------------------------------------------------ parallel jobs */
+static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *src,
+                          const float *w, int32_t n, int32_t T)
+{
+    norm_quant_job job = {ctx, k, src, w, n, {0}};
+    bn_queue_init(&job.queue, T, bn_pool_threads(ctx->pool), 1, 1);
+    if (T == 1)
+        norm_quant_worker(&job, 0, 1);   /* not worth waking the pool */
+    else
+        bn_pool_run(ctx->pool, norm_quant_worker, &job);
+    if (k->prepare)
+        k->prepare(ctx->qa, n, n, T, ctx->qa_tiles);
+}
 
-/* Work is handed out in chunks from a shared counter (bn_queue) rather than split statically:
- * on a machine with as many vCPUs as threads, a thread that loses its CPU would otherwise hold
- * up the whole step. Which thread computes a row never changes its value. */
+/* ----------------------------------------------------------------------------- §5.2.2 BitLinear */
+
 typedef struct {
     const bn_ternary *w;
     float *y;           /* [T][w->n_out] */
@@ -125,6 +165,8 @@ static void matmul_worker(void *arg, int32_t ith, int32_t nth)
     }
 }
 
+/* y0 = BitLinear(a, w0), and y1, y2 for w1, w2 when given (model-format §5.4): matrices
+ * that share one quantized input run as one job, their rows handed out together. */
 static void run_matmul(bn_context *ctx, const bn_kernel_set *k, const bn_qact *a,
                        const bn_ternary *w0, float *y0, const bn_ternary *w1, float *y1,
                        const bn_ternary *w2, float *y2)
@@ -142,38 +184,35 @@ static void run_matmul(bn_context *ctx, const bn_kernel_set *k, const bn_qact *a
     bn_pool_run(ctx->pool, matmul_worker, &job);
 }
 
-typedef struct {
-    bn_context *ctx;
-    int32_t layer;
-    int32_t n_tok;
-    bn_queue queue;
-} attn_job;
+/* ---------------------------------------------------------------------------------- §5.2.3 RoPE */
 
-/* Four dot products at once: four independent dependency chains, each the exact arithmetic
- * of dot_fixed (same lanes, same order, same tree). */
-static inline __attribute__((always_inline)) void dot4_fixed(const float *const a[4],
-                                                             const float *const b[4],
-                                                             int32_t n, float out[4])
+/* cos and sin of pos * base^(-2i/D) for i < D/2, computed in double and rounded to float once
+ * (model-format §5.2.3). context.c fills its per-position tables with it. */
+void bn_rope_angles(int32_t pos, int32_t D, float base, float *cosv, float *sinv)
 {
-    bn_v8f p[4] = {{0}, {0}, {0}, {0}};
-    int32_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 4; k++) {
-            bn_v8f x, y;
-            memcpy(&x, a[k] + i, sizeof x);
-            memcpy(&y, b[k] + i, sizeof y);
-            p[k] += x * y;
-        }
-    for (; i < n; i++)
-        for (int k = 0; k < 4; k++)
-            p[k][0] += a[k][i] * b[k][i];
-    for (int k = 0; k < 4; k++) {
-        float s4[4];
-        for (int l = 0; l < 4; l++)
-            s4[l] = p[k][l] + p[k][l + 4];
-        out[k] = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    for (int32_t i = 0; i < D / 2; i++) {
+        double theta = (double)pos * pow((double)base, -2.0 * i / D);
+        cosv[i] = (float)cos(theta);
+        sinv[i] = (float)sin(theta);
     }
 }
+
+/* RoPE in place on n_heads heads of D floats, NeoX pairing (i, i + D/2) (model-format
+ * §5.2.3); cosv, sinv: the D/2 angles of the token's position (bn_rope_angles). */
+static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const float *sinv)
+{
+    const int32_t half = D / 2;
+    for (int32_t hd = 0; hd < n_heads; hd++) {
+        float *x = v + (size_t)hd * D;
+        for (int32_t i = 0; i < half; i++) {
+            float a = x[i], b = x[i + half];
+            x[i] = a * cosv[i] - b * sinv[i];
+            x[i + half] = a * sinv[i] + b * cosv[i];
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------- §5.2.5 causal attention */
 
 /* o[c*16 .. c*16+15] for c < m (m 16-wide chunks of one head's output) =
  * inv * sum over t ascending of p_t * v_t[...]: m independent accumulators in registers. */
@@ -199,7 +238,7 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *sg, 
     }
 }
 
-/* Causal attention of token i's query heads hd0..hd0+group-1, which share one kv head:
+/* Causal attention (model-format §5.2.5) of one token's query heads hd0..hd0+group-1, which share one kv head:
  * each K and V row is loaded once for the whole group. Every head's arithmetic runs in the
  * same fixed order as if it were alone (scores, max, exp-sum in position order, weighted
  * sum in position order, one multiplication by 1/sum), so results do not depend on the
@@ -272,6 +311,15 @@ static void attend_group(const float *q, const float *kc, const float *vc, size_
     }
 }
 
+typedef struct {
+    bn_context *ctx;
+    int32_t layer;
+    int32_t n_tok;
+    bn_queue queue;
+} attn_job;
+
+/* Items are (token, kv head) pairs: token i's query heads of kv head kh against the cache
+ * of its slot, positions 0..pos. */
 static void attn_worker(void *arg, int32_t ith, int32_t nth)
 {
     (void)nth;
@@ -297,6 +345,33 @@ static void attn_worker(void *arg, int32_t ith, int32_t nth)
     }
 }
 
+/* --------------------------------------------------------- §5.2.7-§5.2.10 the rest of the layer */
+
+/* x += y, the residual adds of model-format §5.2.7 and §5.2.10; restrict lets the compiler vectorize */
+static void add_rows(float *restrict x, const float *restrict y, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
+/* g = max(g, 0)^2 * u, the squared-ReLU gate (model-format §5.2.9) */
+static void relu_sq_mul(float *restrict g, const float *restrict u, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        /* max(v, 0) on the bits: a set sign bit clears the word. Integer ops vectorize where
+         * a float comparison (which may trap) does not. */
+        uint32_t b;
+        memcpy(&b, &g[i], sizeof b);
+        b &= ~(uint32_t)((int32_t)b >> 31);
+        float gv;
+        memcpy(&gv, &b, sizeof gv);
+        g[i] = gv * gv * u[i];
+    }
+}
+
+/* ----------------------------------------------------------------------------- §5.3 output head */
+
+/* logits = head (F16) . y for n_tok rows y (model-format §5.3), vocabulary rows shared out. */
 typedef struct {
     const bn_kernel_set *k;
     const uint16_t *head;
@@ -317,50 +392,10 @@ static void head_worker(void *arg, int32_t ith, int32_t nth)
                            job->n_in, job->y, job->n_vocab);
 }
 
-/* ------------------------------------------------------------------ one chunk */
-
-/* RMSNorm of every token row of src (n wide) with weights w, then its int8 quantization
- * into ctx->qa. Per token, so the result never depends on the split across threads. */
-typedef struct {
-    bn_context *ctx;
-    const bn_kernel_set *k;
-    const float *src;
-    const float *w;
-    int32_t n;
-    bn_queue queue;
-} norm_quant_job;
-
-static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
-{
-    (void)ith;
-    (void)nth;
-    norm_quant_job *job = arg;
-    bn_context *ctx = job->ctx;
-    const size_t n = (size_t)job->n;
-    int64_t lo, hi;
-    while (bn_queue_grab(&job->queue, &lo, &hi))
-        for (int64_t i = lo; i < hi; i++) {
-            float *h = ctx->h + (size_t)i * n;
-            rmsnorm(job->src + (size_t)i * n, job->w, job->n, ctx->hp.rms_eps, h);
-            job->k->quantize(h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
-        }
-}
-
-static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *src,
-                          const float *w, int32_t n, int32_t T)
-{
-    norm_quant_job job = {ctx, k, src, w, n, {0}};
-    bn_queue_init(&job.queue, T, bn_pool_threads(ctx->pool), 1, 1);
-    if (T == 1)
-        norm_quant_worker(&job, 0, 1);   /* not worth waking the pool */
-    else
-        bn_pool_run(ctx->pool, norm_quant_worker, &job);
-    if (k->prepare)
-        k->prepare(ctx->qa, n, n, T, ctx->qa_tiles);
-}
+/* ------------------------------------------------------------------------------------ one chunk */
 
 /* Run the tokens tok_*[0..T) through the model; logits for the tokens whose tok_row >= 0,
- * whose rows are consecutive starting at the first such row. */
+ * whose rows are consecutive starting at the first such row. Buffers: context.h. */
 void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
 {
     const bn_model *m = ctx->m;
@@ -368,42 +403,66 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     const int32_t E = hp->n_embd, F = hp->n_ff, D = hp->head_dim, kvd = ctx->kv_dim;
     const float eps = hp->rms_eps;
 
+    /* 1. (§5.1) x = the token's row of token_embd, F16 -> F32 */
     for (int32_t i = 0; i < T; i++)
         bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
 
+    /* 2. (§5.2) every layer, for all T tokens at once */
     for (int32_t l = 0; l < hp->n_layer; l++) {
         const bn_layer *L = &m->layers[l];
-        /* attention block */
+
+        /* 2.1 (§5.2.1) h = RMSNorm(x, attn_norm), quantized once for q, k and v (§5.4.1-2) */
         norm_quantize(ctx, k, ctx->x, L->attn_norm, E, T);
         bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
+
+        /* 2.2 (§5.2.2) q, k, v = BitLinear(h, attn_q / attn_k / attn_v) */
         run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
+
+        /* 2.3 (§5.2.3) RoPE on every head of q and k at the token's position */
         for (int32_t i = 0; i < T; i++) {
             const size_t rp = (size_t)ctx->tok_pos[i] * (D / 2);
             rope(ctx->q + (size_t)i * E, hp->n_head, D, ctx->rope_cos + rp, ctx->rope_sin + rp);
             rope(ctx->k + (size_t)i * kvd, hp->n_head_kv, D, ctx->rope_cos + rp,
                  ctx->rope_sin + rp);
+        }
+
+        /* 2.4 (§5.2.4) store k, v at the token's position in its slot's cache of this layer */
+        for (int32_t i = 0; i < T; i++) {
             const size_t at = (((size_t)ctx->tok_slot[i] * hp->n_layer + (size_t)l) * ctx->n_ctx +
                                (size_t)ctx->tok_pos[i]) * kvd;
             memcpy(ctx->kcache + at, ctx->k + (size_t)i * kvd, (size_t)kvd * sizeof(float));
             memcpy(ctx->vcache + at, ctx->v + (size_t)i * kvd, (size_t)kvd * sizeof(float));
         }
+
+        /* 2.5 (§5.2.5) att = causal attention over positions 0..pos, heads concatenated */
         attn_job aj = {ctx, l, T, {0}};
         bn_queue_init(&aj.queue, (int64_t)T * hp->n_head_kv, bn_pool_threads(ctx->pool), 4, 1);
         bn_pool_run(ctx->pool, attn_worker, &aj);
+
+        /* 2.6 (§5.2.6) RMSNorm(att, attn_sub_norm), quantized */
         norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, E, T);
+
+        /* 2.7 (§5.2.7) x = x + BitLinear(that, attn_output) */
         run_matmul(ctx, k, &a, &L->wo, ctx->tmp, NULL, NULL, NULL, NULL);
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
 
-        /* feed-forward block */
+        /* 2.8 (§5.2.8) h = RMSNorm(x, ffn_norm), quantized once; g, u = BitLinear(h,
+         * ffn_gate / ffn_up) */
         norm_quantize(ctx, k, ctx->x, L->ffn_norm, E, T);
         run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
+
+        /* 2.9 (§5.2.9) f = max(g, 0)^2 * u (in g), then RMSNorm(f, ffn_sub_norm), quantized */
         relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
         norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, F, T);
         bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
+
+        /* 2.10 (§5.2.10) x = x + BitLinear(f, ffn_down) */
         run_matmul(ctx, k, &af, &L->w_down, ctx->tmp, NULL, NULL, NULL, NULL);
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
     }
 
+    /* 3. (§5.3) y = RMSNorm(x, output_norm) for the tokens that want logits, packed into
+     * ynorm; logits = head . y */
     int32_t n_out = 0, first_row = -1;
     for (int32_t i = 0; i < T; i++) {
         if (ctx->tok_row[i] < 0)
@@ -420,3 +479,4 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         bn_pool_run(ctx->pool, head_worker, &hj);
     }
 }
+
