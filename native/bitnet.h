@@ -163,6 +163,24 @@ bn_bwprobe *bn_bwprobe_new(uint64_t n_bytes, int32_t n_threads);   /* NULL on fa
 double bn_bwprobe_run(bn_bwprobe *p, int32_t streams);              /* one pass, GB/s */
 void bn_bwprobe_free(bn_bwprobe *p);
 
+/* ---- test-only: the forward pass's per-token steps and their plain references ----
+ * Not for applications. bn_test_* run the engine's own code (forward.c) on caller-given
+ * arrays, bn_ref_* plain loops written from the spec (reference.c); tests check that both give
+ * the same bits. Each returns 0, or -1 for bad arguments or out of memory. */
+/* out[0..n) = RMSNorm(x, w) (model-format §5.2.1). */
+int bn_test_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out);
+int bn_ref_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out);
+/* RoPE in place on v[n_heads][head_dim] at position pos (model-format §5.2.3). */
+int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base);
+int bn_ref_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base);
+/* Causal attention of one token at position n_pos - 1 (model-format §5.2.5):
+ * q[n_head][head_dim], k and v [n_pos][n_head_kv][head_dim], out[n_head][head_dim];
+ * n_head % n_head_kv == 0 (and n_head / n_head_kv <= 64 for bn_test_attention). */
+int bn_test_attention(const float *q, const float *k, const float *v, int32_t n_pos,
+                      int32_t n_head, int32_t n_head_kv, int32_t head_dim, float *out);
+int bn_ref_attention(const float *q, const float *k, const float *v, int32_t n_pos,
+                     int32_t n_head, int32_t n_head_kv, int32_t head_dim, float *out);
+
 /* ---- introspection ---- */
 /* "scalar", "avx2", "avx512vnni", "amx": the kernel set chosen at run time. */
 const char *bn_kernel_name(void);

@@ -8,7 +8,9 @@
  * Each token's arithmetic is independent of the other tokens and of the thread count: the
  * matrix kernels compute every output on its own in a fixed order (kernels/kernels.h), and
  * the per-token steps (norms, RoPE, attention) run one token at a time in a fixed order. So a
- * sequence gets bit-identical logits whatever else is in the batch.
+ * sequence gets bit-identical logits whatever else is in the batch. reference.c holds plain
+ * versions of RMSNorm, RoPE and attention that tests compare with these, bit for bit
+ * (bn_test_* at the end of this file).
  *
  * Work is handed out to the pool's threads in chunks from a shared counter (bn_queue) rather
  * than split statically: on a machine with as many vCPUs as threads, a thread that loses its
@@ -16,6 +18,7 @@
  * value.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "context.h"
@@ -480,3 +483,49 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     }
 }
 
+/* ------------------------------------------------------------------------- test entry points */
+/* The engine's own per-token steps, called on caller-given arrays, for tests that compare
+ * them with the plain references of reference.c (bitnet.h, "test-only"). */
+
+int bn_test_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out)
+{
+    if (!x || !w || !out || n <= 0)
+        return -1;
+    rmsnorm(x, w, n, eps, out);
+    return 0;
+}
+
+int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base)
+{
+    if (!v || n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || pos < 0)
+        return -1;
+    float *angles = malloc((size_t)head_dim * sizeof(float));
+    if (!angles)
+        return -1;
+    bn_rope_angles(pos, head_dim, base, angles, angles + head_dim / 2);
+    rope(v, n_heads, head_dim, angles, angles + head_dim / 2);
+    free(angles);
+    return 0;
+}
+
+int bn_test_attention(const float *q, const float *k, const float *v, int32_t n_pos,
+                      int32_t n_head, int32_t n_head_kv, int32_t head_dim, float *out)
+{
+    if (!q || !k || !v || !out || n_pos <= 0 || n_head <= 0 || n_head_kv <= 0 ||
+        n_head % n_head_kv != 0 || n_head / n_head_kv > 64 || head_dim <= 0)
+        return -1;
+    const int32_t group = n_head / n_head_kv;
+    const size_t kvd = (size_t)n_head_kv * head_dim;
+    float *scores = malloc((size_t)group * (size_t)n_pos * sizeof(float));
+    if (!scores)
+        return -1;
+    /* as attn_worker does for one token at position n_pos - 1 */
+    const float inv_sqrt_d = 1.0f / sqrtf((float)head_dim);
+    for (int32_t kh = 0; kh < n_head_kv; kh++) {
+        const size_t q_off = (size_t)kh * group * head_dim;
+        attend_group(q + q_off, k + (size_t)kh * head_dim, v + (size_t)kh * head_dim, kvd,
+                     n_pos - 1, head_dim, group, inv_sqrt_d, scores, (size_t)n_pos, out + q_off);
+    }
+    free(scores);
+    return 0;
+}
