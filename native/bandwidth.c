@@ -1,5 +1,5 @@
 /* bandwidth.c - the memory read bandwidth probe (bn_measure_read_bandwidth, bn_bwprobe_*):
- * how fast this machine can stream bytes, the limit of decode speed (spec section 9).
+ * how fast this machine can stream bytes, the limit of decode speed (model-format §9).
  */
 #include <stdlib.h>
 #include <string.h>

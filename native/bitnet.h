@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-/* ---- GGUF value types (spec section 1) ---- */
+/* ---- GGUF value types (model-format §1) ---- */
 enum {
     BN_GGUF_U8 = 0, BN_GGUF_I8 = 1, BN_GGUF_U16 = 2, BN_GGUF_I16 = 3, BN_GGUF_U32 = 4,
     BN_GGUF_I32 = 5, BN_GGUF_F32 = 6, BN_GGUF_BOOL = 7, BN_GGUF_STRING = 8,
@@ -153,7 +153,7 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
 
 /* Memory read bandwidth in GB/s: the best of reps passes of n_threads threads, each reading
  * its share of an n_bytes buffer as `streams` interleaved sequential streams. <= 0 on failure.
- * For benchmarks (spec section 9). */
+ * For benchmarks (model-format §9). */
 double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams,
                                  int32_t reps);
 /* The same probe with its buffer and threads kept, so that single passes can be interleaved
@@ -165,8 +165,8 @@ void bn_bwprobe_free(bn_bwprobe *p);
 
 /* ---- test-only: the forward pass's per-token steps and their plain references ----
  * Not for applications. bn_test_* run the engine's own code (forward.c) on caller-given
- * arrays, bn_ref_* plain loops written from the spec (reference.c); tests check that both give
- * the same bits. Each returns 0, or -1 for bad arguments or out of memory. */
+ * arrays, bn_ref_* plain loops written from model-format §5.2 (reference.c); tests check
+ * that both give the same bits. Each returns 0, or -1 for bad arguments or out of memory. */
 /* out[0..n) = RMSNorm(x, w) (model-format §5.2.1). */
 int bn_test_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out);
 int bn_ref_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out);

@@ -59,10 +59,11 @@ struct bn_context {
     float *tmp;                 /* [T][n_embd] f32: attn_output / ffn_down before the residual */
     float *ynorm;               /* [T][n_embd] f32: output-normed rows of the tokens that want
                                  * logits, packed */
-    int8_t *qa;                 /* [T][n] i8, n = n_embd or n_ff: quantized h (§5.4.2) */
+    int8_t *qa;                 /* [T][n] i8, n = n_embd or n_ff: quantized h
+                                 * (model-format §5.4.2) */
     int8_t *qa_tiles;           /* [T * n] i8: qa rearranged by the kernel set's prepare */
-    float *qa_s;                /* [T] f32: quantization scale 127 / absmax (§5.4.1) */
-    int32_t *qa_sum;            /* [T] i32: sum of the row of qa (§5.4.3) */
+    float *qa_s;                /* [T] f32: quantization scale 127 / absmax (model-format §5.4.1) */
+    int32_t *qa_sum;            /* [T] i32: sum of the row of qa (model-format §5.4.3) */
     int32_t *tok_slot;          /* [T] i32: slot of each token of the chunk */
     int32_t *tok_pos;           /* [T] i32: its position in the slot */
     int32_t *tok_id;            /* [T] i32: its token id */

@@ -3,7 +3,7 @@
  * bn_forward (context.c) gathers the tokens of every batch entry into one chunk and
  * bn_forward_chunk, at the bottom of this file, runs each layer once for all of them, so every
  * weight byte read from memory serves the whole batch. The helpers above it come in the order
- * of the spec's steps, which bn_forward_chunk numbers.
+ * of the steps of model-format §5, which bn_forward_chunk numbers.
  *
  * Each token's arithmetic is independent of the other tokens and of the thread count: the
  * matrix kernels compute every output on its own in a fixed order (kernels/kernels.h), and
@@ -79,7 +79,7 @@ static inline __attribute__((always_inline)) void dot4_fixed(const float *const 
     }
 }
 
-/* ------------------------------------------------------------ §5.2.1 RMSNorm, §5.4 quantization */
+/* -------------------------------------- model-format §5.2.1 RMSNorm, §5.4.1-§5.4.2 quantization */
 
 /* out = RMSNorm(x) * w over n floats: mean of squares in dot_fixed's order, then one
  * reciprocal square root multiplied in (model-format §5.2.1). */
@@ -132,7 +132,7 @@ static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *
         k->prepare(ctx->qa, n, n, T, ctx->qa_tiles);
 }
 
-/* ----------------------------------------------------------------------------- §5.2.2 BitLinear */
+/* ---------------------------------------------------------------- model-format §5.2.2 BitLinear */
 
 typedef struct {
     const bn_ternary *w;
@@ -187,7 +187,7 @@ static void run_matmul(bn_context *ctx, const bn_kernel_set *k, const bn_qact *a
     bn_pool_run(ctx->pool, matmul_worker, &job);
 }
 
-/* ---------------------------------------------------------------------------------- §5.2.3 RoPE */
+/* --------------------------------------------------------------------- model-format §5.2.3 RoPE */
 
 /* cos and sin of pos * base^(-2i/D) for i < D/2, computed in double and rounded to float once
  * (model-format §5.2.3). context.c fills its per-position tables with it. */
@@ -201,7 +201,8 @@ void bn_rope_angles(int32_t pos, int32_t D, float base, float *cosv, float *sinv
 }
 
 /* RoPE in place on n_heads heads of D floats, NeoX pairing (i, i + D/2) (model-format
- * §5.2.3); cosv, sinv: the D/2 angles of the token's position (bn_rope_angles). */
+ * model-format §5.2.3); cosv, sinv: the D/2 angles of the token's position
+ * (bn_rope_angles). */
 static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const float *sinv)
 {
     const int32_t half = D / 2;
@@ -215,7 +216,7 @@ static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const 
     }
 }
 
-/* ---------------------------------------------------------------------- §5.2.5 causal attention */
+/* --------------------------------------------------------- model-format §5.2.5 causal attention */
 
 /* o[c*16 .. c*16+15] for c < m (m 16-wide chunks of one head's output) =
  * inv * sum over t ascending of p_t * v_t[...]: m independent accumulators in registers. */
@@ -241,12 +242,12 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *sg, 
     }
 }
 
-/* Causal attention (model-format §5.2.5) of one token's query heads hd0..hd0+group-1, which share one kv head:
- * each K and V row is loaded once for the whole group. Every head's arithmetic runs in the
- * same fixed order as if it were alone (scores, max, exp-sum in position order, weighted
- * sum in position order, one multiplication by 1/sum), so results do not depend on the
- * grouping or the batch. Cloned for wider vectors: the operations and their order stay the
- * same (no contraction in ISO C mode). */
+/* Causal attention (model-format §5.2.5) of one token's query heads hd0..hd0+group-1, which
+ * share one kv head: each K and V row is loaded once for the whole group. Every head's
+ * arithmetic runs in the same fixed order as if it were alone (scores, max, exp-sum in
+ * position order, weighted sum in position order, one multiplication by 1/sum), so results do
+ * not depend on the grouping or the batch. Cloned for wider vectors: the operations and their
+ * order stay the same (no contraction in ISO C mode). */
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static void attend_group(const float *q, const float *kc, const float *vc, size_t kvd,
                          int32_t pos, int32_t D, int32_t group, float inv_sqrt_d,
@@ -348,9 +349,10 @@ static void attn_worker(void *arg, int32_t ith, int32_t nth)
     }
 }
 
-/* --------------------------------------------------------- §5.2.7-§5.2.10 the rest of the layer */
+/* -------------------------------------------- model-format §5.2.7-§5.2.10 the rest of the layer */
 
-/* x += y, the residual adds of model-format §5.2.7 and §5.2.10; restrict lets the compiler vectorize */
+/* x += y, the residual adds of model-format §5.2.7 and §5.2.10; restrict lets the compiler
+ * vectorize */
 static void add_rows(float *restrict x, const float *restrict y, size_t n)
 {
     for (size_t i = 0; i < n; i++)
@@ -372,7 +374,7 @@ static void relu_sq_mul(float *restrict g, const float *restrict u, size_t n)
     }
 }
 
-/* ----------------------------------------------------------------------------- §5.3 output head */
+/* ---------------------------------------------------------------- model-format §5.3 output head */
 
 /* logits = head (F16) . y for n_tok rows y (model-format §5.3), vocabulary rows shared out. */
 typedef struct {
@@ -406,22 +408,23 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     const int32_t E = hp->n_embd, F = hp->n_ff, D = hp->head_dim, kvd = ctx->kv_dim;
     const float eps = hp->rms_eps;
 
-    /* 1. (§5.1) x = the token's row of token_embd, F16 -> F32 */
+    /* 1. (model-format §5.1) x = the token's row of token_embd, F16 -> F32 */
     for (int32_t i = 0; i < T; i++)
         bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
 
-    /* 2. (§5.2) every layer, for all T tokens at once */
+    /* 2. (model-format §5.2) every layer, for all T tokens at once */
     for (int32_t l = 0; l < hp->n_layer; l++) {
         const bn_layer *L = &m->layers[l];
 
-        /* 2.1 (§5.2.1) h = RMSNorm(x, attn_norm), quantized once for q, k and v (§5.4.1-2) */
+        /* 2.1 (model-format §5.2.1) h = RMSNorm(x, attn_norm), quantized once for q, k and v
+         * (§5.4.1-§5.4.2) */
         norm_quantize(ctx, k, ctx->x, L->attn_norm, E, T);
         bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
 
-        /* 2.2 (§5.2.2) q, k, v = BitLinear(h, attn_q / attn_k / attn_v) */
+        /* 2.2 (model-format §5.2.2) q, k, v = BitLinear(h, attn_q / attn_k / attn_v) */
         run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
 
-        /* 2.3 (§5.2.3) RoPE on every head of q and k at the token's position */
+        /* 2.3 (model-format §5.2.3) RoPE on every head of q and k at the token's position */
         for (int32_t i = 0; i < T; i++) {
             const size_t rp = (size_t)ctx->tok_pos[i] * (D / 2);
             rope(ctx->q + (size_t)i * E, hp->n_head, D, ctx->rope_cos + rp, ctx->rope_sin + rp);
@@ -429,7 +432,8 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
                  ctx->rope_sin + rp);
         }
 
-        /* 2.4 (§5.2.4) store k, v at the token's position in its slot's cache of this layer */
+        /* 2.4 (model-format §5.2.4) store k, v at the token's position in its slot's cache of
+         * this layer */
         for (int32_t i = 0; i < T; i++) {
             const size_t at = (((size_t)ctx->tok_slot[i] * hp->n_layer + (size_t)l) * ctx->n_ctx +
                                (size_t)ctx->tok_pos[i]) * kvd;
@@ -437,35 +441,37 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
             memcpy(ctx->vcache + at, ctx->v + (size_t)i * kvd, (size_t)kvd * sizeof(float));
         }
 
-        /* 2.5 (§5.2.5) att = causal attention over positions 0..pos, heads concatenated */
+        /* 2.5 (model-format §5.2.5) att = causal attention over positions 0..pos, heads
+         * concatenated */
         attn_job aj = {ctx, l, T, {0}};
         bn_queue_init(&aj.queue, (int64_t)T * hp->n_head_kv, bn_pool_threads(ctx->pool), 4, 1);
         bn_pool_run(ctx->pool, attn_worker, &aj);
 
-        /* 2.6 (§5.2.6) RMSNorm(att, attn_sub_norm), quantized */
+        /* 2.6 (model-format §5.2.6) RMSNorm(att, attn_sub_norm), quantized */
         norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, E, T);
 
-        /* 2.7 (§5.2.7) x = x + BitLinear(that, attn_output) */
+        /* 2.7 (model-format §5.2.7) x = x + BitLinear(that, attn_output) */
         run_matmul(ctx, k, &a, &L->wo, ctx->tmp, NULL, NULL, NULL, NULL);
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
 
-        /* 2.8 (§5.2.8) h = RMSNorm(x, ffn_norm), quantized once; g, u = BitLinear(h,
-         * ffn_gate / ffn_up) */
+        /* 2.8 (model-format §5.2.8) h = RMSNorm(x, ffn_norm), quantized once;
+         * g, u = BitLinear(h, ffn_gate / ffn_up) */
         norm_quantize(ctx, k, ctx->x, L->ffn_norm, E, T);
         run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
 
-        /* 2.9 (§5.2.9) f = max(g, 0)^2 * u (in g), then RMSNorm(f, ffn_sub_norm), quantized */
+        /* 2.9 (model-format §5.2.9) f = max(g, 0)^2 * u (in g), then RMSNorm(f, ffn_sub_norm),
+         * quantized */
         relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
         norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, F, T);
         bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
 
-        /* 2.10 (§5.2.10) x = x + BitLinear(f, ffn_down) */
+        /* 2.10 (model-format §5.2.10) x = x + BitLinear(f, ffn_down) */
         run_matmul(ctx, k, &af, &L->w_down, ctx->tmp, NULL, NULL, NULL, NULL);
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
     }
 
-    /* 3. (§5.3) y = RMSNorm(x, output_norm) for the tokens that want logits, packed into
-     * ynorm; logits = head . y */
+    /* 3. (model-format §5.3) y = RMSNorm(x, output_norm) for the tokens that want logits,
+     * packed into ynorm; logits = head . y */
     int32_t n_out = 0, first_row = -1;
     for (int32_t i = 0; i < T; i++) {
         if (ctx->tok_row[i] < 0)
@@ -483,7 +489,7 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     }
 }
 
-/* ------------------------------------------------------------------------- test entry points */
+/* ---------------------------------------------------------------------------- test entry points */
 /* The engine's own per-token steps, called on caller-given arrays, for tests that compare
  * them with the plain references of reference.c (bitnet.h, "test-only"). */
 

@@ -1,4 +1,4 @@
-/* gguf.c - a validating GGUF v3 reader over mmap (spec section 1) and the bn_meta_* API.
+/* gguf.c - a validating GGUF v3 reader over mmap (model-format §1) and the bn_meta_* API.
  *
  * The file is untrusted: every count, length, type, shape and offset is checked against the
  * mapping's size (and against overflow) before it is used, so a malformed file yields an

@@ -1,4 +1,4 @@
-/* gguf.h - internal: a validating GGUF v3 reader over mmap (spec section 1). */
+/* gguf.h - internal: a validating GGUF v3 reader over mmap (model-format §1). */
 #ifndef BITNET_GGUF_H
 #define BITNET_GGUF_H
 

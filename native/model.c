@@ -1,4 +1,4 @@
-/* model.c - BitNet b1.58 model loader (spec sections 2-4): checks the architecture,
+/* model.c - BitNet b1.58 model loader (model-format §2-§4): checks the architecture,
  * hyper-parameters and every tensor's type and shape, then points the bn_model fields into
  * the mapping (zero copies).
  *

@@ -5,7 +5,7 @@
 #include "bitnet.h"
 #include "gguf.h"
 
-/* An I2_S ternary matrix used in place from the mapping (spec section 4). */
+/* An I2_S ternary matrix used in place from the mapping (model-format §4). */
 typedef struct {
     const uint8_t *codes;   /* [n_out][n_in/4] 2-bit codes, 32-byte blocks of 128 weights */
     float scale;            /* per-tensor weight scale (read from byte n_out*n_in/4) */

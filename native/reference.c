@@ -24,7 +24,7 @@ static float dot8(const float *a, const float *b, int32_t n)
     return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
 }
 
-/* §5.2.1: out_i = w_i * x_i / sqrt(mean(x^2) + eps) */
+/* model-format §5.2.1: out_i = w_i * x_i / sqrt(mean(x^2) + eps) */
 int bn_ref_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out)
 {
     if (!x || !w || !out || n <= 0)
@@ -36,8 +36,9 @@ int bn_ref_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *
     return 0;
 }
 
-/* §5.2.3: in every head, the pair (x[i], x[i + D/2]) turns by theta_i = pos * base^(-2i/D)
- * (NeoX pairing); theta in double, its cos and sin rounded to float. */
+/* model-format §5.2.3: in every head, the pair (x[i], x[i + D/2]) turns by
+ * theta_i = pos * base^(-2i/D) (NeoX pairing); theta in double, its cos and sin rounded to
+ * float. */
 int bn_ref_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base)
 {
     if (!v || n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || pos < 0)
@@ -56,7 +57,7 @@ int bn_ref_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float 
     return 0;
 }
 
-/* §5.2.5 for one token at position n_pos - 1: query head h uses kv head h / group;
+/* model-format §5.2.5 for one token at position n_pos - 1: query head h uses kv head h / group;
  * score_t = (q . k_t) / sqrt(D) for t = 0..n_pos-1, p = softmax(score) (max subtracted, exp,
  * sum in position order), out = sum_t p_t v_t. k and v rows are [n_head_kv][head_dim]. */
 int bn_ref_attention(const float *q, const float *k, const float *v, int32_t n_pos,

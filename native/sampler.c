@@ -1,4 +1,4 @@
-/* sampler.c - token sampling and log-probabilities (spec section 7).
+/* sampler.c - token sampling and log-probabilities (model-format §7).
  *
  * The chain, in llama.cpp's order: logit bias, repetition penalty, presence and frequency
  * penalties, then greedy (temperature <= 0) or top-k, top-p, min-p, temperature, softmax and

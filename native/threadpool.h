@@ -3,7 +3,7 @@
  * n_threads-1 worker threads plus the calling thread run one job at a time. Workers poll
  * briefly for the next job (a short pause loop: jobs of one forward pass follow each other
  * within microseconds) and then sleep on a condition variable, because pure spinning
- * collapses on machines with as few vCPUs as threads (spec section 9).
+ * collapses on machines with as few vCPUs as threads (model-format §9).
  */
 #ifndef BITNET_THREADPOOL_H
 #define BITNET_THREADPOOL_H

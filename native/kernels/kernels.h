@@ -10,7 +10,7 @@
  * - quantization rounds half to even (the default rounding mode) and clamps to -128..127.
  * The order never depends on the row range, the thread count or the other tokens in a batch.
  *
- * I2_S memory layout (spec section 4): row r of an I2_S matrix is n_in/4 bytes, 32-byte blocks
+ * I2_S memory layout (model-format §4): row r of an I2_S matrix is n_in/4 bytes, 32-byte blocks
  * of 128 weights; element j of a block sits in byte j%32 at shift 6-2*(j/32), code 0..2
  * standing for -1..1. So the four 2-bit planes of a 32-byte block line up with four
  * consecutive 32-byte runs of activations, and sum(code*q) - sum(q) is the ternary dot product.
@@ -35,7 +35,7 @@
 #define BN_HAVE_AMX 1
 #endif
 
-/* int8-quantized activations of n_tok tokens (spec section 5, BitLinear steps 1-2). */
+/* int8-quantized activations of n_tok tokens (model-format §5.4.1-§5.4.2). */
 typedef struct {
     const int8_t *q;       /* n_tok rows of stride bytes; stride % 32 == 0 */
     int32_t stride;
@@ -84,7 +84,7 @@ extern const bn_kernel_set bn_kernels_amx;
 #endif
 #endif
 
-/* The BitLinear epilogue, one expression for every kernel (spec section 5 BitLinear step 3). */
+/* The BitLinear epilogue, one expression for every kernel (model-format §5.4.3). */
 static inline float bitlinear_out(int32_t acc, int32_t qsum, float s, float scale)
 {
     return (float)(acc - qsum) / s * scale;
@@ -103,7 +103,7 @@ int32_t bn_ternary_dot_scalar(const uint8_t *row, int32_t n_in, const int8_t *q)
                    always_inline)) static inline
 
 /* Rows of one tile are drawn from STREAMS distant parts of the range, so the memory system
- * sees several sequential streams at once (spec section 9). */
+ * sees several sequential streams at once (model-format §9). */
 #define STREAMS 4
 
 /* A prefetch hint for base + off bytes. The address may lie past the end of the matrix (the
@@ -124,7 +124,8 @@ AVX2_INLINE int32_t hsum_epi32(__m256i v)
 }
 
 /* F16 rows times F32 activations in the canonical order: lanes 0-7 of lo and hi are partial
- * sums 0-7 and 8-15 of the canonical order (top of this file); the final reduction is sum16's tree. */
+ * sums 0-7 and 8-15 of the canonical order (top of this file); the final reduction is
+ * sum16's tree. */
 AVX2_INLINE float reduce16_avx2(__m256 lo, __m256 hi)
 {
     __m256 s8 = _mm256_add_ps(lo, hi);
