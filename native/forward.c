@@ -435,8 +435,8 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         /* 2.4 (model-format §5.2.4) store k, v at the token's position in its slot's cache of
          * this layer */
         for (int32_t i = 0; i < T; i++) {
-            const size_t at = (((size_t)ctx->tok_slot[i] * hp->n_layer + (size_t)l) * ctx->n_ctx +
-                               (size_t)ctx->tok_pos[i]) * kvd;
+            const size_t slot_layer = (size_t)ctx->tok_slot[i] * hp->n_layer + (size_t)l;
+            const size_t at = (slot_layer * ctx->n_ctx + (size_t)ctx->tok_pos[i]) * kvd;
             memcpy(ctx->kcache + at, ctx->k + (size_t)i * kvd, (size_t)kvd * sizeof(float));
             memcpy(ctx->vcache + at, ctx->v + (size_t)i * kvd, (size_t)kvd * sizeof(float));
         }
@@ -482,8 +482,8 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         n_out++;
     }
     if (n_out > 0) {
-        head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm,
-                       ctx->logits + (size_t)first_row * hp->n_vocab, {0}};
+        float *y = ctx->logits + (size_t)first_row * hp->n_vocab;
+        head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm, y, {0}};
         bn_queue_init(&hj.queue, hp->n_vocab, bn_pool_threads(ctx->pool), 4, 16);
         bn_pool_run(ctx->pool, head_worker, &hj);
     }

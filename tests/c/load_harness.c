@@ -226,10 +226,12 @@ static double now_ms(void) {
 
 /* Interesting values for 4- and 8-byte fields. */
 static uint64_t interesting(void) {
+    /* clang-format off: a table, kept in rows */
     static const uint64_t v[] = {0, 1, 2, 3, 4, 7, 8, 9, 12, 13, 31, 32, 33, 36, 64, 127, 128,
                                  255, 256, 0x7fff, 0xffff, 0x7fffffff, 0x80000000, 0xffffffff,
                                  0x100000000ull, 0x7fffffffffffffffull, 0x8000000000000000ull,
                                  0xffffffffffffffffull, 0xfffffffffffffff0ull};
+    /* clang-format on */
     return v[rng() % (sizeof v / sizeof v[0])];
 }
 
