@@ -12,7 +12,7 @@ typedef struct {
     const uint8_t *buf;
     size_t n;
     int32_t streams;
-    bn_queue queue;   /* in 1 MiB pieces */
+    bn_queue queue; /* in 1 MiB pieces */
     uint64_t sink[BN_POOL_MAX_THREADS];
 } read_job;
 
@@ -23,18 +23,18 @@ static void read_worker(void *arg, int32_t ith, int32_t nth)
     (void)nth;
     read_job *job = arg;
     int64_t lo, hi;
-    bn_v4i64 acc[8] = {{0}};  /* one chain per stream (mod 8): loads stay independent */
+    bn_v4i64 acc[8] = {{0}}; /* one chain per stream (mod 8): loads stay independent */
     while (bn_queue_grab(&job->queue, &lo, &hi)) {
-    const size_t lines = (size_t)(hi - lo) * 16384 / (size_t)job->streams;
-    const uint8_t *base = job->buf + (size_t)lo * (1 << 20);
-    for (size_t i = 0; i < lines; i++)
-        for (int32_t s = 0; s < job->streams; s++) {
-            const uint8_t *p = base + ((size_t)s * lines + i) * 64;
-            bn_v4i64 v0, v1;
-            memcpy(&v0, p, 32);
-            memcpy(&v1, p + 32, 32);
-            acc[s & 7] ^= v0 ^ v1;
-        }
+        const size_t lines = (size_t)(hi - lo) * 16384 / (size_t)job->streams;
+        const uint8_t *base = job->buf + (size_t)lo * (1 << 20);
+        for (size_t i = 0; i < lines; i++)
+            for (int32_t s = 0; s < job->streams; s++) {
+                const uint8_t *p = base + ((size_t)s * lines + i) * 64;
+                bn_v4i64 v0, v1;
+                memcpy(&v0, p, 32);
+                memcpy(&v1, p + 32, 32);
+                acc[s & 7] ^= v0 ^ v1;
+            }
     }
     uint64_t sink = 0;
     for (int s = 0; s < 8; s++)
@@ -73,7 +73,7 @@ bn_bwprobe *bn_bwprobe_new(uint64_t n_bytes, int32_t n_threads)
         bn_bwprobe_free(p);
         return NULL;
     }
-    memset(p->buf, 1, (size_t)n_bytes);  /* fault every page in before timing */
+    memset(p->buf, 1, (size_t)n_bytes); /* fault every page in before timing */
     p->job.buf = p->buf;
     p->job.n = (size_t)n_bytes;
     p->n_threads = n_threads;
@@ -95,8 +95,7 @@ double bn_bwprobe_run(bn_bwprobe *p, int32_t streams)
     return dt > 0 ? (double)((p->job.n >> 20) << 20) / dt / 1e9 : -1.0;
 }
 
-double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams,
-                                 int32_t reps)
+double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams, int32_t reps)
 {
     if (reps < 1)
         return -1.0;
@@ -110,4 +109,3 @@ double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t st
     bn_bwprobe_free(p);
     return best;
 }
-

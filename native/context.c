@@ -54,7 +54,7 @@ static void *alloc_array(size_t n, size_t size, int *failed)
         *failed = 1;
         return NULL;
     }
-    void *p = malloc(n * size);  /* large blocks come zeroed from mmap and stay untouched */
+    void *p = malloc(n * size); /* large blocks come zeroed from mmap and stay untouched */
     if (!p)
         *failed = 1;
     return p;
@@ -100,7 +100,7 @@ static int check_matrix(const bn_ternary *w, int32_t n_in, int32_t n_out, const 
 {
     if (!w->codes || w->n_in != n_in || w->n_out != n_out || n_in % 128 != 0) {
         bn_set_err(err, errlen, "layer %d %s: shape %d x %d, expected %d x %d", layer, what,
-                w->n_out, w->n_in, n_out, n_in);
+                   w->n_out, w->n_in, n_out, n_in);
         return -1;
     }
     return 0;
@@ -130,11 +130,13 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     }
     const int32_t E = hp->n_embd, F = hp->n_ff, H = hp->n_head, Hkv = hp->n_head_kv,
                   D = hp->head_dim;
-    if (E <= 0 || E % 128 != 0 || F <= 0 || F % 128 != 0 || H <= 0 || Hkv <= 0 ||
-        H % Hkv != 0 || H / Hkv > 64 || D <= 0 || D % 2 != 0 || (int64_t)D * H != E ||
-        hp->n_layer <= 0 || hp->n_vocab <= 0 || E > (1 << 20) || F > (1 << 22)) {
-        bn_set_err(err, errlen, "unsupported model dimensions (n_embd %d, n_ff %d, n_head %d, "
-                "n_head_kv %d, head_dim %d)", E, F, H, Hkv, D);
+    if (E <= 0 || E % 128 != 0 || F <= 0 || F % 128 != 0 || H <= 0 || Hkv <= 0 || H % Hkv != 0 ||
+        H / Hkv > 64 || D <= 0 || D % 2 != 0 || (int64_t)D * H != E || hp->n_layer <= 0 ||
+        hp->n_vocab <= 0 || E > (1 << 20) || F > (1 << 22)) {
+        bn_set_err(err, errlen,
+                   "unsupported model dimensions (n_embd %d, n_ff %d, n_head %d, "
+                   "n_head_kv %d, head_dim %d)",
+                   E, F, H, Hkv, D);
         return NULL;
     }
     if (!m->tok_embd || !m->head || !m->output_norm || !m->layers) {
@@ -213,7 +215,7 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
         failed = 1;
     if (failed) {
         bn_set_err(err, errlen, "out of memory allocating a context of %d slots x %d positions",
-                n_slots, n_ctx);
+                   n_slots, n_ctx);
         bn_context_free(ctx);
         return NULL;
     }
@@ -295,7 +297,7 @@ static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_en
     }
     if (n_entries > ctx->n_slots) {
         bn_set_err(err, errlen, "%d entries for %d slots: slots must be distinct", n_entries,
-                ctx->n_slots);
+                   ctx->n_slots);
         return 1;
     }
     /* a new stamp per call; start over before the int32 would overflow (signed: UB) */
@@ -309,7 +311,7 @@ static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_en
         const bn_batch_entry *be = &entries[e];
         if (be->slot < 0 || be->slot >= ctx->n_slots) {
             bn_set_err(err, errlen, "entry %d: slot %d out of range 0..%d", e, be->slot,
-                    ctx->n_slots - 1);
+                       ctx->n_slots - 1);
             return -1 - e;
         }
         if (ctx->slot_seen[be->slot] == ctx->stamp) {
@@ -319,29 +321,33 @@ static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_en
         ctx->slot_seen[be->slot] = ctx->stamp;
         if (be->n_tokens < 0 || (be->n_tokens > 0 && !be->tokens)) {
             bn_set_err(err, errlen, "entry %d (slot %d): bad token list (%d tokens)", e, be->slot,
-                    be->n_tokens);
+                       be->n_tokens);
             return -1 - e;
         }
         if (be->logits < BN_LOGITS_NONE || be->logits > BN_LOGITS_ALL) {
             bn_set_err(err, errlen, "entry %d (slot %d): bad logits mode %d", e, be->slot,
-                    be->logits);
+                       be->logits);
             return -1 - e;
         }
         for (int32_t t = 0; t < be->n_tokens; t++)
             if (be->tokens[t] < 0 || be->tokens[t] >= ctx->hp.n_vocab) {
-                bn_set_err(err, errlen, "entry %d (slot %d): token %d at index %d out of range "
-                        "0..%d", e, be->slot, be->tokens[t], t, ctx->hp.n_vocab - 1);
+                bn_set_err(err, errlen,
+                           "entry %d (slot %d): token %d at index %d out of range "
+                           "0..%d",
+                           e, be->slot, be->tokens[t], t, ctx->hp.n_vocab - 1);
                 return -1 - e;
             }
         const int32_t pos = ctx->pos[be->slot];
         if ((int64_t)pos + be->n_tokens > ctx->n_ctx) {
-            bn_set_err(err, errlen, "entry %d (slot %d): %d tokens at position %d exceed the "
-                    "context size %d", e, be->slot, be->n_tokens, pos, ctx->n_ctx);
+            bn_set_err(err, errlen,
+                       "entry %d (slot %d): %d tokens at position %d exceed the "
+                       "context size %d",
+                       e, be->slot, be->n_tokens, pos, ctx->n_ctx);
             return -1 - e;
         }
         if (be->n_tokens > 0)
-            rows += be->logits == BN_LOGITS_ALL ? be->n_tokens
-                                                : (be->logits == BN_LOGITS_LAST ? 1 : 0);
+            rows +=
+                be->logits == BN_LOGITS_ALL ? be->n_tokens : (be->logits == BN_LOGITS_LAST ? 1 : 0);
     }
     *n_rows = rows;
     return 0;
@@ -369,7 +375,7 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
                            : realloc(ctx->logits, (size_t)n_rows * nv * sizeof(float));
         if (!grown) {
             bn_set_err(err, errlen, "out of memory for %lld logits rows", (long long)n_rows);
-            rc = 1;   /* no entry at fault: every status -2 */
+            rc = 1; /* no entry at fault: every status -2 */
         } else {
             ctx->logits = grown;
             ctx->logits_cap = n_rows;
@@ -394,7 +400,7 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
         st->status = 0;
     }
     int64_t next_row = 0;
-    int32_t e = 0;  /* entry holding the next unprocessed token */
+    int32_t e = 0; /* entry holding the next unprocessed token */
     for (;;) {
         /* cancellation is checked before every chunk: a cancelled entry is rolled back */
         for (int32_t c = 0; c < n_entries; c++) {

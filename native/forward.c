@@ -35,7 +35,7 @@ typedef float bn_v16f __attribute__((vector_size(64)));
 
 /* Sum of a[i]*b[i] in a fixed order: 8 partial sums, then a fixed tree. */
 static inline __attribute__((always_inline)) float dot_fixed(const float *a, const float *b,
-                                                              int32_t n)
+                                                             int32_t n)
 {
     bn_v8f p = {0};
     int32_t i = 0;
@@ -55,9 +55,8 @@ static inline __attribute__((always_inline)) float dot_fixed(const float *a, con
 
 /* Four dot products at once: four independent dependency chains, each the exact arithmetic
  * of dot_fixed (same lanes, same order, same tree). */
-static inline __attribute__((always_inline)) void dot4_fixed(const float *const a[4],
-                                                             const float *const b[4],
-                                                             int32_t n, float out[4])
+static inline __attribute__((always_inline)) void
+dot4_fixed(const float *const a[4], const float *const b[4], int32_t n, float out[4])
 {
     bn_v8f p[4] = {{0}, {0}, {0}, {0}};
     int32_t i = 0;
@@ -119,13 +118,13 @@ static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
         }
 }
 
-static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *src,
-                          const float *w, int32_t n, int32_t T)
+static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *src, const float *w,
+                          int32_t n, int32_t T)
 {
     norm_quant_job job = {ctx, k, src, w, n, {0}};
     bn_queue_init(&job.queue, T, bn_pool_threads(ctx->pool), 1, 1);
     if (T == 1)
-        norm_quant_worker(&job, 0, 1);   /* not worth waking the pool */
+        norm_quant_worker(&job, 0, 1); /* not worth waking the pool */
     else
         bn_pool_run(ctx->pool, norm_quant_worker, &job);
     if (k->prepare)
@@ -136,7 +135,7 @@ static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *
 
 typedef struct {
     const bn_ternary *w;
-    float *y;           /* [T][w->n_out] */
+    float *y; /* [T][w->n_out] */
 } matmul_part;
 
 typedef struct {
@@ -221,8 +220,8 @@ static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const 
 /* o[c*16 .. c*16+15] for c < m (m 16-wide chunks of one head's output) =
  * inv * sum over t ascending of p_t * v_t[...]: m independent accumulators in registers. */
 static inline __attribute__((always_inline)) void weighted_sum(const float *sg, const float *vc,
-                                                               size_t kvd, int32_t pos,
-                                                               const int m, float inv, float *o)
+                                                               size_t kvd, int32_t pos, const int m,
+                                                               float inv, float *o)
 {
     bn_v16f acc[8];
     for (int c = 0; c < m; c++)
@@ -248,10 +247,9 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *sg, 
  * position order, weighted sum in position order, one multiplication by 1/sum), so results do
  * not depend on the grouping or the batch. Cloned for wider vectors: the operations and their
  * order stay the same (no contraction in ISO C mode). */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void attend_group(const float *q, const float *kc, const float *vc, size_t kvd,
-                         int32_t pos, int32_t D, int32_t group, float inv_sqrt_d,
-                         float *scores, size_t score_stride, float *out)
+__attribute__((target_clones("avx512f", "avx2", "default"))) static void
+attend_group(const float *q, const float *kc, const float *vc, size_t kvd, int32_t pos, int32_t D,
+             int32_t group, float inv_sqrt_d, float *scores, size_t score_stride, float *out)
 {
     float mx[64], sum[64];
     for (int32_t g = 0; g < group; g++)
@@ -514,8 +512,8 @@ int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float
     return 0;
 }
 
-int bn_test_attention(const float *q, const float *k, const float *v, int32_t n_pos,
-                      int32_t n_head, int32_t n_head_kv, int32_t head_dim, float *out)
+int bn_test_attention(const float *q, const float *k, const float *v, int32_t n_pos, int32_t n_head,
+                      int32_t n_head_kv, int32_t head_dim, float *out)
 {
     if (!q || !k || !v || !out || n_pos <= 0 || n_head <= 0 || n_head_kv <= 0 ||
         n_head % n_head_kv != 0 || n_head / n_head_kv > 64 || head_dim <= 0)

@@ -60,8 +60,8 @@ int bn_ref_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float 
 /* model-format §5.2.5 for one token at position n_pos - 1: query head h uses kv head h / group;
  * score_t = (q . k_t) / sqrt(D) for t = 0..n_pos-1, p = softmax(score) (max subtracted, exp,
  * sum in position order), out = sum_t p_t v_t. k and v rows are [n_head_kv][head_dim]. */
-int bn_ref_attention(const float *q, const float *k, const float *v, int32_t n_pos,
-                     int32_t n_head, int32_t n_head_kv, int32_t head_dim, float *out)
+int bn_ref_attention(const float *q, const float *k, const float *v, int32_t n_pos, int32_t n_head,
+                     int32_t n_head_kv, int32_t head_dim, float *out)
 {
     if (!q || !k || !v || !out || n_pos <= 0 || n_head <= 0 || n_head_kv <= 0 ||
         n_head % n_head_kv != 0 || head_dim <= 0)

@@ -24,15 +24,15 @@ struct bn_pool {
     int32_t n_started;
 
     pthread_mutex_t mu;
-    pthread_cond_t wake;       /* workers: a new generation (or stop) */
-    pthread_cond_t done;       /* caller: active reached 0 */
-    atomic_uint generation;    /* bumped for every job */
-    atomic_int open;           /* 1 while the current job admits workers */
-    atomic_int active;         /* workers inside fn (or deciding whether to enter) */
+    pthread_cond_t wake;    /* workers: a new generation (or stop) */
+    pthread_cond_t done;    /* caller: active reached 0 */
+    atomic_uint generation; /* bumped for every job */
+    atomic_int open;        /* 1 while the current job admits workers */
+    atomic_int active;      /* workers inside fn (or deciding whether to enter) */
     atomic_int stop;
-    int waiting_caller;        /* protected by mu */
+    int waiting_caller; /* protected by mu */
 
-    bn_pool_fn fn;             /* current job, published before open is set */
+    bn_pool_fn fn; /* current job, published before open is set */
     void *arg;
 };
 
@@ -64,7 +64,7 @@ static void *worker_main(void *opaque)
     bn_pool *p = wa->pool;
     const int32_t ith = wa->ith;
     free(wa);
-    unsigned seen = 0;  /* the generation at creation: a job may be posted before we start */
+    unsigned seen = 0; /* the generation at creation: a job may be posted before we start */
     for (;;) {
         /* poll briefly, then sleep */
         unsigned g = atomic_load_explicit(&p->generation, memory_order_acquire);

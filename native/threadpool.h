@@ -35,8 +35,8 @@ typedef struct {
 } bn_queue;
 
 /* About per_thread chunks per thread, each a multiple of align items. */
-static inline void bn_queue_init(bn_queue *q, int64_t total, int32_t n_threads,
-                                 int32_t per_thread, int32_t align)
+static inline void bn_queue_init(bn_queue *q, int64_t total, int32_t n_threads, int32_t per_thread,
+                                 int32_t align)
 {
     int64_t chunk = total / ((int64_t)n_threads * per_thread);
     chunk = (chunk + align - 1) / align * align;

@@ -2,7 +2,7 @@
  * bn_kernel_name), the F16 row conversion used by the embedding lookup, and
  * bn_ternary_matmul, the test and benchmark entry point for one BitLinear.
  */
-#define _GNU_SOURCE  /* syscall() for the AMX permission request */
+#define _GNU_SOURCE /* syscall() for the AMX permission request */
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,7 +36,7 @@ static int cpu_has_avx512vnni(void)
 static int amx_permitted(void)
 {
     /* atomic: contexts on different threads may ask at once (the request is idempotent) */
-    static atomic_int state;  /* 0 unknown, 1 yes, -1 no */
+    static atomic_int state; /* 0 unknown, 1 yes, -1 no */
     int st = atomic_load_explicit(&state, memory_order_relaxed);
     if (st == 0) {
         const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
@@ -162,7 +162,7 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
     if (!k || !packed || !x || !y || n_in <= 0 || n_in % 128 != 0 || n_out <= 0 || n_tok <= 0 ||
         n_in > (1 << 22) || n_threads < 1)
         return -1;
-    const int32_t stride = n_in;  /* a multiple of 128 */
+    const int32_t stride = n_in; /* a multiple of 128 */
     int8_t *q = aligned_alloc(64, (size_t)n_tok * (size_t)stride);
     float *s = malloc((size_t)n_tok * sizeof *s);
     int32_t *qsum = malloc((size_t)n_tok * sizeof *qsum);

@@ -37,12 +37,12 @@
 
 /* int8-quantized activations of n_tok tokens (model-format §5.4.1-§5.4.2). */
 typedef struct {
-    const int8_t *q;       /* n_tok rows of stride bytes; stride % 32 == 0 */
+    const int8_t *q; /* n_tok rows of stride bytes; stride % 32 == 0 */
     int32_t stride;
     int32_t n_tok;
-    const float *s;        /* per token: 127 / max(max|x|, 1e-5) */
-    const int32_t *qsum;   /* per token: sum of q */
-    const int8_t *tiles;   /* the kernel set's prepare() output, or NULL */
+    const float *s;      /* per token: 127 / max(max|x|, 1e-5) */
+    const int32_t *qsum; /* per token: sum of q */
+    const int8_t *tiles; /* the kernel set's prepare() output, or NULL */
 } bn_qact;
 
 typedef struct {
@@ -51,15 +51,14 @@ typedef struct {
     void (*quantize)(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum);
     /* Optional (NULL if unused): rearrange the quantized rows of all n_tok tokens once per
      * matrix input, into `tiles` (n_tok * n_in bytes), before the ternary calls. */
-    void (*prepare)(const int8_t *q, int32_t stride, int32_t n_in, int32_t n_tok,
-                    int8_t *tiles);
+    void (*prepare)(const int8_t *q, int32_t stride, int32_t n_in, int32_t n_tok, int8_t *tiles);
     /* y[t * y_stride + r] = BitLinear for rows r0 <= r < r1 of w, every token of a. */
-    void (*ternary)(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
-                    float *y, int64_t y_stride);
+    void (*ternary)(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
+                    int64_t y_stride);
     /* y[t * y_stride + r] = dot(F16 row r of w, x + t * x_stride) for r0 <= r < r1;
      * n_in % 16 == 0. */
-    void (*f16_matmul)(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
-                       const float *x, int32_t n_tok, int64_t x_stride, float *y, int64_t y_stride);
+    void (*f16_matmul)(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1, const float *x,
+                       int32_t n_tok, int64_t x_stride, float *y, int64_t y_stride);
 } bn_kernel_set;
 
 /* The selected kernel set (CPU detection on first use, or bn_kernel_select). */
@@ -98,8 +97,8 @@ int32_t bn_ternary_dot_scalar(const uint8_t *row, int32_t n_in, const int8_t *q)
 #define AVX2_FN __attribute__((target("avx2,fma,f16c")))
 #define AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
 #define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
-#define AVX512_INLINE                                                                         \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"),             \
+#define AVX512_INLINE                                                                              \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"),                   \
                    always_inline)) static inline
 
 /* Rows of one tile are drawn from STREAMS distant parts of the range, so the memory system
@@ -136,8 +135,7 @@ AVX2_INLINE float reduce16_avx2(__m256 lo, __m256 hi)
 }
 
 /* A BitLinear tile of a fixed number of rows and tokens: out[row * n_tokens + token]. */
-typedef void (*ternary_tile_fn)(const uint8_t *const *, const int8_t *const *, int32_t,
-                                int32_t *);
+typedef void (*ternary_tile_fn)(const uint8_t *const *, const int8_t *const *, int32_t, int32_t *);
 
 /* x86_avx2.c, shared with the AVX-512 and AMX sets */
 AVX2_FN void bn_quantize_avx2(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum);

@@ -16,12 +16,12 @@ float bn_f16_to_f32(uint16_t h)
         /* inf / nan; a NaN comes out quiet, as F16C converts it */
         bits = sign | 0x7f800000u | (mant << 13) | (mant ? 0x00400000u : 0);
     } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);  /* normal: rebias 15 -> 127 */
+        bits = sign | ((exp + 112) << 23) | (mant << 13); /* normal: rebias 15 -> 127 */
     } else if (mant == 0) {
-        bits = sign;                                        /* signed zero */
+        bits = sign; /* signed zero */
     } else {
         /* subnormal: value = mant * 2^-24, normalise */
-        uint32_t e = 113;  /* exponent of 2^-14 rebiased, decremented while shifting */
+        uint32_t e = 113; /* exponent of 2^-14 rebiased, decremented while shifting */
         while ((mant & 0x400u) == 0) {
             mant <<= 1;
             e--;
@@ -58,7 +58,7 @@ static void quantize_scalar(const float *x, int32_t n, int8_t *q, float *s_out, 
     const float s = 127.0f / m;
     int32_t sum = 0;
     for (int32_t i = 0; i < n; i++) {
-        long v = lrintf(x[i] * s);  /* round half to even in the default rounding mode */
+        long v = lrintf(x[i] * s); /* round half to even in the default rounding mode */
         if (v < -128)
             v = -128;
         if (v > 127)
@@ -85,8 +85,8 @@ int32_t bn_ternary_dot_scalar(const uint8_t *row, int32_t n_in, const int8_t *q)
     return acc;
 }
 
-static void ternary_scalar(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
-                           float *y, int64_t y_stride)
+static void ternary_scalar(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
+                           int64_t y_stride)
 {
     const size_t row_bytes = (size_t)w->n_in / 4;
     for (int32_t r = r0; r < r1; r++) {

@@ -13,10 +13,10 @@
 
 #ifdef BN_HAVE_AMX
 
-#define AMX_FN                                                                                \
-    __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,"    \
+#define AMX_FN                                                                                     \
+    __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,"           \
                           "fma,f16c")))
-#define AMX_ROWS 64         /* rows per pass: four 16-row accumulator tiles */
+#define AMX_ROWS 64 /* rows per pass: four 16-row accumulator tiles */
 #define AMX_MAX_TOK 16
 
 typedef struct {
@@ -43,11 +43,11 @@ AMX_FN static void prepare_amx(const int8_t *q, int32_t stride, int32_t n_in, in
         for (int32_t j = 0; j < n; j++) {
             const int8_t *src = q + (size_t)(g0 + j) * stride;
             /* each 4-byte group of the token lands at (chunk, row r, column j) */
-            const __m512i idx = _mm512_add_epi32(
-                _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4,
-                                                    3, 2, 1, 0),
-                                   _mm512_set1_epi32(n)),
-                _mm512_set1_epi32(j));
+            const __m512i idx =
+                _mm512_add_epi32(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8,
+                                                                     7, 6, 5, 4, 3, 2, 1, 0),
+                                                    _mm512_set1_epi32(n)),
+                                 _mm512_set1_epi32(j));
             for (int32_t c = 0; c < npairs * 4; c++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(src + 64 * (size_t)c));
                 _mm512_i32scatter_epi32((void *)(base + (size_t)c * 64 * n), idx, v, 4);
@@ -59,9 +59,8 @@ AMX_FN static void prepare_amx(const int8_t *q, int32_t stride, int32_t n_in, in
 /* Rows [r0, r1) (r1 - r0 a multiple of 64) for tokens [t0, t0 + n) (t0 % 16 == 0, n <= 16).
  * The codes of the next block pair are unpacked while the tiles multiply the current one
  * (two unpack buffers), so tile loads never wait for just-written bytes. */
-AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1,
-                                    const bn_qact *a, int32_t t0, int32_t n, float *y,
-                                    int64_t y_stride)
+AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                                    int32_t t0, int32_t n, float *y, int64_t y_stride)
 {
     const int32_t nb = w->n_in / 128, npairs = nb / 2;
     const size_t row_bytes = (size_t)w->n_in / 4;
@@ -70,13 +69,13 @@ AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1,
     amx_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
-    for (int t = 0; t < 4; t++) {       /* tmm0-3: 16 rows x n int32 accumulators */
+    for (int t = 0; t < 4; t++) { /* tmm0-3: 16 rows x n int32 accumulators */
         cfg.rows[t] = 16;
         cfg.colsb[t] = (uint16_t)(n * 4);
     }
-    cfg.rows[4] = 16;                   /* tmm4: 16 rows x 64 code bytes */
+    cfg.rows[4] = 16; /* tmm4: 16 rows x 64 code bytes */
     cfg.colsb[4] = 64;
-    cfg.rows[5] = 16;                   /* tmm5: 16 x (n tokens x 4) activation bytes */
+    cfg.rows[5] = 16; /* tmm5: 16 x (n tokens x 4) activation bytes */
     cfg.colsb[5] = (uint16_t)(n * 4);
     _tile_loadconfig(&cfg);
 
@@ -90,12 +89,11 @@ AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1,
         _tile_zero(2);
         _tile_zero(3);
         for (int32_t p = 0; p <= npairs; p++) {
-            if (p < npairs) {   /* unpack pair p */
-                uint8_t (*ab)[4][16][64] = abuf[p & 1];
+            if (p < npairs) { /* unpack pair p */
+                uint8_t(*ab)[4][16][64] = abuf[p & 1];
                 for (int m = 0; m < AMX_ROWS; m++) {
-                    const uint8_t *row =
-                        w->codes + (size_t)(rb + m) * row_bytes + 64 * (size_t)p;
-                    prefetch_at(row, row_bytes * AMX_ROWS);   /* this row in the next pass */
+                    const uint8_t *row = w->codes + (size_t)(rb + m) * row_bytes + 64 * (size_t)p;
+                    prefetch_at(row, row_bytes * AMX_ROWS); /* this row in the next pass */
                     const __m512i c = _mm512_loadu_si512((const void *)row);
                     _mm512_store_si512((void *)ab[m / 16][0][m % 16],
                                        _mm512_and_si512(_mm512_srli_epi16(c, 6), m3));
@@ -108,9 +106,9 @@ AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1,
             }
             if (p == 0)
                 continue;
-            __asm__ volatile("" ::: "memory");   /* the tile loads below read abuf */
-            const int32_t q = p - 1;              /* multiply pair q = p - 1 */
-            uint8_t (*ab)[4][16][64] = abuf[q & 1];
+            __asm__ volatile("" ::: "memory"); /* the tile loads below read abuf */
+            const int32_t q = p - 1;           /* multiply pair q = p - 1 */
+            uint8_t(*ab)[4][16][64] = abuf[q & 1];
             for (int k = 0; k < 4; k++) {
                 _tile_loadd(5, bt + ((size_t)q * 4 + k) * b_tile, n * 4);
                 _tile_loadd(4, ab[0][k], 64);
@@ -135,7 +133,7 @@ AMX_FN static void ternary_amx_rows(const bn_ternary *w, int32_t r0, int32_t r1,
         const __m512 vscale = _mm512_set1_ps(w->scale);
         for (int m = 0; m < AMX_ROWS; m++) {
             const int32_t r = rb + m;
-            if (nb % 2) {   /* odd last block, natural layout */
+            if (nb % 2) { /* odd last block, natural layout */
                 const uint8_t *row = w->codes + (size_t)r * row_bytes;
                 for (int32_t j = 0; j < n; j++)
                     cbuf[m / 16][m % 16][j] += bn_ternary_dot_scalar(
@@ -158,7 +156,7 @@ AMX_FN static void ternary_amx(const bn_ternary *w, int32_t r0, int32_t r1, cons
                                float *y, int64_t y_stride)
 {
     const int32_t n_tok = a->n_tok;
-    if (n_tok < 4 || !a->tiles || w->n_in < 256) {   /* 2-3 tokens: AVX-512 is faster */
+    if (n_tok < 4 || !a->tiles || w->n_in < 256) { /* 2-3 tokens: AVX-512 is faster */
         bn_ternary_avx512(w, r0, r1, a, y, y_stride);
         return;
     }

@@ -6,8 +6,7 @@
 
 #ifdef BN_X86
 
-AVX2_FN void bn_quantize_avx2(const float *x, int32_t n, int8_t *q, float *s_out,
-                                  int32_t *qsum)
+AVX2_FN void bn_quantize_avx2(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum)
 {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 mx = _mm256_setzero_ps();
@@ -48,7 +47,6 @@ AVX2_FN void bn_quantize_avx2(const float *x, int32_t n, int8_t *q, float *s_out
     *qsum = sl[0] + sl[1] + sl[2] + sl[3] + sl[4] + sl[5] + sl[6] + sl[7];
 }
 
-
 /* Integer dot products of nr rows with nt token activations over nb blocks.
  * maddubs(code, act) adds two products of magnitude <= 3*128 (code 3 never occurs in a valid
  * file, but is bounded anyway): <= 768 per int16 lane; four planes give <= 3072 per block,
@@ -70,7 +68,7 @@ AVX2_INLINE void ternary_tile_avx2(const uint8_t *const *rows, const int nr,
             s16[k] = _mm256_setzero_si256();
         for (int32_t b = g; b < ge; b++) {
             for (int i = 0; i < nr; i++) {
-                if ((b & 1) == 0)  /* the same line of the stream's next row (see avx512) */
+                if ((b & 1) == 0) /* the same line of the stream's next row (see avx512) */
                     prefetch_at(rows[i], 32 * (size_t)b + (size_t)nb * 32);
                 const __m256i c = _mm256_loadu_si256((const __m256i *)(rows[i] + 32 * b));
                 const __m256i p0 = _mm256_and_si256(_mm256_srli_epi16(c, 6), m3);
@@ -98,12 +96,11 @@ AVX2_INLINE void ternary_tile_avx2(const uint8_t *const *rows, const int nr,
 }
 
 /* One instantiation per tile shape, so every loop above has constant bounds. */
-#define TERNARY_TILE(NR, NT)                                                                  \
-    AVX2_FN static void ternary_tile_##NR##x##NT(const uint8_t *const *rows,                   \
-                                                 const int8_t *const *acts, int32_t nb,      \
-                                                 int32_t *out)                               \
-    {                                                                                        \
-        ternary_tile_avx2(rows, NR, acts, NT, nb, out);                                      \
+#define TERNARY_TILE(NR, NT)                                                                       \
+    AVX2_FN static void ternary_tile_##NR##x##NT(                                                  \
+        const uint8_t *const *rows, const int8_t *const *acts, int32_t nb, int32_t *out)           \
+    {                                                                                              \
+        ternary_tile_avx2(rows, NR, acts, NT, nb, out);                                            \
     }
 TERNARY_TILE(4, 1)
 
@@ -113,8 +110,6 @@ AVX2_FN void bn_ternary_tile_avx2_1x1(const uint8_t *const *rows, const int8_t *
 {
     ternary_tile_avx2(rows, 1, acts, 1, nb, out);
 }
-
-
 
 AVX2_FN static void ternary_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
                                  float *y, int64_t y_stride)
@@ -152,9 +147,8 @@ AVX2_FN static void ternary_avx2(const bn_ternary *w, int32_t r0, int32_t r1, co
     }
 }
 
-
-AVX2_INLINE void f16_tile_avx2(const uint16_t *const *rows, const int nr,
-                               const float *const *xs, const int nt, int32_t n_in, float *out)
+AVX2_INLINE void f16_tile_avx2(const uint16_t *const *rows, const int nr, const float *const *xs,
+                               const int nt, int32_t n_in, float *out)
 {
     __m256 lo[4], hi[4];
     for (int k = 0; k < nr * nt; k++) {
@@ -178,11 +172,11 @@ AVX2_INLINE void f16_tile_avx2(const uint16_t *const *rows, const int nr,
         out[k] = reduce16_avx2(lo[k], hi[k]);
 }
 
-#define F16_TILE(NR, NT)                                                                      \
-    AVX2_FN static void f16_tile_##NR##x##NT(const uint16_t *const *rows,                      \
-                                             const float *const *xs, int32_t n_in, float *out) \
-    {                                                                                        \
-        f16_tile_avx2(rows, NR, xs, NT, n_in, out);                                          \
+#define F16_TILE(NR, NT)                                                                           \
+    AVX2_FN static void f16_tile_##NR##x##NT(const uint16_t *const *rows, const float *const *xs,  \
+                                             int32_t n_in, float *out)                             \
+    {                                                                                              \
+        f16_tile_avx2(rows, NR, xs, NT, n_in, out);                                                \
     }
 F16_TILE(4, 1)
 F16_TILE(1, 1)

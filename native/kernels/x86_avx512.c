@@ -9,8 +9,7 @@
 
 #ifdef BN_X86
 
-AVX512_FN void bn_quantize_avx512(const float *x, int32_t n, int8_t *q, float *s_out,
-                                      int32_t *qsum)
+AVX512_FN void bn_quantize_avx512(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum)
 {
     bn_quantize_avx2(x, n, q, s_out, qsum);
     if (n % 128 != 0)
@@ -63,7 +62,7 @@ AVX512_INLINE void ternary_tile_avx512(const uint8_t *const *rows, const int nr,
         }
     }
     int32_t tail[16] = {0};
-    if (b < nb) {  /* odd last block, natural layout */
+    if (b < nb) { /* odd last block, natural layout */
         const __m256i m3y = _mm256_set1_epi8(3);
         for (int i = 0; i < nr; i++) {
             const __m256i c = _mm256_loadu_si256((const __m256i *)(rows[i] + 32 * b));
@@ -86,12 +85,11 @@ AVX512_INLINE void ternary_tile_avx512(const uint8_t *const *rows, const int nr,
         out[k] = _mm512_reduce_add_epi32(acc[k]) + tail[k];
 }
 
-#define TERNARY_TILE512(NR, NT)                                                               \
-    AVX512_FN static void ternary512_tile_##NR##x##NT(const uint8_t *const *rows,              \
-                                                      const int8_t *const *acts, int32_t nb, \
-                                                      int32_t *out)                          \
-    {                                                                                        \
-        ternary_tile_avx512(rows, NR, acts, NT, nb, out);                                    \
+#define TERNARY_TILE512(NR, NT)                                                                    \
+    AVX512_FN static void ternary512_tile_##NR##x##NT(                                             \
+        const uint8_t *const *rows, const int8_t *const *acts, int32_t nb, int32_t *out)           \
+    {                                                                                              \
+        ternary_tile_avx512(rows, NR, acts, NT, nb, out);                                          \
     }
 TERNARY_TILE512(4, 2)
 TERNARY_TILE512(4, 3)
@@ -134,7 +132,7 @@ AVX512_FN static void ternary512_tile_4x1_masked(const uint8_t *const *rows,
         }
     }
     int32_t tail[4] = {0};
-    if (b < nb) {  /* odd last block, natural layout */
+    if (b < nb) { /* odd last block, natural layout */
         const int8_t *a1[1] = {acts[0]};
         for (int i = 0; i < 4; i++) {
             const uint8_t *r1[1] = {rows[i] + 32 * b};
@@ -158,9 +156,8 @@ static const ternary_tile_fn ternary512_tiles[2][4] = {
 };
 
 /* Tokens [t0, t1) of rows [r0, r1). */
-AVX512_FN static void ternary512_span(const bn_ternary *w, int32_t r0, int32_t r1,
-                                      const bn_qact *a, int32_t t0, int32_t t1, float *y,
-                                      int64_t y_stride)
+AVX512_FN static void ternary512_span(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                                      int32_t t0, int32_t t1, float *y, int64_t y_stride)
 {
     const size_t row_bytes = (size_t)w->n_in / 4;
     const int32_t nb = w->n_in / 128;
@@ -184,8 +181,8 @@ AVX512_FN static void ternary512_span(const bn_ternary *w, int32_t r0, int32_t r
                 ternary512_tile_2x8(rows + 2 * half, acts, nb, out);
                 for (int k = 0; k < 2; k++)
                     for (int j = 0; j < 8; j++)
-                        y[(t + j) * y_stride + rr[2 * half + k]] = bitlinear_out(
-                            out[k * 8 + j], a->qsum[t + j], a->s[t + j], w->scale);
+                        y[(t + j) * y_stride + rr[2 * half + k]] =
+                            bitlinear_out(out[k * 8 + j], a->qsum[t + j], a->s[t + j], w->scale);
             }
         }
         for (int32_t t = t8; t < t1; t += 4) {
@@ -195,8 +192,8 @@ AVX512_FN static void ternary512_span(const bn_ternary *w, int32_t r0, int32_t r
             ternary512_tiles[1][nt - 1](rows, acts, nb, out);
             for (int k = 0; k < 4; k++)
                 for (int j = 0; j < nt; j++)
-                    y[(t + j) * y_stride + rr[k]] = bitlinear_out(
-                        out[k * nt + j], a->qsum[t + j], a->s[t + j], w->scale);
+                    y[(t + j) * y_stride + rr[k]] =
+                        bitlinear_out(out[k * nt + j], a->qsum[t + j], a->s[t + j], w->scale);
         }
     }
     for (int32_t r = r0 + STREAMS * len; r < r1; r++) {
@@ -213,8 +210,8 @@ AVX512_FN static void ternary512_span(const bn_ternary *w, int32_t r0, int32_t r
     }
 }
 
-AVX512_FN void bn_ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1,
-                                     const bn_qact *a, float *y, int64_t y_stride)
+AVX512_FN void bn_ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                                 float *y, int64_t y_stride)
 {
     /* Many tokens (prefill): groups of 8 outermost, so a group's activations stay in L1
      * while the rows stream past; the rows come again from L2 for the next group. */
@@ -224,8 +221,7 @@ AVX512_FN void bn_ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1,
 
 /* F16 head with 16-lane accumulators: lane l of a zmm is partial sum l of kernels.h. */
 AVX512_INLINE void f16_tile_avx512(const uint16_t *const *rows, const int nr,
-                                   const float *const *xs, const int nt, int32_t n_in,
-                                   float *out)
+                                   const float *const *xs, const int nt, int32_t n_in, float *out)
 {
     __m512 acc[16];
     for (int k = 0; k < nr * nt; k++)
@@ -233,7 +229,7 @@ AVX512_INLINE void f16_tile_avx512(const uint16_t *const *rows, const int nr,
     for (int32_t e = 0; e < n_in; e += 16) {
         __m512 wv[4];
         for (int i = 0; i < nr; i++) {
-            if ((e & 31) == 0)  /* the next row of the stream, line by line */
+            if ((e & 31) == 0) /* the next row of the stream, line by line */
                 prefetch_at(rows[i], 2 * ((size_t)e + (size_t)n_in));
             wv[i] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(rows[i] + e)));
         }
@@ -244,17 +240,16 @@ AVX512_INLINE void f16_tile_avx512(const uint16_t *const *rows, const int nr,
         }
     }
     for (int k = 0; k < nr * nt; k++)
-        out[k] = reduce16_avx2(
-            _mm512_castps512_ps256(acc[k]),
-            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[k]), 1)));
+        out[k] =
+            reduce16_avx2(_mm512_castps512_ps256(acc[k]),
+                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[k]), 1)));
 }
 
-#define F16_TILE512(NR, NT)                                                                   \
-    AVX512_FN static void f16_512_tile_##NR##x##NT(const uint16_t *const *rows,                \
-                                                   const float *const *xs, int32_t n_in,     \
-                                                   float *out)                               \
-    {                                                                                        \
-        f16_tile_avx512(rows, NR, xs, NT, n_in, out);                                        \
+#define F16_TILE512(NR, NT)                                                                        \
+    AVX512_FN static void f16_512_tile_##NR##x##NT(                                                \
+        const uint16_t *const *rows, const float *const *xs, int32_t n_in, float *out)             \
+    {                                                                                              \
+        f16_tile_avx512(rows, NR, xs, NT, n_in, out);                                              \
     }
 F16_TILE512(4, 1)
 F16_TILE512(4, 2)
@@ -272,8 +267,8 @@ static const f16_tile_fn f16_512_tiles[2][4] = {
 };
 
 AVX512_FN void bn_f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
-                                        const float *x, int32_t n_tok, int64_t x_stride,
-                                        float *y, int64_t y_stride)
+                                    const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                                    int64_t y_stride)
 {
     const int32_t len = (r1 - r0) / STREAMS;
     const uint16_t *rows[4];
