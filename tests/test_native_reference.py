@@ -18,9 +18,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from bitnetd_trio._native import ffi, lib
 
 from bitnetd_trio import engine
-from bitnetd_trio._native import ffi, lib
 
 KERNELS = ("scalar", "avx2", "avx512vnni", "amx")
 
