@@ -96,10 +96,10 @@ static void rmsnorm(const float *x, const float *w, int32_t n, float eps, float 
 typedef struct {
     bn_context *ctx;
     const bn_kernel_set *k;
-    const float *src;
-    const float *w;
+    const float *src; /* [T][n] f32: rows to normalise */
+    const float *w;   /* [n] f32: the norm's weights */
     int32_t n;
-    bn_queue queue;
+    bn_queue queue; /* over the T tokens */
 } norm_quant_job;
 
 static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
@@ -135,7 +135,7 @@ static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *
 
 typedef struct {
     const bn_ternary *w;
-    float *y; /* [T][w->n_out] */
+    float *y; /* [T][w->n_out] f32 */
 } matmul_part;
 
 typedef struct {
@@ -377,11 +377,11 @@ static void relu_sq_mul(float *restrict g, const float *restrict u, size_t n)
 /* logits = head (F16) . y for n_tok rows y (model-format §5.3), vocabulary rows shared out. */
 typedef struct {
     const bn_kernel_set *k;
-    const uint16_t *head;
+    const uint16_t *head; /* [n_vocab][n_in] F16 */
     int32_t n_in, n_vocab, n_tok;
-    const float *x;
-    float *y;
-    bn_queue queue;
+    const float *x; /* [n_tok][n_in] f32: the output-normed rows (ctx->ynorm) */
+    float *y;       /* [n_tok][n_vocab] f32: their logits rows */
+    bn_queue queue; /* over the n_vocab rows */
 } head_job;
 
 static void head_worker(void *arg, int32_t ith, int32_t nth)
