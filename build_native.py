@@ -17,6 +17,8 @@ from cffi import FFI
 
 ROOT = Path(__file__).resolve().parent
 NATIVE = ROOT / "native"
+#: every C source of the engine: native/*.c and the kernel sets in native/kernels/*.c
+SOURCES = sorted(NATIVE.glob("*.c")) + sorted((NATIVE / "kernels").glob("*.c"))
 
 C_FLAGS = ["-std=c11", "-O3", "-Wall", "-Wextra", "-Werror", "-pthread", "-fno-math-errno"]
 
@@ -40,7 +42,7 @@ def make_builder(absolute_paths: bool) -> FFI:
     builder.set_source(
         "bitnetd_trio._native",
         '#include "bitnet.h"',
-        sources=sorted(path(p) for p in NATIVE.glob("*.c")),
+        sources=[path(p) for p in SOURCES],
         include_dirs=[path(NATIVE)],
         extra_compile_args=C_FLAGS + os.environ.get("BITNETD_CFLAGS", "").split(),
         extra_link_args=["-pthread", "-lm"],

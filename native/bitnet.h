@@ -18,30 +18,40 @@
 extern "C" {
 #endif
 
-/* ---- GGUF value types (spec section 1) ---- */
+/* ---- GGUF value types (model-format §1) ---- */
 enum {
-    BN_GGUF_U8 = 0, BN_GGUF_I8 = 1, BN_GGUF_U16 = 2, BN_GGUF_I16 = 3, BN_GGUF_U32 = 4,
-    BN_GGUF_I32 = 5, BN_GGUF_F32 = 6, BN_GGUF_BOOL = 7, BN_GGUF_STRING = 8,
-    BN_GGUF_ARRAY = 9, BN_GGUF_U64 = 10, BN_GGUF_I64 = 11, BN_GGUF_F64 = 12
+    BN_GGUF_U8 = 0,
+    BN_GGUF_I8 = 1,
+    BN_GGUF_U16 = 2,
+    BN_GGUF_I16 = 3,
+    BN_GGUF_U32 = 4,
+    BN_GGUF_I32 = 5,
+    BN_GGUF_F32 = 6,
+    BN_GGUF_BOOL = 7,
+    BN_GGUF_STRING = 8,
+    BN_GGUF_ARRAY = 9,
+    BN_GGUF_U64 = 10,
+    BN_GGUF_I64 = 11,
+    BN_GGUF_F64 = 12
 };
 
 /* ---- model ---- */
 typedef struct bn_model bn_model;
 
 typedef struct {
-    char architecture[32];  /* "bitnet-b1.58" or "bitnet-25" */
-    int32_t n_vocab;        /* rows of token_embd */
-    int32_t n_ctx_train;    /* ARCH.context_length */
-    int32_t n_embd;         /* E */
+    char architecture[32]; /* "bitnet-b1.58" or "bitnet-25" */
+    int32_t n_vocab;       /* rows of token_embd */
+    int32_t n_ctx_train;   /* ARCH.context_length */
+    int32_t n_embd;        /* E */
     int32_t n_layer;
-    int32_t n_ff;           /* F */
-    int32_t n_head;         /* H */
-    int32_t n_head_kv;      /* Hkv; n_head % n_head_kv == 0 */
-    int32_t head_dim;       /* D = E / H, == rope.dimension_count */
+    int32_t n_ff;      /* F */
+    int32_t n_head;    /* H */
+    int32_t n_head_kv; /* Hkv; n_head % n_head_kv == 0 */
+    int32_t head_dim;  /* D = E / H, == rope.dimension_count */
     float rms_eps;
     float rope_base;
-    int32_t tied_head;      /* 1 when the head is token_embd, 0 when output.weight exists */
-    uint64_t n_params;      /* number of weights in all tensors */
+    int32_t tied_head; /* 1 when the head is token_embd, 0 when output.weight exists */
+    uint64_t n_params; /* number of weights in all tensors */
     uint64_t file_size;
 } bn_hparams;
 
@@ -52,9 +62,9 @@ void bn_model_hparams(const bn_model *m, bn_hparams *out);
 
 /* ---- metadata (values point into the mapping; valid until bn_model_free) ---- */
 int64_t bn_meta_count(const bn_model *m);
-int64_t bn_meta_find(const bn_model *m, const char *key);          /* index, or -1 */
+int64_t bn_meta_find(const bn_model *m, const char *key); /* index, or -1 */
 const char *bn_meta_key(const bn_model *m, int64_t idx, size_t *len);
-int bn_meta_type(const bn_model *m, int64_t idx);                   /* BN_GGUF_*, -1 if bad idx */
+int bn_meta_type(const bn_model *m, int64_t idx); /* BN_GGUF_*, -1 if bad idx */
 /* Scalars. Integer and bool types read through get_i64 (u64 above INT64_MAX fails),
  * F32/F64 through get_f64. Strings are not NUL-terminated: use len. */
 int bn_meta_get_i64(const bn_model *m, int64_t idx, int64_t *out);
@@ -97,9 +107,9 @@ typedef struct {
     int32_t slot;
     int32_t n_tokens;
     const int32_t *tokens;
-    int32_t logits;        /* BN_LOGITS_* */
-    bn_cancel *cancel;     /* may be NULL; a set flag skips the entry (status = 1) */
-    int32_t status;        /* out: 0 done, 1 cancelled, <0 error */
+    int32_t logits;    /* BN_LOGITS_* */
+    bn_cancel *cancel; /* may be NULL; a set flag skips the entry (status = 1) */
+    int32_t status;    /* out: 0 done, 1 cancelled, <0 error */
 } bn_batch_entry;
 
 /* Advance every entry's sequence together: each weight row is read once for all tokens
@@ -110,8 +120,8 @@ typedef struct {
  * and its slot keeps the position it had before the call. A sequence's logits are
  * bit-identical whatever else is in the call, however its tokens are split into calls, and
  * whatever the thread count. */
-int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries,
-               char *err, size_t errlen);
+int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char *err,
+               size_t errlen);
 /* Logits of the last bn_forward: entry e, token t (t must be n_tokens-1 for
  * BN_LOGITS_LAST). Returns NULL if not computed. n_vocab floats. */
 const float *bn_logits(const bn_context *ctx, int32_t entry, int32_t t);
@@ -119,27 +129,27 @@ const float *bn_logits(const bn_context *ctx, int32_t entry, int32_t t);
 /* ---- log-probabilities ---- */
 /* log-softmax of logits[0..n) at `token`; optionally the top_n best (ids, logprobs),
  * sorted best first, ties by lower id. Returns logprob of token. */
-float bn_logprobs(const float *logits, int32_t n, int32_t token, int32_t top_n,
-                  int32_t *top_ids, float *top_lps);
+float bn_logprobs(const float *logits, int32_t n, int32_t token, int32_t top_n, int32_t *top_ids,
+                  float *top_lps);
 
 /* ---- sampling ---- */
 typedef struct {
-    float temperature;        /* 0 = greedy */
-    int32_t top_k;            /* <= 0: off */
-    float top_p;              /* 1: off */
-    float min_p;              /* 0: off */
-    float repeat_penalty;     /* 1: off (llama.cpp style, divides positive logits) */
-    int32_t repeat_last_n;    /* window for penalties; -1 = whole history */
-    float presence_penalty;   /* 0: off */
-    float frequency_penalty;  /* 0: off */
+    float temperature;       /* 0 = greedy */
+    int32_t top_k;           /* <= 0: off */
+    float top_p;             /* 1: off */
+    float min_p;             /* 0: off */
+    float repeat_penalty;    /* 1: off (llama.cpp style, divides positive logits) */
+    int32_t repeat_last_n;   /* window for penalties; -1 = whole history */
+    float presence_penalty;  /* 0: off */
+    float frequency_penalty; /* 0: off */
     uint64_t seed;
 } bn_sampling;
 
 typedef struct bn_sampler bn_sampler;
 bn_sampler *bn_sampler_new(const bn_sampling *p, int32_t n_vocab);
 void bn_sampler_free(bn_sampler *s);
-int bn_sampler_set_bias(bn_sampler *s, int32_t token, float bias);   /* -INFINITY bans */
-void bn_sampler_accept(bn_sampler *s, int32_t token);  /* add to penalty history */
+int bn_sampler_set_bias(bn_sampler *s, int32_t token, float bias); /* -INFINITY bans */
+void bn_sampler_accept(bn_sampler *s, int32_t token);              /* add to penalty history */
 /* Pick a token from logits (not modified). Deterministic given seed and history. */
 int32_t bn_sampler_sample(bn_sampler *s, const float *logits);
 
@@ -153,15 +163,33 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
 
 /* Memory read bandwidth in GB/s: the best of reps passes of n_threads threads, each reading
  * its share of an n_bytes buffer as `streams` interleaved sequential streams. <= 0 on failure.
- * For benchmarks (spec section 9). */
+ * For benchmarks (model-format §9). */
 double bn_measure_read_bandwidth(uint64_t n_bytes, int32_t n_threads, int32_t streams,
                                  int32_t reps);
 /* The same probe with its buffer and threads kept, so that single passes can be interleaved
  * with other measurements. */
 typedef struct bn_bwprobe bn_bwprobe;
-bn_bwprobe *bn_bwprobe_new(uint64_t n_bytes, int32_t n_threads);   /* NULL on failure */
-double bn_bwprobe_run(bn_bwprobe *p, int32_t streams);              /* one pass, GB/s */
+bn_bwprobe *bn_bwprobe_new(uint64_t n_bytes, int32_t n_threads); /* NULL on failure */
+double bn_bwprobe_run(bn_bwprobe *p, int32_t streams);           /* one pass, GB/s */
 void bn_bwprobe_free(bn_bwprobe *p);
+
+/* ---- test-only: the forward pass's per-token steps and their plain references ----
+ * Not for applications. bn_test_* run the engine's own code (forward.c) on caller-given
+ * arrays, bn_ref_* plain loops written from model-format §5.2 (reference.c); tests check
+ * that both give the same bits. Each returns 0, or -1 for bad arguments or out of memory. */
+/* out[0..n) = RMSNorm(x, w) (model-format §5.2.1). */
+int bn_test_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out);
+int bn_ref_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out);
+/* RoPE in place on v[n_heads][head_dim] at position pos (model-format §5.2.3). */
+int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base);
+int bn_ref_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base);
+/* Causal attention of one token at position n_pos - 1 (model-format §5.2.5):
+ * q[n_head][head_dim], k and v [n_pos][n_head_kv][head_dim], out[n_head][head_dim];
+ * n_head % n_head_kv == 0 (and n_head / n_head_kv <= 64 for bn_test_attention). */
+int bn_test_attention(const float *q, const float *k, const float *v, int32_t n_pos, int32_t n_head,
+                      int32_t n_head_kv, int32_t head_dim, float *out);
+int bn_ref_attention(const float *q, const float *k, const float *v, int32_t n_pos, int32_t n_head,
+                     int32_t n_head_kv, int32_t head_dim, float *out);
 
 /* ---- introspection ---- */
 /* "scalar", "avx2", "avx512vnni", "amx": the kernel set chosen at run time. */

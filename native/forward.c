@@ -1,375 +1,32 @@
-/* forward.c - contexts, KV caches and the batched forward pass (spec section 5).
+/* forward.c - the arithmetic of the forward pass for one chunk of tokens (model-format §5).
  *
- * bn_forward concatenates the tokens of every entry into one activation matrix and runs each
- * layer once for all of them, so every weight byte read from memory serves the whole batch.
+ * bn_forward (context.c) gathers the tokens of every batch entry into one chunk and
+ * bn_forward_chunk, at the bottom of this file, runs each layer once for all of them, so every
+ * weight byte read from memory serves the whole batch. The helpers above it come in the order
+ * of the steps of model-format §5, which bn_forward_chunk numbers.
+ *
  * Each token's arithmetic is independent of the other tokens and of the thread count: the
- * matrix kernels compute every output on its own in a fixed order (kernels.h), and the
- * per-token steps below (norms, RoPE, attention) run one token at a time in a fixed order.
- * So a sequence gets bit-identical logits whatever else is in the batch.
+ * matrix kernels compute every output on its own in a fixed order (kernels/kernels.h), and
+ * the per-token steps (norms, RoPE, attention) run one token at a time in a fixed order. So a
+ * sequence gets bit-identical logits whatever else is in the batch. reference.c holds plain
+ * versions of RMSNorm, RoPE and attention that tests compare with these, bit for bit
+ * (bn_test_* at the end of this file).
  *
- * Everything is allocated in bn_context_new; bn_forward only grows the logits buffer when a
- * call asks for more logits rows than ever before (before any state changes).
+ * Work is handed out to the pool's threads in chunks from a shared counter (bn_queue) rather
+ * than split statically: on a machine with as many vCPUs as threads, a thread that loses its
+ * CPU would otherwise hold up the whole step. Which thread computes a row never changes its
+ * value.
  */
 #include <math.h>
-#include <stdarg.h>
-#include <stdatomic.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "bitnet.h"
-#include "kernels.h"
+#include "context.h"
+#include "kernels/kernels.h"
 #include "model.h"
 #include "threadpool.h"
 
-#ifdef BN_PROFILE
-#include <time.h>
-double bn_prof[8];
-static double prof_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-#define PROF_START() double prof_t0 = prof_now()
-#define PROF_LAP(i)                                                                           \
-    do {                                                                                      \
-        double prof_t1 = prof_now();                                                          \
-        bn_prof[i] += prof_t1 - prof_t0;                                                      \
-        prof_t0 = prof_t1;                                                                    \
-    } while (0)
-#else
-#define PROF_START() ((void)0)
-#define PROF_LAP(i) ((void)0)
-#endif
-
-/* Largest number of tokens one internal step processes; longer calls run in chunks. */
-#define BN_MAX_CHUNK 512
-
-struct bn_cancel {
-    atomic_int flag;
-};
-
-bn_cancel *bn_cancel_new(void)
-{
-    bn_cancel *c = malloc(sizeof *c);
-    if (c)
-        atomic_init(&c->flag, 0);
-    return c;
-}
-
-void bn_cancel_free(bn_cancel *c)
-{
-    free(c);
-}
-
-void bn_cancel_set(bn_cancel *c)
-{
-    if (c)
-        atomic_store_explicit(&c->flag, 1, memory_order_release);
-}
-
-void bn_cancel_clear(bn_cancel *c)
-{
-    if (c)
-        atomic_store_explicit(&c->flag, 0, memory_order_release);
-}
-
-int bn_cancel_is_set(const bn_cancel *c)
-{
-    return c ? atomic_load_explicit(&((bn_cancel *)c)->flag, memory_order_acquire) : 0;
-}
-
-/* Per-entry bookkeeping of the last bn_forward call. */
-typedef struct {
-    int32_t mode;       /* BN_LOGITS_* */
-    int32_t n_tokens;
-    int32_t done;       /* tokens processed so far */
-    int32_t orig_pos;   /* slot position before the call */
-    int64_t base_row;   /* first logits row, -1 if none yet */
-    int32_t status;
-} entry_state;
-
-struct bn_context {
-    const bn_model *m;
-    bn_hparams hp;
-    int32_t n_slots, n_ctx, max_chunk;
-    int32_t kv_dim, n_wide;     /* n_head_kv*head_dim, max(n_embd, n_ff) */
-    bn_pool *pool;
-
-    float *kcache, *vcache;     /* [slot][layer][n_ctx][kv_dim] */
-    int32_t *pos;               /* per slot */
-    float *rope_cos, *rope_sin; /* [n_ctx][head_dim/2] */
-
-    /* chunk scratch, max_chunk token rows each */
-    float *x, *h, *q, *k, *v, *att, *g, *u, *tmp, *ynorm;
-    int8_t *qa;                 /* [T][n_wide] quantized activations */
-    int8_t *qa_tiles;           /* [T][n_wide] the same, rearranged by the kernel's prepare */
-    float *qa_s;
-    int32_t *qa_sum;
-    int32_t *tok_slot, *tok_pos, *tok_id, *tok_row; /* tok_row: logits row or -1 */
-    float *scores;              /* [n_threads][group][n_ctx] attention scratch */
-    size_t scores_per_thread;   /* group * n_ctx, group = n_head / n_head_kv */
-
-    float *logits;              /* [logits_cap][n_vocab] */
-    int64_t logits_cap;
-    entry_state *ents;          /* [n_slots] (entries are distinct slots) */
-    int32_t n_ents;             /* entries of the last successful bn_forward */
-    int32_t *slot_seen;         /* [n_slots] duplicate detection stamps */
-    int32_t stamp;
-};
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || errlen == 0)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
-static void *alloc_array(size_t n, size_t size, int *failed)
-{
-    if (n == 0)
-        n = 1;
-    if (n > SIZE_MAX / size) {
-        *failed = 1;
-        return NULL;
-    }
-    void *p = malloc(n * size);  /* large blocks come zeroed from mmap and stay untouched */
-    if (!p)
-        *failed = 1;
-    return p;
-}
-
-void bn_context_free(bn_context *ctx)
-{
-    if (!ctx)
-        return;
-    bn_pool_free(ctx->pool);
-    free(ctx->kcache);
-    free(ctx->vcache);
-    free(ctx->pos);
-    free(ctx->rope_cos);
-    free(ctx->rope_sin);
-    free(ctx->x);
-    free(ctx->h);
-    free(ctx->q);
-    free(ctx->k);
-    free(ctx->v);
-    free(ctx->att);
-    free(ctx->g);
-    free(ctx->u);
-    free(ctx->tmp);
-    free(ctx->ynorm);
-    free(ctx->qa);
-    free(ctx->qa_tiles);
-    free(ctx->qa_s);
-    free(ctx->qa_sum);
-    free(ctx->tok_slot);
-    free(ctx->tok_pos);
-    free(ctx->tok_id);
-    free(ctx->tok_row);
-    free(ctx->scores);
-    free(ctx->logits);
-    free(ctx->ents);
-    free(ctx->slot_seen);
-    free(ctx);
-}
-
-static int check_matrix(const bn_ternary *w, int32_t n_in, int32_t n_out, const char *what,
-                        int32_t layer, char *err, size_t errlen)
-{
-    if (!w->codes || w->n_in != n_in || w->n_out != n_out || n_in % 128 != 0) {
-        set_err(err, errlen, "layer %d %s: shape %d x %d, expected %d x %d", layer, what,
-                w->n_out, w->n_in, n_out, n_in);
-        return -1;
-    }
-    return 0;
-}
-
-bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, int32_t n_threads,
-                           char *err, size_t errlen)
-{
-    if (!m) {
-        set_err(err, errlen, "no model");
-        return NULL;
-    }
-    const bn_hparams *hp = &m->hp;
-    if (n_ctx <= 0)
-        n_ctx = hp->n_ctx_train;
-    if (n_slots < 1 || n_slots > 4096) {
-        set_err(err, errlen, "n_slots %d out of range 1..4096", n_slots);
-        return NULL;
-    }
-    if (n_ctx < 1 || n_ctx > (1 << 20)) {
-        set_err(err, errlen, "n_ctx %d out of range 1..%d", n_ctx, 1 << 20);
-        return NULL;
-    }
-    if (n_threads < 1 || n_threads > BN_POOL_MAX_THREADS) {
-        set_err(err, errlen, "n_threads %d out of range 1..%d", n_threads, BN_POOL_MAX_THREADS);
-        return NULL;
-    }
-    const int32_t E = hp->n_embd, F = hp->n_ff, H = hp->n_head, Hkv = hp->n_head_kv,
-                  D = hp->head_dim;
-    if (E <= 0 || E % 128 != 0 || F <= 0 || F % 128 != 0 || H <= 0 || Hkv <= 0 ||
-        H % Hkv != 0 || H / Hkv > 64 || D <= 0 || D % 2 != 0 || (int64_t)D * H != E ||
-        hp->n_layer <= 0 || hp->n_vocab <= 0 || E > (1 << 20) || F > (1 << 22)) {
-        set_err(err, errlen, "unsupported model dimensions (n_embd %d, n_ff %d, n_head %d, "
-                "n_head_kv %d, head_dim %d)", E, F, H, Hkv, D);
-        return NULL;
-    }
-    if (!m->tok_embd || !m->head || !m->output_norm || !m->layers) {
-        set_err(err, errlen, "model is missing tensors");
-        return NULL;
-    }
-    for (int32_t l = 0; l < hp->n_layer; l++) {
-        const bn_layer *L = &m->layers[l];
-        if (check_matrix(&L->wq, E, E, "attn_q", l, err, errlen) ||
-            check_matrix(&L->wk, E, Hkv * D, "attn_k", l, err, errlen) ||
-            check_matrix(&L->wv, E, Hkv * D, "attn_v", l, err, errlen) ||
-            check_matrix(&L->wo, E, E, "attn_output", l, err, errlen) ||
-            check_matrix(&L->w_gate, E, F, "ffn_gate", l, err, errlen) ||
-            check_matrix(&L->w_up, E, F, "ffn_up", l, err, errlen) ||
-            check_matrix(&L->w_down, F, E, "ffn_down", l, err, errlen))
-            return NULL;
-        if (!L->attn_norm || !L->attn_sub_norm || !L->ffn_norm || !L->ffn_sub_norm) {
-            set_err(err, errlen, "layer %d: missing norm weights", l);
-            return NULL;
-        }
-    }
-
-    bn_context *ctx = calloc(1, sizeof *ctx);
-    if (!ctx) {
-        set_err(err, errlen, "out of memory");
-        return NULL;
-    }
-    ctx->m = m;
-    ctx->hp = *hp;
-    ctx->n_slots = n_slots;
-    ctx->n_ctx = n_ctx;
-    ctx->kv_dim = Hkv * D;
-    ctx->n_wide = E > F ? E : F;
-    int64_t total_positions = (int64_t)n_slots * n_ctx;
-    ctx->max_chunk = total_positions < BN_MAX_CHUNK ? (int32_t)total_positions : BN_MAX_CHUNK;
-
-    int failed = 0;
-    const size_t T = (size_t)ctx->max_chunk;
-    const size_t cache_n = (size_t)n_slots * (size_t)hp->n_layer * (size_t)n_ctx;
-    if (cache_n > SIZE_MAX / (size_t)ctx->kv_dim)
-        failed = 1;
-    else {
-        ctx->kcache = alloc_array(cache_n * (size_t)ctx->kv_dim, sizeof(float), &failed);
-        ctx->vcache = alloc_array(cache_n * (size_t)ctx->kv_dim, sizeof(float), &failed);
-    }
-    ctx->pos = calloc((size_t)n_slots, sizeof *ctx->pos);
-    if (!ctx->pos)
-        failed = 1;
-    ctx->rope_cos = alloc_array((size_t)n_ctx * (size_t)(D / 2), sizeof(float), &failed);
-    ctx->rope_sin = alloc_array((size_t)n_ctx * (size_t)(D / 2), sizeof(float), &failed);
-    ctx->x = alloc_array(T * (size_t)E, sizeof(float), &failed);
-    ctx->h = alloc_array(T * (size_t)ctx->n_wide, sizeof(float), &failed);
-    ctx->q = alloc_array(T * (size_t)E, sizeof(float), &failed);
-    ctx->k = alloc_array(T * (size_t)ctx->kv_dim, sizeof(float), &failed);
-    ctx->v = alloc_array(T * (size_t)ctx->kv_dim, sizeof(float), &failed);
-    ctx->att = alloc_array(T * (size_t)E, sizeof(float), &failed);
-    ctx->g = alloc_array(T * (size_t)F, sizeof(float), &failed);
-    ctx->u = alloc_array(T * (size_t)F, sizeof(float), &failed);
-    ctx->tmp = alloc_array(T * (size_t)E, sizeof(float), &failed);
-    ctx->ynorm = alloc_array(T * (size_t)E, sizeof(float), &failed);
-    ctx->qa = alloc_array(T * (size_t)ctx->n_wide, 1, &failed);
-    ctx->qa_tiles = alloc_array(T * (size_t)ctx->n_wide, 1, &failed);
-    ctx->qa_s = alloc_array(T, sizeof(float), &failed);
-    ctx->qa_sum = alloc_array(T, sizeof(int32_t), &failed);
-    ctx->tok_slot = alloc_array(T, sizeof(int32_t), &failed);
-    ctx->tok_pos = alloc_array(T, sizeof(int32_t), &failed);
-    ctx->tok_id = alloc_array(T, sizeof(int32_t), &failed);
-    ctx->tok_row = alloc_array(T, sizeof(int32_t), &failed);
-    ctx->scores_per_thread = (size_t)(H / Hkv) * (size_t)n_ctx;
-    ctx->scores = alloc_array((size_t)n_threads * ctx->scores_per_thread, sizeof(float), &failed);
-    ctx->logits_cap = n_slots;
-    ctx->logits = alloc_array((size_t)n_slots * (size_t)hp->n_vocab, sizeof(float), &failed);
-    ctx->ents = alloc_array((size_t)n_slots, sizeof(entry_state), &failed);
-    ctx->slot_seen = calloc((size_t)n_slots, sizeof(int32_t));
-    if (!ctx->slot_seen)
-        failed = 1;
-    if (failed) {
-        set_err(err, errlen, "out of memory allocating a context of %d slots x %d positions",
-                n_slots, n_ctx);
-        bn_context_free(ctx);
-        return NULL;
-    }
-    ctx->pool = bn_pool_new(n_threads);
-    if (!ctx->pool) {
-        set_err(err, errlen, "cannot start %d threads", n_threads);
-        bn_context_free(ctx);
-        return NULL;
-    }
-    /* RoPE angles pos * base^(-2i/D), computed in double once */
-    for (int32_t p = 0; p < n_ctx; p++)
-        for (int32_t i = 0; i < D / 2; i++) {
-            double theta = (double)p * pow((double)hp->rope_base, -2.0 * i / D);
-            ctx->rope_cos[(size_t)p * (D / 2) + i] = (float)cos(theta);
-            ctx->rope_sin[(size_t)p * (D / 2) + i] = (float)sin(theta);
-        }
-    return ctx;
-}
-
-int bn_context_set_threads(bn_context *ctx, int32_t n_threads)
-{
-    if (!ctx || n_threads < 1 || n_threads > BN_POOL_MAX_THREADS)
-        return -1;
-    if (n_threads == bn_pool_threads(ctx->pool))
-        return 0;
-    int failed = 0;
-    float *scores = alloc_array((size_t)n_threads * ctx->scores_per_thread, sizeof(float), &failed);
-    if (failed)
-        return -1;
-    bn_pool *pool = bn_pool_new(n_threads);
-    if (!pool) {
-        free(scores);
-        return -1;
-    }
-    bn_pool_free(ctx->pool);
-    free(ctx->scores);
-    ctx->pool = pool;
-    ctx->scores = scores;
-    return 0;
-}
-
-int32_t bn_context_n_ctx(const bn_context *ctx)
-{
-    return ctx ? ctx->n_ctx : 0;
-}
-
-int32_t bn_context_n_slots(const bn_context *ctx)
-{
-    return ctx ? ctx->n_slots : 0;
-}
-
-void bn_seq_reset(bn_context *ctx, int32_t slot)
-{
-    if (ctx && slot >= 0 && slot < ctx->n_slots)
-        ctx->pos[slot] = 0;
-}
-
-int bn_seq_truncate(bn_context *ctx, int32_t slot, int32_t pos)
-{
-    if (!ctx || slot < 0 || slot >= ctx->n_slots || pos < 0 || pos > ctx->pos[slot])
-        return -1;
-    ctx->pos[slot] = pos;
-    return 0;
-}
-
-int32_t bn_seq_pos(const bn_context *ctx, int32_t slot)
-{
-    if (!ctx || slot < 0 || slot >= ctx->n_slots)
-        return -1;
-    return ctx->pos[slot];
-}
-
-/* ------------------------------------------------------------------ per-token math */
+/* ----------------------------------------------------------------------------- fixed-order sums */
 
 /* GCC vector types: elementwise arithmetic in the written order (no contraction in ISO C
  * mode), lowered to whatever vector width the function is compiled for. */
@@ -378,7 +35,7 @@ typedef float bn_v16f __attribute__((vector_size(64)));
 
 /* Sum of a[i]*b[i] in a fixed order: 8 partial sums, then a fixed tree. */
 static inline __attribute__((always_inline)) float dot_fixed(const float *a, const float *b,
-                                                              int32_t n)
+                                                             int32_t n)
 {
     bn_v8f p = {0};
     int32_t i = 0;
@@ -396,6 +53,35 @@ static inline __attribute__((always_inline)) float dot_fixed(const float *a, con
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+/* Four dot products at once: four independent dependency chains, each the exact arithmetic
+ * of dot_fixed (same lanes, same order, same tree). */
+static inline __attribute__((always_inline)) void
+dot4_fixed(const float *const a[4], const float *const b[4], int32_t n, float out[4])
+{
+    bn_v8f p[4] = {{0}, {0}, {0}, {0}};
+    int32_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 4; k++) {
+            bn_v8f x, y;
+            memcpy(&x, a[k] + i, sizeof x);
+            memcpy(&y, b[k] + i, sizeof y);
+            p[k] += x * y;
+        }
+    for (; i < n; i++)
+        for (int k = 0; k < 4; k++)
+            p[k][0] += a[k][i] * b[k][i];
+    for (int k = 0; k < 4; k++) {
+        float s4[4];
+        for (int l = 0; l < 4; l++)
+            s4[l] = p[k][l] + p[k][l + 4];
+        out[k] = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    }
+}
+
+/* -------------------------------------- model-format §5.2.1 RMSNorm, §5.4.1-§5.4.2 quantization */
+
+/* out = RMSNorm(x) * w over n floats: mean of squares in dot_fixed's order, then one
+ * reciprocal square root multiplied in (model-format §5.2.1). */
 static void rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out)
 {
     float ss = dot_fixed(x, x, n);
@@ -404,49 +90,52 @@ static void rmsnorm(const float *x, const float *w, int32_t n, float eps, float 
         out[i] = w[i] * (x[i] * r);
 }
 
-/* x += y (the residual stream); restrict lets the compiler vectorize */
-static void add_rows(float *restrict x, const float *restrict y, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        x[i] += y[i];
-}
+/* RMSNorm of every token row of src (n wide) with weights w into ctx->h, then its int8
+ * quantization into ctx->qa, qa_s, qa_sum (model-format §5.4.1-§5.4.2). Per token, so the
+ * result never depends on the split across threads. */
+typedef struct {
+    bn_context *ctx;
+    const bn_kernel_set *k;
+    const float *src; /* [T][n] f32: rows to normalise */
+    const float *w;   /* [n] f32: the norm's weights */
+    int32_t n;
+    bn_queue queue; /* over the T tokens */
+} norm_quant_job;
 
-/* g = max(g, 0)^2 * u (squared ReLU gate) */
-static void relu_sq_mul(float *restrict g, const float *restrict u, size_t n)
+static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
 {
-    for (size_t i = 0; i < n; i++) {
-        /* max(v, 0) on the bits: a set sign bit clears the word. Integer ops vectorize where
-         * a float comparison (which may trap) does not. */
-        uint32_t b;
-        memcpy(&b, &g[i], sizeof b);
-        b &= ~(uint32_t)((int32_t)b >> 31);
-        float gv;
-        memcpy(&gv, &b, sizeof gv);
-        g[i] = gv * gv * u[i];
-    }
-}
-
-static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const float *sinv)
-{
-    const int32_t half = D / 2;
-    for (int32_t hd = 0; hd < n_heads; hd++) {
-        float *x = v + (size_t)hd * D;
-        for (int32_t i = 0; i < half; i++) {
-            float a = x[i], b = x[i + half];
-            x[i] = a * cosv[i] - b * sinv[i];
-            x[i + half] = a * sinv[i] + b * cosv[i];
+    (void)ith;
+    (void)nth;
+    norm_quant_job *job = arg;
+    bn_context *ctx = job->ctx;
+    const size_t n = (size_t)job->n;
+    int64_t lo, hi;
+    while (bn_queue_grab(&job->queue, &lo, &hi))
+        for (int64_t i = lo; i < hi; i++) {
+            float *h = ctx->h + (size_t)i * n;
+            rmsnorm(job->src + (size_t)i * n, job->w, job->n, ctx->hp.rms_eps, h);
+            job->k->quantize(h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
         }
-    }
 }
 
-/* ------------------------------------------------------------------ parallel jobs */
+static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *src, const float *w,
+                          int32_t n, int32_t T)
+{
+    norm_quant_job job = {ctx, k, src, w, n, {0}};
+    bn_queue_init(&job.queue, T, bn_pool_threads(ctx->pool), 1, 1);
+    if (T == 1)
+        norm_quant_worker(&job, 0, 1); /* not worth waking the pool */
+    else
+        bn_pool_run(ctx->pool, norm_quant_worker, &job);
+    if (k->prepare)
+        k->prepare(ctx->qa, n, n, T, ctx->qa_tiles);
+}
 
-/* Work is handed out in chunks from a shared counter (bn_queue) rather than split statically:
- * on a machine with as many vCPUs as threads, a thread that loses its CPU would otherwise hold
- * up the whole step. Which thread computes a row never changes its value. */
+/* ---------------------------------------------------------------- model-format §5.2.2 BitLinear */
+
 typedef struct {
     const bn_ternary *w;
-    float *y;           /* [T][w->n_out] */
+    float *y; /* [T][w->n_out] f32 */
 } matmul_part;
 
 typedef struct {
@@ -478,6 +167,8 @@ static void matmul_worker(void *arg, int32_t ith, int32_t nth)
     }
 }
 
+/* y0 = BitLinear(a, w0), and y1, y2 for w1, w2 when given (model-format §5.4): matrices
+ * that share one quantized input run as one job, their rows handed out together. */
 static void run_matmul(bn_context *ctx, const bn_kernel_set *k, const bn_qact *a,
                        const bn_ternary *w0, float *y0, const bn_ternary *w1, float *y1,
                        const bn_ternary *w2, float *y2)
@@ -495,44 +186,42 @@ static void run_matmul(bn_context *ctx, const bn_kernel_set *k, const bn_qact *a
     bn_pool_run(ctx->pool, matmul_worker, &job);
 }
 
-typedef struct {
-    bn_context *ctx;
-    int32_t layer;
-    int32_t n_tok;
-    bn_queue queue;
-} attn_job;
+/* --------------------------------------------------------------------- model-format §5.2.3 RoPE */
 
-/* Four dot products at once: four independent dependency chains, each the exact arithmetic
- * of dot_fixed (same lanes, same order, same tree). */
-static inline __attribute__((always_inline)) void dot4_fixed(const float *const a[4],
-                                                             const float *const b[4],
-                                                             int32_t n, float out[4])
+/* cos and sin of pos * base^(-2i/D) for i < D/2, computed in double and rounded to float once
+ * (model-format §5.2.3). context.c fills its per-position tables with it. */
+void bn_rope_angles(int32_t pos, int32_t D, float base, float *cosv, float *sinv)
 {
-    bn_v8f p[4] = {{0}, {0}, {0}, {0}};
-    int32_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int k = 0; k < 4; k++) {
-            bn_v8f x, y;
-            memcpy(&x, a[k] + i, sizeof x);
-            memcpy(&y, b[k] + i, sizeof y);
-            p[k] += x * y;
-        }
-    for (; i < n; i++)
-        for (int k = 0; k < 4; k++)
-            p[k][0] += a[k][i] * b[k][i];
-    for (int k = 0; k < 4; k++) {
-        float s4[4];
-        for (int l = 0; l < 4; l++)
-            s4[l] = p[k][l] + p[k][l + 4];
-        out[k] = (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    for (int32_t i = 0; i < D / 2; i++) {
+        double theta = (double)pos * pow((double)base, -2.0 * i / D);
+        cosv[i] = (float)cos(theta);
+        sinv[i] = (float)sin(theta);
     }
 }
+
+/* RoPE in place on n_heads heads of D floats, NeoX pairing (i, i + D/2) (model-format
+ * model-format §5.2.3); cosv, sinv: the D/2 angles of the token's position
+ * (bn_rope_angles). */
+static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const float *sinv)
+{
+    const int32_t half = D / 2;
+    for (int32_t hd = 0; hd < n_heads; hd++) {
+        float *x = v + (size_t)hd * D;
+        for (int32_t i = 0; i < half; i++) {
+            float a = x[i], b = x[i + half];
+            x[i] = a * cosv[i] - b * sinv[i];
+            x[i + half] = a * sinv[i] + b * cosv[i];
+        }
+    }
+}
+
+/* --------------------------------------------------------- model-format §5.2.5 causal attention */
 
 /* o[c*16 .. c*16+15] for c < m (m 16-wide chunks of one head's output) =
  * inv * sum over t ascending of p_t * v_t[...]: m independent accumulators in registers. */
 static inline __attribute__((always_inline)) void weighted_sum(const float *sg, const float *vc,
-                                                               size_t kvd, int32_t pos,
-                                                               const int m, float inv, float *o)
+                                                               size_t kvd, int32_t pos, const int m,
+                                                               float inv, float *o)
 {
     bn_v16f acc[8];
     for (int c = 0; c < m; c++)
@@ -552,16 +241,15 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *sg, 
     }
 }
 
-/* Causal attention of token i's query heads hd0..hd0+group-1, which share one kv head:
- * each K and V row is loaded once for the whole group. Every head's arithmetic runs in the
- * same fixed order as if it were alone (scores, max, exp-sum in position order, weighted
- * sum in position order, one multiplication by 1/sum), so results do not depend on the
- * grouping or the batch. Cloned for wider vectors: the operations and their order stay the
- * same (no contraction in ISO C mode). */
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void attend_group(const float *q, const float *kc, const float *vc, size_t kvd,
-                         int32_t pos, int32_t D, int32_t group, float inv_sqrt_d,
-                         float *scores, size_t score_stride, float *out)
+/* Causal attention (model-format §5.2.5) of one token's query heads hd0..hd0+group-1, which
+ * share one kv head: each K and V row is loaded once for the whole group. Every head's
+ * arithmetic runs in the same fixed order as if it were alone (scores, max, exp-sum in
+ * position order, weighted sum in position order, one multiplication by 1/sum), so results do
+ * not depend on the grouping or the batch. Cloned for wider vectors: the operations and their
+ * order stay the same (no contraction in ISO C mode). */
+__attribute__((target_clones("avx512f", "avx2", "default"))) static void
+attend_group(const float *q, const float *kc, const float *vc, size_t kvd, int32_t pos, int32_t D,
+             int32_t group, float inv_sqrt_d, float *scores, size_t score_stride, float *out)
 {
     float mx[64], sum[64];
     for (int32_t g = 0; g < group; g++)
@@ -625,6 +313,15 @@ static void attend_group(const float *q, const float *kc, const float *vc, size_
     }
 }
 
+typedef struct {
+    bn_context *ctx;
+    int32_t layer;
+    int32_t n_tok;
+    bn_queue queue;
+} attn_job;
+
+/* Items are (token, kv head) pairs: token i's query heads of kv head kh against the cache
+ * of its slot, positions 0..pos. */
 static void attn_worker(void *arg, int32_t ith, int32_t nth)
 {
     (void)nth;
@@ -650,13 +347,41 @@ static void attn_worker(void *arg, int32_t ith, int32_t nth)
     }
 }
 
+/* -------------------------------------------- model-format §5.2.7-§5.2.10 the rest of the layer */
+
+/* x += y, the residual adds of model-format §5.2.7 and §5.2.10; restrict lets the compiler
+ * vectorize */
+static void add_rows(float *restrict x, const float *restrict y, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
+/* g = max(g, 0)^2 * u, the squared-ReLU gate (model-format §5.2.9) */
+static void relu_sq_mul(float *restrict g, const float *restrict u, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        /* max(v, 0) on the bits: a set sign bit clears the word. Integer ops vectorize where
+         * a float comparison (which may trap) does not. */
+        uint32_t b;
+        memcpy(&b, &g[i], sizeof b);
+        b &= ~(uint32_t)((int32_t)b >> 31);
+        float gv;
+        memcpy(&gv, &b, sizeof gv);
+        g[i] = gv * gv * u[i];
+    }
+}
+
+/* ---------------------------------------------------------------- model-format §5.3 output head */
+
+/* logits = head (F16) . y for n_tok rows y (model-format §5.3), vocabulary rows shared out. */
 typedef struct {
     const bn_kernel_set *k;
-    const uint16_t *head;
+    const uint16_t *head; /* [n_vocab][n_in] F16 */
     int32_t n_in, n_vocab, n_tok;
-    const float *x;
-    float *y;
-    bn_queue queue;
+    const float *x; /* [n_tok][n_in] f32: the output-normed rows (ctx->ynorm) */
+    float *y;       /* [n_tok][n_vocab] f32: their logits rows */
+    bn_queue queue; /* over the n_vocab rows */
 } head_job;
 
 static void head_worker(void *arg, int32_t ith, int32_t nth)
@@ -670,104 +395,81 @@ static void head_worker(void *arg, int32_t ith, int32_t nth)
                            job->n_in, job->y, job->n_vocab);
 }
 
-/* ------------------------------------------------------------------ one chunk */
-
-/* RMSNorm of every token row of src (n wide) with weights w, then its int8 quantization
- * into ctx->qa. Per token, so the result never depends on the split across threads. */
-typedef struct {
-    bn_context *ctx;
-    const bn_kernel_set *k;
-    const float *src;
-    const float *w;
-    int32_t n;
-    bn_queue queue;
-} norm_quant_job;
-
-static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
-{
-    (void)ith;
-    (void)nth;
-    norm_quant_job *job = arg;
-    bn_context *ctx = job->ctx;
-    const size_t n = (size_t)job->n;
-    int64_t lo, hi;
-    while (bn_queue_grab(&job->queue, &lo, &hi))
-        for (int64_t i = lo; i < hi; i++) {
-            float *h = ctx->h + (size_t)i * n;
-            rmsnorm(job->src + (size_t)i * n, job->w, job->n, ctx->hp.rms_eps, h);
-            job->k->quantize(h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
-        }
-}
-
-static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *src,
-                          const float *w, int32_t n, int32_t T)
-{
-    norm_quant_job job = {ctx, k, src, w, n, {0}};
-    bn_queue_init(&job.queue, T, bn_pool_threads(ctx->pool), 1, 1);
-    if (T == 1)
-        norm_quant_worker(&job, 0, 1);   /* not worth waking the pool */
-    else
-        bn_pool_run(ctx->pool, norm_quant_worker, &job);
-    if (k->prepare)
-        k->prepare(ctx->qa, n, n, T, ctx->qa_tiles);
-}
+/* ------------------------------------------------------------------------------------ one chunk */
 
 /* Run the tokens tok_*[0..T) through the model; logits for the tokens whose tok_row >= 0,
- * whose rows are consecutive starting at the first such row. */
-static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
+ * whose rows are consecutive starting at the first such row. Buffers: context.h. */
+void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
 {
     const bn_model *m = ctx->m;
     const bn_hparams *hp = &ctx->hp;
     const int32_t E = hp->n_embd, F = hp->n_ff, D = hp->head_dim, kvd = ctx->kv_dim;
     const float eps = hp->rms_eps;
 
-    PROF_START();
+    /* 1. (model-format §5.1) x = the token's row of token_embd, F16 -> F32 */
     for (int32_t i = 0; i < T; i++)
         bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
 
+    /* 2. (model-format §5.2) every layer, for all T tokens at once */
     for (int32_t l = 0; l < hp->n_layer; l++) {
         const bn_layer *L = &m->layers[l];
-        /* attention block */
+
+        /* 2.1 (model-format §5.2.1) h = RMSNorm(x, attn_norm), quantized once for q, k and v
+         * (§5.4.1-§5.4.2) */
         norm_quantize(ctx, k, ctx->x, L->attn_norm, E, T);
         bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
-        PROF_LAP(0);
+
+        /* 2.2 (model-format §5.2.2) q, k, v = BitLinear(h, attn_q / attn_k / attn_v) */
         run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
-        PROF_LAP(1);
+
+        /* 2.3 (model-format §5.2.3) RoPE on every head of q and k at the token's position */
         for (int32_t i = 0; i < T; i++) {
             const size_t rp = (size_t)ctx->tok_pos[i] * (D / 2);
             rope(ctx->q + (size_t)i * E, hp->n_head, D, ctx->rope_cos + rp, ctx->rope_sin + rp);
             rope(ctx->k + (size_t)i * kvd, hp->n_head_kv, D, ctx->rope_cos + rp,
                  ctx->rope_sin + rp);
-            const size_t at = (((size_t)ctx->tok_slot[i] * hp->n_layer + (size_t)l) * ctx->n_ctx +
-                               (size_t)ctx->tok_pos[i]) * kvd;
+        }
+
+        /* 2.4 (model-format §5.2.4) store k, v at the token's position in its slot's cache of
+         * this layer */
+        for (int32_t i = 0; i < T; i++) {
+            const size_t slot_layer = (size_t)ctx->tok_slot[i] * hp->n_layer + (size_t)l;
+            const size_t at = (slot_layer * ctx->n_ctx + (size_t)ctx->tok_pos[i]) * kvd;
             memcpy(ctx->kcache + at, ctx->k + (size_t)i * kvd, (size_t)kvd * sizeof(float));
             memcpy(ctx->vcache + at, ctx->v + (size_t)i * kvd, (size_t)kvd * sizeof(float));
         }
-        PROF_LAP(0);
+
+        /* 2.5 (model-format §5.2.5) att = causal attention over positions 0..pos, heads
+         * concatenated */
         attn_job aj = {ctx, l, T, {0}};
         bn_queue_init(&aj.queue, (int64_t)T * hp->n_head_kv, bn_pool_threads(ctx->pool), 4, 1);
         bn_pool_run(ctx->pool, attn_worker, &aj);
-        PROF_LAP(2);
+
+        /* 2.6 (model-format §5.2.6) RMSNorm(att, attn_sub_norm), quantized */
         norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, E, T);
-        PROF_LAP(0);
+
+        /* 2.7 (model-format §5.2.7) x = x + BitLinear(that, attn_output) */
         run_matmul(ctx, k, &a, &L->wo, ctx->tmp, NULL, NULL, NULL, NULL);
-        PROF_LAP(1);
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
 
-        /* feed-forward block */
+        /* 2.8 (model-format §5.2.8) h = RMSNorm(x, ffn_norm), quantized once;
+         * g, u = BitLinear(h, ffn_gate / ffn_up) */
         norm_quantize(ctx, k, ctx->x, L->ffn_norm, E, T);
-        PROF_LAP(0);
         run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
-        PROF_LAP(1);
+
+        /* 2.9 (model-format §5.2.9) f = max(g, 0)^2 * u (in g), then RMSNorm(f, ffn_sub_norm),
+         * quantized */
         relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
         norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, F, T);
         bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
-        PROF_LAP(0);
+
+        /* 2.10 (model-format §5.2.10) x = x + BitLinear(f, ffn_down) */
         run_matmul(ctx, k, &af, &L->w_down, ctx->tmp, NULL, NULL, NULL, NULL);
-        PROF_LAP(1);
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
     }
 
+    /* 3. (model-format §5.3) y = RMSNorm(x, output_norm) for the tokens that want logits,
+     * packed into ynorm; logits = head . y */
     int32_t n_out = 0, first_row = -1;
     for (int32_t i = 0; i < T; i++) {
         if (ctx->tok_row[i] < 0)
@@ -777,187 +479,57 @@ static void forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         rmsnorm(ctx->x + (size_t)i * E, m->output_norm, E, eps, ctx->ynorm + (size_t)n_out * E);
         n_out++;
     }
-    PROF_LAP(0);
     if (n_out > 0) {
-        head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm,
-                       ctx->logits + (size_t)first_row * hp->n_vocab, {0}};
+        float *y = ctx->logits + (size_t)first_row * hp->n_vocab;
+        head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm, y, {0}};
         bn_queue_init(&hj.queue, hp->n_vocab, bn_pool_threads(ctx->pool), 4, 16);
         bn_pool_run(ctx->pool, head_worker, &hj);
     }
-    PROF_LAP(3);
 }
 
-/* ------------------------------------------------------------------ bn_forward */
+/* ---------------------------------------------------------------------------- test entry points */
+/* The engine's own per-token steps, called on caller-given arrays, for tests that compare
+ * them with the plain references of reference.c (bitnet.h, "test-only"). */
 
-/* 0, or -1 - e when entry e is at fault, or 1 when the call as a whole is (no entry is). */
-static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_entries,
-                    int64_t *n_rows, char *err, size_t errlen)
+int bn_test_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out)
 {
-    if (n_entries < 0 || (n_entries > 0 && !entries)) {
-        set_err(err, errlen, "bad entry list (%d entries)", n_entries);
-        return 1;
-    }
-    if (n_entries > ctx->n_slots) {
-        set_err(err, errlen, "%d entries for %d slots: slots must be distinct", n_entries,
-                ctx->n_slots);
-        return 1;
-    }
-    /* a new stamp per call; start over before the int32 would overflow (signed: UB) */
-    if (ctx->stamp == INT32_MAX) {
-        memset(ctx->slot_seen, 0, (size_t)ctx->n_slots * sizeof(int32_t));
-        ctx->stamp = 0;
-    }
-    ctx->stamp++;
-    int64_t rows = 0;
-    for (int32_t e = 0; e < n_entries; e++) {
-        const bn_batch_entry *be = &entries[e];
-        if (be->slot < 0 || be->slot >= ctx->n_slots) {
-            set_err(err, errlen, "entry %d: slot %d out of range 0..%d", e, be->slot,
-                    ctx->n_slots - 1);
-            return -1 - e;
-        }
-        if (ctx->slot_seen[be->slot] == ctx->stamp) {
-            set_err(err, errlen, "entry %d: slot %d appears twice in one batch", e, be->slot);
-            return -1 - e;
-        }
-        ctx->slot_seen[be->slot] = ctx->stamp;
-        if (be->n_tokens < 0 || (be->n_tokens > 0 && !be->tokens)) {
-            set_err(err, errlen, "entry %d (slot %d): bad token list (%d tokens)", e, be->slot,
-                    be->n_tokens);
-            return -1 - e;
-        }
-        if (be->logits < BN_LOGITS_NONE || be->logits > BN_LOGITS_ALL) {
-            set_err(err, errlen, "entry %d (slot %d): bad logits mode %d", e, be->slot,
-                    be->logits);
-            return -1 - e;
-        }
-        for (int32_t t = 0; t < be->n_tokens; t++)
-            if (be->tokens[t] < 0 || be->tokens[t] >= ctx->hp.n_vocab) {
-                set_err(err, errlen, "entry %d (slot %d): token %d at index %d out of range "
-                        "0..%d", e, be->slot, be->tokens[t], t, ctx->hp.n_vocab - 1);
-                return -1 - e;
-            }
-        const int32_t pos = ctx->pos[be->slot];
-        if ((int64_t)pos + be->n_tokens > ctx->n_ctx) {
-            set_err(err, errlen, "entry %d (slot %d): %d tokens at position %d exceed the "
-                    "context size %d", e, be->slot, be->n_tokens, pos, ctx->n_ctx);
-            return -1 - e;
-        }
-        if (be->n_tokens > 0)
-            rows += be->logits == BN_LOGITS_ALL ? be->n_tokens
-                                                : (be->logits == BN_LOGITS_LAST ? 1 : 0);
-    }
-    *n_rows = rows;
+    if (!x || !w || !out || n <= 0)
+        return -1;
+    rmsnorm(x, w, n, eps, out);
     return 0;
 }
 
-static int entry_cancelled(const bn_batch_entry *be)
+int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base)
 {
-    return be->cancel && bn_cancel_is_set(be->cancel);
-}
-
-int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char *err,
-               size_t errlen)
-{
-    if (!ctx) {
-        set_err(err, errlen, "no context");
+    if (!v || n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || pos < 0)
         return -1;
-    }
-    ctx->n_ents = 0;
-    int64_t n_rows = 0;
-    int rc = validate(ctx, entries, n_entries, &n_rows, err, errlen);
-    if (rc == 0 && n_rows > ctx->logits_cap) {
-        const size_t nv = (size_t)ctx->hp.n_vocab;
-        float *grown = (size_t)n_rows > SIZE_MAX / sizeof(float) / nv
-                           ? NULL
-                           : realloc(ctx->logits, (size_t)n_rows * nv * sizeof(float));
-        if (!grown) {
-            set_err(err, errlen, "out of memory for %lld logits rows", (long long)n_rows);
-            rc = 1;   /* no entry at fault: every status -2 */
-        } else {
-            ctx->logits = grown;
-            ctx->logits_cap = n_rows;
-        }
-    }
-    if (rc != 0) {
-        /* nothing was applied: the offending entry -1, every other -2 */
-        int32_t bad = rc <= -1 ? -1 - rc : -1;
-        for (int32_t e = 0; e < n_entries && entries; e++)
-            entries[e].status = e == bad ? -1 : -2;
+    float *angles = malloc((size_t)head_dim * sizeof(float));
+    if (!angles)
         return -1;
-    }
-
-    const bn_kernel_set *k = bn_kernels();
-    for (int32_t e = 0; e < n_entries; e++) {
-        entry_state *st = &ctx->ents[e];
-        st->mode = entries[e].logits;
-        st->n_tokens = entries[e].n_tokens;
-        st->done = 0;
-        st->orig_pos = ctx->pos[entries[e].slot];
-        st->base_row = -1;
-        st->status = 0;
-    }
-    int64_t next_row = 0;
-    int32_t e = 0;  /* entry holding the next unprocessed token */
-    for (;;) {
-        /* cancellation is checked before every chunk: a cancelled entry is rolled back */
-        for (int32_t c = 0; c < n_entries; c++) {
-            entry_state *st = &ctx->ents[c];
-            if (st->status == 0 && st->done < st->n_tokens && entry_cancelled(&entries[c])) {
-                st->status = 1;
-                ctx->pos[entries[c].slot] = st->orig_pos;
-            }
-        }
-        while (e < n_entries &&
-               (ctx->ents[e].status != 0 || ctx->ents[e].done >= ctx->ents[e].n_tokens))
-            e++;
-        if (e >= n_entries)
-            break;
-        int32_t T = 0;
-        for (int32_t c = e; c < n_entries && T < ctx->max_chunk; c++) {
-            entry_state *st = &ctx->ents[c];
-            const bn_batch_entry *be = &entries[c];
-            if (st->status != 0)
-                continue;
-            while (st->done < st->n_tokens && T < ctx->max_chunk) {
-                const int32_t t = st->done;
-                const int want = st->mode == BN_LOGITS_ALL ||
-                                 (st->mode == BN_LOGITS_LAST && t == st->n_tokens - 1);
-                ctx->tok_slot[T] = be->slot;
-                ctx->tok_pos[T] = st->orig_pos + t;
-                ctx->tok_id[T] = be->tokens[t];
-                ctx->tok_row[T] = want ? (int32_t)next_row : -1;
-                if (want) {
-                    if (st->base_row < 0)
-                        st->base_row = next_row;
-                    next_row++;
-                }
-                st->done++;
-                T++;
-            }
-            ctx->pos[be->slot] = st->orig_pos + st->done;
-        }
-        forward_chunk(ctx, k, T);
-    }
-    for (int32_t c = 0; c < n_entries; c++)
-        entries[c].status = ctx->ents[c].status;
-    ctx->n_ents = n_entries;
+    bn_rope_angles(pos, head_dim, base, angles, angles + head_dim / 2);
+    rope(v, n_heads, head_dim, angles, angles + head_dim / 2);
+    free(angles);
     return 0;
 }
 
-const float *bn_logits(const bn_context *ctx, int32_t entry, int32_t t)
+int bn_test_attention(const float *q, const float *k, const float *v, int32_t n_pos, int32_t n_head,
+                      int32_t n_head_kv, int32_t head_dim, float *out)
 {
-    if (!ctx || entry < 0 || entry >= ctx->n_ents)
-        return NULL;
-    const entry_state *st = &ctx->ents[entry];
-    if (st->status != 0 || st->base_row < 0 || t < 0 || t >= st->n_tokens)
-        return NULL;
-    int64_t row;
-    if (st->mode == BN_LOGITS_ALL)
-        row = st->base_row + t;
-    else if (st->mode == BN_LOGITS_LAST && t == st->n_tokens - 1)
-        row = st->base_row;
-    else
-        return NULL;
-    return ctx->logits + (size_t)row * (size_t)ctx->hp.n_vocab;
+    if (!q || !k || !v || !out || n_pos <= 0 || n_head <= 0 || n_head_kv <= 0 ||
+        n_head % n_head_kv != 0 || n_head / n_head_kv > 64 || head_dim <= 0)
+        return -1;
+    const int32_t group = n_head / n_head_kv;
+    const size_t kvd = (size_t)n_head_kv * head_dim;
+    float *scores = malloc((size_t)group * (size_t)n_pos * sizeof(float));
+    if (!scores)
+        return -1;
+    /* as attn_worker does for one token at position n_pos - 1 */
+    const float inv_sqrt_d = 1.0f / sqrtf((float)head_dim);
+    for (int32_t kh = 0; kh < n_head_kv; kh++) {
+        const size_t q_off = (size_t)kh * group * head_dim;
+        attend_group(q + q_off, k + (size_t)kh * head_dim, v + (size_t)kh * head_dim, kvd,
+                     n_pos - 1, head_dim, group, inv_sqrt_d, scores, (size_t)n_pos, out + q_off);
+    }
+    free(scores);
+    return 0;
 }

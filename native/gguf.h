@@ -1,4 +1,4 @@
-/* gguf.h - internal: a validating GGUF v3 reader over mmap (spec section 1). */
+/* gguf.h - internal: a validating GGUF v3 reader over mmap (model-format §1). */
 #ifndef BITNET_GGUF_H
 #define BITNET_GGUF_H
 
@@ -8,14 +8,14 @@
 enum { BN_TYPE_F32 = 0, BN_TYPE_F16 = 1, BN_TYPE_I2_S = 36 };
 
 typedef struct {
-    const char *name;      /* not NUL-terminated; name_len bytes */
+    const char *name; /* not NUL-terminated; name_len bytes */
     size_t name_len;
     uint32_t n_dims;
-    uint64_t ne[4];        /* unused dims are 1 */
+    uint64_t ne[4]; /* unused dims are 1 */
     uint32_t type;
-    uint64_t offset;       /* relative to the data section, checked */
-    uint64_t nbytes;       /* size of the data per the type rules, checked inside the file */
-    const uint8_t *data;   /* pointer into the mapping */
+    uint64_t offset;     /* relative to the data section, checked */
+    uint64_t nbytes;     /* size of the data per the type rules, checked inside the file */
+    const uint8_t *data; /* pointer into the mapping */
 } bn_gguf_tensor;
 
 typedef struct bn_gguf bn_gguf;

@@ -1,4 +1,4 @@
-/* model.c - BitNet b1.58 model loader (spec sections 2-4): checks the architecture,
+/* model.c - BitNet b1.58 model loader (model-format §2-§4): checks the architecture,
  * hyper-parameters and every tensor's type and shape, then points the bn_model fields into
  * the mapping (zero copies).
  *
@@ -8,6 +8,7 @@
  * omits it) and attention.layer_norm_rms_epsilon (1e-5, BitNet's training value).
  * Optional checked keys: vocab_size and tokenizer.ggml.tokens must agree with token_embd.
  */
+#include "error.h"
 #include "model.h"
 
 #include <math.h>
@@ -23,17 +24,17 @@ typedef struct {
     char arch[32];
 } loader;
 
-static int lfail(loader *L, const char *fmt, ...) {
-    if (L->err && L->errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(L->err, L->errlen, fmt, ap);
-        va_end(ap);
-    }
+static int lfail(loader *L, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    bn_vset_err(L->err, L->errlen, fmt, ap);
+    va_end(ap);
     return -1;
 }
 
-static const char *type_name(uint32_t t) {
+static const char *type_name(uint32_t t)
+{
     switch (t) {
     case BN_TYPE_F32: return "F32";
     case BN_TYPE_F16: return "F16";
@@ -42,8 +43,9 @@ static const char *type_name(uint32_t t) {
     }
 }
 
-static const char *meta_type_name(int t) {
-    static const char *names[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32",
+static const char *meta_type_name(int t)
+{
+    static const char *names[] = {"u8",   "i8",     "u16",   "i16", "u32", "i32", "f32",
                                   "bool", "string", "array", "u64", "i64", "f64"};
     return t >= 0 && t < (int)(sizeof names / sizeof names[0]) ? names[t] : "unknown";
 }
@@ -51,20 +53,22 @@ static const char *meta_type_name(int t) {
 /* ---- hyper-parameters ---- */
 
 /* An integer key "<arch>.<suffix>" as a positive int32. */
-static int arch_int(loader *L, const char *suffix, int required, int32_t *out) {
+static int arch_int(loader *L, const char *suffix, int required, int32_t *out)
+{
     char key[96];
     snprintf(key, sizeof key, "%s.%s", L->arch, suffix);
     int64_t idx = bn_meta_find(L->m, key);
     if (idx < 0) {
-        if (required) return lfail(L, "missing key '%s'", key);
-        return 1;   /* absent: caller keeps its value */
+        if (required)
+            return lfail(L, "missing key '%s'", key);
+        return 1; /* absent: caller keeps its value */
     }
     int t = bn_meta_type(L->m, idx);
     if (t != BN_GGUF_U32 && t != BN_GGUF_I32 && t != BN_GGUF_U64)
         return lfail(L, "key '%s' has type %s, expected an integer (u32, i32 or u64)", key,
                      meta_type_name(t));
     int64_t v;
-    if (bn_meta_get_i64(L->m, idx, &v) != 0)   /* a u64 above INT64_MAX */
+    if (bn_meta_get_i64(L->m, idx, &v) != 0) /* a u64 above INT64_MAX */
         return lfail(L, "key '%s' is out of range (must be 1..%d)", key, INT32_MAX);
     if (v <= 0 || v > INT32_MAX)
         return lfail(L, "key '%s' = %lld is out of range (must be 1..%d)", key, (long long)v,
@@ -74,7 +78,8 @@ static int arch_int(loader *L, const char *suffix, int required, int32_t *out) {
 }
 
 /* A float key "<arch>.<suffix>" that must be finite and positive; default when absent. */
-static int arch_float(loader *L, const char *suffix, float dflt, float *out) {
+static int arch_float(loader *L, const char *suffix, float dflt, float *out)
+{
     char key[96];
     snprintf(key, sizeof key, "%s.%s", L->arch, suffix);
     int64_t idx = bn_meta_find(L->m, key);
@@ -94,9 +99,11 @@ static int arch_float(loader *L, const char *suffix, float dflt, float *out) {
     return 0;
 }
 
-static int read_architecture(loader *L) {
+static int read_architecture(loader *L)
+{
     int64_t idx = bn_meta_find(L->m, "general.architecture");
-    if (idx < 0) return lfail(L, "missing key 'general.architecture'");
+    if (idx < 0)
+        return lfail(L, "missing key 'general.architecture'");
     size_t len;
     const char *s = bn_meta_get_str(L->m, idx, &len);
     if (!s)
@@ -116,11 +123,14 @@ static int read_architecture(loader *L) {
     if (len == 6 && memcmp(s, "bitnet", 6) == 0)
         return lfail(L, "unsupported architecture 'bitnet' (general.architecture): that is the "
                         "older BitNet graph; this engine runs 'bitnet-b1.58' and 'bitnet-25'");
-    return lfail(L, "unsupported architecture '%s%s' (general.architecture); expected "
-                    "'bitnet-b1.58' or 'bitnet-25'", shown, len > n ? "..." : "");
+    return lfail(L,
+                 "unsupported architecture '%s%s' (general.architecture); expected "
+                 "'bitnet-b1.58' or 'bitnet-25'",
+                 shown, len > n ? "..." : "");
 }
 
-static int read_hparams(loader *L) {
+static int read_hparams(loader *L)
+{
     bn_hparams *hp = &L->m->hp;
     memcpy(hp->architecture, L->arch, sizeof hp->architecture);
     int32_t rope_dims = 0;
@@ -137,43 +147,49 @@ static int read_hparams(loader *L) {
         return -1;
     const char *a = L->arch;
     if (hp->n_head_kv > hp->n_head || hp->n_head % hp->n_head_kv != 0)
-        return lfail(L, "%s.attention.head_count %d is not a multiple of "
-                        "%s.attention.head_count_kv %d", a, hp->n_head, a, hp->n_head_kv);
+        return lfail(L,
+                     "%s.attention.head_count %d is not a multiple of "
+                     "%s.attention.head_count_kv %d",
+                     a, hp->n_head, a, hp->n_head_kv);
     if (hp->n_embd % hp->n_head != 0)
-        return lfail(L, "%s.embedding_length %d is not a multiple of %s.attention.head_count %d",
-                     a, hp->n_embd, a, hp->n_head);
+        return lfail(L, "%s.embedding_length %d is not a multiple of %s.attention.head_count %d", a,
+                     hp->n_embd, a, hp->n_head);
     hp->head_dim = hp->n_embd / hp->n_head;
     if (hp->head_dim % 2 != 0)
-        return lfail(L, "head dimension %d (%s.embedding_length / %s.attention.head_count) is "
-                        "odd; RoPE needs it even", hp->head_dim, a, a);
+        return lfail(L,
+                     "head dimension %d (%s.embedding_length / %s.attention.head_count) is "
+                     "odd; RoPE needs it even",
+                     hp->head_dim, a, a);
     if (rope_dims != hp->head_dim)
-        return lfail(L, "%s.rope.dimension_count %d differs from the head dimension %d",
-                     a, rope_dims, hp->head_dim);
+        return lfail(L, "%s.rope.dimension_count %d differs from the head dimension %d", a,
+                     rope_dims, hp->head_dim);
     return 0;
 }
 
 /* ---- tensors ---- */
 
-static void format_shape(char *out, size_t outlen, const uint64_t ne[4], uint32_t n_dims) {
+static void format_shape(char *out, size_t outlen, const uint64_t ne[4], uint32_t n_dims)
+{
     size_t j = (size_t)snprintf(out, outlen, "[");
     for (uint32_t d = 0; d < n_dims && j < outlen; d++)
-        j += (size_t)snprintf(out + j, outlen - j, d ? ", %llu" : "%llu",
-                              (unsigned long long)ne[d]);
-    if (j < outlen) snprintf(out + j, outlen - j, "]");
+        j +=
+            (size_t)snprintf(out + j, outlen - j, d ? ", %llu" : "%llu", (unsigned long long)ne[d]);
+    if (j < outlen)
+        snprintf(out + j, outlen - j, "]");
 }
 
 /* The tensor `name` with type `type` and shape [ne0] (ne1 == 0) or [ne0, ne1]. Trailing unit
  * dimensions are ignored so that [n] and [n, 1] are the same shape. */
-static const bn_gguf_tensor *need_tensor(loader *L, const char *name, uint32_t type,
-                                         int64_t ne0, int64_t ne1) {
+static const bn_gguf_tensor *need_tensor(loader *L, const char *name, uint32_t type, int64_t ne0,
+                                         int64_t ne1)
+{
     const bn_gguf_tensor *t = bn_gguf_tensor_find(L->m->file, name);
     if (!t) {
         lfail(L, "missing tensor '%s'", name);
         return NULL;
     }
     if (t->type != type) {
-        lfail(L, "tensor '%s' has type %s, expected %s", name, type_name(t->type),
-              type_name(type));
+        lfail(L, "tensor '%s' has type %s, expected %s", name, type_name(t->type), type_name(type));
         return NULL;
     }
     uint64_t want[4] = {(uint64_t)ne0, ne1 > 0 ? (uint64_t)ne1 : 1, 1, 1};
@@ -187,9 +203,10 @@ static const bn_gguf_tensor *need_tensor(loader *L, const char *name, uint32_t t
     /* The forward pass reads F32/F16 tensors in place: they must be aligned for their type. */
     uintptr_t align = type == BN_TYPE_F32 ? 4 : type == BN_TYPE_F16 ? 2 : 1;
     if ((uintptr_t)t->data % align != 0) {
-        lfail(L, "tensor '%s' (%s) data is not %u-byte aligned in memory (offset %llu; "
-                 "general.alignment too small?)", name, type_name(type), (unsigned)align,
-              (unsigned long long)t->offset);
+        lfail(L,
+              "tensor '%s' (%s) data is not %u-byte aligned in memory (offset %llu; "
+              "general.alignment too small?)",
+              name, type_name(type), (unsigned)align, (unsigned long long)t->offset);
         return NULL;
     }
     return t;
@@ -197,9 +214,11 @@ static const bn_gguf_tensor *need_tensor(loader *L, const char *name, uint32_t t
 
 /* A norm weight vector. Its few values are checked: a NaN or infinity here would silently
  * turn every logit into NaN. */
-static const float *need_f32(loader *L, const char *name, int64_t n) {
+static const float *need_f32(loader *L, const char *name, int64_t n)
+{
     const bn_gguf_tensor *t = need_tensor(L, name, BN_TYPE_F32, n, 0);
-    if (!t) return NULL;
+    if (!t)
+        return NULL;
     const float *v = (const float *)(const void *)t->data;
     for (int64_t i = 0; i < n; i++)
         if (!isfinite(v[i])) {
@@ -209,15 +228,17 @@ static const float *need_f32(loader *L, const char *name, int64_t n) {
     return v;
 }
 
-static int need_ternary(loader *L, const char *name, int32_t n_in, int32_t n_out,
-                        bn_ternary *out) {
+static int need_ternary(loader *L, const char *name, int32_t n_in, int32_t n_out, bn_ternary *out)
+{
     const bn_gguf_tensor *t = need_tensor(L, name, BN_TYPE_I2_S, n_in, n_out);
-    if (!t) return -1;
+    if (!t)
+        return -1;
     /* The reader checked nbytes = n/4 + 32 inside the file: the scale is at byte n/4. */
     uint64_t n = (uint64_t)n_in * (uint64_t)n_out;
     float scale;
     memcpy(&scale, t->data + n / 4, sizeof scale);
-    if (!isfinite(scale)) return lfail(L, "tensor '%s' has a non-finite I2_S scale", name);
+    if (!isfinite(scale))
+        return lfail(L, "tensor '%s' has a non-finite I2_S scale", name);
     out->codes = t->data;
     out->scale = scale;
     out->n_in = n_in;
@@ -225,44 +246,60 @@ static int need_ternary(loader *L, const char *name, int32_t n_in, int32_t n_out
     return 0;
 }
 
-static int load_layer(loader *L, int32_t il, bn_layer *ly) {
+static int load_layer(loader *L, int32_t il, bn_layer *ly)
+{
     const bn_hparams *hp = &L->m->hp;
     int32_t E = hp->n_embd, F = hp->n_ff;
     int32_t q_dim = hp->n_head * hp->head_dim, kv_dim = hp->n_head_kv * hp->head_dim;
     char name[64];
 #define NAME(suffix) (snprintf(name, sizeof name, "blk.%d." suffix, il), name)
-    if (!(ly->attn_norm = need_f32(L, NAME("attn_norm.weight"), E))) return -1;
-    if (need_ternary(L, NAME("attn_q.weight"), E, q_dim, &ly->wq)) return -1;
-    if (need_ternary(L, NAME("attn_k.weight"), E, kv_dim, &ly->wk)) return -1;
-    if (need_ternary(L, NAME("attn_v.weight"), E, kv_dim, &ly->wv)) return -1;
-    if (!(ly->attn_sub_norm = need_f32(L, NAME("attn_sub_norm.weight"), E))) return -1;
-    if (need_ternary(L, NAME("attn_output.weight"), E, E, &ly->wo)) return -1;
-    if (!(ly->ffn_norm = need_f32(L, NAME("ffn_norm.weight"), E))) return -1;
-    if (need_ternary(L, NAME("ffn_gate.weight"), E, F, &ly->w_gate)) return -1;
-    if (need_ternary(L, NAME("ffn_up.weight"), E, F, &ly->w_up)) return -1;
-    if (!(ly->ffn_sub_norm = need_f32(L, NAME("ffn_sub_norm.weight"), F))) return -1;
-    if (need_ternary(L, NAME("ffn_down.weight"), F, E, &ly->w_down)) return -1;
+    if (!(ly->attn_norm = need_f32(L, NAME("attn_norm.weight"), E)))
+        return -1;
+    if (need_ternary(L, NAME("attn_q.weight"), E, q_dim, &ly->wq))
+        return -1;
+    if (need_ternary(L, NAME("attn_k.weight"), E, kv_dim, &ly->wk))
+        return -1;
+    if (need_ternary(L, NAME("attn_v.weight"), E, kv_dim, &ly->wv))
+        return -1;
+    if (!(ly->attn_sub_norm = need_f32(L, NAME("attn_sub_norm.weight"), E)))
+        return -1;
+    if (need_ternary(L, NAME("attn_output.weight"), E, E, &ly->wo))
+        return -1;
+    if (!(ly->ffn_norm = need_f32(L, NAME("ffn_norm.weight"), E)))
+        return -1;
+    if (need_ternary(L, NAME("ffn_gate.weight"), E, F, &ly->w_gate))
+        return -1;
+    if (need_ternary(L, NAME("ffn_up.weight"), E, F, &ly->w_up))
+        return -1;
+    if (!(ly->ffn_sub_norm = need_f32(L, NAME("ffn_sub_norm.weight"), F)))
+        return -1;
+    if (need_ternary(L, NAME("ffn_down.weight"), F, E, &ly->w_down))
+        return -1;
 #undef NAME
     return 0;
 }
 
-static int load_vocab(loader *L) {
+static int load_vocab(loader *L)
+{
     bn_hparams *hp = &L->m->hp;
     const bn_gguf_tensor *emb = bn_gguf_tensor_find(L->m->file, "token_embd.weight");
-    if (!emb) return lfail(L, "missing tensor 'token_embd.weight'");
+    if (!emb)
+        return lfail(L, "missing tensor 'token_embd.weight'");
     if (emb->ne[1] > INT32_MAX)
         return lfail(L, "tensor 'token_embd.weight' has %llu rows, too many",
                      (unsigned long long)emb->ne[1]);
     hp->n_vocab = (int32_t)emb->ne[1];
-    if (!need_tensor(L, "token_embd.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab)) return -1;
+    if (!need_tensor(L, "token_embd.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
+        return -1;
     L->m->tok_embd = (const uint16_t *)(const void *)emb->data;
 
     int32_t vocab_size = 0;
     int r = arch_int(L, "vocab_size", 0, &vocab_size);
-    if (r < 0) return -1;
+    if (r < 0)
+        return -1;
     if (r == 0 && vocab_size != hp->n_vocab)
-        return lfail(L, "%s.vocab_size %d differs from the %d rows of token_embd.weight",
-                     L->arch, vocab_size, hp->n_vocab);
+        return lfail(L, "%s.vocab_size %d differs from the %d rows of token_embd.weight", L->arch,
+                     vocab_size, hp->n_vocab);
     int64_t ti = bn_meta_find(L->m, "tokenizer.ggml.tokens");
     if (ti >= 0) {
         int et;
@@ -270,13 +307,16 @@ static int load_vocab(loader *L) {
         if (bn_meta_array(L->m, ti, &et, &count, NULL) != 0 || et != BN_GGUF_STRING)
             return lfail(L, "key 'tokenizer.ggml.tokens' is not an array of strings");
         if (count != (uint64_t)hp->n_vocab)
-            return lfail(L, "key 'tokenizer.ggml.tokens' has %llu entries, but token_embd.weight "
-                            "has %d rows", (unsigned long long)count, hp->n_vocab);
+            return lfail(L,
+                         "key 'tokenizer.ggml.tokens' has %llu entries, but token_embd.weight "
+                         "has %d rows",
+                         (unsigned long long)count, hp->n_vocab);
     }
 
     const bn_gguf_tensor *out = bn_gguf_tensor_find(L->m->file, "output.weight");
     if (out) {
-        if (!need_tensor(L, "output.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab)) return -1;
+        if (!need_tensor(L, "output.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
+            return -1;
         L->m->head = (const uint16_t *)(const void *)out->data;
         hp->tied_head = 0;
     } else {
@@ -288,25 +328,28 @@ static int load_vocab(loader *L) {
 
 /* ---- public API ---- */
 
-bn_model *bn_model_load(const char *path, char *err, size_t errlen) {
-    if (err && errlen) err[0] = '\0';
+bn_model *bn_model_load(const char *path, char *err, size_t errlen)
+{
+    if (err && errlen)
+        err[0] = '\0';
     bn_model *m = calloc(1, sizeof *m);
     if (!m) {
-        if (err && errlen) snprintf(err, errlen, "out of memory");
+        bn_set_err(err, errlen, "out of memory");
         return NULL;
     }
     loader L = {.m = m, .err = err, .errlen = errlen};
     m->file = bn_gguf_open(path, err, errlen);
-    if (!m->file) goto fail;
-    if (read_architecture(&L) || read_hparams(&L) || load_vocab(&L)) goto fail;
+    if (!m->file)
+        goto fail;
+    if (read_architecture(&L) || read_hparams(&L) || load_vocab(&L))
+        goto fail;
 
     bn_hparams *hp = &m->hp;
     /* Each layer has 11 tensors: a block_count the file cannot back is rejected before the
      * layer array is allocated. */
     if ((uint64_t)hp->n_layer > bn_gguf_tensor_count(m->file) / 11) {
-        lfail(&L, "%s.block_count %d needs %lld tensors, the file has %llu", L.arch,
-              hp->n_layer, 11LL * hp->n_layer,
-              (unsigned long long)bn_gguf_tensor_count(m->file));
+        lfail(&L, "%s.block_count %d needs %lld tensors, the file has %llu", L.arch, hp->n_layer,
+              11LL * hp->n_layer, (unsigned long long)bn_gguf_tensor_count(m->file));
         goto fail;
     }
     m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
@@ -315,14 +358,16 @@ bn_model *bn_model_load(const char *path, char *err, size_t errlen) {
         goto fail;
     }
     for (int32_t il = 0; il < hp->n_layer; il++)
-        if (load_layer(&L, il, &m->layers[il])) goto fail;
-    if (!(m->output_norm = need_f32(&L, "output_norm.weight", hp->n_embd))) goto fail;
+        if (load_layer(&L, il, &m->layers[il]))
+            goto fail;
+    if (!(m->output_norm = need_f32(&L, "output_norm.weight", hp->n_embd)))
+        goto fail;
 
     hp->file_size = bn_gguf_file_size(m->file);
     hp->n_params = 0;
     for (uint64_t i = 0; i < bn_gguf_tensor_count(m->file); i++) {
         const bn_gguf_tensor *t = bn_gguf_tensor_at(m->file, i);
-        hp->n_params += t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];   /* each < 2^60 */
+        hp->n_params += t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3]; /* each < 2^60 */
     }
     return m;
 fail:
@@ -330,13 +375,17 @@ fail:
     return NULL;
 }
 
-void bn_model_free(bn_model *m) {
-    if (!m) return;
+void bn_model_free(bn_model *m)
+{
+    if (!m)
+        return;
     free(m->layers);
     bn_gguf_close(m->file);
     free(m);
 }
 
-void bn_model_hparams(const bn_model *m, bn_hparams *out) {
-    if (m && out) *out = m->hp;
+void bn_model_hparams(const bn_model *m, bn_hparams *out)
+{
+    if (m && out)
+        *out = m->hp;
 }

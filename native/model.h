@@ -5,35 +5,35 @@
 #include "bitnet.h"
 #include "gguf.h"
 
-/* An I2_S ternary matrix used in place from the mapping (spec section 4). */
+/* An I2_S ternary matrix used in place from the mapping (model-format §4). */
 typedef struct {
-    const uint8_t *codes;   /* [n_out][n_in/4] 2-bit codes, 32-byte blocks of 128 weights */
-    float scale;            /* per-tensor weight scale (read from byte n_out*n_in/4) */
-    int32_t n_in;           /* K = ne[0], multiple of 128 */
-    int32_t n_out;          /* rows = ne[1] */
+    const uint8_t *codes; /* [n_out][n_in/4] 2-bit codes, 32-byte blocks of 128 weights */
+    float scale;          /* per-tensor weight scale (read from byte n_out*n_in/4) */
+    int32_t n_in;         /* K = ne[0], multiple of 128 */
+    int32_t n_out;        /* rows = ne[1] */
 } bn_ternary;
 
 typedef struct {
-    const float *attn_norm;      /* [n_embd] F32 */
-    bn_ternary wq;               /* n_in n_embd, n_out n_head*head_dim */
-    bn_ternary wk;               /* n_in n_embd, n_out n_head_kv*head_dim */
-    bn_ternary wv;               /* n_in n_embd, n_out n_head_kv*head_dim */
-    const float *attn_sub_norm;  /* [n_embd] F32 */
-    bn_ternary wo;               /* n_in n_embd, n_out n_embd */
-    const float *ffn_norm;       /* [n_embd] F32 */
-    bn_ternary w_gate;           /* n_in n_embd, n_out n_ff */
-    bn_ternary w_up;             /* n_in n_embd, n_out n_ff */
-    const float *ffn_sub_norm;   /* [n_ff] F32 */
-    bn_ternary w_down;           /* n_in n_ff, n_out n_embd */
+    const float *attn_norm;     /* [n_embd] F32 */
+    bn_ternary wq;              /* n_in n_embd, n_out n_head*head_dim */
+    bn_ternary wk;              /* n_in n_embd, n_out n_head_kv*head_dim */
+    bn_ternary wv;              /* n_in n_embd, n_out n_head_kv*head_dim */
+    const float *attn_sub_norm; /* [n_embd] F32 */
+    bn_ternary wo;              /* n_in n_embd, n_out n_embd */
+    const float *ffn_norm;      /* [n_embd] F32 */
+    bn_ternary w_gate;          /* n_in n_embd, n_out n_ff */
+    bn_ternary w_up;            /* n_in n_embd, n_out n_ff */
+    const float *ffn_sub_norm;  /* [n_ff] F32 */
+    bn_ternary w_down;          /* n_in n_ff, n_out n_embd */
 } bn_layer;
 
 struct bn_model {
-    bn_gguf *file;               /* the mapping and parsed metadata; owns the memory */
+    bn_gguf *file; /* the mapping and parsed metadata; owns the memory */
     bn_hparams hp;
-    const uint16_t *tok_embd;    /* [n_vocab][n_embd] F16 (IEEE binary16 bits) */
-    const uint16_t *head;        /* [n_vocab][n_embd] F16: output.weight, or tok_embd if tied */
-    const float *output_norm;    /* [n_embd] F32 */
-    bn_layer *layers;            /* [n_layer] */
+    const uint16_t *tok_embd; /* [n_vocab][n_embd] F16 (IEEE binary16 bits) */
+    const uint16_t *head;     /* [n_vocab][n_embd] F16: output.weight, or tok_embd if tied */
+    const float *output_norm; /* [n_embd] F32 */
+    bn_layer *layers;         /* [n_layer] */
 };
 
 #endif

@@ -24,15 +24,15 @@ struct bn_pool {
     int32_t n_started;
 
     pthread_mutex_t mu;
-    pthread_cond_t wake;       /* workers: a new generation (or stop) */
-    pthread_cond_t done;       /* caller: active reached 0 */
-    atomic_uint generation;    /* bumped for every job */
-    atomic_int open;           /* 1 while the current job admits workers */
-    atomic_int active;         /* workers inside fn (or deciding whether to enter) */
+    pthread_cond_t wake;    /* workers: a new generation (or stop) */
+    pthread_cond_t done;    /* caller: active reached 0 */
+    atomic_uint generation; /* bumped for every job */
+    atomic_int open;        /* 1 while the current job admits workers */
+    atomic_int active;      /* workers inside fn (or deciding whether to enter) */
     atomic_int stop;
-    int waiting_caller;        /* protected by mu */
+    int waiting_caller; /* protected by mu */
 
-    bn_pool_fn fn;             /* current job, published before open is set */
+    bn_pool_fn fn; /* current job, published before open is set */
     void *arg;
 };
 
@@ -64,7 +64,7 @@ static void *worker_main(void *opaque)
     bn_pool *p = wa->pool;
     const int32_t ith = wa->ith;
     free(wa);
-    unsigned seen = 0;  /* the generation at creation: a job may be posted before we start */
+    unsigned seen = 0; /* the generation at creation: a job may be posted before we start */
     for (;;) {
         /* poll briefly, then sleep */
         unsigned g = atomic_load_explicit(&p->generation, memory_order_acquire);
@@ -201,16 +201,4 @@ void bn_pool_run(bn_pool *p, bn_pool_fn fn, void *arg)
         p->waiting_caller = 0;
         pthread_mutex_unlock(&p->mu);
     }
-}
-
-void bn_split_range(int64_t n, int64_t align, int32_t ith, int32_t nth, int64_t *lo, int64_t *hi)
-{
-    if (align < 1)
-        align = 1;
-    int64_t units = (n + align - 1) / align;
-    int64_t u0 = units * ith / nth;
-    int64_t u1 = units * (ith + 1) / nth;
-    int64_t a = u0 * align, b = u1 * align;
-    *lo = a < n ? a : n;
-    *hi = b < n ? b : n;
 }

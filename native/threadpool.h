@@ -3,7 +3,7 @@
  * n_threads-1 worker threads plus the calling thread run one job at a time. Workers poll
  * briefly for the next job (a short pause loop: jobs of one forward pass follow each other
  * within microseconds) and then sleep on a condition variable, because pure spinning
- * collapses on machines with as few vCPUs as threads (spec section 9).
+ * collapses on machines with as few vCPUs as threads (model-format §9).
  */
 #ifndef BITNET_THREADPOOL_H
 #define BITNET_THREADPOOL_H
@@ -35,8 +35,8 @@ typedef struct {
 } bn_queue;
 
 /* About per_thread chunks per thread, each a multiple of align items. */
-static inline void bn_queue_init(bn_queue *q, int64_t total, int32_t n_threads,
-                                 int32_t per_thread, int32_t align)
+static inline void bn_queue_init(bn_queue *q, int64_t total, int32_t n_threads, int32_t per_thread,
+                                 int32_t align)
 {
     int64_t chunk = total / ((int64_t)n_threads * per_thread);
     chunk = (chunk + align - 1) / align * align;
@@ -57,9 +57,5 @@ static inline int bn_queue_grab(bn_queue *q, int64_t *lo, int64_t *hi)
     *hi = a + q->chunk < q->total ? a + q->chunk : q->total;
     return 1;
 }
-
-/* The share [*lo, *hi) of n items for thread ith of nth, boundaries multiples of align
- * (except n itself), as even as the alignment allows. */
-void bn_split_range(int64_t n, int64_t align, int32_t ith, int32_t nth, int64_t *lo, int64_t *hi);
 
 #endif

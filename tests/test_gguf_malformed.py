@@ -718,8 +718,8 @@ def sanitizer_build(tmp_path_factory: pytest.TempPathFactory) -> SanitizerBuild:
     if r.returncode != 0 or _run([str(d / "probe")]).returncode != 0:
         pytest.skip(f"gcc lacks ASan/UBSan support: {r.stderr.strip()[:200]}")
     objects, skipped = [], {}
-    for src in sorted(NATIVE.glob("*.c")):
-        obj = d / (src.stem + ".o")
+    for src in sorted(NATIVE.glob("*.c")) + sorted((NATIVE / "kernels").glob("*.c")):
+        obj = d / (src.stem + ".o")   # stems are unique across native/ and native/kernels/
         r = _run([gcc, *SAN_FLAGS, f"-I{NATIVE}", "-c", str(src), "-o", str(obj)])
         if r.returncode == 0:
             objects.append(str(obj))

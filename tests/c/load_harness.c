@@ -26,16 +26,18 @@
 #include <fcntl.h>
 #include <unistd.h>
 
-static int g_broken = 0;   /* set when the engine breaks its contract (not a sanitizer error) */
-static int g_threads = 2;  /* worker threads per context (1 while fuzzing: thousands of contexts) */
+static int g_broken = 0;  /* set when the engine breaks its contract (not a sanitizer error) */
+static int g_threads = 2; /* worker threads per context (1 while fuzzing: thousands of contexts) */
 
-static void broken(const char *path, const char *what) {
+static void broken(const char *path, const char *what)
+{
     fprintf(stderr, "CONTRACT %s: %s\n", path, what);
     g_broken = 1;
 }
 
 /* Reads every metadata value; returns a checksum so the reads cannot be optimised away. */
-static uint64_t read_all_metadata(const char *path, const bn_model *m) {
+static uint64_t read_all_metadata(const char *path, const bn_model *m)
+{
     uint64_t sum = 0;
     int64_t n = bn_meta_count(m);
     for (int64_t i = 0; i < n; i++) {
@@ -51,30 +53,45 @@ static uint64_t read_all_metadata(const char *path, const bn_model *m) {
         kbuf[kl] = '\0';
         if (kl == klen && !memchr(key, '\0', klen) && bn_meta_find(m, kbuf) != i)
             broken(path, "bn_meta_find does not find a key by its own name");
-        for (size_t j = 0; j < klen; j++) sum += (unsigned char)key[j];
+        for (size_t j = 0; j < klen; j++)
+            sum += (unsigned char)key[j];
         int t = bn_meta_type(m, i);
         int64_t iv;
         double fv;
         size_t len;
         const char *s;
         switch (t) {
-        case BN_GGUF_U8: case BN_GGUF_I8: case BN_GGUF_U16: case BN_GGUF_I16:
-        case BN_GGUF_U32: case BN_GGUF_I32: case BN_GGUF_BOOL: case BN_GGUF_I64:
-            if (bn_meta_get_i64(m, i, &iv) != 0) broken(path, "integer key not readable");
-            else sum += (uint64_t)iv;
+        case BN_GGUF_U8:
+        case BN_GGUF_I8:
+        case BN_GGUF_U16:
+        case BN_GGUF_I16:
+        case BN_GGUF_U32:
+        case BN_GGUF_I32:
+        case BN_GGUF_BOOL:
+        case BN_GGUF_I64:
+            if (bn_meta_get_i64(m, i, &iv) != 0)
+                broken(path, "integer key not readable");
+            else
+                sum += (uint64_t)iv;
             break;
         case BN_GGUF_U64:
-            if (bn_meta_get_i64(m, i, &iv) == 0) sum += (uint64_t)iv;
+            if (bn_meta_get_i64(m, i, &iv) == 0)
+                sum += (uint64_t)iv;
             break;
-        case BN_GGUF_F32: case BN_GGUF_F64:
-            if (bn_meta_get_f64(m, i, &fv) != 0) broken(path, "float key not readable");
-            else sum += (uint64_t)(fv == fv && fv > -1e18 && fv < 1e18 ? (int64_t)fv : 7);
+        case BN_GGUF_F32:
+        case BN_GGUF_F64:
+            if (bn_meta_get_f64(m, i, &fv) != 0)
+                broken(path, "float key not readable");
+            else
+                sum += (uint64_t)(fv == fv && fv > -1e18 && fv < 1e18 ? (int64_t)fv : 7);
             break;
         case BN_GGUF_STRING:
             s = bn_meta_get_str(m, i, &len);
-            if (!s) broken(path, "string key not readable");
+            if (!s)
+                broken(path, "string key not readable");
             else
-                for (size_t j = 0; j < len; j++) sum += (unsigned char)s[j];
+                for (size_t j = 0; j < len; j++)
+                    sum += (unsigned char)s[j];
             break;
         case BN_GGUF_ARRAY: {
             int et;
@@ -91,7 +108,8 @@ static uint64_t read_all_metadata(const char *path, const bn_model *m) {
                         broken(path, "string array element not readable");
                         break;
                     }
-                    for (size_t k = 0; k < len; k++) sum += (unsigned char)s[k];
+                    for (size_t k = 0; k < len; k++)
+                        sum += (unsigned char)s[k];
                 }
                 if (bn_meta_array_str(m, i, count, &len) != NULL)
                     broken(path, "bn_meta_array_str accepted an index past the end");
@@ -100,14 +118,14 @@ static uint64_t read_all_metadata(const char *path, const bn_model *m) {
                 size_t es = et >= 0 && et <= 12 ? sizes[et] : 0;
                 const unsigned char *p = data;
                 if (es)
-                    for (uint64_t j = 0; j < count * es; j++) sum += p[j];
+                    for (uint64_t j = 0; j < count * es; j++)
+                        sum += p[j];
                 else if (et == BN_GGUF_ARRAY && count > 0)
-                    sum += p[0];   /* nested arrays: the pointer must be valid at least */
+                    sum += p[0]; /* nested arrays: the pointer must be valid at least */
             }
             break;
         }
-        default:
-            broken(path, "unknown metadata type reported");
+        default: broken(path, "unknown metadata type reported");
         }
     }
     if (bn_meta_type(m, n) != -1 || bn_meta_key(m, -1, NULL) != NULL)
@@ -117,7 +135,8 @@ static uint64_t read_all_metadata(const char *path, const bn_model *m) {
 
 #ifdef HARNESS_FORWARD
 /* Two slots: a 3-token prefill then one decode step each, logits read in full. */
-static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparams *hp) {
+static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparams *hp)
+{
     char err[512];
     uint64_t sum = 0;
     bn_context *ctx = bn_context_new(m, 2, 16, g_threads, err, sizeof err);
@@ -140,9 +159,11 @@ static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparam
         }
         for (int32_t t = 0; t < e[0].n_tokens; t++) {
             const float *lg = bn_logits(ctx, 0, t);
-            if (!lg) broken(path, "bn_logits NULL for a computed token");
+            if (!lg)
+                broken(path, "bn_logits NULL for a computed token");
             else
-                for (int32_t v = 0; v < hp->n_vocab; v++) sum += lg[v] > 0.0f;
+                for (int32_t v = 0; v < hp->n_vocab; v++)
+                    sum += lg[v] > 0.0f;
         }
         const float *last = bn_logits(ctx, 1, e[1].n_tokens - 1);
         if (!last) {
@@ -150,15 +171,21 @@ static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparam
             break;
         }
 #ifdef HARNESS_SAMPLER
-        bn_sampling sp = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .min_p = 0.05f,
-                          .repeat_penalty = 1.1f, .repeat_last_n = 64, .seed = 42};
+        bn_sampling sp = {.temperature = 0.8f,
+                          .top_k = 40,
+                          .top_p = 0.95f,
+                          .min_p = 0.05f,
+                          .repeat_penalty = 1.1f,
+                          .repeat_last_n = 64,
+                          .seed = 42};
         bn_sampler *s = bn_sampler_new(&sp, hp->n_vocab);
         if (s) {
             bn_sampler_accept(s, toks_b[0]);
             int32_t tok = bn_sampler_sample(s, last);
             /* -1 is the documented answer when no logit is usable (all NaN or -inf). */
             int any_usable = 0;
-            for (int32_t v = 0; v < hp->n_vocab; v++) any_usable |= last[v] > -INFINITY;
+            for (int32_t v = 0; v < hp->n_vocab; v++)
+                any_usable |= last[v] > -INFINITY;
             if (tok < -1 || tok >= hp->n_vocab || (tok == -1 && any_usable))
                 broken(path, "sampled token out of range");
             sum += (uint64_t)tok;
@@ -183,14 +210,18 @@ static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparam
 #endif
 
 /* 0 = loaded, 1 = rejected with a message. */
-static int check_file(const char *path, int verbose) {
+static int check_file(const char *path, int verbose)
+{
     char err[1024];
     memset(err, 0, sizeof err);
     bn_model *m = bn_model_load(path, err, sizeof err);
     if (!m) {
-        if (err[0] == '\0') broken(path, "load failed without a message");
-        if (!memchr(err, '\0', sizeof err)) broken(path, "error message not terminated");
-        if (verbose) printf("ERR %s: %s\n", path, err);
+        if (err[0] == '\0')
+            broken(path, "load failed without a message");
+        if (!memchr(err, '\0', sizeof err))
+            broken(path, "error message not terminated");
+        if (verbose)
+            printf("ERR %s: %s\n", path, err);
         return 1;
     }
     bn_hparams hp;
@@ -200,9 +231,9 @@ static int check_file(const char *path, int verbose) {
     sum += run_forward(path, m, &hp);
 #endif
     if (verbose)
-        printf("OK %s: %s vocab=%d embd=%d layers=%d kv=%lld sum=%llu\n", path,
-               hp.architecture, hp.n_vocab, hp.n_embd, hp.n_layer,
-               (long long)bn_meta_count(m), (unsigned long long)sum);
+        printf("OK %s: %s vocab=%d embd=%d layers=%d kv=%lld sum=%llu\n", path, hp.architecture,
+               hp.n_vocab, hp.n_embd, hp.n_layer, (long long)bn_meta_count(m),
+               (unsigned long long)sum);
     bn_model_free(m);
     return 0;
 }
@@ -211,33 +242,65 @@ static int check_file(const char *path, int verbose) {
 
 static uint64_t rng_state;
 
-static uint64_t rng(void) {   /* xorshift64* */
+static uint64_t rng(void)
+{ /* xorshift64* */
     rng_state ^= rng_state >> 12;
     rng_state ^= rng_state << 25;
     rng_state ^= rng_state >> 27;
     return rng_state * 2685821657736338717ull;
 }
 
-static double now_ms(void) {
+static double now_ms(void)
+{
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
 /* Interesting values for 4- and 8-byte fields. */
-static uint64_t interesting(void) {
-    static const uint64_t v[] = {0, 1, 2, 3, 4, 7, 8, 9, 12, 13, 31, 32, 33, 36, 64, 127, 128,
-                                 255, 256, 0x7fff, 0xffff, 0x7fffffff, 0x80000000, 0xffffffff,
-                                 0x100000000ull, 0x7fffffffffffffffull, 0x8000000000000000ull,
-                                 0xffffffffffffffffull, 0xfffffffffffffff0ull};
+static uint64_t interesting(void)
+{
+    /* clang-format off: a table, kept in rows */
+    static const uint64_t v[] = {0,
+                                 1,
+                                 2,
+                                 3,
+                                 4,
+                                 7,
+                                 8,
+                                 9,
+                                 12,
+                                 13,
+                                 31,
+                                 32,
+                                 33,
+                                 36,
+                                 64,
+                                 127,
+                                 128,
+                                 255,
+                                 256,
+                                 0x7fff,
+                                 0xffff,
+                                 0x7fffffff,
+                                 0x80000000,
+                                 0xffffffff,
+                                 0x100000000ull,
+                                 0x7fffffffffffffffull,
+                                 0x8000000000000000ull,
+                                 0xffffffffffffffffull,
+                                 0xfffffffffffffff0ull};
+    /* clang-format on */
     return v[rng() % (sizeof v / sizeof v[0])];
 }
 
 /* Overwrite in place, then cut to length: truncating to zero first would make ext4 flush the
  * file on every close (its replace-via-truncate heuristic) and the loop would wait on disk. */
-static int write_file(const char *path, const unsigned char *buf, size_t len) {
+static int write_file(const char *path, const unsigned char *buf, size_t len)
+{
     int fd = open(path, O_WRONLY | O_CREAT, 0600);
-    if (fd < 0) return -1;
+    if (fd < 0)
+        return -1;
     size_t done = 0;
     while (done < len) {
         ssize_t n = write(fd, buf + done, len - done);
@@ -252,7 +315,8 @@ static int write_file(const char *path, const unsigned char *buf, size_t len) {
 }
 
 static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, const char *work,
-                size_t head, size_t infos) {
+                size_t head, size_t infos)
+{
     FILE *f = fopen(base, "rb");
     if (!f) {
         perror(base);
@@ -267,8 +331,10 @@ static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, c
         return 2;
     }
     fclose(f);
-    if (head == 0 || head > (size_t)size) head = (size_t)size / 8 + 1;
-    if (infos >= head) infos = 0;
+    if (head == 0 || head > (size_t)size)
+        head = (size_t)size / 8 + 1;
+    if (infos >= head)
+        infos = 0;
     rng_state = seed * 0x9E3779B97F4A7C15ull + 1;
     double t0 = now_ms();
     long done = 0, loaded = 0;
@@ -279,30 +345,38 @@ static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, c
         for (int k = 0; k < n_mut; k++) {
             size_t pos;
             switch (rng() % 8) {
-            case 0: case 1: pos = rng() % len; break;
-            case 2: case 3: case 4: pos = infos + rng() % (head - infos); break;
+            case 0:
+            case 1: pos = rng() % len; break;
+            case 2:
+            case 3:
+            case 4: pos = infos + rng() % (head - infos); break;
             default: pos = rng() % head;
             }
             switch (rng() % 6) {
-            case 0: buf[pos] = (unsigned char)rng(); break;           /* random byte */
-            case 1: buf[pos] ^= (unsigned char)(1u << (rng() % 8)); break;   /* bit flip */
-            case 2: {                                                 /* 8-byte field */
+            case 0: buf[pos] = (unsigned char)rng(); break;                /* random byte */
+            case 1: buf[pos] ^= (unsigned char)(1u << (rng() % 8)); break; /* bit flip */
+            case 2: {                                                      /* 8-byte field */
                 uint64_t v = interesting();
                 size_t n = len - pos < 8 ? len - pos : 8;
                 memcpy(buf + pos, &v, n);
                 break;
             }
-            case 3: {                                                 /* 4-byte field */
+            case 3: { /* 4-byte field */
                 uint32_t v = (uint32_t)interesting();
                 size_t n = len - pos < 4 ? len - pos : 4;
                 memcpy(buf + pos, &v, n);
                 break;
             }
-            case 4: if (k == n_mut - 1) len = pos; break;             /* truncation */
-            default: {                                                /* copy a chunk */
+            case 4:
+                if (k == n_mut - 1)
+                    len = pos;
+                break; /* truncation */
+            default: { /* copy a chunk */
                 size_t from = rng() % len, n = 1 + rng() % 16;
-                if (from + n > len) n = len - from;
-                if (pos + n > len) n = len - pos;
+                if (from + n > len)
+                    n = len - from;
+                if (pos + n > len)
+                    n = len - pos;
                 memmove(buf + pos, buf + from, n);
             }
             }
@@ -312,35 +386,39 @@ static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, c
             return 2;
         }
         int was_broken = g_broken;
-        if (check_file(work, 0) == 0) loaded++;
-        if (g_broken && !was_broken) {   /* keep the first offending file for a look */
+        if (check_file(work, 0) == 0)
+            loaded++;
+        if (g_broken && !was_broken) { /* keep the first offending file for a look */
             char keep[4096];
             snprintf(keep, sizeof keep, "%s.broken", work);
             write_file(keep, buf, len);
             fprintf(stderr, "mutation %ld broke the contract: kept as %s\n", it, keep);
         }
     }
-    printf("FUZZ %ld mutations, %ld loaded, %ld rejected, %.0f ms\n", done, loaded,
-           done - loaded, now_ms() - t0);
+    printf("FUZZ %ld mutations, %ld loaded, %ld rejected, %.0f ms\n", done, loaded, done - loaded,
+           now_ms() - t0);
     free(orig);
     free(buf);
     return 0;
 }
 
-int main(int argc, char **argv) {
+int main(int argc, char **argv)
+{
     if (argc >= 7 && strcmp(argv[1], "--fuzz") == 0) {
         g_threads = 1;
         size_t head = argc >= 8 ? (size_t)strtoull(argv[7], NULL, 10) : 0;
         size_t infos = argc >= 9 ? (size_t)strtoull(argv[8], NULL, 10) : 0;
-        int rc = fuzz(strtoull(argv[2], NULL, 10), strtol(argv[3], NULL, 10),
-                      strtod(argv[4], NULL), argv[5], argv[6], head, infos);
+        int rc = fuzz(strtoull(argv[2], NULL, 10), strtol(argv[3], NULL, 10), strtod(argv[4], NULL),
+                      argv[5], argv[6], head, infos);
         return rc ? rc : g_broken;
     }
     if (argc < 2) {
-        fprintf(stderr, "usage: %s FILE... | --fuzz SEED COUNT MS BASE WORK [HEADER_BYTES [INFOS_START]]\n",
+        fprintf(stderr,
+                "usage: %s FILE... | --fuzz SEED COUNT MS BASE WORK [HEADER_BYTES [INFOS_START]]\n",
                 argv[0]);
         return 2;
     }
-    for (int i = 1; i < argc; i++) check_file(argv[i], 1);
+    for (int i = 1; i < argc; i++)
+        check_file(argv[i], 1);
     return g_broken;
 }

@@ -1,0 +1,156 @@
+/* kernels.h - internal: the compute kernels behind the forward pass and bn_ternary_matmul,
+ * one kernel set per instruction set in native/kernels/ (scalar.c, x86_avx2.c, x86_avx512.c,
+ * x86_amx.c) and dispatch.c choosing among them at run time.
+ *
+ * Every kernel set computes bit-identical results:
+ * - BitLinear accumulates exact int32 dot products of 2-bit codes with int8 activations, and
+ *   the float epilogue is the same scalar expression everywhere (bitlinear_out);
+ * - the F16 head uses one canonical float order: 16 partial sums, lane l taking elements
+ *   l, l+16, l+32, ... with fused multiply-adds, then the fixed tree of sum16 (scalar.c);
+ * - quantization rounds half to even (the default rounding mode) and clamps to -128..127.
+ * The order never depends on the row range, the thread count or the other tokens in a batch.
+ *
+ * I2_S memory layout (model-format §4): row r of an I2_S matrix is n_in/4 bytes, 32-byte blocks
+ * of 128 weights; element j of a block sits in byte j%32 at shift 6-2*(j/32), code 0..2
+ * standing for -1..1. So the four 2-bit planes of a 32-byte block line up with four
+ * consecutive 32-byte runs of activations, and sum(code*q) - sum(q) is the ternary dot product.
+ *
+ * The SIMD files compile every function with __attribute__((target(...))), so each file builds
+ * with generic flags and a set is used only after CPU detection has found it supported.
+ */
+#ifndef BITNET_KERNELS_H
+#define BITNET_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../model.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define BN_X86 1
+#include <immintrin.h>
+#endif
+/* AMX: intrinsics from GCC 11 / clang 12 on, and a Linux system call to enable the tiles. */
+#if defined(__x86_64__) && defined(__linux__) && (__GNUC__ >= 11 || __clang_major__ >= 12)
+#define BN_HAVE_AMX 1
+#endif
+
+/* int8-quantized activations of n_tok tokens (model-format §5.4.1-§5.4.2). */
+typedef struct {
+    const int8_t *q; /* n_tok rows of stride bytes; stride % 32 == 0 */
+    int32_t stride;
+    int32_t n_tok;
+    const float *s;      /* per token: 127 / max(max|x|, 1e-5) */
+    const int32_t *qsum; /* per token: sum of q */
+    const int8_t *tiles; /* the kernel set's prepare() output, or NULL */
+} bn_qact;
+
+typedef struct {
+    const char *name;
+    /* q[i] = clamp(round_half_even(x[i] * s)), *s_out = s, *qsum = sum q; n % 32 == 0. */
+    void (*quantize)(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum);
+    /* Optional (NULL if unused): rearrange the quantized rows of all n_tok tokens once per
+     * matrix input, into `tiles` (n_tok * n_in bytes), before the ternary calls. */
+    void (*prepare)(const int8_t *q, int32_t stride, int32_t n_in, int32_t n_tok, int8_t *tiles);
+    /* y[t * y_stride + r] = BitLinear for rows r0 <= r < r1 of w, every token of a. */
+    void (*ternary)(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
+                    int64_t y_stride);
+    /* y[t * y_stride + r] = dot(F16 row r of w, x + t * x_stride) for r0 <= r < r1;
+     * n_in % 16 == 0. */
+    void (*f16_matmul)(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1, const float *x,
+                       int32_t n_tok, int64_t x_stride, float *y, int64_t y_stride);
+} bn_kernel_set;
+
+/* The selected kernel set (CPU detection on first use, or bn_kernel_select). */
+const bn_kernel_set *bn_kernels(void);
+/* A kernel set by name, NULL if unknown or not supported by this CPU. */
+const bn_kernel_set *bn_kernels_by_name(const char *name);
+
+/* F16 (IEEE binary16 bits) to F32, exact. */
+float bn_f16_to_f32(uint16_t h);
+/* Convert n F16 values (row of the embedding) to F32 with the fastest available path. */
+void bn_f16_row_to_f32(const uint16_t *src, int32_t n, float *dst);
+
+/* ------------------------------------------------------------------ between the kernel files */
+
+/* The kernel sets (dispatch.c picks one). Only scalar exists off x86. */
+extern const bn_kernel_set bn_kernels_scalar;
+#ifdef BN_X86
+extern const bn_kernel_set bn_kernels_avx2;
+extern const bn_kernel_set bn_kernels_avx512;
+#ifdef BN_HAVE_AMX
+extern const bn_kernel_set bn_kernels_amx;
+#endif
+#endif
+
+/* The BitLinear epilogue, one expression for every kernel (model-format §5.4.3). */
+static inline float bitlinear_out(int32_t acc, int32_t qsum, float s, float scale)
+{
+    return (float)(acc - qsum) / s * scale;
+}
+
+/* Exact int32 dot product of one I2_S row (codes 0..2, not yet offset by -1) with n_in int8
+ * activations in the natural layout (scalar.c; the AMX kernel's odd last block). */
+int32_t bn_ternary_dot_scalar(const uint8_t *row, int32_t n_in, const int8_t *q);
+
+#ifdef BN_X86
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INLINE __attribute__((target("avx2,fma,f16c"), always_inline)) static inline
+#define AVX512_FN __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define AVX512_INLINE                                                                              \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"),                   \
+                   always_inline)) static inline
+
+/* Rows of one tile are drawn from STREAMS distant parts of the range, so the memory system
+ * sees several sequential streams at once (model-format §9). */
+#define STREAMS 4
+
+/* A prefetch hint for base + off bytes. The address may lie past the end of the matrix (the
+ * "next row" of its last row); a prefetch never faults, and integer arithmetic keeps the C
+ * pointer rules out of it. */
+static inline void prefetch_at(const void *base, size_t off)
+{
+    _mm_prefetch((const char *)((uintptr_t)base + off), _MM_HINT_T0);
+}
+
+/* Sum of the eight int32 lanes (exact: integer adds). */
+AVX2_INLINE int32_t hsum_epi32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* F16 rows times F32 activations in the canonical order: lanes 0-7 of lo and hi are partial
+ * sums 0-7 and 8-15 of the canonical order (top of this file); the final reduction is
+ * sum16's tree. */
+AVX2_INLINE float reduce16_avx2(__m256 lo, __m256 hi)
+{
+    __m256 s8 = _mm256_add_ps(lo, hi);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    return _mm_cvtss_f32(s1);
+}
+
+/* A BitLinear tile of a fixed number of rows and tokens: out[row * n_tokens + token]. */
+typedef void (*ternary_tile_fn)(const uint8_t *const *, const int8_t *const *, int32_t, int32_t *);
+
+/* x86_avx2.c, shared with the AVX-512 and AMX sets */
+AVX2_FN void bn_quantize_avx2(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum);
+/* One row times one token's activations (natural layout) over nb blocks: *out = sum(code*q). */
+AVX2_FN void bn_ternary_tile_avx2_1x1(const uint8_t *const *rows, const int8_t *const *acts,
+                                      int32_t nb, int32_t *out);
+AVX2_FN void bn_f16_row_avx2(const uint16_t *src, int32_t n, float *dst);
+/* x86_avx512.c, shared with the AMX set */
+AVX512_FN void bn_quantize_avx512(const float *x, int32_t n, int8_t *q, float *s_out,
+                                  int32_t *qsum);
+AVX512_FN void bn_ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                                 float *y, int64_t y_stride);
+AVX512_FN void bn_f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                                    const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                                    int64_t y_stride);
+#endif /* BN_X86 */
+
+#endif
