@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from bitnetd_trio._native import ffi, lib
 
-from bitnetd_trio import engine
+from bitnetd_trio.engine import native as engine
 
 KERNELS = ("scalar", "avx2", "avx512vnni", "amx")
 
