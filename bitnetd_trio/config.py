@@ -118,6 +118,9 @@ class ServerConfig:
     unix_socket_mode: int = 0o660
     unix_socket_owner: str | None = None  # "user" or "user:group"
     max_connections: int = 256  # simultaneous HTTP requests being served; beyond: 503
+    max_open_connections: int = 1024  # open client connections; beyond: wait in the backlog
+    header_timeout: float = 10.0  # seconds to send a request head (and to idle between requests)
+    body_timeout: float = 30.0  # seconds to send a whole request body; beyond: 408
     request_timeout: float = 600.0  # seconds; 0: no limit
     max_body_size: int = 1 << 20  # bytes; beyond: 413
     backlog: int = 128
@@ -476,6 +479,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, _Parser]]] = {
         "unix_socket_mode": ("unix_socket_mode", _octal_mode),
         "unix_socket_owner": ("unix_socket_owner", _owner),
         "max_connections": ("max_connections", _int_in(1, 1_000_000)),
+        "max_open_connections": ("max_open_connections", _int_in(1, 1_000_000)),
+        "header_timeout": ("header_timeout", _duration_in(0.1, 3600.0)),
+        "body_timeout": ("body_timeout", _duration_in(0.1, 86400.0)),
         "request_timeout": ("request_timeout", _duration_in(0.0, 7 * 86400.0)),
         "max_body_size": ("max_body_size", _size_in(1024, 1 << 30)),
         "backlog": ("backlog", _int_in(1, 65535)),
@@ -658,7 +664,7 @@ def _format_value(section: str, key: str, value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(value)
     if isinstance(value, float):
-        if key in ("request_timeout", "drain_timeout"):  # durations take no exponent
+        if key.endswith("_timeout"):  # durations take no exponent
             return format(value, "f").rstrip("0").rstrip(".") or "0"
         return repr(value)  # exact, so the description loads back to the same value
     return str(value)

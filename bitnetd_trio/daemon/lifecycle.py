@@ -24,7 +24,7 @@ import trio
 
 from bitnetd_trio import __version__
 from bitnetd_trio.config import Config, ConfigError, load_config
-from bitnetd_trio.daemon.http_server import hypercorn_config
+from bitnetd_trio.daemon.http_server import hypercorn_config, serve
 from bitnetd_trio.daemon.listeners import (
     Listener,
     adopt_inherited,
@@ -173,8 +173,6 @@ class Daemon:
         return hc
 
     async def main(self) -> int:
-        from hypercorn.trio import serve
-
         self._shutdown = trio.Event()
         # Imported after the fork: importing it starts nothing, but it loads numpy and the engine.
         from bitnetd_trio.api.asgi import create_app
@@ -209,11 +207,6 @@ class Daemon:
                             )
                         )
                         loading.cancel()
-                        if not self._app_ready():
-                            # hypercorn calls started() even after lifespan.startup.failed;
-                            # its LifespanFailureError follows at once and ends this nursery.
-                            await trio.sleep(5)
-                            raise DaemonError("the application did not become ready")
                         self._on_serving()
                 if self._startup_scope.cancelled_caught and not self.serving:
                     log.info("stopped during start-up")
@@ -245,10 +238,6 @@ class Daemon:
             while True:
                 self.notifier.extend_timeout(LOAD_EXTEND_SECONDS)
                 await trio.sleep(LOAD_EXTEND_SECONDS / 3)
-
-    def _app_ready(self) -> bool:
-        engine = getattr(self.app, "engine", self)  # an app without an engine: trust hypercorn
-        return engine is self or bool(engine is not None and engine.ready)
 
     def _on_serving(self) -> None:
         """Model loaded, sockets listening: drop privileges, then tell systemd and the launcher."""
