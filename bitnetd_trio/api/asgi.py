@@ -313,11 +313,7 @@ class App:
         self.config = config
         self.metrics = metrics or Metrics()
         self.engine: InferenceThread | None = None
-        self.model_path: str | None = None
-        self.is_demo = False
         self.model_id = ""
-        self.started_at = time.time()
-        self._nursery: trio.Nursery | None = None
         self._active_requests = 0
         self._generations: set[Generation] = set()  # in flight, for begin_drain
         self.drain_deadline = math.inf  # Trio time after which generations are ended
@@ -343,25 +339,16 @@ class App:
         msg = await receive()
         if msg["type"] != "lifespan.startup":
             return
-        error: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                await self.startup()
-            except Exception as exc:  # noqa: BLE001 - must become startup.failed (else hypercorn
-                # serves without a model)
-                error = exc
-                nursery.cancel_scope.cancel()
-            else:
-                await send({"type": "lifespan.startup.complete"})
-                await receive()  # lifespan.shutdown
-                await self.shutdown()
-                nursery.cancel_scope.cancel()
-        self._nursery = None
-        if error is not None:
-            log.error("startup failed: %s", error)
-            await send({"type": "lifespan.startup.failed", "message": str(error)})
+        try:
+            await self.startup()
+        except Exception as exc:  # noqa: BLE001 - must become startup.failed (else hypercorn
+            # serves without a model)
+            log.error("startup failed: %s", exc)
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        await self.shutdown()
         await send({"type": "lifespan.shutdown.complete"})
 
     def engine_settings(self, config: Config) -> EngineSettings:
@@ -400,8 +387,6 @@ class App:
             self.config = config
         self.engine = engine
         self.metrics.model_loaded.set(1)
-        self.model_path = engine.settings.model_path
-        self.is_demo = engine.settings.is_demo
         self.model_id = self._model_id_for(engine)
 
     def _model_id_for(self, engine: InferenceThread) -> str:
@@ -458,7 +443,6 @@ class App:
         r["/completions"] = r["/v1/completions"]
         r["/models"] = r["/v1/models"]
         r["/v1/health"] = r["/health"]
-        r["/completions"] = r["/v1/completions"]
         return r
 
     def _route(self, method: str, path: str) -> tuple[Route, Handler, dict[str, str]]:
@@ -604,14 +588,6 @@ class App:
             names.add(self.config.model.alias)
         return names
 
-    def _check_model(self, requested: str | None, engine: InferenceThread) -> str:
-        """The model id to answer with; 404 model_not_found for an unknown id."""
-        if requested is None or requested == "":
-            return self._model_id_for(engine)
-        if requested not in self._accepted_model_ids(engine):
-            raise ApiError.model_not_found(requested)
-        return requested
-
     # ---- operations endpoints ----
 
     async def health(self, req: Request) -> None:
@@ -665,7 +641,9 @@ class App:
 
     async def model_by_id(self, req: Request) -> None:
         engine = self._require_engine()
-        model_id = self._check_model(req.path_params["id"], engine)
+        model_id = api_schema.check_model_id(
+            req.path_params["id"], self._accepted_model_ids(engine)
+        )
         await req.resp.send_json(200, self._model_card(model_id, engine))
 
     async def tokenize(self, req: Request) -> None:
@@ -817,14 +795,6 @@ class App:
                 400, f"the chat template failed on these messages: {exc}", param="messages"
             ) from None
 
-    def _check_token_ids(self, ids: list[int], engine: InferenceThread, param: str) -> None:
-        n_vocab = engine.info.n_vocab
-        for i in ids:
-            if not 0 <= i < n_vocab:
-                raise ApiError(
-                    400, f"token id {i} is out of range (vocabulary size {n_vocab})", param=param
-                )
-
     def _check_samplable(self, g: api_schema.GenerationRequest, engine: InferenceThread) -> None:
         """400 when logit_bias bans every token (ignore_eos and min_tokens ban the stop tokens
         too): the engine could sample nothing and would fail the request as a server error."""
@@ -853,7 +823,7 @@ class App:
                     prompts.append(tok.encode(p, add_bos=tok.add_bos_default, parse_special=True))
                     texts.append(p)
                 else:
-                    self._check_token_ids(p, engine, "prompt")
+                    # token ids were range-checked by the schema (SchemaDefaults.n_vocab)
                     prompts.append(list(p))
                     texts.append(tok.decode(p))
         for ids in prompts:
@@ -869,7 +839,7 @@ class App:
     ) -> None:
         if self.draining:
             raise ApiError.unavailable("the server is shutting down", retry_after=5)
-        model_id = self._check_model(g.model, engine)
+        model_id = g.model or self._model_id_for(engine)  # the schema checked g.model
         self._check_samplable(g, engine)
         prompts, texts = self._prepare_prompts(g, engine)
         send_ch, recv_ch = trio.open_memory_channel[Update](math.inf)

@@ -31,6 +31,7 @@ __all__ = [
     "TokenizeRequest",
     "check_content_type",
     "check_context",
+    "check_model_id",
     "parse_apply_template",
     "parse_chat_completion",
     "parse_completion",
@@ -41,7 +42,7 @@ __all__ = [
     "parse_tokenize",
 ]
 
-# Defaults of the Docker "BitNet LLM HTTP Server" /generate endpoint (spec/http-api.md §3).
+# Defaults of the Docker "BitNet LLM HTTP Server" /generate endpoint (http-api §3).
 GENERATE_SYSTEM_PROMPT = (
     "You are a helpful, harmless, and honest AI assistant. "
     "Answer the user's questions truthfully and helpfully."
@@ -321,11 +322,18 @@ class _Fields:
 # ---- shared pieces ------------------------------------------------------------------------------
 
 
-def _model(f: _Fields, defaults: SchemaDefaults) -> str | None:
-    model = f.str("model") or None  # "" like absent: the served model
-    if model is not None and defaults.model_ids and model not in defaults.model_ids:
+def check_model_id(model: str, accepted: Iterable[str]) -> str:
+    """`model` if the server answers to it (any id when `accepted` is empty), else ApiError
+    404 model_not_found. The one check of a model id, for request bodies and for
+    /v1/models/{id}."""
+    if accepted and model not in accepted:
         raise ApiError.model_not_found(model)
     return model
+
+
+def _model(f: _Fields, defaults: SchemaDefaults) -> str | None:
+    model = f.str("model") or None  # "" like absent: the served model
+    return None if model is None else check_model_id(model, defaults.model_ids)
 
 
 def _stop(f: _Fields, limit: int) -> list[str]:
