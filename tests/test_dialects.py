@@ -226,7 +226,7 @@ def test_completions_stream_usage_chunk() -> None:
     assert events(s.finish(c, Piece()))[0]["usage"] is None
 
 
-# ---- llama.cpp /completion (http-api §3) ----------------------------------------------------------
+# ---- llama.cpp /completion (http-api §3) --------------------------------------------------
 
 
 @pytest.mark.parametrize(

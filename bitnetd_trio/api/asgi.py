@@ -37,8 +37,9 @@ from bitnetd_trio.api.http import (
     header,
     read_body,
 )
+from bitnetd_trio.api.json_body import check_content_type
 from bitnetd_trio.api.metrics import Metrics
-from bitnetd_trio.api.schema import SchemaDefaults, check_content_type
+from bitnetd_trio.api.schema import SchemaDefaults
 from bitnetd_trio.api.served_model import DEMO_MODEL_ID, accepted_model_ids, served_model_id
 from bitnetd_trio.config import Config
 from bitnetd_trio.engine.inference import EngineSettings, InferenceThread

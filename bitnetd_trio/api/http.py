@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from bitnetd_trio.api.errors import ApiError
-from bitnetd_trio.api.schema import parse_json_body
+from bitnetd_trio.api.json_body import parse_json_body
 from bitnetd_trio.api.sse import json_bytes
 
 __all__ = [

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from bitnetd_trio.api.errors import ApiError
-from bitnetd_trio.api.schema import GenerationRequest, check_context
+from bitnetd_trio.api.schema import GenerationRequest
 from bitnetd_trio.engine.chat import ChatTemplateError
 from bitnetd_trio.engine.inference import InferenceThread
 
-__all__ = ["check_samplable", "prepare_prompts", "render_chat"]
+__all__ = ["check_context", "check_samplable", "prepare_prompts", "render_chat"]
 
 
 @contextmanager
@@ -81,3 +81,41 @@ def check_samplable(g: GenerationRequest, engine: InferenceThread) -> None:
         raise ApiError(
             400, "'logit_bias' bans every token: nothing can be sampled", param="logit_bias"
         )
+
+
+def check_context(
+    prompt_tokens: int,
+    max_tokens: int | None,
+    n_ctx: int,
+    *,
+    param: str = "messages",
+    strict: bool = False,
+) -> ApiError | None:
+    """The 400 `context_length_exceeded` error if the prompt does not fit, else None.
+
+    The prompt must leave room for one token (or fit exactly when max_tokens is 0, prompt
+    scoring). With `strict`, prompt + max_tokens must fit as well (OpenAI's rule); otherwise a
+    generation that reaches the end of the context stops with finish_reason "length"
+    (llama.cpp's rule).
+    """
+    need = prompt_tokens + (0 if max_tokens == 0 else 1)
+    if need > n_ctx:
+        return ApiError(
+            400,
+            f"This model's maximum context length is {n_ctx} tokens. However, your prompt has "
+            f"{prompt_tokens} tokens"
+            + ("" if max_tokens == 0 else " and leaves no room for a completion")
+            + ". Please shorten it.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if strict and max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
+        return ApiError(
+            400,
+            f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
+            f"in the completion). Please reduce the prompt or the completion length.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return None
