@@ -1,4 +1,5 @@
-"""Request validation (bitnetd_trio.api.schema): pure functions, no server."""
+"""Request validation (bitnetd_trio.api.schema, json_body; the context check of prompts):
+pure functions, no server."""
 
 from __future__ import annotations
 
@@ -8,18 +9,17 @@ import math
 import pytest
 
 from bitnetd_trio.api.errors import ApiError
+from bitnetd_trio.api.json_body import check_content_type, parse_json_body
+from bitnetd_trio.api.prompts import check_context
 from bitnetd_trio.api.schema import (
     GENERATE_SYSTEM_PROMPT,
     GenerationRequest,
     SchemaDefaults,
-    check_content_type,
-    check_context,
     parse_apply_template,
     parse_chat_completion,
     parse_completion,
     parse_detokenize,
     parse_generate,
-    parse_json_body,
     parse_llama_completion,
     parse_tokenize,
 )

@@ -1,4 +1,4 @@
-"""api/sse.py: SSE framing and chunk shapes."""
+"""api/sse.py: SSE framing and chunk shapes; api/logprobs.py: token text and the chat entry."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ import json
 
 import pytest
 
+from bitnetd_trio.api.logprobs import chat_logprob_entry, token_text
 from bitnetd_trio.api.sse import (
     SSE_DONE,
     ChatChunks,
     CompletionChunks,
-    chat_logprob_entry,
     sse_event,
-    token_text,
     usage_object,
 )
 

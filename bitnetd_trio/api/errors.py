@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 __all__ = ["ApiError", "default_error_type"]
 
-# OpenAI error types by HTTP status (spec/http-api.md, "Errors").
+# OpenAI error types by HTTP status (http-api §1.4).
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     401: "authentication_error",

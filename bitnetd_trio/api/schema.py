@@ -6,13 +6,12 @@ field the way OpenAI does ("messages[1].content"). Unknown fields are ignored (S
 every month); wrong types and out-of-range values never pass: booleans must be JSON booleans,
 integers may not be booleans or fractional numbers.
 
-What needs the tokenizer (prompt length against the context) is checked later by the server
-with `check_context`.
+Decoding the body and typed field access are in `bitnetd_trio.api.json_body`; what needs the
+tokenizer (prompt length against the context) is checked later, in `bitnetd_trio.api.prompts`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -20,6 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitnetd_trio.api.errors import ApiError
+from bitnetd_trio.api.json_body import (
+    Fields,
+    as_bool,
+    as_number,
+    as_str,
+    invalid,
+    json_type,
+    quoted,
+)
 from bitnetd_trio.engine.sampling import SamplingParams
 
 __all__ = [
@@ -29,19 +37,17 @@ __all__ = [
     "GenerationRequest",
     "SchemaDefaults",
     "TokenizeRequest",
-    "check_content_type",
-    "check_context",
+    "check_model_id",
     "parse_apply_template",
     "parse_chat_completion",
     "parse_completion",
     "parse_detokenize",
     "parse_generate",
-    "parse_json_body",
     "parse_llama_completion",
     "parse_tokenize",
 ]
 
-# Defaults of the Docker "BitNet LLM HTTP Server" /generate endpoint (spec/http-api.md §3).
+# Defaults of the Docker "BitNet LLM HTTP Server" /generate endpoint (http-api §3).
 GENERATE_SYSTEM_PROMPT = (
     "You are a helpful, harmless, and honest AI assistant. "
     "Answer the user's questions truthfully and helpfully."
@@ -104,7 +110,9 @@ class SchemaDefaults:
 class GenerationRequest:
     """The one normalized form of every generating endpoint."""
 
-    endpoint: str  # "chat" | "completions" | "generate" | "completion"
+    # which parser made it: "chat" | "completions" | "generate" | "completion" (for tests and
+    # logs; the response is shaped by the route's dialect, never by this)
+    endpoint: str
     model: str | None = None
     messages: list[dict] | None = None  # chat: [{"role", "content": str}], developer -> system
     prompts: list[str | list[int]] | None = None  # text or token-id prompts
@@ -146,210 +154,47 @@ class ApplyTemplateRequest:
     add_generation_prompt: bool = True
 
 
-# ---- the body -------------------------------------------------------------------------------
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 parses as inf
-        raise ValueError(f"the number {text[:40]} is out of range")
-    return value
-
-
-_JSON_CHARSETS = {"utf-8", "utf8"}
-# Types whose body we still parse as JSON: curl -d sends x-www-form-urlencoded unless told
-# otherwise, and a curl script that forgot -H is not an attack.
-_JSON_TYPES = {"application/json", "text/plain", "application/x-www-form-urlencoded"}
-
-
-def check_content_type(value: str | None) -> None:
-    """ApiError 415 unless the Content-Type can carry a JSON body (absent is fine)."""
-    if value is None or not value.strip():
-        return
-    mime, _, params = value.partition(";")
-    mime = mime.strip().lower()
-    if mime not in _JSON_TYPES and not (mime.startswith("application/") and mime.endswith("+json")):
-        raise ApiError(415, f"unsupported Content-Type '{value.strip()}': send application/json")
-    for param in params.split(";"):
-        key, _, val = param.partition("=")
-        if key.strip().lower() == "charset":
-            charset = val.strip().strip('"').lower()
-            if charset not in _JSON_CHARSETS:
-                raise ApiError(415, f"unsupported charset '{charset}': JSON bodies are UTF-8")
-
-
-def _find_lone_surrogate(obj: Any) -> bool:
-    """True if any string (or key) holds a lone surrogate ("\\ud800"): it cannot be UTF-8."""
-    stack = [obj]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            if not v.isascii():
-                try:
-                    v.encode("utf-8")
-                except UnicodeEncodeError:
-                    return True
-        elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-    return False
-
-
-def parse_json_body(body: bytes) -> dict:
-    """The request body as a JSON object, or ApiError 400 saying what is wrong with it."""
-    if not body or not body.strip():
-        raise ApiError(400, "the request body is empty; expected a JSON object")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
-    try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as e:
-        raise ApiError(
-            400, f"the request body is not valid JSON: {e.msg} (line {e.lineno} column {e.colno})"
-        ) from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply") from None
-    except ValueError as e:  # NaN/Infinity, or an integer literal with thousands of digits
-        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, f"the request body must be a JSON object, not {_jtype(value)}")
-    if _find_lone_surrogate(value):
-        raise ApiError(400, "the request body holds a string with an unpaired UTF-16 surrogate")
-    return value
-
-
-# ---- typed field access ------------------------------------------------------------------------
-
-
-def _jtype(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, (int, float)):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "an array"
-    if isinstance(v, dict):
-        return "an object"
-    return type(v).__name__
-
-
-def _show(v: Any) -> str:
-    if isinstance(v, (bool, int, float)) or v is None:
-        text = json.dumps(v)
-        return text if len(text) <= 40 else text[:37] + "..."
-    return _jtype(v)
-
-
-def _bad(param: str, message: str) -> ApiError:
-    return ApiError(400, f"'{param}' {message}", param=param)
-
-
-def _as_int(v: Any, param: str, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _bad(param, f"must be an integer, got {_show(v)}")
-    if isinstance(v, float):
-        if not math.isfinite(v) or not v.is_integer():
-            raise _bad(param, f"must be an integer, got {_show(v)}")
-        if abs(v) > 2**53:  # beyond exact float integers: certainly out of every range
-            raise _bad(param, f"must be between {lo} and {hi}, got {_show(v)}")
-        v = int(v)
-    if not lo <= v <= hi:
-        raise _bad(param, f"must be between {lo} and {hi}, got {_show(v)}")
-    return v
-
-
-def _as_number(v: Any, param: str, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _bad(param, f"must be a number, got {_show(v)}")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise _bad(param, f"must be a finite number, got {_show(v)}")
-    if not lo <= v <= hi:
-        raise _bad(param, f"must be between {lo:g} and {hi:g}, got {_show(v)}")
-    return float(v)
-
-
-def _as_bool(v: Any, param: str) -> bool:
-    if not isinstance(v, bool):
-        raise _bad(param, f"must be a boolean (true or false), got {_show(v)}")
-    return v
-
-
-def _as_str(v: Any, param: str) -> str:
-    if not isinstance(v, str):
-        raise _bad(param, f"must be a string, got {_jtype(v)}")
-    return v
-
-
-class _Fields:
-    """Typed getters over one request object; null counts as absent."""
-
-    def __init__(self, d: dict) -> None:
-        self.d = d
-
-    def present(self, name: str) -> bool:
-        return self.d.get(name) is not None
-
-    def int(self, name: str, lo: int, hi: int, default: Any = None) -> Any:
-        v = self.d.get(name)
-        return default if v is None else _as_int(v, name, lo, hi)
-
-    def number(self, name: str, lo: float, hi: float, default: Any = None) -> Any:
-        v = self.d.get(name)
-        return default if v is None else _as_number(v, name, lo, hi)
-
-    def bool(self, name: str, default: bool = False) -> bool:
-        v = self.d.get(name)
-        return default if v is None else _as_bool(v, name)
-
-    def str(self, name: str, default: Any = None) -> Any:
-        v = self.d.get(name)
-        return default if v is None else _as_str(v, name)
-
-
 # ---- shared pieces ------------------------------------------------------------------------------
 
 
-def _model(f: _Fields, defaults: SchemaDefaults) -> str | None:
-    model = f.str("model") or None  # "" like absent: the served model
-    if model is not None and defaults.model_ids and model not in defaults.model_ids:
+def check_model_id(model: str, accepted: Iterable[str]) -> str:
+    """`model` if the server answers to it (any id when `accepted` is empty), else ApiError
+    404 model_not_found. The one check of a model id, for request bodies and for
+    /v1/models/{id}."""
+    if accepted and model not in accepted:
         raise ApiError.model_not_found(model)
     return model
 
 
-def _stop(f: _Fields, limit: int) -> list[str]:
+def _model(f: Fields, defaults: SchemaDefaults) -> str | None:
+    model = f.str("model") or None  # "" like absent: the served model
+    return None if model is None else check_model_id(model, defaults.model_ids)
+
+
+def _stop(f: Fields, limit: int) -> list[str]:
     v = f.d.get("stop")
     if v is None:
         return []
     if isinstance(v, str):
         if not v:
-            raise _bad("stop", "must not be an empty string")
+            raise invalid("stop", "must not be an empty string")
         if len(v) > MAX_STOP_CHARS:
-            raise _bad("stop", f"must be at most {MAX_STOP_CHARS} characters, got {len(v)}")
+            raise invalid("stop", f"must be at most {MAX_STOP_CHARS} characters, got {len(v)}")
         return [v]
     if not isinstance(v, list):
-        raise _bad("stop", f"must be a string or an array of strings, got {_jtype(v)}")
+        raise invalid("stop", f"must be a string or an array of strings, got {json_type(v)}")
     if len(v) > limit:
-        raise _bad("stop", f"may hold at most {limit} strings, got {len(v)}")
+        raise invalid("stop", f"may hold at most {limit} strings, got {len(v)}")
     out = []
     for i, s in enumerate(v):
         if not isinstance(s, str):
-            raise _bad(f"stop[{i}]", f"must be a string, got {_jtype(s)}")
+            raise invalid(f"stop[{i}]", f"must be a string, got {json_type(s)}")
         if not s:
-            raise _bad(f"stop[{i}]", "must not be an empty string")
+            raise invalid(f"stop[{i}]", "must not be an empty string")
         if len(s) > MAX_STOP_CHARS:
-            raise _bad(f"stop[{i}]", f"must be at most {MAX_STOP_CHARS} characters, got {len(s)}")
+            raise invalid(
+                f"stop[{i}]", f"must be at most {MAX_STOP_CHARS} characters, got {len(s)}"
+            )
         out.append(s)
     return out
 
@@ -357,32 +202,34 @@ def _stop(f: _Fields, limit: int) -> list[str]:
 def _token_id(v: Any, param: str, n_vocab: int | None) -> int:
     hi = (n_vocab - 1) if n_vocab else _INT32_MAX
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(param, f"must be a token id (an integer), got {_show(v)}")
+        raise invalid(param, f"must be a token id (an integer), got {quoted(v)}")
     if not 0 <= v <= hi:
-        raise _bad(param, f"token id {v} is out of range (0..{hi})")
+        raise invalid(param, f"token id {v} is out of range (0..{hi})")
     return v
 
 
-def _logit_bias_openai(f: _Fields, n_vocab: int | None) -> dict[int, float]:
+def _logit_bias_openai(f: Fields, n_vocab: int | None) -> dict[int, float]:
     """{"<token id>": bias -100..100}."""
     v = f.d.get("logit_bias")
     if v is None:
         return {}
     if not isinstance(v, dict):
-        raise _bad("logit_bias", f"must be an object mapping token ids to biases, got {_jtype(v)}")
+        raise invalid(
+            "logit_bias", f"must be an object mapping token ids to biases, got {json_type(v)}"
+        )
     out: dict[int, float] = {}
     hi = (n_vocab - 1) if n_vocab else _INT32_MAX
     for key, bias in v.items():
         if not re.fullmatch(r"[0-9]{1,10}", key):
-            raise _bad("logit_bias", f"keys must be token ids, got '{key[:40]}'")
+            raise invalid("logit_bias", f"keys must be token ids, got '{key[:40]}'")
         tok = int(key)
         if tok > hi:
-            raise _bad("logit_bias", f"token id {tok} is out of range (0..{hi})")
-        out[tok] = _as_number(bias, "logit_bias", -100.0, 100.0)
+            raise invalid("logit_bias", f"token id {tok} is out of range (0..{hi})")
+        out[tok] = as_number(bias, "logit_bias", -100.0, 100.0)
     return out
 
 
-def _logit_bias_llama(f: _Fields, n_vocab: int | None) -> dict[int, float]:
+def _logit_bias_llama(f: Fields, n_vocab: int | None) -> dict[int, float]:
     """llama.cpp: [[id, bias], ...] or {"id": bias}; a bias of false bans the token."""
     v = f.d.get("logit_bias")
     if v is None:
@@ -393,43 +240,43 @@ def _logit_bias_llama(f: _Fields, n_vocab: int | None) -> dict[int, float]:
         pairs = []
         for i, pair in enumerate(v):
             if not isinstance(pair, list) or len(pair) != 2:
-                raise _bad(f"logit_bias[{i}]", "must be a pair [token id, bias]")
+                raise invalid(f"logit_bias[{i}]", "must be a pair [token id, bias]")
             pairs.append((pair[0], pair[1]))
     else:
-        raise _bad("logit_bias", f"must be an array of [token id, bias] pairs or an object, "
-                                 f"got {_jtype(v)}")
+        raise invalid("logit_bias", f"must be an array of [token id, bias] pairs or an object, "
+                                 f"got {json_type(v)}")
     out: dict[int, float] = {}
     for key, bias in pairs:
         if isinstance(key, str):
             if not re.fullmatch(r"[0-9]{1,10}", key):
-                raise _bad("logit_bias", f"keys must be token ids, got '{key[:40]}'")
+                raise invalid("logit_bias", f"keys must be token ids, got '{key[:40]}'")
             key = int(key)
         tok = _token_id(key, "logit_bias", n_vocab)
         if bias is False:
             out[tok] = -math.inf
         else:
-            out[tok] = _as_number(bias, "logit_bias", -1e6, 1e6)
+            out[tok] = as_number(bias, "logit_bias", -1e6, 1e6)
     return out
 
 
-def _penalty_window(f: _Fields) -> int:
+def _penalty_window(f: Fields) -> int:
     return f.int("repeat_last_n", -1, 1 << 20, 64)
 
 
-def _repeat_penalty(f: _Fields) -> float:
+def _repeat_penalty(f: Fields) -> float:
     # llama.cpp calls it repeat_penalty, vLLM and transformers repetition_penalty.
     name = "repeat_penalty" if f.present("repeat_penalty") else "repetition_penalty"
     v = f.d.get(name)
     if v is None:
         return 1.0
-    value = _as_number(v, name, 0.0, 10.0)
+    value = as_number(v, name, 0.0, 10.0)
     if value == 0.0:
-        raise _bad(name, "must be greater than 0 (1 means no penalty)")
+        raise invalid(name, "must be greater than 0 (1 means no penalty)")
     return value
 
 
 def _sampling(
-    f: _Fields,
+    f: Fields,
     defaults: SchemaDefaults,
     *,
     temperature: float | None = None,
@@ -454,40 +301,40 @@ def _sampling(
     )
 
 
-def _seed(f: _Fields) -> int | None:
+def _seed(f: Fields) -> int | None:
     return f.int("seed", _SEED_MIN, _SEED_END - 1)
 
 
-def _min_tokens(f: _Fields, max_tokens: int | None) -> int:
+def _min_tokens(f: Fields, max_tokens: int | None) -> int:
     min_tokens = f.int("min_tokens", 0, _INT32_MAX, 0)
     if max_tokens is not None and min_tokens > max_tokens:
-        raise _bad("min_tokens", f"({min_tokens}) must not exceed max_tokens ({max_tokens})")
+        raise invalid("min_tokens", f"({min_tokens}) must not exceed max_tokens ({max_tokens})")
     return min_tokens
 
 
-def _stream_options(f: _Fields, stream: bool) -> bool:
+def _stream_options(f: Fields, stream: bool) -> bool:
     """include_usage; stream_options without stream=true is a 400 (OpenAI does the same)."""
     v = f.d.get("stream_options")
     if v is None:
         return False
     if not stream:
-        raise _bad("stream_options", "is only allowed when 'stream' is true")
+        raise invalid("stream_options", "is only allowed when 'stream' is true")
     if not isinstance(v, dict):
-        raise _bad("stream_options", f"must be an object, got {_jtype(v)}")
+        raise invalid("stream_options", f"must be an object, got {json_type(v)}")
     include = v.get("include_usage")
-    return False if include is None else _as_bool(include, "stream_options.include_usage")
+    return False if include is None else as_bool(include, "stream_options.include_usage")
 
 
-def _unsupported(f: _Fields, *names: str) -> None:
+def _unsupported(f: Fields, *names: str) -> None:
     """Fields we do not implement: a 400 naming them beats silently ignoring them."""
     for name in names:
         v = f.d.get(name)
         if v is None or v == [] or (name == "tool_choice" and v == "none"):
             continue
-        raise _bad(name, "is not supported by this server")
+        raise invalid(name, "is not supported by this server")
 
 
-def _n(f: _Fields, defaults: SchemaDefaults) -> int:
+def _n(f: Fields, defaults: SchemaDefaults) -> int:
     return f.int("n", 1, defaults.max_n, 1)
 
 
@@ -498,45 +345,47 @@ def _content_text(content: Any, param: str) -> str:
         texts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict):
-                raise _bad(f"{param}[{j}]", f"must be a content part object, got {_jtype(part)}")
+                raise invalid(
+                    f"{param}[{j}]", f"must be a content part object, got {json_type(part)}"
+                )
             kind = part.get("type")
             if kind != "text":
-                shown = f"'{kind}'" if isinstance(kind, str) else _jtype(kind)
+                shown = f"'{kind}'" if isinstance(kind, str) else json_type(kind)
                 raise ApiError(
                     400,
                     f"'{param}' holds a content part of type {shown[:60]}; only text parts are "
                     f"supported",
                     param=param,
                 )
-            texts.append(_as_str(part.get("text"), f"{param}[{j}].text"))
+            texts.append(as_str(part.get("text"), f"{param}[{j}].text"))
         return "\n".join(texts)
-    raise _bad(param, f"must be a string or an array of text parts, got {_jtype(content)}")
+    raise invalid(param, f"must be a string or an array of text parts, got {json_type(content)}")
 
 
 def _messages(d: dict) -> list[dict]:
     v = d.get("messages")
     if v is None:
-        raise _bad("messages", "is required")
+        raise invalid("messages", "is required")
     if not isinstance(v, list):
-        raise _bad("messages", f"must be an array of messages, got {_jtype(v)}")
+        raise invalid("messages", f"must be an array of messages, got {json_type(v)}")
     if not v:
-        raise _bad("messages", "must hold at least one message")
+        raise invalid("messages", "must hold at least one message")
     out = []
     for i, msg in enumerate(v):
         where = f"messages[{i}]"
         if not isinstance(msg, dict):
-            raise _bad(where, f"must be an object, got {_jtype(msg)}")
+            raise invalid(where, f"must be an object, got {json_type(msg)}")
         role = msg.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
-            shown = f"'{role[:40]}'" if isinstance(role, str) else _jtype(role)
-            raise _bad(
+            shown = f"'{role[:40]}'" if isinstance(role, str) else json_type(role)
+            raise invalid(
                 f"{where}.role",
                 f"must be one of {', '.join(sorted(CHAT_ROLES))}, got {shown}",
             )
         content = msg.get("content")
         if content is None:
             if role != "assistant":  # an assistant turn that only called tools has null content
-                raise _bad(f"{where}.content", "is required")
+                raise invalid(f"{where}.content", "is required")
             content = ""
         text = _content_text(content, f"{where}.content")
         out.append({"role": "system" if role == "developer" else role, "content": text})
@@ -547,14 +396,14 @@ def _prompts(d: dict, n_vocab: int | None) -> list[str | list[int]]:
     """A string, an array of strings, an array of token ids, or an array of arrays of ids."""
     v = d.get("prompt")
     if v is None:
-        raise _bad("prompt", "is required")
+        raise invalid("prompt", "is required")
     if isinstance(v, str):
         return [v]
     if not isinstance(v, list):
-        raise _bad("prompt", f"must be a string, an array of strings or of token ids, "
-                             f"got {_jtype(v)}")
+        raise invalid("prompt", f"must be a string, an array of strings or of token ids, "
+                             f"got {json_type(v)}")
     if not v:
-        raise _bad("prompt", "must not be an empty array")
+        raise invalid("prompt", "must not be an empty array")
     if all(isinstance(x, str) for x in v):
         return list(v)
     if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
@@ -563,10 +412,10 @@ def _prompts(d: dict, n_vocab: int | None) -> list[str | list[int]]:
         out: list[str | list[int]] = []
         for i, ids in enumerate(v):
             if not ids:
-                raise _bad(f"prompt[{i}]", "must not be an empty array")
+                raise invalid(f"prompt[{i}]", "must not be an empty array")
             out.append([_token_id(t, f"prompt[{i}]", n_vocab) for t in ids])
         return out
-    raise _bad("prompt", "must be a string, an array of strings, an array of token ids or an "
+    raise invalid("prompt", "must be a string, an array of strings, an array of token ids or an "
                          "array of arrays of token ids (not a mixture)")
 
 
@@ -576,7 +425,7 @@ def _prompts(d: dict, n_vocab: int | None) -> list[str | list[int]]:
 def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
     """POST /v1/chat/completions."""
     defaults = defaults or SchemaDefaults()
-    f = _Fields(d)
+    f = Fields(d)
     _unsupported(f, "tools", "tool_choice", "functions", "function_call")
     model = _model(f, defaults)
     messages = _messages(d)
@@ -584,11 +433,11 @@ def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> Ge
     response_format = d.get("response_format")
     if response_format is not None:
         if not isinstance(response_format, dict):
-            raise _bad("response_format", f"must be an object, got {_jtype(response_format)}")
+            raise invalid("response_format", f"must be an object, got {json_type(response_format)}")
         kind = response_format.get("type")
         if kind != "text":
-            shown = f"'{kind[:40]}'" if isinstance(kind, str) else _jtype(kind)
-            raise _bad("response_format", f"type {shown} is not supported (only 'text')")
+            shown = f"'{kind[:40]}'" if isinstance(kind, str) else json_type(kind)
+            raise invalid("response_format", f"type {shown} is not supported (only 'text')")
 
     # max_completion_tokens replaces the deprecated max_tokens; the newer name wins.
     name = "max_completion_tokens" if f.present("max_completion_tokens") else "max_tokens"
@@ -597,7 +446,7 @@ def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> Ge
     logprobs = f.bool("logprobs")
     top_logprobs = f.int("top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT, 0)
     if top_logprobs and not logprobs:
-        raise _bad("top_logprobs", "requires 'logprobs' to be true")
+        raise invalid("top_logprobs", "requires 'logprobs' to be true")
 
     stream = f.bool("stream")
     return GenerationRequest(
@@ -624,10 +473,10 @@ def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> Ge
 def parse_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
     """POST /v1/completions."""
     defaults = defaults or SchemaDefaults()
-    f = _Fields(d)
+    f = Fields(d)
     suffix = d.get("suffix")
     if suffix is not None and suffix != "":
-        raise _bad("suffix", "is not supported by this server")
+        raise invalid("suffix", "is not supported by this server")
     model = _model(f, defaults)
     prompts = _prompts(d, defaults.n_vocab)
 
@@ -636,9 +485,9 @@ def parse_completion(d: dict, defaults: SchemaDefaults | None = None) -> Generat
     n = _n(f, defaults)
     best_of = f.int("best_of", 1, defaults.max_n, n)
     if best_of != n and best_of != 1:
-        raise _bad("best_of", f"({best_of}) other than n ({n}) is not supported")
+        raise invalid("best_of", f"({best_of}) other than n ({n}) is not supported")
     if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
-        raise _bad("prompt", f"{len(prompts)} prompts x n={n} exceed the limit of "
+        raise invalid("prompt", f"{len(prompts)} prompts x n={n} exceed the limit of "
                              f"{MAX_CHOICES_PER_REQUEST} choices per request")
 
     # Completions' logprobs is the number of alternatives (0..5), not a flag as in chat.
@@ -673,10 +522,10 @@ def parse_generate(d: dict, defaults: SchemaDefaults | None = None) -> Generatio
     rendered with the chat template; with false the prompt is completed as raw text.
     """
     defaults = defaults or SchemaDefaults()
-    f = _Fields(d)
+    f = Fields(d)
     prompt = f.str("prompt")
     if prompt is None:
-        raise _bad("prompt", "is required")
+        raise invalid("prompt", "is required")
     system_prompt = f.str("system_prompt", GENERATE_SYSTEM_PROMPT)
     conversation = f.bool("conversation_mode", True)
     if conversation:
@@ -707,7 +556,7 @@ def parse_generate(d: dict, defaults: SchemaDefaults | None = None) -> Generatio
 def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
     """POST /completion of llama.cpp's server (bitnet.cpp's `run_inference_server.py`)."""
     defaults = defaults or SchemaDefaults()
-    f = _Fields(d)
+    f = Fields(d)
     prompt = d.get("prompt")
     if isinstance(prompt, str):
         prompts: list[str | list[int]] = [prompt]
@@ -716,9 +565,9 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
     ):
         prompts = [[_token_id(t, "prompt", defaults.n_vocab) for t in prompt]]
     elif prompt is None:
-        raise _bad("prompt", "is required")
+        raise invalid("prompt", "is required")
     else:
-        raise _bad("prompt", "must be a string or a non-empty array of token ids")
+        raise invalid("prompt", "must be a string or a non-empty array of token ids")
 
     # n_predict -1 (llama.cpp's default) generates until the context is full; max_tokens is
     # llama.cpp's alias for it.
@@ -751,10 +600,10 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
 
 def parse_tokenize(d: dict) -> TokenizeRequest:
     """POST /tokenize: {"content", "add_special", "parse_special", "with_pieces"}."""
-    f = _Fields(d)
+    f = Fields(d)
     content = f.str("content")
     if content is None:
-        raise _bad("content", "is required")
+        raise invalid("content", "is required")
     return TokenizeRequest(
         content=content,
         add_special=f.bool("add_special", False),
@@ -767,57 +616,16 @@ def parse_detokenize(d: dict, n_vocab: int | None = None) -> DetokenizeRequest:
     """POST /detokenize: {"tokens": [ids]}."""
     v = d.get("tokens")
     if v is None:
-        raise _bad("tokens", "is required")
+        raise invalid("tokens", "is required")
     if not isinstance(v, list):
-        raise _bad("tokens", f"must be an array of token ids, got {_jtype(v)}")
+        raise invalid("tokens", f"must be an array of token ids, got {json_type(v)}")
     return DetokenizeRequest([_token_id(t, f"tokens[{i}]", n_vocab) for i, t in enumerate(v)])
 
 
 def parse_apply_template(d: dict) -> ApplyTemplateRequest:
     """POST /apply-template: {"messages"} -> the prompt the chat template makes of them."""
-    f = _Fields(d)
+    f = Fields(d)
     return ApplyTemplateRequest(
         messages=_messages(d),
         add_generation_prompt=f.bool("add_generation_prompt", True),
     )
-
-
-# ---- after tokenization ---------------------------------------------------------------------
-
-
-def check_context(
-    prompt_tokens: int,
-    max_tokens: int | None,
-    n_ctx: int,
-    *,
-    param: str = "messages",
-    strict: bool = False,
-) -> ApiError | None:
-    """The 400 `context_length_exceeded` error if the prompt does not fit, else None.
-
-    The prompt must leave room for one token (or fit exactly when max_tokens is 0, prompt
-    scoring). With `strict`, prompt + max_tokens must fit as well (OpenAI's rule); otherwise a
-    generation that reaches the end of the context stops with finish_reason "length"
-    (llama.cpp's rule).
-    """
-    need = prompt_tokens + (0 if max_tokens == 0 else 1)
-    if need > n_ctx:
-        return ApiError(
-            400,
-            f"This model's maximum context length is {n_ctx} tokens. However, your prompt has "
-            f"{prompt_tokens} tokens"
-            + ("" if max_tokens == 0 else " and leaves no room for a completion")
-            + ". Please shorten it.",
-            param=param,
-            code="context_length_exceeded",
-        )
-    if strict and max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
-        return ApiError(
-            400,
-            f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
-            f"in the completion). Please reduce the prompt or the completion length.",
-            param=param,
-            code="context_length_exceeded",
-        )
-    return None

@@ -1,15 +1,14 @@
 """Sans-I/O pieces of streaming responses: SSE framing and chunk shapes.
 
-Nothing here does I/O or touches the engine, so every rule of spec/http-api.md about streams
+Nothing here does I/O or touches the engine, so every rule of http-api §1.5 about streams
 (role delta first, one id and `created` for every chunk, the finish chunk with an empty delta,
-the usage chunk, `[DONE]`) is tested as plain
-functions.
+the usage chunk, `[DONE]`) is tested as plain functions. The logprob shapes are in
+`bitnetd_trio.api.logprobs`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
@@ -17,10 +16,8 @@ __all__ = [
     "SSE_KEEPALIVE",
     "ChatChunks",
     "CompletionChunks",
-    "chat_logprob_entry",
     "json_bytes",
     "sse_event",
-    "token_text",
     "usage_object",
 ]
 
@@ -133,24 +130,4 @@ def usage_object(prompt_tokens: int, completion_tokens: int, cached_tokens: int 
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def token_text(data: bytes) -> str:
-    """A token's text for logprobs: its UTF-8 text, or `bytes:\\xNN..` for a partial character."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
-
-
-def chat_logprob_entry(data: bytes, logprob: float, top: Sequence[tuple[bytes, float]]) -> dict:
-    """One element of a chat choice's `logprobs.content`."""
-    return {
-        "token": token_text(data),
-        "logprob": logprob,
-        "bytes": list(data),
-        "top_logprobs": [
-            {"token": token_text(b), "logprob": lp, "bytes": list(b)} for b, lp in top
-        ],
     }

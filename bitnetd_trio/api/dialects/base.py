@@ -1,0 +1,72 @@
+"""The interface between the generation flow and the endpoint dialects.
+
+The flow owns the engine, the deadlines and the sockets; a dialect only turns a `Reply` into
+bytes and JSON: `whole()` for a non-streamed response, and for a stream a `DialectStream`
+giving the opening events, one event per piece of text, a finish per choice and the closing.
+Everything is plain and synchronous, tested without a server (tests/test_dialects.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from bitnetd_trio.api.reply import Choice, Piece, Reply
+from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults
+
+__all__ = ["Dialect", "DialectStream"]
+
+
+class DialectStream(ABC):
+    """The server-sent events of one streamed response, in the order the flow asks for them:
+    `opening()`, then `piece()` for each non-final engine step and `finish()` once per choice
+    (with the choice's last piece), then `closing()`. Each returns SSE bytes (maybe none)."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+
+    def opening(self) -> bytes:
+        """Events before any generated text (OpenAI chat: the role deltas)."""
+        return b""
+
+    def piece(self, choice: Choice, piece: Piece) -> bytes:
+        """Events for text (and logprobs) one engine step added to `choice`; nothing for a step
+        that carries neither text nor logprobs the request asked for."""
+        if not piece.carries_anything(self.reply.request.logprobs):
+            return b""
+        return self.shape_piece(choice, piece)
+
+    def shape_piece(self, choice: Choice, piece: Piece) -> bytes:
+        """The events of a piece worth sending; by default none (a dialect that streams only
+        its final event)."""
+        return b""
+
+    @abstractmethod
+    def finish(self, choice: Choice, last: Piece) -> bytes:
+        """Events ending `choice`: `last` is its final step's piece (empty when a deadline or
+        a drain cut it short), `choice.finish_reason` is set."""
+
+    def closing(self) -> bytes:
+        """Events after every choice finished (OpenAI: the usage chunk and `[DONE]`)."""
+        return b""
+
+
+class Dialect(ABC):
+    """One family of generating endpoints: its request parser and its response shapes."""
+
+    name: ClassVar[str]  # for logs
+    id_prefix: ClassVar[str] = "cmpl-"  # of the response id
+    # Which logprob format responses carry (see bitnetd_trio.api.logprobs); None: no logprobs.
+    logprob_format: ClassVar[str | None] = None
+
+    @abstractmethod
+    def parse(self, body: dict, defaults: SchemaDefaults) -> GenerationRequest:
+        """The validated request (ApiError 400/404 naming the offending field)."""
+
+    @abstractmethod
+    def whole(self, reply: Reply) -> dict:
+        """The JSON body of a non-streamed response once every choice is done."""
+
+    @abstractmethod
+    def stream(self, reply: Reply) -> DialectStream:
+        """A fresh event shaper for one streamed response."""
