@@ -89,7 +89,8 @@ class ModelInfo:
 class InferenceThread:
     """Owns Model, Context and Tokenizer on one thread; continuous batching over slots.
 
-    Trio side: `await start()`, `submit(jobs)`, `snapshot_slots()`, `stop()`, `await aclose()`.
+    Trio side: `async with InferenceThread(settings) as engine:` (or `await start()` ...
+    `await aclose()`), `submit(jobs)`, `snapshot_slots()`, `stop()`, `await wait_idle()`.
     """
 
     def __init__(self, settings: EngineSettings, metrics: Any = None, max_queue: int = 64) -> None:
@@ -104,8 +105,10 @@ class InferenceThread:
         self._stopping = False  # guarded by _cond
         self._thread: threading.Thread | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
-        self._ready = trio.Event()
-        self._closed = trio.Event()
+        # Set on the Trio thread through run_sync_soon, so Trio tasks can wait for them.
+        self._ready = trio.Event()  # the load finished (successfully or not)
+        self._closed = trio.Event()  # the thread released the engine; its last act
+        self._idle = trio.Event()  # in_system came down to 0
         self._load_error: BaseException | None = None
         self._in_system = 0  # jobs submitted and not finished (Trio thread only)
         self._slots: list[SlotState] = []  # the scheduler's, once the model is loaded
@@ -132,7 +135,20 @@ class InferenceThread:
             self.stop()
             raise
         if self._load_error is not None:
+            await self._join()  # the thread ends by itself after a failed load
             raise self._load_error
+
+    async def __aenter__(self) -> InferenceThread:
+        """`start()`: the engine is serving when the body runs."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """`aclose()`, even when the body was cancelled: the engine is released at exit."""
+        # Shielded: a cancelled body would otherwise leave the thread running. Stopping takes
+        # at most the step in progress.
+        with trio.CancelScope(shield=True):
+            await self.aclose()
 
     @property
     def ready(self) -> bool:
@@ -188,8 +204,24 @@ class InferenceThread:
     async def aclose(self) -> None:
         """Stop the thread and wait until it has released the engine."""
         self.stop()
-        if self._thread is not None and self._thread.is_alive():
+        await self._join()
+
+    async def wait_idle(self) -> None:
+        """Return once no submitted job is running or waiting (at once if none is)."""
+        while self._in_system > 0:
+            if self._idle.is_set():  # from an earlier idle moment
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+    async def _join(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        if thread.is_alive():
             await self._closed.wait()
+        # _closed is set by the thread's last act, so this join only waits for the thread
+        # to unwind its frames: it does not hold up the Trio thread.
+        thread.join()
 
     def _dispatch(self, updates: list[Update]) -> None:
         """Runs on the Trio thread via run_sync_soon: must never raise."""
@@ -197,6 +229,8 @@ class InferenceThread:
             try:
                 if upd.final:
                     self._in_system -= 1
+                    if self._in_system == 0:
+                        self._idle.set()
                 upd.job.sink.send_nowait(upd)
             except Exception:  # noqa: BLE001, S110 - receiver gone (client left): nothing to do
                 pass
