@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from bitnetd_trio.engine.inference import EngineSettings, InferenceThread, Job, Update
+from bitnetd_trio.engine.native import ModelLoadError
 from bitnetd_trio.engine.sampling import SamplingParams
 
 LONG = 16000  # max_tokens of jobs meant to keep running (cancelled by the test)
@@ -206,4 +207,72 @@ async def test_a_job_whose_admission_fails_ends_alone(thread: InferenceThread) -
     thread.submit([c, d])
     assert (await finish(rc))[1].finish_reason == "length"
     assert (await finish(rd))[1].finish_reason == "length"
+    assert thread.in_system == 0
+
+
+# ---- lifetime -------------------------------------------------------------------------------
+
+
+async def test_as_a_context_manager_it_serves_inside_and_is_joined_at_exit(
+    server_model_path: Path,
+) -> None:
+    settings = EngineSettings(str(server_model_path), n_slots=1, n_ctx=256, n_threads=1)
+    async with InferenceThread(settings) as it:
+        assert it.ready
+        j, r = new_job([1, 2, 3], max_tokens=3, ignore_eos=True)
+        it.submit([j])
+        _, end = await finish(r)
+        assert end.finish_reason == "length"
+        running, r_running = new_job([1, 2], max_tokens=LONG, ignore_eos=True)
+        it.submit([running])
+        await r_running.receive()
+    assert not it.ready and it._thread is not None and not it._thread.is_alive()
+    # the job still running at exit ends with an error instead of hanging its client
+    with trio.fail_after(5):
+        _, end = await finish(r_running)
+    assert end.finish_reason == "error"
+
+
+async def test_a_cancelled_body_still_stops_and_joins_the_thread(server_model_path: Path) -> None:
+    settings = EngineSettings(str(server_model_path), n_slots=1, n_ctx=256, n_threads=1)
+    it = InferenceThread(settings)
+    with trio.CancelScope() as scope:
+        async with it:
+            scope.cancel()
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    assert it._thread is not None and not it._thread.is_alive()
+
+
+async def test_a_load_error_is_raised_by_the_context_manager(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"this is not GGUF")
+    it = InferenceThread(EngineSettings(str(bad), n_slots=1, n_threads=1))
+    with pytest.raises(ModelLoadError, match="GGUF"):
+        async with it:
+            raise AssertionError("the body must not run")
+    assert not it.ready and it._thread is not None and not it._thread.is_alive()
+
+
+async def test_wait_idle_returns_when_the_last_job_has_finished(thread: InferenceThread) -> None:
+    with trio.fail_after(1):
+        await thread.wait_idle()  # nothing submitted: at once
+    jobs = [new_job([1, 2], max_tokens=LONG, ignore_eos=True) for _ in range(3)]
+    thread.submit([j for j, _ in jobs])
+    idle = trio.Event()
+
+    async def waiter() -> None:
+        await thread.wait_idle()
+        idle.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        nursery.start_soon(waiter)  # two waiters share the wake-up
+        for j, r in jobs:
+            await r.receive()
+            await trio.sleep(0.01)
+            assert not idle.is_set()
+            j.cancel.set()
+        with trio.fail_after(10):
+            await idle.wait()
     assert thread.in_system == 0

@@ -1,0 +1,589 @@
+"""Continuous batching without I/O: what the next step runs, and what a step's results mean.
+
+The inference thread owns the engine and the queue; the `Scheduler` owns the policy between
+them. Per step the thread calls:
+
+1. `take_jobs(queue, updates)` with the queue's lock held: drops waiting jobs whose client
+   left and takes, first in first out, as many jobs as there are free slots;
+2. `admit(jobs, updates)`: a slot for each job, preferring one whose cached tokens share the
+   longest prefix with the prompt (only the rest of the prompt is fed again);
+3. `plan_step(updates)`: one `StepEntry` per live sequence, a decode token for every
+   sequence past its prompt and prompt chunks bounded by the prefill budget;
+4. the engine's forward over `plan.entries`, then `absorb(plan, statuses, output, seconds,
+   updates)`: samples each sequence's next token from `output`, detokenizes, matches stop
+   strings and ends sequences (EOS/EOT, stop string, max tokens, full context, cancel).
+
+Every result is appended to `updates` as an `Update`; the thread hands them to Trio. The
+scheduler reaches the engine and the tokenizer only through `EngineHooks` and the `StepOutput`
+of a step, on the caller's thread, so tests drive it with fake logits and fake samplers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from bitnetd_trio.engine.jobs import EngineSettings, Job, SlotState, TokenResult, Update
+from bitnetd_trio.engine.sampling import SamplingError, SamplingParams
+from bitnetd_trio.engine.stops import StopMatcher
+
+log = logging.getLogger("bitnetd.inference")
+
+__all__ = [
+    "ActiveSequence",
+    "EngineHooks",
+    "Scheduler",
+    "StepCost",
+    "StepEntry",
+    "StepOutput",
+    "StepPlan",
+    "final_update",
+]
+
+
+class SamplerLike(Protocol):
+    """A sequence's sampler (`sampling.Sampler`)."""
+
+    def accept(self, token: int) -> None: ...
+    def sample(self, logits: Any) -> int: ...
+    def close(self) -> None: ...
+
+
+class DecoderLike(Protocol):
+    """A sequence's streaming detokenizer (`tokenizer.StreamDecoder`)."""
+
+    def push(self, token: int) -> str: ...
+    def flush(self) -> str: ...
+
+
+class StepOutput(Protocol):
+    """The results of the last forward, by entry index (`native.Context` is one)."""
+
+    def logits(self, entry_index: int, token_index: int) -> np.ndarray: ...
+    def sample(self, entry_index: int, sampler: Any) -> int: ...
+
+
+@dataclass(frozen=True)
+class EngineHooks:
+    """The engine and tokenizer operations the scheduler needs besides a step's output.
+
+    They are called on the scheduler's caller's thread (the inference thread).
+    """
+
+    new_sampler: Callable[[SamplingParams], SamplerLike]  # ValueError: bad parameters
+    new_decoder: Callable[[], DecoderLike]
+    is_control: Callable[[int], bool]  # control tokens add no text
+    # (logits, token, top_n) -> (logprob of token, [(id, logprob)] of the top_n)
+    logprobs: Callable[[Any, int, int], tuple[float, list[tuple[int, float]]]]
+    reset_slot: Callable[[int], None]  # forget the slot's KV cache
+    truncate_slot: Callable[[int, int], None]  # keep the slot's first n cached tokens
+
+
+class ActiveSequence:
+    """A job admitted into an engine slot."""
+
+    __slots__ = (
+        "admitted_at",
+        "decoder",
+        "job",
+        "last_token_at",
+        "matcher",
+        "n_cached",
+        "n_fed",
+        "n_generated",
+        "next_token",
+        "prefill_done_at",
+        "prompt_lps",
+        "sampler",
+        "slot",
+    )
+
+    def __init__(
+        self, job: Job, slot: int, sampler: SamplerLike, decoder: DecoderLike, now: float
+    ) -> None:
+        self.job = job
+        self.slot = slot
+        self.sampler = sampler
+        self.decoder = decoder
+        self.matcher = StopMatcher(job.stop)
+        self.n_fed = 0  # prompt tokens already in the slot's cache
+        self.n_cached = 0  # of which were reused from an earlier request
+        self.n_generated = 0
+        self.next_token = -1  # the sampled token to feed in the next step
+        self.admitted_at = now
+        self.prefill_done_at = 0.0
+        self.last_token_at = 0.0
+        # echo scoring: the prompt tokens' logprobs, gathered chunk by chunk
+        self.prompt_lps: list[TokenResult] | None = [] if job.prompt_logprobs else None
+
+    @property
+    def prefilling(self) -> bool:
+        """True while part of the prompt is not in the slot's cache yet."""
+        return self.n_fed < len(self.job.prompt)
+
+    @property
+    def n_past(self) -> int:
+        """Tokens in the slot's cache (the last sampled token is fed in the next step)."""
+        return self.n_fed + max(0, self.n_generated - 1)
+
+
+@dataclass(slots=True, eq=False)
+class StepEntry:
+    """One sequence's share of a step.
+
+    Carries the fields `native.Context.forward` reads from a `BatchEntry` (slot, tokens,
+    logits, cancel), so a plan's entries go to the engine as they are.
+    """
+
+    seq: ActiveSequence
+    slot: int
+    tokens: list[int]
+    logits: str  # "none" | "last" | "all": which positions' logits the step keeps
+    cancel: Any  # the job's CancelFlag: the engine skips the entry once it is set
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What one forward runs."""
+
+    entries: list[StepEntry]
+    n_prefill: int  # prompt tokens fed
+    n_decode: int  # sequences decoding one token
+
+
+class StepCost:
+    """Running estimates of step times, and the prompt tokens a step may feed from them."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self.decode_step_s: float | None = None  # a forward of decode tokens only
+        self.prefill_token_s: float | None = None  # extra time per prompt token
+
+    def prefill_budget(self, n_decoding: int, n_prefilling: int) -> int:
+        """Prompt tokens this step may feed: all it can when nobody decodes, else few enough
+        that the decoding sequences keep flowing (chunked prefill). The prefill's share of a
+        step grows with the number of sequences waiting for their prompt against those
+        decoding, so a burst of new requests is not starved by one running stream."""
+        s = self.settings
+        if not n_decoding or self.decode_step_s is None or not self.prefill_token_s:
+            return s.prefill_budget
+        share = max(1.0, n_prefilling / n_decoding)
+        allowed = max(s.prefill_stall_factor * share * self.decode_step_s, s.prefill_stall_floor)
+        return max(s.prefill_min_tokens, min(s.prefill_budget, int(allowed / self.prefill_token_s)))
+
+    def learn(self, seconds: float, n_prefill: int, n_decode: int) -> None:
+        """Fold in a step that took `seconds` to feed n_prefill prompt tokens beside
+        n_decode decoding sequences (exponential moving averages)."""
+
+        def ema(old: float | None, new: float) -> float:
+            return new if old is None else 0.8 * old + 0.2 * new
+
+        if n_prefill == 0:
+            if n_decode:
+                self.decode_step_s = ema(self.decode_step_s, seconds)
+        else:
+            base = self.decode_step_s if n_decode and self.decode_step_s else 0.0
+            self.prefill_token_s = ema(self.prefill_token_s, max(seconds - base, 0.0) / n_prefill)
+
+
+def final_update(
+    job: Job,
+    reason: str,
+    *,
+    seq: ActiveSequence | None = None,
+    now: float = 0.0,
+    text: str = "",
+    tokens: list[TokenResult] | None = None,
+    stop_type: str | None = None,
+    stopping_word: str = "",
+    error: str | None = None,
+) -> Update:
+    """The last update of `job`; with its sequence, counts and timings up to `now`."""
+    upd = Update(
+        job,
+        text=text,
+        tokens=tokens,
+        finish_reason=reason,
+        stop_type=stop_type,
+        stopping_word=stopping_word,
+        error=error,
+        n_prompt=len(job.prompt),
+    )
+    if seq is not None:
+        upd.n_generated = seq.n_generated
+        upd.n_cached = seq.n_cached
+        done = seq.prefill_done_at or now
+        upd.prompt_seconds = done - seq.admitted_at
+        upd.generation_seconds = now - done if seq.prefill_done_at else 0.0
+    return upd
+
+
+class Scheduler:
+    """Slots, the sequences in them and the batching policy (see the module docstring).
+
+    `active` holds the admitted sequences, `slots` what /slots shows (each entry replaced
+    whole, so a reader on another thread sees consistent states).
+    """
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        n_ctx: int,
+        hooks: EngineHooks,
+        stop_ids: Iterable[int],
+        metrics: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.n_ctx = n_ctx  # per slot
+        self.hooks = hooks
+        self.metrics = metrics
+        self.clock = clock
+        self.stop_ids = frozenset(stop_ids)  # EOS/EOT: end a sequence unless ignore_eos
+        self._stop_array = np.array(sorted(self.stop_ids), dtype=np.int64)
+        n = settings.n_slots
+        self.active: list[ActiveSequence] = []
+        self.free = list(range(n - 1, -1, -1))  # picked from the end: least recently used first
+        self.cached: list[list[int]] = [[] for _ in range(n)]  # per slot: its KV cache's tokens
+        self.slots = [SlotState(i) for i in range(n)]
+        self.cost = StepCost(settings)
+        self.tokens_after_disconnect = 0
+
+    # ---- admission ------------------------------------------------------------------------
+
+    def take_jobs(self, queue: deque[Job], updates: list[Update]) -> list[Job]:
+        """Remove from `queue` the jobs to admit now (first come, first served, as many as
+        there are free slots); waiting jobs whose client left end as "cancelled"."""
+        if any(job.cancel.is_set() for job in queue):
+            waiting = list(queue)
+            queue.clear()
+            for job in waiting:
+                if job.cancel.is_set():
+                    updates.append(final_update(job, "cancelled"))
+                else:
+                    queue.append(job)
+        taken: list[Job] = []
+        while queue and len(taken) < len(self.free):
+            taken.append(queue.popleft())
+        return taken
+
+    def admit(self, jobs: Iterable[Job], updates: list[Update]) -> None:
+        """Give each job a slot; a job that cannot be admitted ends alone with an error."""
+        for job in jobs:
+            try:
+                self._admit(job, updates)
+            except Exception as exc:  # a bug in one job's admission: that job fails alone
+                log.exception("admitting job %s failed", job.id)
+                updates.append(final_update(job, "error", error=f"internal error: {exc}"))
+
+    def _admit(self, job: Job, updates: list[Update]) -> None:
+        now = self.clock()
+        if job.cancel.is_set():
+            updates.append(final_update(job, "cancelled"))
+            return
+        params = job.params
+        if job.ignore_eos and self.stop_ids:
+            bias = dict(params.logit_bias)
+            for t in self.stop_ids:
+                bias[t] = -math.inf
+            params = dataclasses.replace(params, logit_bias=bias)
+        try:
+            sampler = self.hooks.new_sampler(params)
+        except (ValueError, MemoryError) as exc:
+            updates.append(final_update(job, "error", error=str(exc)))
+            return
+        try:
+            decoder = self.hooks.new_decoder()
+            slot, keep = self._pick_slot(job)
+        except BaseException:
+            sampler.close()
+            raise
+        seq = ActiveSequence(job, slot, sampler, decoder, now)
+        seq.n_fed = seq.n_cached = keep
+        self.active.append(seq)
+        self.slots[slot] = SlotState(slot, True, job.id, 0, len(job.prompt), 0)
+        if self.metrics is not None:
+            self.metrics.request_queue_seconds.observe(now - job.submitted_at)
+            self.metrics.prompt_tokens_total.inc(len(job.prompt))
+        if job.max_tokens == 0 and not job.prompt_logprobs:
+            self._retire(seq, "length", updates, stop_type="limit")
+
+    def _pick_slot(self, job: Job) -> tuple[int, int]:
+        """A free slot for `job` and how many prompt tokens its cache already holds.
+
+        Prefers the slot whose cached tokens share the longest prefix with the prompt
+        (llama.cpp's cache_prompt); the last prompt token is always fed again, because its
+        logits are needed. Scoring jobs need logits for the whole prompt: no reuse.
+        """
+        prompt = job.prompt
+        best_i, best_len = len(self.free) - 1, 0
+        if job.cache_prompt and not job.prompt_logprobs:
+            for i, slot in enumerate(self.free):
+                n = _common_prefix(self.cached[slot], prompt)
+                if n > best_len:
+                    best_i, best_len = i, n
+        slot = self.free[best_i]
+        keep = min(best_len, len(prompt) - 1)
+        if keep > 0:
+            self.hooks.truncate_slot(slot, keep)
+            del self.cached[slot][keep:]
+        else:
+            self.hooks.reset_slot(slot)
+            self.cached[slot] = []
+        self.free.pop(best_i)  # only now: a failure above leaves the slot free
+        return slot, keep
+
+    # ---- a step ---------------------------------------------------------------------------
+
+    def plan_step(self, updates: list[Update]) -> StepPlan | None:
+        """The next forward: a decode token for every sequence past its prompt, prompt chunks
+        within the prefill budget for the others; None when nothing runs. Sequences whose
+        client left end here as "cancelled"."""
+        s = self.settings
+        n_decoding = sum(1 for seq in self.active if not seq.prefilling)
+        budget = self.cost.prefill_budget(n_decoding, len(self.active) - n_decoding)
+        entries: list[StepEntry] = []
+        n_prefill = n_decode = 0
+        for seq in list(self.active):
+            job = seq.job
+            if job.cancel.is_set():
+                self._retire(seq, "cancelled", updates)
+                continue
+            if seq.prefilling:
+                remaining = len(job.prompt) - seq.n_fed
+                n = min(remaining, s.prefill_chunk, budget)
+                if n <= 0:
+                    continue  # other prompts took this step's budget
+                # Scoring wants every position's logits. The engine's logits do not depend on
+                # how a prompt is cut into calls (bit-exact), so chunks keep the logits buffer
+                # and the other sequences' wait bounded without changing the values.
+                if job.prompt_logprobs:
+                    mode = "all"
+                else:
+                    mode = "last" if n == remaining else "none"
+                budget -= n
+                n_prefill += n
+                tokens = job.prompt[seq.n_fed : seq.n_fed + n]
+            else:
+                tokens, mode = [seq.next_token], "last"
+                n_decode += 1
+            entries.append(StepEntry(seq, seq.slot, tokens, mode, job.cancel))
+        if not entries:
+            return None
+        return StepPlan(entries, n_prefill, n_decode)
+
+    def fail_step(self, plan: StepPlan, error: str, updates: list[Update]) -> None:
+        """The forward of `plan` failed: its sequences end with `error`."""
+        for entry in plan.entries:
+            self._retire(entry.seq, "error", updates, error=error)
+
+    def fail_active(self, error: str, updates: list[Update]) -> None:
+        """End every admitted sequence with `error` (the step broke in an unknown place)."""
+        for seq in list(self.active):
+            self._retire(seq, "error", updates, error=error)
+
+    def absorb(
+        self,
+        plan: StepPlan,
+        statuses: list[int],
+        output: StepOutput,
+        seconds: float,
+        updates: list[Update],
+    ) -> None:
+        """Take in the results of `plan`'s forward, which took `seconds`: the engine's status
+        per entry (0 done, else cancelled) and its logits in `output`."""
+        now = self.clock()
+        self.cost.learn(seconds, plan.n_prefill, plan.n_decode)
+        for i, entry in enumerate(plan.entries):
+            seq = entry.seq
+            job = seq.job
+            n = len(entry.tokens)
+            done = statuses[i] == 0
+            if done:
+                self.cached[seq.slot].extend(entry.tokens)
+            if not done or job.cancel.is_set():
+                if done and entry.logits != "none":
+                    self._count_after_disconnect()
+                self._retire(seq, "cancelled", updates)
+                continue
+            prompt_lps = None
+            if seq.prefilling:
+                if seq.prompt_lps is not None:
+                    seq.prompt_lps.extend(self._prompt_logprobs(output, i, seq, n))
+                seq.n_fed += n
+                if seq.prefilling:
+                    self.slots[seq.slot] = SlotState(
+                        seq.slot, True, job.id, seq.n_fed, len(job.prompt), 0
+                    )
+                    continue
+                seq.prefill_done_at = now
+                prompt_lps = seq.prompt_lps
+                if job.max_tokens == 0:
+                    self._retire(seq, "length", updates, stop_type="limit", tokens=None)
+                    _attach_prompt_lps(updates, prompt_lps)
+                    continue
+            self._sample(output, i, n - 1, seq, now, updates, prompt_lps)
+        if self.metrics is not None:
+            used = sum(seq.n_past for seq in self.active)
+            self.metrics.kv_cache_usage_ratio.set(used / (self.n_ctx * self.settings.n_slots))
+
+    def _prompt_logprobs(
+        self, output: StepOutput, entry: int, seq: ActiveSequence, n: int
+    ) -> list[TokenResult]:
+        """Logprobs of the prompt tokens that this chunk's n positions predict (the first
+        prompt token, which nothing predicts, gets None)."""
+        prompt = seq.job.prompt
+        top_n = seq.job.top_logprobs
+        out: list[TokenResult] = []
+        if seq.n_fed == 0:
+            out.append((prompt[0], None, []))
+        for t in range(min(n, len(prompt) - 1 - seq.n_fed)):
+            target = prompt[seq.n_fed + t + 1]
+            lp, top = self.hooks.logprobs(output.logits(entry, t), target, top_n)
+            out.append((target, lp, top))
+        return out
+
+    def _sample(
+        self,
+        output: StepOutput,
+        entry: int,
+        t: int,
+        seq: ActiveSequence,
+        now: float,
+        updates: list[Update],
+        prompt_lps: list[TokenResult] | None,
+    ) -> None:
+        """Sample the next token of `seq` from entry's logits at token t; emit or finish."""
+        job = seq.job
+        try:
+            if seq.n_generated < job.min_tokens and len(self._stop_array):
+                masked = np.array(output.logits(entry, t), dtype=np.float32, copy=True)
+                masked[self._stop_array] = -np.inf
+                token = seq.sampler.sample(masked)
+            else:
+                token = output.sample(entry, seq.sampler)
+        except SamplingError as exc:  # e.g. all-NaN logits from a broken model: this one fails
+            log.error("sampling failed for job %s: %s", job.id, exc)
+            self._retire(seq, "error", updates, error=str(exc))
+            _attach_prompt_lps(updates, prompt_lps)
+            return
+        seq.sampler.accept(token)
+        seq.n_generated += 1
+        if self.metrics is not None:
+            if seq.n_generated == 1:
+                self.metrics.time_to_first_token_seconds.observe(now - job.submitted_at)
+            else:
+                self.metrics.inter_token_latency_seconds.observe(now - seq.last_token_at)
+        seq.last_token_at = now
+        is_stop_token = token in self.stop_ids and not job.ignore_eos
+        results: list[TokenResult] | None = None
+        if job.logprobs and not is_stop_token:
+            lp, top = self.hooks.logprobs(output.logits(entry, t), token, job.top_logprobs)
+            results = [(token, lp, top)]
+        if is_stop_token:
+            text = _flush_text(seq)
+            self._retire(seq, "stop", updates, text=text, tokens=results, stop_type="eos")
+            _attach_prompt_lps(updates, prompt_lps)
+            return
+        piece = "" if self.hooks.is_control(token) else seq.decoder.push(token)
+        text, hit = seq.matcher.push(piece)
+        if hit:
+            self._retire(
+                seq,
+                "stop",
+                updates,
+                text=text,
+                tokens=results,
+                stop_type="word",
+                stopping_word=seq.matcher.matched,
+            )
+        elif (
+            job.max_tokens is not None
+            and seq.n_generated >= job.max_tokens
+            or seq.n_fed + seq.n_generated > self.n_ctx
+        ):
+            text += _flush_text(seq)
+            self._retire(seq, "length", updates, text=text, tokens=results, stop_type="limit")
+        else:
+            seq.next_token = token
+            self.slots[seq.slot] = SlotState(
+                seq.slot, True, job.id, seq.n_past, len(job.prompt), seq.n_generated
+            )
+            if text or results or prompt_lps:
+                updates.append(
+                    Update(
+                        job,
+                        text=text,
+                        tokens=results,
+                        prompt_logprobs=prompt_lps,
+                        n_prompt=len(job.prompt),
+                        n_generated=seq.n_generated,
+                    )
+                )
+            if job.cancel.is_set():  # the client left while this token was being made
+                self._count_after_disconnect()
+                self._retire(seq, "cancelled", updates)
+            return
+        _attach_prompt_lps(updates, prompt_lps)
+
+    # ---- endings --------------------------------------------------------------------------
+
+    def _retire(
+        self, seq: ActiveSequence, reason: str, updates: list[Update], **ending: Any
+    ) -> None:
+        """End `seq` and free its slot; `ending`: final_update's text, tokens, stop_type,
+        stopping_word and error."""
+        self.active.remove(seq)
+        seq.sampler.close()
+        if reason == "error":  # the cache's content is unknown: forget it
+            self.hooks.reset_slot(seq.slot)
+            self.cached[seq.slot] = []
+        self.free.insert(0, seq.slot)  # most recently used last in the pick order
+        self.slots[seq.slot] = SlotState(seq.slot, n_past=len(self.cached[seq.slot]))
+        now = self.clock()
+        upd = final_update(seq.job, reason, seq=seq, now=now, **ending)
+        updates.append(upd)
+        if self.metrics is not None:
+            self.metrics.finish_generation(
+                seq.n_generated, upd.generation_seconds, now - seq.admitted_at
+            )
+
+    def abort(self, message: str, updates: list[Update]) -> None:
+        """The engine is going away: every admitted sequence ends with `message`."""
+        now = self.clock()
+        for seq in self.active:
+            updates.append(final_update(seq.job, "error", seq=seq, now=now, error=message))
+            seq.sampler.close()
+        self.active.clear()
+        self.slots[:] = [SlotState(i) for i in range(len(self.slots))]
+
+    def _count_after_disconnect(self) -> None:
+        self.tokens_after_disconnect += 1
+        if self.metrics is not None:
+            self.metrics.tokens_after_disconnect_total.inc()
+
+
+def _attach_prompt_lps(updates: list[Update], prompt_lps: list[TokenResult] | None) -> None:
+    if prompt_lps is not None:
+        updates[-1].prompt_logprobs = prompt_lps
+
+
+def _flush_text(seq: ActiveSequence) -> str:
+    tail, hit = seq.matcher.push(seq.decoder.flush())
+    return tail if hit else tail + seq.matcher.flush()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
