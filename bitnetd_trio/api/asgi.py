@@ -73,6 +73,21 @@ def _generation_handler(dialect: Dialect) -> Handler:
     return handle
 
 
+class _Release:
+    """When the task that owns an engine may close it."""
+
+    def __init__(self) -> None:
+        self.requested = trio.Event()
+        self.grace = math.inf  # seconds its running requests get to finish
+        self.after_reload = False
+        self.done = trio.Event()  # the engine is closed
+
+    def request(self, *, grace: float, after_reload: bool = False) -> None:
+        self.grace = min(self.grace, grace) if self.requested.is_set() else grace
+        self.after_reload = self.after_reload or after_reload
+        self.requested.set()
+
+
 class App:
     """The ASGI application: `await app(scope, receive, send)`."""
 
@@ -81,6 +96,8 @@ class App:
         self.metrics = metrics or Metrics()
         self.engine: InferenceThread | None = None
         self.model_id = ""
+        self._nursery: trio.Nursery | None = None  # the lifespan's
+        self._releases: dict[InferenceThread, _Release] = {}
         self.generations = GenerationFlow(self.metrics)
         self._active_requests = 0
         self._rate_limiter = RateLimiter()
@@ -103,16 +120,21 @@ class App:
         msg = await receive()
         if msg["type"] != "lifespan.startup":
             return
-        try:
-            await self.startup()
-        except Exception as exc:  # noqa: BLE001 - must become startup.failed (else hypercorn
-            # serves without a model)
-            log.error("startup failed: %s", exc)
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            return
-        await send({"type": "lifespan.startup.complete"})
-        await receive()  # lifespan.shutdown
-        await self.shutdown()
+        # Every engine (the one serving, and old ones finishing their requests after a
+        # reload) lives in a task of this nursery: the application's life owns the models.
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                await self.startup()
+            except Exception as exc:  # noqa: BLE001 - must become startup.failed (else hypercorn
+                # serves without a model)
+                log.error("startup failed: %s", exc)
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            await self.shutdown()
+        self._nursery = None
         await send({"type": "lifespan.shutdown.complete"})
 
     def engine_settings(self, config: Config) -> EngineSettings:
@@ -139,11 +161,32 @@ class App:
         )
 
     async def load_engine(self, config: Config) -> InferenceThread:
-        """Start an inference thread for `config` and wait until its model is loaded."""
+        """Start an inference thread for `config` and wait until its model is loaded.
+
+        The thread belongs to a task of the lifespan nursery until `retire_engine` or the
+        application's shutdown releases it."""
+        if self._nursery is None:
+            raise RuntimeError("the application's lifespan is not running")
         settings = self.engine_settings(config)
-        engine = InferenceThread(settings, self.metrics, max_queue=config.server.max_queue)
-        await engine.start()
-        return engine
+        return await self._nursery.start(self._own_engine, settings, config.server.max_queue)
+
+    async def _own_engine(
+        self, settings: EngineSettings, max_queue: int, *, task_status: trio.TaskStatus
+    ) -> None:
+        release = _Release()
+        async with InferenceThread(settings, self.metrics, max_queue=max_queue) as engine:
+            self._releases[engine] = release
+            task_status.started(engine)
+            try:
+                await release.requested.wait()
+                with trio.move_on_after(release.grace):
+                    await engine.wait_idle()
+            finally:
+                del self._releases[engine]
+        if release.after_reload:
+            log.info("reload: previous model %s freed after its last request",
+                     settings.model_path)
+        release.done.set()
 
     def use_engine(self, engine: InferenceThread, config: Config | None = None) -> None:
         """Serve new requests from `engine` (requests in flight keep the one they started on)."""
@@ -159,11 +202,11 @@ class App:
         self.use_engine(engine)
 
     async def shutdown(self) -> None:
-        """Stop serving and close the engine."""
-        engine, self.engine = self.engine, None
+        """Stop serving and close every engine (requests still running end with an error)."""
+        self.engine = None
         self.metrics.model_loaded.set(0)
-        if engine is not None:
-            await engine.aclose()
+        for release in list(self._releases.values()):
+            release.request(grace=0.0)
 
     def begin_drain(self, deadline: float) -> None:
         """Stop admitting generations; end running ones cleanly (finish_reason "length",
@@ -183,12 +226,21 @@ class App:
     def stream_keepalive(self, seconds: float) -> None:
         self.generations.keepalive = seconds
 
-    async def retire_engine(self, engine: InferenceThread, grace: float | None = None) -> None:
-        """Close an engine once its requests have finished (or after `grace` seconds)."""
-        with trio.move_on_after(math.inf if grace is None else grace):
-            while engine.in_system > 0:
-                await trio.sleep(0.05)
-        await engine.aclose()
+    def retire_engine(self, engine: InferenceThread, grace: float | None = None) -> trio.Event:
+        """Close `engine` once its requests have finished (or after `grace` seconds); the
+        returned Event is set when it is closed. The engine's task does the waiting."""
+        release = self._releases.get(engine)
+        if release is None:  # already closed
+            done = trio.Event()
+            done.set()
+            return done
+        release.request(grace=math.inf if grace is None else grace, after_reload=True)
+        return release.done
+
+    @property
+    def retiring(self) -> int:
+        """Engines released but still finishing their requests."""
+        return sum(1 for r in self._releases.values() if r.requested.is_set())
 
     def require_engine(self) -> InferenceThread:
         """The engine serving new requests; ApiError 503 while none is loaded."""

@@ -122,7 +122,17 @@ async def serve(
     Order of events: lifespan startup (the model loads), listen, serve; on shutdown stop
     accepting, let open connections finish for `hc.graceful_timeout`, then lifespan shutdown.
     """
-    wrapped = wrap_app(app, hc.wsgi_max_body_size, "asgi")
+    started = trio.Event()  # the application said lifespan.startup.complete
+
+    async def app_noting_startup(scope: dict, receive: Any, send: Any) -> None:
+        async def send_noting(message: dict) -> None:
+            await send(message)
+            if message["type"] == "lifespan.startup.complete":
+                started.set()
+
+        await app(scope, receive, send_noting if scope["type"] == "lifespan" else send)
+
+    wrapped = wrap_app(app_noting_startup, hc.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(wrapped, hc, lifespan_state)
     slots = ConnectionSlots(getattr(hc, "max_open_connections", 1024))
@@ -139,9 +149,10 @@ async def serve(
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
         await lifespan.wait_for_startup()
-        # A failed startup also ends the wait: its error cancels this nursery, which the next
-        # checkpoint delivers, before anything listens or task_status says "started".
-        await trio.lowlevel.checkpoint()
+        if lifespan.supported and not started.is_set():
+            # A failed startup also ends the wait; its error is on the way and cancels this
+            # nursery. Nothing may listen, and task_status must not say "started", meanwhile.
+            await trio.sleep_forever()
         sockets = hc.create_sockets()
         listeners = []
         urls = []

@@ -112,7 +112,6 @@ class Daemon:
         self._startup_scope: trio.CancelScope | None = None
         self._watchdog_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
-        self._retiring: set[Any] = set()
         self._where = ""
 
     # ---- before Trio ------------------------------------------------------------------------
@@ -225,9 +224,6 @@ class Daemon:
                 loading.cancel()
                 if not self.draining:
                     self.notifier.stopping("stopping")
-                with trio.CancelScope(shield=True):
-                    for engine in list(self._retiring):
-                        await engine.aclose()
                 nursery.cancel_scope.cancel()
         if self.exit_code == 0:
             log.info("bitnetd stopped")
@@ -361,7 +357,7 @@ class Daemon:
                 )
                 return
             if self.draining:
-                await engine.aclose()
+                await self.app.retire_engine(engine, grace=0.0).wait()
                 return
             previous = self.app.engine
             self.app.use_engine(engine, new)
@@ -369,25 +365,13 @@ class Daemon:
                 "reload: now serving %s; the previous model is freed after its last request",
                 self.app.model_id,
             )
-            if previous is not None and previous is not engine and self._nursery is not None:
-                self._retiring.add(previous)
-                self._nursery.start_soon(self._retire, previous)
+            if previous is not None and previous is not engine:
+                self.app.retire_engine(previous)
         else:
             self.app.use_engine(self.app.engine, new)
             log.info("reload: configuration applied (same model)")
         self.config = new
         self._apply_log_level(new)
-
-    async def _retire(self, engine: Any) -> None:
-        try:
-            await self.app.retire_engine(engine)
-            settings = getattr(engine, "settings", None)
-            log.info(
-                "reload: previous model %s freed after its last request",
-                getattr(settings, "model_path", "?"),
-            )
-        finally:
-            self._retiring.discard(engine)
 
     def _apply_log_level(self, cfg: Config) -> None:
         if self.verbose or self.logs is None:
@@ -438,7 +422,7 @@ class Daemon:
             + f", {self._gauge('bitnetd_requests_waiting'):g} waiting"
             + f", {self._counter_total('bitnetd_requests_total'):g} HTTP requests answered"
             + f", {self._counter_total('bitnetd_tokens_generated_total'):g} tokens generated"
-            + (f", {len(self._retiring)} old model(s) finishing" if self._retiring else "")
+            + (f", {self.app.retiring} old model(s) finishing" if self.app.retiring else "")
         )
 
     def log_status(self) -> None:
