@@ -1,4 +1,4 @@
-"""Chat templates: the one place that knows how messages become a prompt (spec section 6).
+"""Chat templates: the one place that knows how messages become a prompt (model-format §6).
 
 Which format:
 - the BitNet trained format (`<|begin_of_text|>System: ...<|eot_id|>User: ...<|eot_id|>Assistant: `)
@@ -21,24 +21,29 @@ control-token strings inside message fields are swapped for private-use placehol
 rendering and swapped back, as content segments, afterwards. `render()` returns the plain
 string (for display, logs and the API's echo); never tokenize it with parse_special=True.
 
-A hostile or broken template cannot hang the caller: the sandbox refuses unsafe attribute
-access, and a budget limits loop iterations (over `range` and over the messages), the size of
-`*` / `**` results, the output size and the time spent.
+A hostile or broken template cannot hang the daemon or take its memory: Jinja templates are
+rendered in a separate worker process (template_worker, template_sandbox), which runs with an
+address-space limit of MAX_MEMORY_MB and is killed when a render takes longer than MAX_SECONDS;
+either is a ChatTemplateError for that request ("chat template: took longer than 2 s", "...
+used more than 512 MB"), and the next render starts a fresh worker. Inside the worker the
+sandbox still refuses unsafe attribute access and mutation, and a budget on loop steps (over
+`range` and the messages), on `*` / `**` results and on the output size stops the common
+runaways early with a precise message; those checks alone could not bound a loop over a long
+string or a `join` that builds gigabytes. The trained format is plain Python over the messages
+and runs in the caller's thread.
 """
 
 from __future__ import annotations
 
-import contextvars
-import json
 import logging
 import re
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from bitnetd_trio.engine import template_worker
+from bitnetd_trio.engine.template_sandbox import ChatTemplateError, compile_template
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +56,16 @@ BITNET_ROLES = {
 }
 EOT_TEXT = "<|eot_id|>"
 
-#: Limits for Jinja rendering.
-MAX_ITERATIONS = 1_000_000  # loop steps over range() and message lists, in all
-MAX_SECONDS = 2.0
+#: Limits for Jinja rendering (MAX_ITERATIONS and MAX_VALUE_SIZE, inside the sandbox, are in
+#: template_sandbox).
+MAX_SECONDS = 2.0  # wall time of one render, after which the worker is killed
+MAX_MEMORY_MB = 512  # the worker's address space (RLIMIT_AS)
 MAX_OUTPUT_BASE = 1 << 20  # characters, plus MAX_OUTPUT_PER_CONTENT per content character
 MAX_OUTPUT_PER_CONTENT = 4
-MAX_VALUE_SIZE = 1 << 20  # items of a str/list made by * in a template
 
 # Private-use code points that bracket a placeholder's index.
 _PH_OPEN, _PH_CLOSE = "\ue000", "\ue001"
 _PH_RE = re.compile(_PH_OPEN + r"(\d+)" + _PH_CLOSE)
-
-
-class ChatTemplateError(ValueError):
-    """A template that cannot be compiled or fails (or refuses) to render these messages."""
 
 
 class _TokenizerLike(Protocol):
@@ -118,93 +119,6 @@ def _normalized(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-# ---- the Jinja sandbox with a budget ----
-
-
-class _Budget:
-    def __init__(self, max_iterations: int, seconds: float) -> None:
-        self.left = max_iterations
-        self.deadline = time.monotonic() + seconds
-
-    def spend(self, n: int = 1) -> None:
-        self.left -= n
-        if self.left < 0:
-            raise ChatTemplateError("chat template exceeded its loop budget")
-        if self.left % 1024 < n and time.monotonic() > self.deadline:
-            raise ChatTemplateError("chat template took too long to render")
-
-
-_budget: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("budget", default=None)
-
-
-def _spend(n: int = 1) -> None:
-    b = _budget.get()
-    if b is not None:
-        b.spend(n)
-
-
-class _CountedList(list):
-    """A list whose iteration (and that of its slices) draws on the render budget."""
-
-    def __iter__(self) -> Iterator[Any]:
-        for item in super().__iter__():
-            _spend()
-            yield item
-
-    def __getitem__(self, key: Any) -> Any:
-        item = super().__getitem__(key)
-        return _CountedList(item) if isinstance(key, slice) else item
-
-
-def _budgeted_range(*args: int) -> range:
-    r = range(*args)
-    if len(r) > 100_000:
-        raise ChatTemplateError("chat template: range() too large")
-    _spend(len(r))
-    return r
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(f"chat template refused the request: {message}")
-
-
-def _tojson(value: Any, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False, ensure_ascii: bool = False) -> str:
-    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys,
-                      ensure_ascii=ensure_ascii)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-class _ChatEnvironment(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**":
-            if isinstance(right, int) and abs(right) > 256 and not (
-                isinstance(left, (int, float)) and abs(left) <= 1
-            ):
-                raise ChatTemplateError("chat template: exponent too large")
-        elif operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
-                    if len(seq) * n > MAX_VALUE_SIZE:
-                        raise ChatTemplateError("chat template: repeated value too large")
-        return super().call_binop(context, operator, left, right)
-
-
-def _environment() -> jinja2.Environment:
-    env = _ChatEnvironment(trim_blocks=True, lstrip_blocks=True,
-                           extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["range"] = _budgeted_range
-    return env
-
-
 # ---- placeholders: control-token text inside message fields ----
 
 
@@ -229,7 +143,7 @@ class _Protector:
         if isinstance(value, Mapping):
             return {k: (v if k == "role" else self.protect(v)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return _CountedList(self.protect(v) for v in value)
+            return [self.protect(v) for v in value]
         return value
 
     def segments(self, rendered: str) -> list[tuple[str, bool]]:
@@ -276,12 +190,9 @@ class ChatTemplate:
         self.source = jinja_source
         self._template: jinja2.Template | None = None
         if jinja_source is not None:
-            try:
-                self._template = _environment().from_string(jinja_source)
-            except jinja2.TemplateError as exc:
-                raise ChatTemplateError(
-                    f"chat template ({origin}) does not compile: {exc}"
-                ) from exc
+            # Compiled here so that a broken template is refused at load; the worker compiles
+            # (and caches) its own copy, since compiled templates cannot cross processes.
+            self._template = compile_template(jinja_source, origin)
 
     @property
     def kind(self) -> str:
@@ -397,29 +308,9 @@ class ChatTemplate:
             "eos_token": self.eos_token,
         }
         content_chars = sum(len(m["content"]) for m in msgs)
-        limit = MAX_OUTPUT_BASE + MAX_OUTPUT_PER_CONTENT * content_chars
-        token = _budget.set(_Budget(MAX_ITERATIONS, MAX_SECONDS))
-        chunks: list[str] = []
-        size = 0
-        try:
-            for chunk in self._template.generate(context):
-                size += len(chunk)
-                if size > limit:
-                    raise ChatTemplateError(
-                        f"chat template output exceeds {limit} characters"
-                    )
-                chunks.append(chunk)
-                _spend()
-        except ChatTemplateError:
-            raise
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateError(f"chat template ({self.origin}) failed: {exc}") from exc
-        except RecursionError as exc:
-            raise ChatTemplateError(f"chat template ({self.origin}) recursed too deeply") from exc
-        except Exception as exc:  # the template's own bug (a TypeError, ...): the same for users
-            raise ChatTemplateError(
-                f"chat template ({self.origin}) failed: {type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            _budget.reset(token)
-        return _merge(protector.segments("".join(chunks)))
+        rendered = template_worker.shared_worker(MAX_MEMORY_MB).render(
+            self.source, context,
+            output_limit=MAX_OUTPUT_BASE + MAX_OUTPUT_PER_CONTENT * content_chars,
+            origin=self.origin, deadline_seconds=MAX_SECONDS,
+        )
+        return _merge(protector.segments(rendered))
