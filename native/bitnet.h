@@ -55,9 +55,18 @@ typedef struct {
     uint64_t file_size;
 } bn_hparams;
 
-/* Load a GGUF v3 BitNet b1.58 file with mmap. Returns NULL on error (message in err). */
+/* Load a GGUF v3 BitNet b1.58 file with mmap. Returns NULL on error (message in err).
+ * While the model is loaded, a change of the file in place that makes a read of the mapping
+ * fail (SIGBUS) ends the process with one line naming the file, written to standard error and
+ * to the bn_set_fatal_log descriptor, and exit status BN_MAPGUARD_EXIT. */
 bn_model *bn_model_load(const char *path, char *err, size_t errlen);
 void bn_model_free(bn_model *m);
+
+enum { BN_MAPGUARD_EXIT = 75 }; /* EX_TEMPFAIL: a service manager restarts the daemon */
+
+/* One more descriptor for that last line (a log file, or a datagram socket connected to
+ * syslog), each line starting with `prefix` (e.g. "<26>bitnetd[42]: "); -1: none. */
+void bn_set_fatal_log(int fd, const char *prefix);
 void bn_model_hparams(const bn_model *m, bn_hparams *out);
 
 /* ---- metadata (values point into the mapping; valid until bn_model_free) ---- */

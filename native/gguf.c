@@ -10,6 +10,7 @@
 
 #include "error.h"
 #include "gguf.h"
+#include "mapguard.h"
 #include "model.h"
 
 #include <errno.h>
@@ -682,6 +683,7 @@ bn_gguf *bn_gguf_open(const char *path, char *err, size_t errlen)
         bn_gguf_close(g);
         return NULL;
     }
+    bn_mapguard_add(g->base, (size_t)g->size, path);
     return g;
 }
 
@@ -690,8 +692,10 @@ void bn_gguf_close(bn_gguf *g)
     if (!g)
         return;
     gguf_free_parsed(g);
-    if (g->base)
+    if (g->base) {
+        bn_mapguard_remove(g->base);
         munmap((void *)g->base, (size_t)g->size);
+    }
     free(g);
 }
 

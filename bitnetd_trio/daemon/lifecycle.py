@@ -176,6 +176,7 @@ class Daemon:
         # Imported after the fork: importing it starts nothing, but it loads numpy and the engine.
         from bitnetd_trio.api.asgi import create_app
 
+        self._hand_fatal_log_to_engine()
         self.app = create_app(self.config)
         binds = [li.hypercorn_bind() for li in self.listeners]
         hc = self.hypercorn_config(binds)
@@ -381,10 +382,19 @@ class Daemon:
         for handler in self.logs.handlers:
             handler.setLevel(level)
 
+    def _hand_fatal_log_to_engine(self) -> None:
+        """The engine's map guard writes its one line from a signal handler: give it the log
+        file's or syslog's descriptor (they change when logs are reopened)."""
+        from bitnetd_trio.engine.model_file import set_fatal_log
+
+        target = self.logs.fatal_log_target() if self.logs is not None else None
+        set_fatal_log(*(target or (-1, "")))
+
     def reopen_logs(self) -> None:
         if self.logs is None:
             return
         errors = self.logs.reopen()
+        self._hand_fatal_log_to_engine()
         for message in errors:
             log.error("SIGUSR1: %s", message)
         if not errors:

@@ -384,6 +384,18 @@ class LogSetup:
                 errors.append(f"cannot reopen {target}: {exc.strerror or exc}")
         return errors
 
+    def fatal_log_target(self) -> tuple[int, str] | None:
+        """A descriptor (log file or syslog socket) and line prefix for a last message written
+        from a signal handler, where the logging module cannot run; None when stderr is all."""
+        pid = os.getpid()
+        for handler in self.handlers:
+            if isinstance(handler, ReopenableFileHandler) and handler.stream:
+                return handler.stream.fileno(), f"bitnetd[{pid}] CRITICAL: "
+            if isinstance(handler, ReconnectingSysLogHandler) and handler.socket:
+                priority = handler.encodePriority(handler.facility, "critical")
+                return handler.socket.fileno(), f"<{priority}>bitnetd[{pid}]: "
+        return None
+
     def chown_files(self, uid: int, gid: int) -> None:
         """Hand log files to the unprivileged user before a privilege drop (so reopen works)."""
         for handler in self.handlers:

@@ -44,6 +44,7 @@ from bitnetd_trio.engine.jobs import (
     Update,
     queue_has_room,
 )
+from bitnetd_trio.engine.model_file import ModelFileWatch, exit_model_file_changed
 from bitnetd_trio.engine.sampling import Sampler
 from bitnetd_trio.engine.sampling import logprobs as compute_logprobs
 from bitnetd_trio.engine.scheduler import EngineHooks, Scheduler, final_update
@@ -115,6 +116,7 @@ class InferenceThread:
         self._steps = 0  # loop iterations done (read by heartbeat)
         # thread-only state
         self._model: Any = None
+        self._file_watch: ModelFileWatch | None = None  # made by _load
         self._ctx: Any = None
         self._scheduler: Scheduler | None = None
         self._outbox: list[Update] = []  # results of the last steps, not yet delivered
@@ -281,6 +283,7 @@ class InferenceThread:
         """Load the model, make the context, tokenizer, chat template and scheduler."""
         s = self.settings
         t0 = time.monotonic()
+        self._file_watch = ModelFileWatch(s.model_path)
         model = engine.Model.load(s.model_path)
         self._model = model
         hp = model.hparams
@@ -420,6 +423,10 @@ class InferenceThread:
         plan = scheduler.plan_step(updates)
         if plan is None:
             return
+        watch = self._file_watch
+        changed = watch.changed_in_place() if watch is not None else None
+        if changed is not None:  # the next forward would read a mix of two files
+            exit_model_file_changed(self.settings.model_path, changed)
         if not self._flush():
             self._trio_gone = True
             return
