@@ -1,4 +1,4 @@
-"""The GGUF writer produces the official BitNet b1.58 layout (spec sections 1-4, 8)."""
+"""The GGUF writer produces the official BitNet b1.58 layout (model-format §1-§4, §8)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ U32, I32, F32V, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
 
 
 def official_keys(arch: str = "bitnet-b1.58") -> dict[str, int]:
-    """The 24 keys of spec section 2 with their GGUF value types."""
+    """The 24 keys of model-format §2.2 with their GGUF value types."""
     a = arch
     return {
         "general.architecture": STRING, "general.name": STRING,

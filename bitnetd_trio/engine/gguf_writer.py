@@ -1,7 +1,7 @@
 """The project's one GGUF writer: BitNet b1.58 models in the official I2_S layout.
 
 Tests, benchmarks and the demo model all come from here. The layout (24 metadata keys, tensor
-names, shapes and types, I2_S packing) follows shared/spec/bitnet-gguf.md sections 1-4 and 8.
+names, shapes and types, I2_S packing) follows model-format §1-§4 and §8.
 Weights are random but deterministic per (seed, tensor name); `random_weights` returns exactly
 what `write_model` writes, so an independent reference forward pass can use the same numbers.
 """
@@ -35,7 +35,7 @@ GGML_TYPE_F16 = 1
 GGML_TYPE_I2_S = 36
 FILE_TYPE_MOSTLY_I2_S = 40
 
-#: The Llama-3 pre-tokenizer split pattern (spec section 6).
+#: The Llama-3 pre-tokenizer split pattern (model-format §6.2).
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -399,7 +399,7 @@ class TensorSpec:
 
 
 def tensor_layout(shape: ModelShape, *, tie_head: bool = True) -> list[TensorSpec]:
-    """Tensor names, numpy shapes and types of the official layout (spec section 3)."""
+    """Tensor names, numpy shapes and types of the official layout (model-format §3)."""
     e, f, kv = shape.n_embd, shape.n_ff, shape.kv_dim
     specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), GGML_TYPE_F16)]
     for i in range(shape.n_layer):
