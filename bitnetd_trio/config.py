@@ -15,20 +15,27 @@ its directory to / when it detaches).
 from __future__ import annotations
 
 import configparser
-import grp
-import ipaddress
-import logging
-import math
 import os
-import pwd
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bitnetd_trio import config_values as v
+from bitnetd_trio.config_values import (
+    LOG_LEVELS,
+    NOTICE,
+    log_level_name,
+    parse_duration,
+    parse_listen,
+    parse_size,
+    read_api_key_file,
+    split_listen_address,
+)
+
 __all__ = [
     "LOG_LEVELS",
+    "NOTICE",
     "Config",
     "ConfigError",
     "DaemonConfig",
@@ -59,28 +66,6 @@ class ConfigError(Exception):
             lines = "\n".join(f"  {p}" for p in self.problems)
             text = f"{len(self.problems)} configuration errors{where}:\n{lines}"
         super().__init__(text)
-
-# Syslog-style level names of the C daemon -> Python logging levels. NOTICE sits between INFO and
-# WARNING as in syslog; the daemon registers the name with logging.addLevelName.
-NOTICE = 25
-LOG_LEVELS: dict[str, int] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "notice": NOTICE,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
-}
-_LOG_LEVEL_ALIASES = {"warn": "warning", "err": "error", "crit": "critical"}
-
-
-def log_level_name(raw: str) -> str:
-    """The canonical name of a log level (syslog short names accepted); ValueError otherwise."""
-    name = raw.strip().lower()
-    name = _LOG_LEVEL_ALIASES.get(name, name)
-    if name not in LOG_LEVELS:
-        raise ValueError(f"{raw!r} is not a log level ({', '.join(LOG_LEVELS)})")
-    return name
 
 
 @dataclass(frozen=True)
@@ -151,302 +136,6 @@ class Config:
     source_path: Path | None = None  # the file read, if any
 
 
-# ---- value parsers -------------------------------------------------------------------------
-# Each takes the raw string (already stripped, non-empty) and a base directory for relative
-# paths, and returns the value or raises ValueError with a message that follows "section.key: ".
-
-_INT_RE = re.compile(r"[+-]?[0-9]+")
-
-
-def _int_in(lo: int, hi: int) -> Callable[[str, Path], int]:
-    def parse(raw: str, _base: Path) -> int:
-        if not _INT_RE.fullmatch(raw):
-            raise ValueError(f"{raw!r} is not an integer")
-        value = int(raw)
-        if not lo <= value <= hi:
-            raise ValueError(f"{value} is out of range ({lo}..{hi})")
-        return value
-
-    return parse
-
-
-def _float_in(lo: float, hi: float) -> Callable[[str, Path], float]:
-    def parse(raw: str, _base: Path) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{raw!r} is not a number") from None
-        if not math.isfinite(value):
-            raise ValueError(f"{raw!r} is not a finite number")
-        if not lo <= value <= hi:
-            raise ValueError(f"{raw} is out of range ({lo:g}..{hi:g})")
-        return value
-
-    return parse
-
-
-_BOOLEANS = {"1": True, "yes": True, "true": True, "on": True,
-             "0": False, "no": False, "false": False, "off": False}
-
-
-def _boolean(raw: str, _base: Path) -> bool:
-    try:
-        return _BOOLEANS[raw.lower()]
-    except KeyError:
-        raise ValueError(f"{raw!r} is not a boolean (use true/false, yes/no, on/off, 1/0)") from None
-
-
-_SIZE_RE = re.compile(r"([0-9]+)\s*(?:([kKmMgG])(?:i?[bB])?|[bB])?")
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(raw: str) -> int:
-    """Bytes from '1048576', '512k', '4M', '1GiB' (binary multiples, as nginx does)."""
-    m = _SIZE_RE.fullmatch(raw.strip())
-    if not m:
-        raise ValueError(f"{raw!r} is not a size (bytes, or a number with k, M or G)")
-    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
-
-
-def _size_in(lo: int, hi: int) -> Callable[[str, Path], int]:
-    def parse(raw: str, _base: Path) -> int:
-        value = parse_size(raw)
-        if not lo <= value <= hi:
-            raise ValueError(f"{raw} is out of range ({lo}..{hi} bytes)")
-        return value
-
-    return parse
-
-
-_DURATION_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h)?")
-_DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(raw: str) -> float:
-    """Seconds from '30', '2.5', '500ms', '30s', '10m', '1h'."""
-    m = _DURATION_RE.fullmatch(raw.strip())
-    if not m:
-        raise ValueError(f"{raw!r} is not a duration (seconds, or a number with ms, s, m or h)")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-
-def _duration_in(lo: float, hi: float) -> Callable[[str, Path], float]:
-    def parse(raw: str, _base: Path) -> float:
-        value = parse_duration(raw)
-        if not lo <= value <= hi:
-            raise ValueError(f"{raw} is out of range ({lo:g}..{hi:g} seconds)")
-        return value
-
-    return parse
-
-
-def _text(raw: str, _base: Path) -> str:
-    if any(ord(c) < 32 for c in raw):
-        raise ValueError("contains control characters")
-    return raw
-
-
-def _resolve(raw: str, base: Path) -> Path:
-    p = Path(os.path.expanduser(raw))
-    return p if p.is_absolute() else (base / p)
-
-
-def _existing_file(raw: str, base: Path) -> str:
-    p = _resolve(raw, base)
-    if not p.exists():
-        raise ValueError(f"'{p}' does not exist")
-    if not p.is_file():
-        raise ValueError(f"'{p}' is not a regular file")
-    return str(p)
-
-
-def _creatable_path(raw: str, base: Path) -> str:
-    """A file the daemon will create: its directory must exist."""
-    p = _resolve(raw, base)
-    if p.is_dir():
-        raise ValueError(f"'{p}' is a directory")
-    if not p.parent.is_dir():
-        raise ValueError(f"directory '{p.parent}' does not exist")
-    return str(p)
-
-
-def _digits(text: str) -> bool:
-    """ASCII digits only (str.isdigit also accepts '²' and other scripts' digits)."""
-    return bool(re.fullmatch(r"[0-9]+", text))
-
-
-def _user(raw: str, _base: Path) -> str:
-    try:
-        if _digits(raw):
-            pwd.getpwuid(int(raw))
-        else:
-            pwd.getpwnam(raw)
-    except KeyError:
-        raise ValueError(f"no such user {raw!r}") from None
-    return raw
-
-
-def _group(raw: str, _base: Path) -> str:
-    try:
-        if _digits(raw):
-            grp.getgrgid(int(raw))
-        else:
-            grp.getgrnam(raw)
-    except KeyError:
-        raise ValueError(f"no such group {raw!r}") from None
-    return raw
-
-
-def _owner(raw: str, base: Path) -> str:
-    user, _, group = raw.partition(":")
-    if not user:
-        raise ValueError(f"{raw!r} is not 'user' or 'user:group'")
-    _user(user, base)
-    if group:
-        _group(group, base)
-    return raw
-
-
-def _loglevel(raw: str, _base: Path) -> str:
-    return log_level_name(raw)
-
-
-def _octal_mode(raw: str, _base: Path) -> int:
-    digits = raw[2:] if raw.lower().startswith("0o") else raw
-    if not re.fullmatch(r"[0-7]{1,4}", digits):
-        raise ValueError(f"{raw!r} is not an octal file mode such as 0660")
-    value = int(digits, 8)
-    if value > 0o777:
-        raise ValueError(f"{raw!r} is out of range (0000..0777)")
-    return value
-
-
-def _port(text: str, addr: str) -> int:
-    if not _digits(text):
-        raise ValueError(f"{addr!r}: port {text!r} is not a number")
-    port = int(text)
-    if port > 65535:
-        raise ValueError(f"{addr!r}: port {port} is out of range (0..65535)")
-    return port
-
-
-_HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*")
-
-
-def split_listen_address(item: str) -> tuple[str, int]:
-    """One 'host:port', '[v6]:port' or '*:port' address -> (host, port), raising ValueError.
-
-    The host comes back without brackets, `*` as 0.0.0.0, IP addresses in canonical form.
-    """
-    item = item.strip()
-    if item.startswith("unix:"):
-        raise ValueError(f"{item!r}: use [server] unix_socket for a unix socket")
-    if item.startswith("["):
-        host, sep, port = item[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{item!r} is not '[ipv6]:port'")
-        try:
-            addr = ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{item!r}: {host!r} is not an IPv6 address") from None
-        return addr.compressed, _port(port, item)
-    if item.count(":") > 1:
-        raise ValueError(f"{item!r}: write IPv6 addresses in brackets, e.g. [::1]:8080")
-    host, sep, port = item.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{item!r} is not 'host:port'")
-    if host == "*":
-        host = "0.0.0.0"
-    if re.fullmatch(r"[0-9.]+", host):
-        try:
-            host = str(ipaddress.IPv4Address(host))
-        except ValueError:
-            raise ValueError(f"{item!r}: {host!r} is not an IPv4 address") from None
-    elif not _HOSTNAME_RE.fullmatch(host):
-        raise ValueError(f"{item!r}: {host!r} is not a host name or address")
-    return host, _port(port, item)
-
-
-def parse_listen(raw: str) -> list[str]:
-    """Comma-separated 'host:port' / '[v6]:port' addresses -> normalized list (raises ValueError)."""
-    out: list[str] = []
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        host, port = split_listen_address(item)
-        out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-    seen: set[str] = set()
-    for addr in out:
-        if addr in seen:
-            raise ValueError(f"{addr!r} is listed twice")
-        seen.add(addr)
-    return out
-
-
-def _listen(raw: str, _base: Path) -> list[str]:
-    return parse_listen(raw)
-
-
-def _api_key_problem(key: str) -> str | None:
-    # Never echo a key in a message: it is a secret that would end in logs.
-    if any(c.isspace() or ord(c) < 33 or ord(c) > 126 for c in key):
-        return "contains whitespace, control or non-ASCII characters"
-    return None
-
-
-def _api_keys(raw: str, _base: Path) -> list[str]:
-    keys = [k.strip() for k in raw.split(",") if k.strip()]
-    for i, key in enumerate(keys, 1):
-        problem = _api_key_problem(key)
-        if problem:
-            raise ValueError(f"key #{i} {problem}")
-    return keys
-
-
-def read_api_key_file(path: str) -> list[str]:
-    """One key per line; blank lines and lines starting with '#' are ignored."""
-    keys: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            key = line.strip()
-            if not key or key.startswith("#"):
-                continue
-            problem = _api_key_problem(key)
-            if problem:
-                raise ValueError(f"'{path}' line {lineno}: the key {problem}")
-            keys.append(key)
-    return keys
-
-
-def _check_jinja(text: str, where: str) -> str:
-    """Syntax errors of a template surface at start-up (and in `bitnetd -t`), not per request."""
-    import jinja2
-    import jinja2.sandbox
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
-    try:
-        env.parse(text)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"{where}Jinja syntax error on line {e.lineno}: {e.message}") from None
-    return text
-
-
-def _chat_template(raw: str, base: Path) -> str:
-    """Inline Jinja (contains '{{' or '{%') or the path of a file holding the template."""
-    if "{{" in raw or "{%" in raw:
-        return _check_jinja(raw, "")
-    path = _existing_file(raw, base)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"'{path}' is not UTF-8 text") from None
-    except OSError as e:
-        raise ValueError(f"cannot read '{path}': {e.strerror}") from None
-    if not text.strip():
-        raise ValueError(f"'{path}' is empty")
-    return _check_jinja(text, f"'{path}': ")
-
-
 # ---- the schema: (section, key) -> (dataclass attribute, parser) -----------------------------
 # Empty values keep the default, except where _EMPTY says otherwise.
 
@@ -454,48 +143,48 @@ _Parser = Callable[[str, Path], Any]
 
 _SCHEMA: dict[str, dict[str, tuple[str, _Parser]]] = {
     "daemon": {
-        "user": ("user", _user),
-        "group": ("group", _group),
-        "pidfile": ("pidfile", _creatable_path),
-        "logfile": ("logfile", _creatable_path),
-        "loglevel": ("loglevel", _loglevel),
+        "user": ("user", v.existing_user),
+        "group": ("group", v.existing_group),
+        "pidfile": ("pidfile", v.creatable_path),
+        "logfile": ("logfile", v.creatable_path),
+        "loglevel": ("loglevel", v.loglevel),
     },
     "model": {
-        "path": ("path", _existing_file),
-        "alias": ("alias", _text),
-        "threads": ("threads", _int_in(1, 1024)),
-        "ctx_size": ("ctx_size", _int_in(0, 1 << 24)),
-        "parallel": ("parallel", _int_in(1, 256)),
-        "temperature": ("temperature", _float_in(0.0, 2.0)),
-        "top_k": ("top_k", _int_in(0, 1 << 24)),
-        "top_p": ("top_p", _float_in(0.0, 1.0)),
-        "min_p": ("min_p", _float_in(0.0, 1.0)),
-        "chat_template": ("chat_template", _chat_template),
-        "max_tokens": ("max_tokens_default", _int_in(1, 1 << 24)),
+        "path": ("path", v.existing_file),
+        "alias": ("alias", v.plain_text),
+        "threads": ("threads", v.int_in(1, 1024)),
+        "ctx_size": ("ctx_size", v.int_in(0, 1 << 24)),
+        "parallel": ("parallel", v.int_in(1, 256)),
+        "temperature": ("temperature", v.float_in(0.0, 2.0)),
+        "top_k": ("top_k", v.int_in(0, 1 << 24)),
+        "top_p": ("top_p", v.float_in(0.0, 1.0)),
+        "min_p": ("min_p", v.float_in(0.0, 1.0)),
+        "chat_template": ("chat_template", v.chat_template),
+        "max_tokens": ("max_tokens_default", v.int_in(1, 1 << 24)),
     },
     "server": {
-        "listen": ("listen", _listen),
-        "unix_socket": ("unix_socket", _creatable_path),
-        "unix_socket_mode": ("unix_socket_mode", _octal_mode),
-        "unix_socket_owner": ("unix_socket_owner", _owner),
-        "max_connections": ("max_connections", _int_in(1, 1_000_000)),
-        "max_open_connections": ("max_open_connections", _int_in(1, 1_000_000)),
-        "header_timeout": ("header_timeout", _duration_in(0.1, 3600.0)),
-        "body_timeout": ("body_timeout", _duration_in(0.1, 86400.0)),
-        "request_timeout": ("request_timeout", _duration_in(0.0, 7 * 86400.0)),
-        "max_body_size": ("max_body_size", _size_in(1024, 1 << 30)),
-        "backlog": ("backlog", _int_in(1, 65535)),
-        "max_queue": ("max_queue", _int_in(0, 1_000_000)),
-        "drain_timeout": ("drain_timeout", _duration_in(0.0, 86400.0)),
-        "api_keys": ("api_keys", _api_keys),
-        "api_key_file": ("api_key_file", _existing_file),
+        "listen": ("listen", v.listen),
+        "unix_socket": ("unix_socket", v.creatable_path),
+        "unix_socket_mode": ("unix_socket_mode", v.octal_mode),
+        "unix_socket_owner": ("unix_socket_owner", v.owner),
+        "max_connections": ("max_connections", v.int_in(1, 1_000_000)),
+        "max_open_connections": ("max_open_connections", v.int_in(1, 1_000_000)),
+        "header_timeout": ("header_timeout", v.duration_in(0.1, 3600.0)),
+        "body_timeout": ("body_timeout", v.duration_in(0.1, 86400.0)),
+        "request_timeout": ("request_timeout", v.duration_in(0.0, 7 * 86400.0)),
+        "max_body_size": ("max_body_size", v.size_in(1024, 1 << 30)),
+        "backlog": ("backlog", v.int_in(1, 65535)),
+        "max_queue": ("max_queue", v.int_in(0, 1_000_000)),
+        "drain_timeout": ("drain_timeout", v.duration_in(0.0, 86400.0)),
+        "api_keys": ("api_keys", v.api_keys),
+        "api_key_file": ("api_key_file", v.existing_file),
     },
     "security": {
-        "rate_limit": ("rate_limit", _float_in(0.0, 1e6)),
+        "rate_limit": ("rate_limit", v.float_in(0.0, 1e6)),
     },
     "metrics": {
-        "enabled": ("enabled", _boolean),
-        "require_api_key": ("require_api_key", _boolean),
+        "enabled": ("enabled", v.boolean),
+        "require_api_key": ("require_api_key", v.boolean),
     },
 }
 

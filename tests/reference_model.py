@@ -1,7 +1,7 @@
 """An independent numpy reference of the BitNet b1.58 forward pass.
 
-Written from shared/spec/bitnet-gguf.md only (sections 1, 4 and 5), not from any engine code:
-its own GGUF reader (a plain struct walk), its own I2_S decoder, and the forward pass step by
+Written from docs/spec/model-format.md only (model-format §1, §4 and §5), not from any engine
+code: its own GGUF reader (a plain struct walk), its own I2_S decoder, and the forward pass step by
 step as the spec lists it.
 
 Precision: activations are float32 wherever the spec says F32 (so that the int8 activation
@@ -111,7 +111,7 @@ class _Cursor:
 
 
 def read_gguf(path: str | Path, *, check_sizes: bool = True) -> GGUFFile:
-    """Parse a GGUF v3 file (spec section 1), including type-36 (I2_S) tensors.
+    """Parse a GGUF v3 file (model-format §1), including type-36 (I2_S) tensors.
     check_sizes=False skips the per-tensor bounds check (for deliberately odd files)."""
     raw = Path(path).read_bytes()
     cur = _Cursor(raw)
@@ -150,7 +150,7 @@ def read_gguf(path: str | Path, *, check_sizes: bool = True) -> GGUFFile:
 
 
 def decode_i2s(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.float32]:
-    """I2_S bytes -> (ternary int8 (rows, cols), scale), per spec section 4: element j of a
+    """I2_S bytes -> (ternary int8 (rows, cols), scale), per model-format §4: element j of a
     128-element block sits in byte j mod 32 at shift 6 - 2*(j div 32); code c -> c - 1."""
     n = rows * cols
     codes = np.frombuffer(data, dtype=np.uint8, count=n // 4).reshape(n // 128, 32)

@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from bitnetd_trio.engine import gguf_writer as gw
+from bitnetd_trio.engine import vocab as vocabs
 from bitnetd_trio.engine.chat import ChatTemplate, ChatTemplateError, is_placeholder_template
 from bitnetd_trio.engine.tokenizer import Tokenizer
 
@@ -32,7 +33,7 @@ LLAMA3_STYLE = (
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     return Tokenizer(v.tokens, v.merges, v.token_types, bos_id=v.bos_id, eos_id=v.eos_id)
 
 

@@ -1,7 +1,7 @@
 """Malformed GGUF files must be refused with a ModelLoadError that says what is wrong.
 
 A valid small model is written with gguf_writer; a small struct-based walk of its header
-(independent of the C reader) locates every field of spec section 1, and each field is then
+(independent of the C reader) locates every field of model-format §1, and each field is then
 corrupted in turn: absurd counts and lengths, unknown types, zero and huge dimensions, offsets
 past the end or unaligned, duplicate names, truncation at every header field and in the data.
 Files the writer can express directly (missing keys, wrong hyper-parameters, wrong tensor
@@ -87,7 +87,7 @@ class Header:
 
 
 def walk_header(data: bytes) -> Header:
-    """Locate every field of a valid GGUF v3 file (spec section 1)."""
+    """Locate every field of a valid GGUF v3 file (model-format §1)."""
     assert data[:4] == b"GGUF" and struct.unpack_from("<I", data, 4)[0] == 3
     n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
     pos = 24

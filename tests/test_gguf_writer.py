@@ -1,4 +1,4 @@
-"""The GGUF writer produces the official BitNet b1.58 layout (spec sections 1-4, 8)."""
+"""The GGUF writer produces the official BitNet b1.58 layout (model-format §1-§4, §8)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import pytest
 from reference_model import F16, F32, I2_S, decode_i2s, read_gguf
 
 from bitnetd_trio.engine import gguf_writer as gw
+from bitnetd_trio.engine import vocab as vocabs
 
 U32, I32, F32V, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
 
 
 def official_keys(arch: str = "bitnet-b1.58") -> dict[str, int]:
-    """The 24 keys of spec section 2 with their GGUF value types."""
+    """The 24 keys of model-format §2.2 with their GGUF value types."""
     a = arch
     return {
         "general.architecture": STRING, "general.name": STRING,
@@ -64,7 +65,7 @@ def test_gguf_package_reads_the_metadata(tmp_path: Path) -> None:
     assert {k: int(v.types[0]) for k, v in fields.items()} == official_keys()
     assert [int(t) for t in fields["tokenizer.ggml.tokens"].types] == [T.ARRAY, T.STRING]
     assert [int(t) for t in fields["tokenizer.ggml.token_type"].types] == [T.ARRAY, T.INT32]
-    assert fields["tokenizer.ggml.bos_token_id"].contents() == gw.tiny_vocab().bos_id
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == vocabs.tiny_vocab().bos_id
     assert fields["general.architecture"].contents() == "bitnet-b1.58"
     names = {t.name for t in reader.tensors}
     assert "token_embd.weight" in names and "blk.1.ffn_sub_norm.weight" in names
@@ -170,7 +171,7 @@ def test_tiny_vocabulary_is_a_real_bpe_vocabulary(tiny_model_path: Path) -> None
     assert md["bitnet-b1.58.vocab_size"] == len(tokens)
     assert 200 <= len(merges) and all(m.replace(" ", "", 1) in tokens for m in merges)
     byte_tokens = set(tokens[:256])
-    assert byte_tokens == set(gw.byte_to_unicode().values())
+    assert byte_tokens == set(vocabs.byte_to_unicode().values())
     assert tokens[:3] == ["!", '"', "#"]
     vocab = {t: i for i, t in enumerate(tokens)}
     bos, eos = md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]
@@ -237,7 +238,7 @@ def test_cli_writes_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def test_llama3_vocabulary() -> None:
     pytest.importorskip("llama_models")
-    v = gw.llama3_vocab()
+    v = vocabs.llama3_vocab()
     assert len(v.tokens) == 128256 and len(v.merges) == 280147
     assert v.tokens[128000] == "<|begin_of_text|>" and v.tokens[128009] == "<|eot_id|>"
     assert v.token_types[127999] == 1 and set(v.token_types[128000:]) == {3}
@@ -248,13 +249,13 @@ def test_tiny_vocabulary_builds_a_working_tokenizer() -> None:
     # The recipe of shared/notes/python-stack.md, applied to the tiny vocabulary's lists.
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     normal = {t: i for i, t in enumerate(v.tokens) if v.token_types[i] == 1}
     bpe = models.BPE(vocab=normal, merges=[tuple(m.split(" ", 1)) for m in v.merges],
                      ignore_merges=True)
     tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(gw.LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(vocabs.LLAMA3_SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     for text in ("Hello, world! The quick brown fox.", "café 日本語 🙂\n\nend", "x" * 50):

@@ -1,4 +1,4 @@
-"""BitLinear kernels: the numpy formula of spec section 5, and scalar == SIMD bit for bit.
+"""BitLinear kernels: the numpy formula of model-format §5.4, and scalar == SIMD bit for bit.
 
 Every kernel set must give identical results (the ternary dot products are exact int32, the
 epilogue one scalar expression), whatever the thread count or the number of tokens.

@@ -1,4 +1,4 @@
-"""The engine computes the model of spec section 5: its logits match an independent numpy
+"""The engine computes the model of model-format §5: its logits match an independent numpy
 reference (tests/reference_model.py) at every position.
 
 Error measure: for each position, max_i |engine_i - ref_i| / max_i |ref_i| (a relative

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from bitnetd_trio.engine import gguf_writer as gw
+from bitnetd_trio.engine import vocab as vocabs
 from bitnetd_trio.engine.tokenizer import Tokenizer, TokenizerError, byte_to_unicode
 
-LLAMA3_PATTERN = gw.LLAMA3_SPLIT_PATTERN
+LLAMA3_PATTERN = vocabs.LLAMA3_SPLIT_PATTERN
 
 
-def metadata_of(vocab: gw.Vocab) -> dict:
+def metadata_of(vocab: vocabs.Vocab) -> dict:
     """The tokenizer.* keys as the GGUF writer stores them."""
     return {
         "tokenizer.ggml.model": "gpt2",
@@ -28,12 +29,12 @@ def metadata_of(vocab: gw.Vocab) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny() -> Tokenizer:
-    return Tokenizer.from_metadata(metadata_of(gw.tiny_vocab()).get)
+    return Tokenizer.from_metadata(metadata_of(vocabs.tiny_vocab()).get)
 
 
-def _llama3_vocab() -> gw.Vocab:
+def _llama3_vocab() -> vocabs.Vocab:
     try:
-        return gw.llama3_vocab()
+        return vocabs.llama3_vocab()
     except RuntimeError as exc:  # the llama-models package (the real ranks) is not installed
         pytest.skip(str(exc))
 
@@ -49,9 +50,11 @@ def tiktoken_llama3():
     from tiktoken.load import load_tiktoken_bpe
 
     _llama3_vocab()
-    path = gw._llama3_tokenizer_model()
+    path = vocabs._llama3_tokenizer_model()
     ranks = load_tiktoken_bpe(str(path))
-    specials = {t: gw.LLAMA3_N_BASE + i for i, t in enumerate(gw.llama3_special_tokens())}
+    specials = {
+        t: vocabs.LLAMA3_N_BASE + i for i, t in enumerate(vocabs.llama3_special_tokens())
+    }
     return tiktoken.Encoding(
         "llama3-test", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials
     )
@@ -97,7 +100,7 @@ def test_merges_are_used(tiny):
 
 
 def test_bos_and_ids(tiny, llama3):
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     assert (tiny.bos_id, tiny.eos_id, tiny.eot_id) == (v.bos_id, v.eos_id, v.eot_id)
     assert (llama3.bos_id, llama3.eos_id, llama3.eot_id) == (128000, 128001, 128009)
     assert llama3.n_vocab == 128256
@@ -112,7 +115,7 @@ def test_stop_ids(llama3, tiny):
 
 
 def test_stop_ids_include_eom_when_present():
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     tokens = list(v.tokens)
     tokens[v.bos_id + 2] = "<|eom_id|>"  # a reserved control slot renamed, as Llama 3.1 did
     tok = Tokenizer(tokens, v.merges, v.token_types, bos_id=v.bos_id, eos_id=v.eos_id)
@@ -142,7 +145,7 @@ def test_control_tokens_in_content_stay_text(llama3, tiny):
 def test_punctuation_only_control_token_is_never_produced_by_bpe():
     # "<||>" is one pre-token under the Llama-3 pattern; as a control token it must still
     # come out of plain text as ordinary tokens.
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     tokens = list(v.tokens)
     tokens[v.bos_id + 2] = "<||>"
     tok = Tokenizer(tokens, v.merges, v.token_types, bos_id=v.bos_id, eos_id=v.eos_id)
@@ -271,7 +274,7 @@ def test_ids_match_tiktoken_on_the_tiny_ranks(tiny):
     # The same comparison on the test vocabulary (needs no extra package): its tokens are
     # ranked by id, in the order their merges were learnt.
     tiktoken = pytest.importorskip("tiktoken")
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     ranks: dict[bytes, int] = {}
     for i, (t, ty) in enumerate(zip(v.tokens, v.token_types)):
         if ty == 1 and not t.startswith("<|unused_"):
@@ -294,7 +297,7 @@ def test_special_parsing_matches_tiktoken(llama3, tiktoken_llama3):
 
 
 def test_malformed_merges_and_duplicate_tokens_are_tolerated():
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     tokens = list(v.tokens)
     dup_of = tokens[300]
     tokens[400] = dup_of  # a duplicate string: the first id wins
@@ -306,7 +309,7 @@ def test_malformed_merges_and_duplicate_tokens_are_tolerated():
 
 
 def test_non_byte_level_token_strings_keep_their_utf8():
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     tokens = list(v.tokens)
     tokens[450] = "✓ok"  # not in the byte alphabet
     tok = Tokenizer(tokens, v.merges, v.token_types, bos_id=v.bos_id, eos_id=v.eos_id)
@@ -315,7 +318,7 @@ def test_non_byte_level_token_strings_keep_their_utf8():
 
 
 def test_bad_vocabularies_are_rejected_clearly():
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     with pytest.raises(TokenizerError, match="byte tokens"):
         Tokenizer(["a", "b"], [], None)
     with pytest.raises(TokenizerError, match="token_type"):
@@ -334,7 +337,7 @@ def test_from_model_reads_a_written_file(tmp_path: Path):
         tok = Tokenizer.from_model(model)
     finally:
         model.close()
-    v = gw.tiny_vocab()
+    v = vocabs.tiny_vocab()
     assert tok.n_vocab == len(v.tokens)
     assert (tok.bos_id, tok.eos_id, tok.eot_id) == (v.bos_id, v.eos_id, v.eot_id)
     assert tok.decode(tok.encode("Hello, world!", add_bos=True, parse_special=False)) == (

@@ -118,12 +118,6 @@ class PidFile:
         os.close(self._fd)
         self._fd = None
 
-    def close_without_removing(self) -> None:
-        """Forget the file in a process that must not remove it (the parent after fork)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
     def __enter__(self) -> Self:
         self.acquire()
         return self

@@ -105,7 +105,24 @@ class HParams:
     file_size: int
 
 
-class Model:
+class _Closable:
+    """A native resource freed by close(): at the end of a with block, or at garbage collection."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
+
+
+class Model(_Closable):
     """A GGUF BitNet b1.58 model mapped into memory. Immutable; shared by its contexts."""
 
     def __init__(self, ptr: Any, path: Path) -> None:
@@ -206,16 +223,6 @@ class Model:
             lib.bn_model_free(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
-            self.close()
-
 
 class CancelFlag:
     """A cancellation flag in native memory (an atomic int): set it from any thread."""
@@ -246,7 +253,7 @@ class BatchEntry:
     cancel: CancelFlag | None = None
 
 
-class Context:
+class Context(_Closable):
     """Sequence slots with their KV caches, and a worker pool, over one Model."""
 
     def __init__(self, model: Model, n_slots: int, n_ctx: int, n_threads: int) -> None:
@@ -378,16 +385,6 @@ class Context:
             self._ptr = None
             self.model._users -= 1
             self.model._maybe_free()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
-            self.close()
 
 
 _select_lock = threading.Lock()

@@ -1,6 +1,6 @@
 """Sampling parameters and the Python face of the C sampler (native/sampler.c).
 
-The chain runs in C (spec section 7): logit bias, repetition / presence / frequency penalties,
+The chain runs in C (model-format §7): logit bias, repetition / presence / frequency penalties,
 then greedy (temperature 0) or top-k, top-p, min-p, temperature, softmax and a seeded draw.
 """
 
@@ -32,7 +32,7 @@ def _is_real(v: Any) -> bool:
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling settings; defaults are bitnet.cpp's (spec section 7)."""
+    """Per-request sampling settings; defaults are bitnet.cpp's (model-format §7)."""
 
     temperature: float = 0.8
     top_k: int = 40  # <= 0: off

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer built from a GGUF file's lists (spec section 6).
+"""Byte-level BPE tokenizer built from a GGUF file's lists (model-format §6).
 
 Encoding uses the `tokenizers` library: BPE over the GGUF token strings and merges with
 ignore_merges, the Llama-3 split pattern, byte-level mapping. Control tokens (token_type 3)

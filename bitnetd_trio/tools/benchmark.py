@@ -1,4 +1,4 @@
-"""bitnetd-bench: engine speed against the machine's memory-bandwidth limit (spec section 9).
+"""bitnetd-bench: engine speed against the machine's memory-bandwidth limit (model-format §9).
 
 Measures the read bandwidth of the machine, single-stream decode at 1 and N threads, aggregate
 decode for batches of several sequences, and prefill. The machine's speed drifts by tens of
