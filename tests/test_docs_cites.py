@@ -23,11 +23,6 @@ SECTION = "\u00a7"
 _TOKEN = re.compile(rf"\b({'|'.join(map(re.escape, DOCS))})\b|{SECTION}(\d+(?:\.\d+)*)")
 #: Older ways of naming the spec that the numbering no longer matches.
 _OLD_NAME = re.compile(rf"spec section|spec {SECTION}|spec/bitnet-gguf|shared/spec")
-#: Old-name lines in files being rewritten on another branch (harden-template renames this one
-#: to "model-format §6"); only these exact lines are let through.
-_PENDING_OLD_NAMES = {
-    "bitnetd_trio/engine/chat.py": "a prompt (spec section 6).",
-}
 
 
 def headings(text: str) -> set[str]:
@@ -49,7 +44,7 @@ def cites(text: str) -> list[tuple[int, str | None, str]]:
     return out
 
 
-def bad_cites(text: str, known: dict[str, set[str]], pending: str | None = None) -> list[str]:
+def bad_cites(text: str, known: dict[str, set[str]]) -> list[str]:
     """The cites of one file that do not resolve, as "line N: ..." descriptions."""
     problems = []
     for lineno, doc, section in cites(text):
@@ -58,7 +53,7 @@ def bad_cites(text: str, known: dict[str, set[str]], pending: str | None = None)
         elif section not in known[doc]:
             problems.append(f"line {lineno}: {doc} {SECTION}{section} is not a heading")
     for lineno, line in enumerate(text.splitlines(), 1):
-        if _OLD_NAME.search(line) and not (pending and pending in line):
+        if _OLD_NAME.search(line):
             problems.append(f"line {lineno}: old spec name: {line.strip()}")
     return problems
 
@@ -92,8 +87,7 @@ def test_every_cite_in_the_code_names_an_existing_heading(known):
         if path == Path(__file__).resolve():
             continue
         name = str(path.relative_to(REPO))
-        pending = _PENDING_OLD_NAMES.get(name)
-        problems += [f"{name} {p}" for p in bad_cites(path.read_text(), known, pending)]
+        problems += [f"{name} {p}" for p in bad_cites(path.read_text(), known)]
     assert not problems, "\n".join(problems)
 
 
