@@ -77,10 +77,10 @@ def test_chat_whole_body() -> None:
         "model": "m",
         "system_fingerprint": "bitnetd-trio-test-kernel",
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "logprobs": None,
+            {"index": 0, "message": {"role": "assistant", "content": "Hi", "refusal": None}, "logprobs": None,
              "finish_reason": "stop"},
             # cut short by a deadline or a drain: OpenAI's "length"
-            {"index": 1, "message": {"role": "assistant", "content": "Ho"}, "logprobs": None,
+            {"index": 1, "message": {"role": "assistant", "content": "Ho", "refusal": None}, "logprobs": None,
              "finish_reason": "length"},
         ],
         # the prompt counts once for both choices, so does its cache hit
@@ -101,7 +101,8 @@ def test_chat_logprobs_format() -> None:
                 {"token": "bytes:\\xe2", "logprob": -1.5, "bytes": [226]},
             ]},
             {"token": "bytes:\\xe2", "logprob": -2.0, "bytes": [226], "top_logprobs": []},
-        ]
+        ],
+        "refusal": None,  # required by OpenAI's schema beside content
     }
 
 
@@ -120,7 +121,7 @@ def test_chat_stream_sequence_with_usage() -> None:
     assert all(ch["object"] == "chat.completion.chunk" and ch["id"] == "chatcmpl-abc"
                and ch["created"] == 1700000000 for ch in chunks)
     assert [ch["choices"] for ch in chunks] == [
-        [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+        [{"index": 0, "delta": {"role": "assistant", "content": "", "refusal": None}, "logprobs": None,
           "finish_reason": None}],
         [{"index": 0, "delta": {"content": "He"}, "logprobs": None, "finish_reason": None}],
         # the final step's text comes before the finish chunk; an empty step sends nothing

@@ -98,7 +98,7 @@ async def test_chat_stream_shape(server: RunningServer) -> None:
     assert len({ch["id"] for ch in chunks}) == 1
     assert len({ch["created"] for ch in chunks}) == 1
     assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     usage_chunk, finish_chunk = chunks[-1], chunks[-2]
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 12
     assert finish_chunk["choices"][0]["delta"] == {}
@@ -267,7 +267,7 @@ async def test_tokenize_detokenize_apply_template(server: RunningServer) -> None
         ids = r.json()["tokens"]
         assert all(isinstance(i, int) for i in ids) and len(ids) >= 2
         r = await c.post("/detokenize", json={"tokens": ids[1:]})
-        assert r.json() == {"content": "hello world"}
+        assert r.json() == {"content": "hello world", "prompt": "hello world"}
         r = await c.post("/tokenize", json={"content": "hi", "with_pieces": True})
         pieces = r.json()["tokens"]
         assert "".join(p["piece"] for p in pieces) == "hi"

@@ -29,7 +29,7 @@ def test_chat_chunks_share_id_and_created() -> None:
     chunks = [c.role(0), c.content(0, "hi"), c.finish(0, "stop"), c.usage(usage_object(3, 2))]
     assert {ch["id"] for ch in chunks} == {"chatcmpl-1"}
     assert {ch["created"] for ch in chunks} == {123}
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
     assert chunks[1]["choices"][0]["delta"] == {"content": "hi"}
     assert chunks[2]["choices"][0]["delta"] == {}
     assert chunks[2]["choices"][0]["finish_reason"] == "stop"

@@ -107,7 +107,13 @@ class App:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
+        if kind == "http" and scope.get("http_version", "1.1") not in ("1.0", "1.1"):
+            # HTTP/1.1 only (http-api §0). bitnetd's server never switches protocols; this
+            # answers HTTP/2 when another server (plain `hypercorn`) runs the app.
+            await Responder(send).send_error(
+                ApiError.http_version_not_supported(scope["http_version"])
+            )
+        elif kind == "http":
             await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
@@ -274,6 +280,7 @@ class App:
             "/metrics": Route({"GET": ops.metrics}, metrics=True),
             "/tokenize": Route({"POST": ops.tokenize}),
             "/detokenize": Route({"POST": ops.detokenize}),
+            "/tokenizer_info": Route({"GET": ops.tokenizer_info}),
             "/apply-template": Route({"POST": ops.apply_template}),
             "/props": Route({"GET": ops.props}),
             "/slots": Route({"GET": ops.slots}),

@@ -123,3 +123,9 @@ class ApiError(Exception):
             code="invalid_api_key",
             headers={"www-authenticate": "Bearer"},
         )
+
+    @classmethod
+    def http_version_not_supported(cls, version: str) -> ApiError:
+        """505 for a request in another HTTP version than 1.x (http-api §0)."""
+        message = f"HTTP/{_clip(version)} is not supported: this server speaks HTTP/1.1"
+        return cls(505, message, type="invalid_request_error", code="http_version_not_supported")

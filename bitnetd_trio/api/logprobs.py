@@ -21,6 +21,7 @@ __all__ = [
     "TokenBytes",
     "chat_content",
     "chat_logprob_entry",
+    "chat_logprobs",
     "legacy_lists",
     "llama_probabilities",
     "token_text",
@@ -56,6 +57,12 @@ def chat_content(entries: Iterable[TokenResult], token_bytes: TokenBytes) -> lis
         chat_logprob_entry(tb(t), lp if lp is not None else 0.0, [(tb(i), v) for i, v in top])
         for t, lp, top in entries
     ]
+
+
+def chat_logprobs(content: list[dict]) -> dict:
+    """A chat choice's `logprobs` object. OpenAI's schema requires `refusal` beside `content`
+    (nullable); the daemon never produces refusal tokens."""
+    return {"content": content, "refusal": None}
 
 
 def legacy_lists(

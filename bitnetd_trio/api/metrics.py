@@ -29,6 +29,7 @@ ENDPOINTS = frozenset(
         "/metrics",
         "/tokenize",
         "/detokenize",
+        "/tokenizer_info",
         "/apply-template",
         "/props",
         "/slots",

@@ -18,7 +18,13 @@ from bitnetd_trio.api.schema import (
     parse_detokenize,
     parse_tokenize,
 )
-from bitnetd_trio.api.served_model import accepted_model_ids, listed_model_ids, served_model_id
+from bitnetd_trio.api.served_model import (
+    accepted_model_ids,
+    model_aliases,
+    served_model_id,
+    shown_model_path,
+)
+from bitnetd_trio.engine.chat import bitnet_format_as_jinja
 from bitnetd_trio.engine.inference import InferenceThread
 
 if TYPE_CHECKING:  # the app imports this module to build its routes
@@ -35,6 +41,7 @@ __all__ = [
     "props",
     "slots",
     "tokenize",
+    "tokenizer_info",
 ]
 
 
@@ -56,13 +63,15 @@ async def metrics(app: App, req: Request) -> None:
     await req.resp.send_text(200, data, content_type)
 
 
-def _model_card(model_id: str, engine: InferenceThread) -> dict:
+def _model_card(app: App, model_id: str, engine: InferenceThread) -> dict:
     info = engine.info
     return {
         "id": model_id,
         "object": "model",
         "created": int(info.loaded_at),
         "owned_by": "bitnetd",
+        # Other names requests may use for this model (http-api §1.3).
+        "aliases": model_aliases(engine, app.config.model.alias),
         "meta": {
             "architecture": info.architecture,
             "n_ctx_train": info.n_ctx_train,
@@ -74,16 +83,16 @@ def _model_card(model_id: str, engine: InferenceThread) -> dict:
             "size": info.file_size,
             "parallel": info.n_slots,
             "demo": info.is_demo,
-            "path": info.path,
+            "path": shown_model_path(engine, app.config.model.expose_path),
             "name": info.name,
         },
     }
 
 
 async def models(app: App, req: Request) -> None:
-    """GET /v1/models: a card for the served id and one for the alias."""
+    """GET /v1/models: one card, under the served id (the alias is listed in its `aliases`)."""
     engine = app.require_engine()
-    data = [_model_card(i, engine) for i in listed_model_ids(engine, app.config.model.alias)]
+    data = [_model_card(app, served_model_id(engine), engine)]
     await req.resp.send_json(200, {"object": "list", "data": data})
 
 
@@ -93,7 +102,7 @@ async def model_by_id(app: App, req: Request) -> None:
     model_id = check_model_id(
         req.path_params["id"], accepted_model_ids(engine, app.config.model.alias)
     )
-    await req.resp.send_json(200, _model_card(model_id, engine))
+    await req.resp.send_json(200, _model_card(app, model_id, engine))
 
 
 async def tokenize(app: App, req: Request) -> None:
@@ -114,14 +123,48 @@ async def tokenize(app: App, req: Request) -> None:
             tokens.append({"id": i, "piece": piece})
     else:
         tokens = ids
-    await req.resp.send_json(200, {"tokens": tokens})
+    # count and max_model_len: vLLM's /tokenize answers them too
+    body = {"tokens": tokens, "count": len(ids), "max_model_len": engine.info.n_ctx}
+    await req.resp.send_json(200, body)
 
 
 async def detokenize(app: App, req: Request) -> None:
-    """POST /detokenize: the text of token ids."""
+    """POST /detokenize: the text of token ids, as llama.cpp (`content`) and vLLM (`prompt`)
+    name it."""
     engine = app.require_engine()
     d = parse_detokenize(req.json(), engine.info.n_vocab)
-    await req.resp.send_json(200, {"content": engine.tokenizer.decode(d.tokens)})
+    text = engine.tokenizer.decode(d.tokens)
+    await req.resp.send_json(200, {"content": text, "prompt": text})
+
+
+#: What /tokenizer_info calls the tokenizer: not a Hugging Face class, the daemon's own
+#: byte-level BPE built from the GGUF vocabulary and merges (model-format §6).
+TOKENIZER_CLASS = "GGUFByteLevelBPETokenizer"
+
+
+async def tokenizer_info(app: App, req: Request) -> None:
+    """GET /tokenizer_info: vLLM's tokenizer description (the fields of a tokenizer_config.json
+    plus `tokenizer_class`), which lm-evaluation-harness's remote tokenizer reads."""
+    engine = app.require_engine()
+    tok = engine.tokenizer
+    template = engine.chat_template
+    bos_token = _piece_or_none(engine, tok.bos_id)
+    body: dict[str, Any] = {
+        "tokenizer_class": TOKENIZER_CLASS,
+        "bos_token": bos_token,
+        "eos_token": _piece_or_none(engine, tok.eos_id),
+        "pad_token": None,  # the GGUF names none; requests are never padded
+        "unk_token": None,  # byte-level BPE encodes every byte
+        "add_bos_token": tok.add_bos_default,
+        "add_eos_token": False,
+        "model_max_length": engine.info.n_ctx,
+        "vocab_size": engine.info.n_vocab,
+        "chat_template": template.source
+        if template.source is not None
+        else bitnet_format_as_jinja(bos_token or ""),
+        "chat_template_kind": template.kind,
+    }
+    await req.resp.send_json(200, body)
 
 
 async def apply_template(app: App, req: Request) -> None:
@@ -157,7 +200,7 @@ async def props(app: App, req: Request) -> None:
                 },
             },
             "total_slots": info.n_slots,
-            "model_path": info.path,
+            "model_path": shown_model_path(engine, m.expose_path),
             "model_alias": m.alias or served_model_id(engine),
             "chat_template": engine.chat_template.source,  # None: the BitNet trained format
             "chat_template_kind": engine.chat_template.kind,
@@ -198,7 +241,7 @@ async def model_info(app: App, req: Request) -> None:
         200,
         {
             "model": served_model_id(engine),
-            "model_path": info.path,
+            "model_path": shown_model_path(engine, app.config.model.expose_path),
             "architecture": info.architecture,
             "n_params": info.n_params,
             "file_size": info.file_size,

@@ -599,14 +599,25 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
 
 
 def parse_tokenize(d: dict) -> TokenizeRequest:
-    """POST /tokenize: {"content", "add_special", "parse_special", "with_pieces"}."""
+    """POST /tokenize in llama.cpp's spelling {"content", "add_special", "parse_special",
+    "with_pieces"} or vLLM's {"prompt", "add_special_tokens"} (lm-evaluation-harness's remote
+    tokenizer sends the latter). BOS is prepended by default only in vLLM's spelling, as each
+    server does: a client reading one server's documentation gets that server's tokens."""
     f = Fields(d)
-    content = f.str("content")
-    if content is None:
-        raise invalid("content", "is required")
+    content, prompt = f.str("content"), f.str("prompt")
+    if content is not None and prompt is not None:
+        raise invalid("prompt", "send the text in either content or prompt, not both")
+    if content is None and prompt is None:
+        raise invalid("content", "is required (or prompt)")
+    if f.present("add_special") and f.present("add_special_tokens"):
+        raise invalid("add_special_tokens", "send either add_special or add_special_tokens")
+    if f.present("add_special_tokens"):
+        add_special = f.bool("add_special_tokens")
+    else:
+        add_special = f.bool("add_special", prompt is not None)
     return TokenizeRequest(
-        content=content,
-        add_special=f.bool("add_special", False),
+        content=content if content is not None else prompt,
+        add_special=add_special,
         parse_special=f.bool("parse_special", True),
         with_pieces=f.bool("with_pieces", False),
     )

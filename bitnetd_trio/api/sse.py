@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from bitnetd_trio.api.logprobs import chat_logprobs
+
 __all__ = [
     "SSE_DONE",
     "SSE_KEEPALIVE",
@@ -82,7 +84,8 @@ class ChatChunks(_Chunks):
             [
                 {
                     "index": index,
-                    "delta": {"role": "assistant", "content": ""},
+                    # `refusal` as OpenAI sends it in the role delta (never a refusal here).
+                    "delta": {"role": "assistant", "content": "", "refusal": None},
                     "logprobs": None,
                     "finish_reason": None,
                 }
@@ -95,7 +98,7 @@ class ChatChunks(_Chunks):
                 {
                     "index": index,
                     "delta": {"content": text},
-                    "logprobs": {"content": logprobs} if logprobs is not None else None,
+                    "logprobs": chat_logprobs(logprobs) if logprobs is not None else None,
                     "finish_reason": None,
                 }
             ]

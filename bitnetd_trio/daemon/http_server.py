@@ -7,6 +7,12 @@ of memory. `[server] header_timeout` becomes hypercorn's keep-alive timer, which
 moment a connection opens (or its last response ends) until a complete request head has
 arrived: a client trickling header lines is cut off after it, as is an idle kept-alive one.
 
+The daemon speaks HTTP/1.1 only (http-api §0). hypercorn would switch a connection to HTTP/2 on
+an `Upgrade: h2c` request or on the prior-knowledge preface `PRI * HTTP/2.0`; our connections
+parse requests with `_Http11Connection`, which ignores the h2c upgrade offer and refuses any
+request line whose HTTP major version is not 1 with 505. It also answers a Transfer-Encoding h11
+cannot decode with 400 instead of h11's suggested 501: such a request is a client mistake.
+
 Shared by the daemon's lifecycle and the tests, which start the same server on port 0.
 """
 
@@ -17,8 +23,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.protocol import ProtocolWrapper
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -111,6 +120,85 @@ class _EndOnEof:
         return data
 
 
+class _Http11Connection(h11.Connection):
+    """h11's server side, with the daemon's answers to requests it will not serve as HTTP/1.1.
+
+    hypercorn answers a `RemoteProtocolError` from `next_event` with an empty response of the
+    error's `error_status_hint` and closes the connection; it switches to HTTP/2 when a request
+    it gets carries `Upgrade: h2c` (and no body) or is the preface `PRI * HTTP/2.0`. Both
+    decisions are made on what this class returns, so adapting them here needs no other change
+    to hypercorn's protocol code.
+    """
+
+    def next_event(self) -> Any:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as exc:
+            # h11 suggests 501 only for a Transfer-Encoding other than exactly "chunked"
+            # ("gzip, chunked", "bogus", two such headers): the client sent a request the
+            # daemon cannot frame, a 400 like any other malformed request (http-api §1.4:
+            # a client mistake is never a 5xx).
+            if exc.error_status_hint == 501:
+                exc.error_status_hint = 400
+            raise
+        if not isinstance(event, h11.Request):
+            return event
+        if not event.http_version.startswith(b"1."):
+            # `PRI * HTTP/2.0` (HTTP/2 with prior knowledge) or any other major version:
+            # refused before hypercorn could treat it as an HTTP/2 preface.
+            raise h11.RemoteProtocolError(
+                f"HTTP/{event.http_version.decode('ascii', 'replace')} is not supported: "
+                "use HTTP/1.1",
+                error_status_hint=505,
+            )
+        if _offers_h2c(event):
+            # RFC 9110 §7.8: a server may ignore an upgrade offer and answer in HTTP/1.1.
+            # Without the header hypercorn serves the request as the HTTP/1.1 request it is;
+            # h11 sees our ordinary response as the refusal of the offer.
+            event = h11.Request(
+                method=event.method,
+                target=event.target,
+                http_version=event.http_version,
+                headers=[
+                    (name, value)
+                    for name, value in event.headers.raw_items()
+                    if name.lower() != b"upgrade"
+                ],
+            )
+        return event
+
+
+def _offers_h2c(request: h11.Request) -> bool:
+    """Whether an `Upgrade` header of the request offers h2c (HTTP/2 over cleartext)."""
+    return any(
+        name == b"upgrade" and b"h2c" in (t.strip().lower() for t in value.split(b","))
+        for name, value in request.headers
+    )
+
+
+class _Http11Server(TCPServer):
+    """hypercorn's connection handler, parsing HTTP/1.1 with `_Http11Connection`.
+
+    `TCPServer.run` builds the connection's protocol wrapper and assigns it to `self.protocol`
+    before it reads a byte; this property swaps the fresh h11 connection for ours at that
+    moment. Without TLS there is no ALPN, so the wrapper always starts with its H11Protocol.
+    (The tests of http-api §0 fail if a new hypercorn stops going through here.)
+    """
+
+    @property  # type: ignore[override]
+    def protocol(self) -> ProtocolWrapper:
+        return self._protocol_wrapper
+
+    @protocol.setter
+    def protocol(self, wrapper: ProtocolWrapper) -> None:
+        inner = wrapper.protocol
+        if isinstance(inner, H11Protocol):
+            inner.connection = _Http11Connection(
+                h11.SERVER, max_incomplete_event_size=self.config.h11_max_incomplete_size
+            )
+        self._protocol_wrapper = wrapper
+
+
 async def serve(
     app: Any,
     hc: HypercornConfig,
@@ -142,7 +230,7 @@ async def serve(
         try:
             with trio.CancelScope() as scope:
                 state = ConnectionState(lifespan_state.copy())
-                await TCPServer(wrapped, hc, context, state, _EndOnEof(stream, scope))
+                await _Http11Server(wrapped, hc, context, state, _EndOnEof(stream, scope))
         finally:
             slots.give_back()
 

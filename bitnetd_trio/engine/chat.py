@@ -35,6 +35,7 @@ and runs in the caller's thread.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -176,6 +177,22 @@ def _merge(segments: Iterable[tuple[str, bool]]) -> list[tuple[str, bool]]:
 
 
 # ---- the template ----
+
+
+def bitnet_format_as_jinja(bos_token: str) -> str:
+    """The BitNet trained format written as a Jinja chat template, for clients that render
+    prompts themselves from the server's template (lm-evaluation-harness's remote tokenizer
+    reads it from /tokenizer_info). It renders what `ChatTemplate(None).render` does for
+    messages with string contents; BOS is written literally because such clients pass only
+    `messages` and `add_generation_prompt`."""
+    roles = json.dumps(BITNET_ROLES)
+    return (
+        "{% raw %}" + bos_token + "{% endraw %}"
+        "{% for message in messages %}"
+        "{{ " + roles + "[message['role']] }}: {{ message['content'] }}" + EOT_TEXT
+        + "{% endfor %}"
+        "{% if add_generation_prompt %}Assistant: {% endif %}"
+    )
 
 
 class ChatTemplate:

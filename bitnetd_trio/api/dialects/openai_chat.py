@@ -10,7 +10,7 @@ from bitnetd_trio.api.dialects.openai_common import (
     finish_reason,
     whole_body,
 )
-from bitnetd_trio.api.logprobs import chat_content
+from bitnetd_trio.api.logprobs import chat_content, chat_logprobs
 from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults, parse_chat_completion
 from bitnetd_trio.api.sse import ChatChunks, sse_event
@@ -33,8 +33,9 @@ class OpenAIChat(Dialect):
         choices = [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": "".join(c.text)},
-                "logprobs": {"content": chat_content(c.tokens, reply.token_bytes)}
+                # `refusal` is required by OpenAI's schema (nullable); this server never refuses.
+                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
+                "logprobs": chat_logprobs(chat_content(c.tokens, reply.token_bytes))
                 if logprobs
                 else None,
                 "finish_reason": finish_reason(c),
