@@ -6,6 +6,8 @@ Each handler is `async (app, request)`, registered in `App`'s route table; none 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bitnetd_trio import __version__
@@ -19,6 +21,7 @@ from bitnetd_trio.api.schema import (
     parse_tokenize,
 )
 from bitnetd_trio.api.served_model import accepted_model_ids, listed_model_ids, served_model_id
+from bitnetd_trio.api.sse import json_bytes
 from bitnetd_trio.engine.inference import InferenceThread
 
 if TYPE_CHECKING:  # the app imports this module to build its routes
@@ -96,9 +99,26 @@ async def model_by_id(app: App, req: Request) -> None:
     await req.resp.send_json(200, _model_card(model_id, engine))
 
 
+async def _answer_off_thread(
+    app: App, req: Request, reply: Callable[[App, Request], dict], *, always: bool = False
+) -> None:
+    """200 with `reply(app, req)` as JSON, computed and encoded on app.cpu: a worker thread
+    when the body is large (or `always`), since the work grows with the request."""
+
+    def encoded() -> bytes:
+        return json_bytes(reply(app, req))
+
+    size = math.inf if always else len(req.body)
+    await req.resp.send_json_data(200, await app.cpu.run(size, encoded))
+
+
 async def tokenize(app: App, req: Request) -> None:
     """POST /tokenize: token ids, or {"id", "piece"} objects (a piece that is not whole UTF-8
     as its byte values)."""
+    await _answer_off_thread(app, req, _tokenize)
+
+
+def _tokenize(app: App, req: Request) -> dict:
     engine = app.require_engine()
     t = parse_tokenize(req.json())
     tok = engine.tokenizer
@@ -114,22 +134,32 @@ async def tokenize(app: App, req: Request) -> None:
             tokens.append({"id": i, "piece": piece})
     else:
         tokens = ids
-    await req.resp.send_json(200, {"tokens": tokens})
+    return {"tokens": tokens}
 
 
 async def detokenize(app: App, req: Request) -> None:
     """POST /detokenize: the text of token ids."""
+    await _answer_off_thread(app, req, _detokenize)
+
+
+def _detokenize(app: App, req: Request) -> dict:
     engine = app.require_engine()
     d = parse_detokenize(req.json(), engine.info.n_vocab)
-    await req.resp.send_json(200, {"content": engine.tokenizer.decode(d.tokens)})
+    return {"content": engine.tokenizer.decode(d.tokens)}
 
 
 async def apply_template(app: App, req: Request) -> None:
     """POST /apply-template: the prompt the chat template makes of the messages."""
+    # A Jinja template renders in a worker process: waiting for it blocks, whatever the size.
+    jinja = app.require_engine().chat_template.kind == "jinja"
+    await _answer_off_thread(app, req, _apply_template, always=jinja)
+
+
+def _apply_template(app: App, req: Request) -> dict:
     engine = app.require_engine()
     a = parse_apply_template(req.json())
     prompt = render_chat(engine, a.messages, a.add_generation_prompt)
-    await req.resp.send_json(200, {"prompt": prompt})
+    return {"prompt": prompt}
 
 
 def _piece_or_none(engine: InferenceThread, token_id: int | None) -> str | None:
