@@ -6,6 +6,8 @@ Each handler is `async (app, request)`, registered in `App`'s route table; none 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bitnetd_trio import __version__
@@ -24,6 +26,7 @@ from bitnetd_trio.api.served_model import (
     served_model_id,
     shown_model_path,
 )
+from bitnetd_trio.api.sse import json_bytes
 from bitnetd_trio.engine.chat import bitnet_format_as_jinja
 from bitnetd_trio.engine.inference import InferenceThread
 
@@ -105,9 +108,26 @@ async def model_by_id(app: App, req: Request) -> None:
     await req.resp.send_json(200, _model_card(app, model_id, engine))
 
 
+async def _answer_off_thread(
+    app: App, req: Request, reply: Callable[[App, Request], dict], *, always: bool = False
+) -> None:
+    """200 with `reply(app, req)` as JSON, computed and encoded on app.cpu: a worker thread
+    when the body is large (or `always`), since the work grows with the request."""
+
+    def encoded() -> bytes:
+        return json_bytes(reply(app, req))
+
+    size = math.inf if always else len(req.body)
+    await req.resp.send_json_data(200, await app.cpu.run(size, encoded))
+
+
 async def tokenize(app: App, req: Request) -> None:
     """POST /tokenize: token ids, or {"id", "piece"} objects (a piece that is not whole UTF-8
     as its byte values)."""
+    await _answer_off_thread(app, req, _tokenize)
+
+
+def _tokenize(app: App, req: Request) -> dict:
     engine = app.require_engine()
     t = parse_tokenize(req.json())
     tok = engine.tokenizer
@@ -124,17 +144,20 @@ async def tokenize(app: App, req: Request) -> None:
     else:
         tokens = ids
     # count and max_model_len: vLLM's /tokenize answers them too
-    body = {"tokens": tokens, "count": len(ids), "max_model_len": engine.info.n_ctx}
-    await req.resp.send_json(200, body)
+    return {"tokens": tokens, "count": len(ids), "max_model_len": engine.info.n_ctx}
 
 
 async def detokenize(app: App, req: Request) -> None:
     """POST /detokenize: the text of token ids, as llama.cpp (`content`) and vLLM (`prompt`)
     name it."""
+    await _answer_off_thread(app, req, _detokenize)
+
+
+def _detokenize(app: App, req: Request) -> dict:
     engine = app.require_engine()
     d = parse_detokenize(req.json(), engine.info.n_vocab)
     text = engine.tokenizer.decode(d.tokens)
-    await req.resp.send_json(200, {"content": text, "prompt": text})
+    return {"content": text, "prompt": text}
 
 
 #: What /tokenizer_info calls the tokenizer: not a Hugging Face class, the daemon's own
@@ -169,10 +192,16 @@ async def tokenizer_info(app: App, req: Request) -> None:
 
 async def apply_template(app: App, req: Request) -> None:
     """POST /apply-template: the prompt the chat template makes of the messages."""
+    # A Jinja template renders in a worker process: waiting for it blocks, whatever the size.
+    jinja = app.require_engine().chat_template.kind == "jinja"
+    await _answer_off_thread(app, req, _apply_template, always=jinja)
+
+
+def _apply_template(app: App, req: Request) -> dict:
     engine = app.require_engine()
     a = parse_apply_template(req.json())
     prompt = render_chat(engine, a.messages, a.add_generation_prompt)
-    await req.resp.send_json(200, {"prompt": prompt})
+    return {"prompt": prompt}
 
 
 def _piece_or_none(engine: InferenceThread, token_id: int | None) -> str | None:

@@ -164,7 +164,7 @@ class InferenceThread:
 
     @property
     def capacity(self) -> int:
-        """Jobs the slots and the wait queue hold together."""
+        """Sequences (jobs) the slots and the wait queue hold together."""
         return self.settings.n_slots + self.max_queue
 
     @property
@@ -177,7 +177,10 @@ class InferenceThread:
         if not self.ready:
             raise QueueFull("the model is not loaded")
         if not queue_has_room(self._in_system, len(jobs), self.capacity):
-            raise QueueFull(f"{self._in_system} requests in progress, queue limit reached")
+            raise QueueFull(
+                f"{self._in_system} sequences running or waiting, {len(jobs)} more do not fit "
+                f"(limit {self.capacity})"
+            )
         self._in_system += len(jobs)
         with self._cond:
             self._queue.extend(jobs)
