@@ -145,7 +145,7 @@ async def test_a_logit_bias_banning_every_token_is_a_client_error(server_model_p
         running_server(server_config(server_model_path)) as srv,
         httpx.AsyncClient(base_url=srv.url, timeout=60) as client,
     ):
-        n_vocab = srv.app.engine.info.n_vocab
+        n_vocab = srv.app.engine.info.hparams.n_vocab
         stop_ids = srv.app.engine.tokenizer.stop_ids
         everything = [[i, False] for i in range(n_vocab)]
         all_but_stops = [[i, False] for i in range(n_vocab) if i not in stop_ids]

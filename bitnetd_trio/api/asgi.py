@@ -268,7 +268,7 @@ class App:
         """What request validation needs from the configuration and `engine`'s model."""
         return SchemaDefaults.from_config(
             self.config,
-            n_vocab=engine.info.n_vocab,
+            n_vocab=engine.info.hparams.n_vocab,
             model_ids=accepted_model_ids(engine, self.config.model.alias),
         )
 

@@ -76,14 +76,14 @@ def _model_card(app: App, model_id: str, engine: InferenceThread) -> dict:
         # Other names requests may use for this model (http-api §1.3).
         "aliases": model_aliases(engine, app.config.model.alias),
         "meta": {
-            "architecture": info.architecture,
-            "n_ctx_train": info.n_ctx_train,
+            "architecture": info.hparams.architecture,
+            "n_ctx_train": info.hparams.n_ctx_train,
             "n_ctx": info.n_ctx,
-            "n_vocab": info.n_vocab,
-            "n_embd": info.n_embd,
-            "n_layer": info.n_layer,
-            "n_params": info.n_params,
-            "size": info.file_size,
+            "n_vocab": info.hparams.n_vocab,
+            "n_embd": info.hparams.n_embd,
+            "n_layer": info.hparams.n_layer,
+            "n_params": info.hparams.n_params,
+            "size": info.hparams.file_size,
             "parallel": info.n_slots,
             "demo": info.is_demo,
             "path": shown_model_path(engine, app.config.model.expose_path),
@@ -155,7 +155,7 @@ async def detokenize(app: App, req: Request) -> None:
 
 def _detokenize(app: App, req: Request) -> dict:
     engine = app.require_engine()
-    d = parse_detokenize(req.json(), engine.info.n_vocab)
+    d = parse_detokenize(req.json(), engine.info.hparams.n_vocab)
     text = engine.tokenizer.decode(d.tokens)
     return {"content": text, "prompt": text}
 
@@ -181,7 +181,7 @@ async def tokenizer_info(app: App, req: Request) -> None:
         "add_bos_token": tok.add_bos_default,
         "add_eos_token": False,
         "model_max_length": engine.info.n_ctx,
-        "vocab_size": engine.info.n_vocab,
+        "vocab_size": engine.info.hparams.n_vocab,
         "chat_template": template.source
         if template.source is not None
         else bitnet_format_as_jinja(bos_token or ""),
@@ -271,11 +271,11 @@ async def model_info(app: App, req: Request) -> None:
         {
             "model": served_model_id(engine),
             "model_path": shown_model_path(engine, app.config.model.expose_path),
-            "architecture": info.architecture,
-            "n_params": info.n_params,
-            "file_size": info.file_size,
+            "architecture": info.hparams.architecture,
+            "n_params": info.hparams.n_params,
+            "file_size": info.hparams.file_size,
             "context_size": info.n_ctx,
-            "n_ctx_train": info.n_ctx_train,
+            "n_ctx_train": info.hparams.n_ctx_train,
             "threads": info.n_threads,
             "instances": info.n_slots,
             "kernel": info.kernel,
