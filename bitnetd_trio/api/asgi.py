@@ -209,7 +209,7 @@ class App:
             self.config = config
         self.engine = engine
         self.metrics.model_loaded.set(1)
-        self.model_id = served_model_id(engine)
+        self.model_id = self.metrics.model_name = served_model_id(engine)
 
     async def startup(self) -> None:
         """Load the configured model and serve it."""
@@ -286,6 +286,8 @@ class App:
             "/v1/completions": completions,
             "/v1/models": models,
             "/health": health,
+            "/health/ready": health,
+            "/health/live": Route({"GET": ops.live, "HEAD": ops.live}, public=True),
             "/metrics": Route({"GET": ops.metrics}, metrics=True),
             "/tokenize": Route({"POST": ops.tokenize}),
             "/detokenize": Route({"POST": ops.detokenize}),

@@ -37,6 +37,7 @@ __all__ = [
     "apply_template",
     "detokenize",
     "health",
+    "live",
     "metrics",
     "model_by_id",
     "model_info",
@@ -49,15 +50,27 @@ __all__ = [
 
 
 async def health(app: App, req: Request) -> None:
-    """GET/HEAD /health: 200 {"status": "ok"} once a model is loaded, else 503 "loading"."""
+    """GET/HEAD /health and /health/ready (readiness): 200 {"status": "ok"} once a model is
+    loaded; 503 "loading" before, and 503 "draining" from the first stop signal on, so a load
+    balancer sends no new work while running generations finish."""
     engine = app.engine
-    if engine is None or not engine.ready:
+    if app.draining:
+        err = ApiError.unavailable("the server is shutting down", retry_after=5)
+        status = "draining"
+    elif engine is None or not engine.ready:
         err = ApiError.unavailable("the model is loading", retry_after=2)
-        body = {"status": "loading", **err.envelope()}
-        await req.resp.send_json(503, body, err.headers)
-        req.resp.error_type = err.type
+        status = "loading"
+    else:
+        await req.resp.send_json(200, {"status": "ok"})
         return
-    await req.resp.send_json(200, {"status": "ok"})
+    await req.resp.send_json(503, {"status": status, **err.envelope()}, err.headers)
+    req.resp.error_type = err.type
+
+
+async def live(app: App, req: Request) -> None:
+    """GET/HEAD /health/live (liveness): 200 while the process answers HTTP, whether it is
+    loading, serving or draining."""
+    await req.resp.send_json(200, {"status": "alive"})
 
 
 async def metrics(app: App, req: Request) -> None:
