@@ -111,6 +111,7 @@ class ServerConfig:
     max_body_size: int = 1 << 20  # bytes; beyond: 413
     backlog: int = 128
     max_queue: int = 64  # sequences (prompts x n) waiting for a free slot; beyond: 503
+    drain_delay: float = 0.0  # seconds /health says 503 before the listener closes on TERM
     drain_timeout: float = 30.0  # seconds running generations may finish after TERM/INT
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     api_key_file: str | None = None  # where some of api_keys came from (re-read on reload)
@@ -177,6 +178,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, _Parser]]] = {
         "max_body_size": ("max_body_size", v.size_in(1024, 1 << 30)),
         "backlog": ("backlog", v.int_in(1, 65535)),
         "max_queue": ("max_queue", v.int_in(0, 1_000_000)),
+        "drain_delay": ("drain_delay", v.duration_in(0.0, 3600.0)),
         "drain_timeout": ("drain_timeout", v.duration_in(0.0, 86400.0)),
         "api_keys": ("api_keys", v.api_keys),
         "api_key_file": ("api_key_file", v.existing_file),

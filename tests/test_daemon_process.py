@@ -238,6 +238,37 @@ async def test_sigterm_lets_running_generations_finish(tmp_path, model_long):
             nursery.cancel_scope.cancel()
 
 
+async def test_drain_delay_says_not_ready_while_still_serving(tmp_path, model_a):
+    """[server] drain_delay: after SIGTERM /health is 503 at once, yet new connections are still
+    accepted and served until the delay ends; then the listener closes and the daemon exits 0."""
+    conf = write_config(
+        tmp_path / "b.conf", model=model_a, sections={"server": {"drain_delay": "2"}}
+    )
+    async with trio.open_nursery() as nursery:
+        d, notify, _ = await start_notified(tmp_path, conf, nursery)
+        try:
+            n = len(notify.messages)
+            d.signal(signal.SIGTERM)
+            await notify.wait_for(lambda m: m.has("STOPPING", "1"), after=n)
+            async with httpx.AsyncClient(timeout=30) as client:  # a new connection each time
+                health = await client.get(d.base_url() + "/health", headers={"connection": "close"})
+                assert health.status_code == 503 and health.json()["status"] == "draining"
+                r = await stream_completion(client, d.base_url(), max_tokens=8)
+                assert r.done and r.finish_reasons == ["length"]  # still served
+            with trio.fail_after(30):
+                while True:  # the listener closes once the delay is over
+                    try:
+                        with socket.create_connection(("127.0.0.1", d.port), timeout=5):
+                            pass
+                    except ConnectionRefusedError:
+                        break
+                    await trio.sleep(0.05)
+            assert await d.wait() == 0, d.stderr
+        finally:
+            d.kill()
+            nursery.cancel_scope.cancel()
+
+
 # ---- SIGHUP reload with a model swap -------------------------------------------------------
 
 

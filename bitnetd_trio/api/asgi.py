@@ -105,6 +105,7 @@ class App:
         self.engine: InferenceThread | None = None
         self.model_id = ""
         self._nursery: trio.Nursery | None = None  # the lifespan's
+        self._stop_announced = False
         self._releases: dict[InferenceThread, _Release] = {}
         self.generations = GenerationFlow(self.metrics)
         self.cpu = CpuWork()  # JSON parsing, templates and tokenizing of large requests
@@ -228,9 +229,14 @@ class App:
         streams closed with their finish chunk and [DONE]) at Trio time `deadline`."""
         self.generations.begin_drain(deadline)
 
+    def announce_stop(self) -> None:
+        """Say "not ready" (/health 503) ahead of a drain; requests are still served."""
+        self._stop_announced = True
+
     @property
     def draining(self) -> bool:
-        return self.generations.draining
+        """A stop was announced or a drain has begun: readiness is off."""
+        return self._stop_announced or self.generations.draining
 
     @property
     def stream_keepalive(self) -> float:

@@ -112,6 +112,7 @@ class Daemon:
         self._startup_scope: trio.CancelScope | None = None
         self._watchdog_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        self._delayed_drain: trio.CancelScope | None = None  # [server] drain_delay running
         self._where = ""
 
     # ---- before Trio ------------------------------------------------------------------------
@@ -289,6 +290,31 @@ class Daemon:
             if self._startup_scope is not None:
                 self._startup_scope.cancel()
             return
+        delay = self.config.server.drain_delay
+        if count == 1 and delay > 0 and self._nursery is not None:
+            # Readiness first: /health answers 503 while the listener still takes requests,
+            # so load balancers stop sending work before any connection is refused.
+            self.draining = True
+            self.app.announce_stop()
+            self.notifier.stopping(f"not ready; draining in {delay:g} s")
+            self.notifier.extend_timeout(
+                delay + self.config.server.drain_timeout + 2 * HYPERCORN_GRACE_MARGIN
+            )
+            log.info("stopping: /health answers 503; the listener closes in %g s", delay)
+            self._delayed_drain = trio.CancelScope()
+            self._nursery.start_soon(self._drain_after, delay, self._delayed_drain)
+            return
+        if self._delayed_drain is not None and not self._delayed_drain.cancel_called:
+            self._delayed_drain.cancel()  # a second signal during the delay: drain now
+            count = 1
+        self._drain(count)
+
+    async def _drain_after(self, delay: float, scope: trio.CancelScope) -> None:
+        with scope:
+            await trio.sleep(delay)
+            self._drain(1)
+
+    def _drain(self, count: int) -> None:
         now = trio.current_time()
         if count == 1:
             self.draining = True
