@@ -25,6 +25,7 @@ from bitnetd_trio.api.dialects.bitnet_generate import BitNetGenerate
 from bitnetd_trio.api.dialects.llamacpp_completion import LlamaCppCompletion
 from bitnetd_trio.api.dialects.openai_chat import OpenAIChat
 from bitnetd_trio.api.dialects.openai_completions import OpenAICompletions
+from bitnetd_trio.api.embeddings import embeddings
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.generation import GenerationFlow
 from bitnetd_trio.api.http import (
@@ -287,6 +288,8 @@ class App:
             "/model_info": Route({"GET": ops.model_info}),
             "/completion": generating(LlamaCppCompletion()),
             "/generate": generating(BitNetGenerate()),
+            "/v1/embeddings": Route({"POST": embeddings}),
+            "/embeddings": Route({"POST": embeddings}),
             # the unversioned spellings llama.cpp's server also answers
             "/chat/completions": chat,
             "/completions": completions,
