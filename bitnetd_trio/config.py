@@ -31,6 +31,7 @@ from bitnetd_trio.config_values import (
     parse_size,
     read_api_key_file,
     split_listen_address,
+    tls_problems,
 )
 
 __all__ = [
@@ -115,6 +116,10 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds running generations may finish after TERM/INT
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     api_key_file: str | None = None  # where some of api_keys came from (re-read on reload)
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed; "*": any
+    tls_cert: str | None = None  # PEM certificate (chain) for every TCP listener: https
+    tls_key: str | None = None  # its PEM private key
+    web_ui: bool | None = None  # the chat page at /; None: on when a listener is loopback
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,10 @@ _SCHEMA: dict[str, dict[str, tuple[str, _Parser]]] = {
         "drain_timeout": ("drain_timeout", v.duration_in(0.0, 86400.0)),
         "api_keys": ("api_keys", v.api_keys),
         "api_key_file": ("api_key_file", v.existing_file),
+        "cors_origins": ("cors_origins", v.cors_origins),
+        "tls_cert": ("tls_cert", v.existing_file),
+        "tls_key": ("tls_key", v.existing_file),
+        "web_ui": ("web_ui", v.boolean),
     },
     "security": {
         "rate_limit": ("rate_limit", v.float_in(0.0, 1e6)),
@@ -196,6 +205,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, _Parser]]] = {
 _EMPTY: dict[tuple[str, str], Any] = {
     ("server", "listen"): [],
     ("server", "api_keys"): [],
+    ("server", "cors_origins"): [],
 }
 
 _SECTION_CLASSES = {
@@ -334,6 +344,7 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] = os.
                 problems.append(f"[server] api_key_file: '{key_file}' holds no key")
             values["server"]["api_keys"] = list(values["server"].get("api_keys", [])) + extra
 
+    problems += tls_problems(values["server"].get("tls_cert"), values["server"].get("tls_key"))
     if values["daemon"].get("group") and not values["daemon"].get("user"):
         problems.append("[daemon] group: set only together with [daemon] user")
 

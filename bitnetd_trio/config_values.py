@@ -15,6 +15,7 @@ import math
 import os
 import pwd
 import re
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -291,6 +292,19 @@ def api_keys(raw: str, _base: Path) -> list[str]:
     return keys
 
 
+_ORIGIN_RE = re.compile(r"https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def cors_origins(raw: str, _base: Path) -> list[str]:
+    """Origins allowed to call the API from a browser, comma separated: scheme://host[:port]
+    as a browser sends it in `Origin` (no path, no trailing slash), or `*` for any."""
+    origins = [o.strip() for o in raw.split(",") if o.strip()]
+    for o in origins:
+        if o != "*" and not _ORIGIN_RE.fullmatch(o):
+            raise ValueError(f"{o!r} is not an origin (scheme://host[:port], or *)")
+    return origins
+
+
 def read_api_key_file(path: str) -> list[str]:
     """One key per line; blank lines and lines starting with '#' are ignored."""
     keys: list[str] = []
@@ -333,3 +347,30 @@ def chat_template(raw: str, base: Path) -> str:
     if not text.strip():
         raise ValueError(f"'{path}' is empty")
     return _check_jinja(text, f"'{path}': ")
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """The server's TLS context for [server] tls_cert / tls_key: TLS 1.2 or later, ALPN
+    offering HTTP/1.1 only (http-api §0). ssl.SSLError or OSError when the files are unreadable,
+    not PEM, or the key does not belong to the certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION
+    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.load_cert_chain(certfile=cert, keyfile=key)
+    return ctx
+
+
+def tls_problems(cert: str | None, key: str | None) -> list[str]:
+    """What is wrong with a tls_cert / tls_key pair ([] when both are unset or they work)."""
+    if not cert and not key:
+        return []
+    if not cert or not key:
+        missing, given = ("tls_key", "tls_cert") if cert else ("tls_cert", "tls_key")
+        return [f"[server] {given}: set only together with [server] {missing}"]
+    try:
+        tls_context(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
+        return [f"[server] tls_cert/tls_key: cannot use '{cert}' with '{key}': {reason}"]
+    return []

@@ -108,7 +108,16 @@ void bn_seq_reset(bn_context *ctx, int32_t slot);
 int bn_seq_truncate(bn_context *ctx, int32_t slot, int32_t pos);
 int32_t bn_seq_pos(const bn_context *ctx, int32_t slot);
 
-enum { BN_LOGITS_NONE = 0, BN_LOGITS_LAST = 1, BN_LOGITS_ALL = 2 };
+/* An entry's output (bn_batch_entry.logits): logits of no token, the last or every token; or,
+ * instead of logits, the final-norm hidden state y of model-format §5.3 (the head's input,
+ * n_embd floats, model-format §5.3.1) of the last or of every token. */
+enum {
+    BN_LOGITS_NONE = 0,
+    BN_LOGITS_LAST = 1,
+    BN_LOGITS_ALL = 2,
+    BN_HIDDEN_LAST = 3,
+    BN_HIDDEN_ALL = 4
+};
 
 /* One sequence's share of a forward step: n_tokens tokens appended at the slot's position
  * (1 for a decode step, more for a prefill chunk). */
@@ -116,7 +125,7 @@ typedef struct {
     int32_t slot;
     int32_t n_tokens;
     const int32_t *tokens;
-    int32_t logits;    /* BN_LOGITS_* */
+    int32_t logits;    /* BN_LOGITS_* or BN_HIDDEN_* */
     bn_cancel *cancel; /* may be NULL; a set flag skips the entry (status = 1) */
     int32_t status;    /* out: 0 done, 1 cancelled, <0 error */
 } bn_batch_entry;
@@ -134,6 +143,11 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
 /* Logits of the last bn_forward: entry e, token t (t must be n_tokens-1 for
  * BN_LOGITS_LAST). Returns NULL if not computed. n_vocab floats. */
 const float *bn_logits(const bn_context *ctx, int32_t entry, int32_t t);
+/* Hidden state y (model-format §5.3.1) of the last bn_forward: entry e, token t (t must be
+ * n_tokens-1 for BN_HIDDEN_LAST). Returns NULL if not computed. n_embd floats, bit-identical
+ * whatever else is in the call, however the tokens are split into calls, and whatever the
+ * thread count. */
+const float *bn_hidden(const bn_context *ctx, int32_t entry, int32_t t);
 
 /* ---- log-probabilities ---- */
 /* log-softmax of logits[0..n) at `token`; optionally the top_n best (ids, logprobs),

@@ -88,8 +88,10 @@ void bn_context_free(bn_context *ctx)
     free(ctx->tok_pos);
     free(ctx->tok_id);
     free(ctx->tok_row);
+    free(ctx->tok_hrow);
     free(ctx->scores);
     free(ctx->logits);
+    free(ctx->hidden);
     free(ctx->ents);
     free(ctx->slot_seen);
     free(ctx);
@@ -205,10 +207,13 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     ctx->tok_pos = alloc_array(T, sizeof(int32_t), &failed);
     ctx->tok_id = alloc_array(T, sizeof(int32_t), &failed);
     ctx->tok_row = alloc_array(T, sizeof(int32_t), &failed);
+    ctx->tok_hrow = alloc_array(T, sizeof(int32_t), &failed);
     ctx->scores_per_thread = (size_t)(H / Hkv) * (size_t)n_ctx;
     ctx->scores = alloc_array((size_t)n_threads * ctx->scores_per_thread, sizeof(float), &failed);
     ctx->logits_cap = n_slots;
     ctx->logits = alloc_array((size_t)n_slots * (size_t)hp->n_vocab, sizeof(float), &failed);
+    ctx->hidden_cap = n_slots;
+    ctx->hidden = alloc_array((size_t)n_slots * (size_t)E, sizeof(float), &failed);
     ctx->ents = alloc_array((size_t)n_slots, sizeof(entry_state), &failed);
     ctx->slot_seen = calloc((size_t)n_slots, sizeof(int32_t));
     if (!ctx->slot_seen)
@@ -289,7 +294,7 @@ int32_t bn_seq_pos(const bn_context *ctx, int32_t slot)
 
 /* 0, or -1 - e when entry e is at fault, or 1 when the call as a whole is (no entry is). */
 static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_entries,
-                    int64_t *n_rows, char *err, size_t errlen)
+                    int64_t *n_rows, int64_t *n_hrows, char *err, size_t errlen)
 {
     if (n_entries < 0 || (n_entries > 0 && !entries)) {
         bn_set_err(err, errlen, "bad entry list (%d entries)", n_entries);
@@ -306,7 +311,7 @@ static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_en
         ctx->stamp = 0;
     }
     ctx->stamp++;
-    int64_t rows = 0;
+    int64_t rows = 0, hrows = 0;
     for (int32_t e = 0; e < n_entries; e++) {
         const bn_batch_entry *be = &entries[e];
         if (be->slot < 0 || be->slot >= ctx->n_slots) {
@@ -324,7 +329,7 @@ static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_en
                        be->n_tokens);
             return -1 - e;
         }
-        if (be->logits < BN_LOGITS_NONE || be->logits > BN_LOGITS_ALL) {
+        if (be->logits < BN_LOGITS_NONE || be->logits > BN_HIDDEN_ALL) {
             bn_set_err(err, errlen, "entry %d (slot %d): bad logits mode %d", e, be->slot,
                        be->logits);
             return -1 - e;
@@ -345,17 +350,37 @@ static int validate(bn_context *ctx, const bn_batch_entry *entries, int32_t n_en
                        e, be->slot, be->n_tokens, pos, ctx->n_ctx);
             return -1 - e;
         }
-        if (be->n_tokens > 0)
+        if (be->n_tokens > 0) {
             rows +=
                 be->logits == BN_LOGITS_ALL ? be->n_tokens : (be->logits == BN_LOGITS_LAST ? 1 : 0);
+            hrows +=
+                be->logits == BN_HIDDEN_ALL ? be->n_tokens : (be->logits == BN_HIDDEN_LAST ? 1 : 0);
+        }
     }
     *n_rows = rows;
+    *n_hrows = hrows;
     return 0;
 }
 
 static int entry_cancelled(const bn_batch_entry *be)
 {
     return be->cancel && bn_cancel_is_set(be->cancel);
+}
+
+/* Make *buf hold at least n rows of `width` floats (before any state changes); 0 or -1. */
+static int grow_rows(float **buf, int64_t *cap, int64_t n, int32_t width)
+{
+    if (n <= *cap)
+        return 0;
+    const size_t w = (size_t)width;
+    float *grown = (size_t)n > SIZE_MAX / sizeof(float) / w
+                       ? NULL
+                       : realloc(*buf, (size_t)n * w * sizeof(float));
+    if (!grown)
+        return -1;
+    *buf = grown;
+    *cap = n;
+    return 0;
 }
 
 int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char *err,
@@ -366,20 +391,13 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
         return -1;
     }
     ctx->n_ents = 0;
-    int64_t n_rows = 0;
-    int rc = validate(ctx, entries, n_entries, &n_rows, err, errlen);
-    if (rc == 0 && n_rows > ctx->logits_cap) {
-        const size_t nv = (size_t)ctx->hp.n_vocab;
-        float *grown = (size_t)n_rows > SIZE_MAX / sizeof(float) / nv
-                           ? NULL
-                           : realloc(ctx->logits, (size_t)n_rows * nv * sizeof(float));
-        if (!grown) {
-            bn_set_err(err, errlen, "out of memory for %lld logits rows", (long long)n_rows);
-            rc = 1; /* no entry at fault: every status -2 */
-        } else {
-            ctx->logits = grown;
-            ctx->logits_cap = n_rows;
-        }
+    int64_t n_rows = 0, n_hrows = 0;
+    int rc = validate(ctx, entries, n_entries, &n_rows, &n_hrows, err, errlen);
+    if (rc == 0 && (grow_rows(&ctx->logits, &ctx->logits_cap, n_rows, ctx->hp.n_vocab) != 0 ||
+                    grow_rows(&ctx->hidden, &ctx->hidden_cap, n_hrows, ctx->hp.n_embd) != 0)) {
+        bn_set_err(err, errlen, "out of memory for %lld logits and %lld hidden rows",
+                   (long long)n_rows, (long long)n_hrows);
+        rc = 1; /* no entry at fault: every status -2 */
     }
     if (rc != 0) {
         /* nothing was applied: the offending entry -1, every other -2 */
@@ -399,7 +417,7 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
         st->base_row = -1;
         st->status = 0;
     }
-    int64_t next_row = 0;
+    int64_t next_row = 0, next_hrow = 0;
     int32_t e = 0; /* entry holding the next unprocessed token */
     for (;;) {
         /* cancellation is checked before every chunk: a cancelled entry is rolled back */
@@ -423,16 +441,24 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
                 continue;
             while (st->done < st->n_tokens && T < ctx->max_chunk) {
                 const int32_t t = st->done;
-                const int want = st->mode == BN_LOGITS_ALL ||
-                                 (st->mode == BN_LOGITS_LAST && t == st->n_tokens - 1);
+                const int last = t == st->n_tokens - 1;
+                const int want = st->mode == BN_LOGITS_ALL || (st->mode == BN_LOGITS_LAST && last);
+                const int want_h =
+                    st->mode == BN_HIDDEN_ALL || (st->mode == BN_HIDDEN_LAST && last);
                 ctx->tok_slot[T] = be->slot;
                 ctx->tok_pos[T] = st->orig_pos + t;
                 ctx->tok_id[T] = be->tokens[t];
                 ctx->tok_row[T] = want ? (int32_t)next_row : -1;
+                ctx->tok_hrow[T] = want_h ? (int32_t)next_hrow : -1;
                 if (want) {
                     if (st->base_row < 0)
                         st->base_row = next_row;
                     next_row++;
+                }
+                if (want_h) {
+                    if (st->base_row < 0)
+                        st->base_row = next_hrow;
+                    next_hrow++;
                 }
                 st->done++;
                 T++;
@@ -447,19 +473,31 @@ int bn_forward(bn_context *ctx, bn_batch_entry *entries, int32_t n_entries, char
     return 0;
 }
 
-const float *bn_logits(const bn_context *ctx, int32_t entry, int32_t t)
+/* The output row of entry `entry`, token t, for an entry run in mode `all` (every token) or
+ * `last` (its last token); -1 when that token has no such row. */
+static int64_t output_row(const bn_context *ctx, int32_t entry, int32_t t, int32_t all,
+                          int32_t last)
 {
     if (!ctx || entry < 0 || entry >= ctx->n_ents)
-        return NULL;
+        return -1;
     const entry_state *st = &ctx->ents[entry];
     if (st->status != 0 || st->base_row < 0 || t < 0 || t >= st->n_tokens)
-        return NULL;
-    int64_t row;
-    if (st->mode == BN_LOGITS_ALL)
-        row = st->base_row + t;
-    else if (st->mode == BN_LOGITS_LAST && t == st->n_tokens - 1)
-        row = st->base_row;
-    else
-        return NULL;
-    return ctx->logits + (size_t)row * (size_t)ctx->hp.n_vocab;
+        return -1;
+    if (st->mode == all)
+        return st->base_row + t;
+    if (st->mode == last && t == st->n_tokens - 1)
+        return st->base_row;
+    return -1;
+}
+
+const float *bn_logits(const bn_context *ctx, int32_t entry, int32_t t)
+{
+    const int64_t row = output_row(ctx, entry, t, BN_LOGITS_ALL, BN_LOGITS_LAST);
+    return row < 0 ? NULL : ctx->logits + (size_t)row * (size_t)ctx->hp.n_vocab;
+}
+
+const float *bn_hidden(const bn_context *ctx, int32_t entry, int32_t t)
+{
+    const int64_t row = output_row(ctx, entry, t, BN_HIDDEN_ALL, BN_HIDDEN_LAST);
+    return row < 0 ? NULL : ctx->hidden + (size_t)row * (size_t)ctx->hp.n_embd;
 }

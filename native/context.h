@@ -20,11 +20,11 @@
 
 /* Per-entry bookkeeping of the last bn_forward call. */
 typedef struct {
-    int32_t mode; /* BN_LOGITS_* */
+    int32_t mode; /* BN_LOGITS_* or BN_HIDDEN_* */
     int32_t n_tokens;
     int32_t done;     /* tokens processed so far */
     int32_t orig_pos; /* slot position before the call */
-    int64_t base_row; /* first logits row, -1 if none yet */
+    int64_t base_row; /* first logits (or hidden) row, -1 if none yet */
     int32_t status;
 } entry_state;
 
@@ -68,6 +68,7 @@ struct bn_context {
     int32_t *tok_pos;         /* [T] i32: its position in the slot */
     int32_t *tok_id;          /* [T] i32: its token id */
     int32_t *tok_row;         /* [T] i32: its logits row, or -1 when no logits are wanted */
+    int32_t *tok_hrow;        /* [T] i32: its hidden row, or -1 when no hidden state is wanted */
     float *scores;            /* [n_threads][group][n_ctx] f32, group = n_head / n_head_kv:
                                * attention scores, one block per pool thread */
     size_t scores_per_thread; /* group * n_ctx */
@@ -75,6 +76,8 @@ struct bn_context {
     /* results of the last bn_forward */
     float *logits; /* [logits_cap][n_vocab] f32 */
     int64_t logits_cap;
+    float *hidden; /* [hidden_cap][n_embd] f32: final-norm rows y (model-format §5.3.1) */
+    int64_t hidden_cap;
     entry_state *ents;  /* [n_slots] (entries are distinct slots) */
     int32_t n_ents;     /* entries of the last successful bn_forward */
     int32_t *slot_seen; /* [n_slots] i32: duplicate detection stamps */
@@ -84,7 +87,8 @@ struct bn_context {
 /* forward.c: cos and sin of the RoPE angles of position pos, D/2 each (model-format §5.2.3). */
 void bn_rope_angles(int32_t pos, int32_t D, float base, float *cosv, float *sinv);
 /* forward.c: run the tokens tok_*[0..T) through the model, logits for the tokens whose
- * tok_row >= 0 (consecutive rows starting at the first such row). */
+ * tok_row >= 0 (consecutive rows starting at the first such row), the final-norm row y into
+ * hidden[tok_hrow] for the tokens whose tok_hrow >= 0. */
 void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T);
 
 #endif

@@ -404,7 +404,8 @@ static void head_worker(void *arg, int32_t ith, int32_t nth)
 /* ------------------------------------------------------------------------------------ one chunk */
 
 /* Run the tokens tok_*[0..T) through the model; logits for the tokens whose tok_row >= 0,
- * whose rows are consecutive starting at the first such row. Buffers: context.h. */
+ * whose rows are consecutive starting at the first such row; y into hidden[tok_hrow] for
+ * those whose tok_hrow >= 0. Buffers: context.h. */
 void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
 {
     const bn_model *m = ctx->m;
@@ -478,6 +479,10 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
      * packed into ynorm; logits = head . y */
     int32_t n_out = 0, first_row = -1;
     for (int32_t i = 0; i < T; i++) {
+        /* 3.1 (model-format §5.3.1) tokens that want their hidden state get y itself, no head */
+        if (ctx->tok_hrow[i] >= 0)
+            rmsnorm(ctx->x + (size_t)i * E, m->output_norm, E, eps,
+                    ctx->hidden + (size_t)ctx->tok_hrow[i] * E);
         if (ctx->tok_row[i] < 0)
             continue;
         if (first_row < 0)

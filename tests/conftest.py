@@ -105,7 +105,7 @@ async def running_server(config) -> AsyncIterator[RunningServer]:
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(serve, app, hc, stop.wait)
-        url = next(b for b in binds if b.startswith("http://"))
+        url = next(b for b in binds if b.startswith(("http://", "https://")))
         try:
             yield RunningServer(url, app)
         finally:

@@ -136,8 +136,8 @@ CASES: list[Case] = [
     # -- routing --
     Case("unknown-route", "/nope", method="GET", status=404, type="not_found_error"),
     Case("unknown-v1-route", "/v1/chat", {"messages": USER}, status=404, type="not_found_error"),
-    Case("embeddings-not-served", "/v1/embeddings", {"input": "x"}, status=404,
-         type="not_found_error"),
+    Case("embeddings-empty-input", "/v1/embeddings", {"input": ""}, status=400, param="input",
+         type="invalid_request_error"),
     Case("dotdot-route", "/%2e%2e/etc/passwd", method="GET", status=404, type="not_found_error"),
     Case("get-on-chat", CHAT, method="GET", status=405),
     Case("put-on-completions", COMP, {"prompt": "x"}, method="PUT", status=405),

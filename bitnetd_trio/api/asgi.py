@@ -18,14 +18,16 @@ from dataclasses import dataclass
 
 import trio
 
-from bitnetd_trio.api import ops
+from bitnetd_trio.api import ops, web
 from bitnetd_trio.api.access import RateLimiter, check_api_key
+from bitnetd_trio.api.cors import serve_with_cors, warn_if_open
 from bitnetd_trio.api.cpu_work import CpuWork
 from bitnetd_trio.api.dialects.base import Dialect
 from bitnetd_trio.api.dialects.bitnet_generate import BitNetGenerate
 from bitnetd_trio.api.dialects.llamacpp_completion import LlamaCppCompletion
 from bitnetd_trio.api.dialects.openai_chat import OpenAIChat
 from bitnetd_trio.api.dialects.openai_completions import OpenAICompletions
+from bitnetd_trio.api.embeddings import embeddings
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.generation import GenerationFlow
 from bitnetd_trio.api.http import (
@@ -112,6 +114,7 @@ class App:
         self._active_requests = 0  # requests holding a max_connections place
         self._rate_limiter = RateLimiter()
         self.routes: dict[str, Route] = self._build_routes()
+        warn_if_open(config.server.cors_origins, config.server.api_keys)
 
     # -- ASGI entry --
 
@@ -124,7 +127,8 @@ class App:
                 ApiError.http_version_not_supported(scope["http_version"])
             )
         elif kind == "http":
-            await self._http(scope, receive, send)
+            origins = self.config.server.cors_origins
+            await serve_with_cors(scope, receive, send, origins, self.routes, self._http)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
@@ -304,6 +308,9 @@ class App:
             "/model_info": Route({"GET": ops.model_info}),
             "/completion": generating(LlamaCppCompletion()),
             "/generate": generating(BitNetGenerate()),
+            "/v1/embeddings": Route({"POST": embeddings}),
+            "/": Route({"GET": web.page}, public=True),  # the chat page, when web_ui is on
+            "/embeddings": Route({"POST": embeddings}),
             # the unversioned spellings llama.cpp's server also answers
             "/chat/completions": chat,
             "/completions": completions,

@@ -13,12 +13,17 @@ parse requests with `_Http11Connection`, which ignores the h2c upgrade offer and
 request line whose HTTP major version is not 1 with 505. It also answers a Transfer-Encoding h11
 cannot decode with 400 instead of h11's suggested 501: such a request is a client mistake.
 
+With `[server] tls_cert` and `tls_key`, every TCP listener speaks https: its accepted streams
+are wrapped in `trio.SSLStream` (ALPN offers HTTP/1.1 only); hypercorn's connection handler
+does the handshake itself. Unix sockets stay plain.
+
 Shared by the daemon's lifecycle and the tests, which start the same server on port 0.
 """
 
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
@@ -35,6 +40,7 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from bitnetd_trio.config import Config
+from bitnetd_trio.config_values import tls_context
 
 __all__ = ["ConnectionSlots", "hypercorn_config", "serve"]
 
@@ -55,6 +61,9 @@ def hypercorn_config(config: Config, binds: Sequence[str] | None = None) -> Hype
     hc.include_server_header = False
     # Our own setting, read by serve(); hypercorn's Config has no such key.
     hc.max_open_connections = config.server.max_open_connections
+    # Ours too: the TLS context of the TCP listeners (None: plain http).
+    srv = config.server
+    hc.tls_context = tls_context(srv.tls_cert, srv.tls_key) if srv.tls_cert and srv.tls_key else None
     return hc
 
 
@@ -242,12 +251,18 @@ async def serve(
             # nursery. Nothing may listen, and task_status must not say "started", meanwhile.
             await trio.sleep_forever()
         sockets = hc.create_sockets()
-        listeners = []
+        listeners: list[trio.abc.Listener[Any]] = []
         urls = []
+        tls = getattr(hc, "tls_context", None)
         for sock in sockets.insecure_sockets:
             sock.listen(hc.backlog)
-            listeners.append(_SlotListener(sock, slots))
-            urls.append(f"http://{repr_socket_addr(sock.family, sock.getsockname())}")
+            listener: trio.abc.Listener[Any] = _SlotListener(sock, slots)
+            scheme = "http"
+            if tls is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                listener = trio.SSLListener(listener, tls, https_compatible=True)
+                scheme = "https"
+            listeners.append(listener)
+            urls.append(f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}")
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
                 accepting.start_soon(

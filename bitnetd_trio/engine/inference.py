@@ -35,6 +35,7 @@ import trio
 
 from bitnetd_trio.engine import native as engine
 from bitnetd_trio.engine.chat import ChatTemplate
+from bitnetd_trio.engine.embedding import pooling_of_model
 from bitnetd_trio.engine.jobs import (
     EngineSettings,
     Job,
@@ -77,6 +78,7 @@ class ModelInfo:
     kernel: str
     is_demo: bool
     loaded_at: float  # unix time
+    pooling: str = "mean"  # how /v1/embeddings pools the hidden states (engine/embedding.py)
 
 
 class InferenceThread:
@@ -314,6 +316,7 @@ class InferenceThread:
             kernel=engine.kernel_name(),
             is_demo=s.is_demo,
             loaded_at=time.time(),
+            pooling=pooling_of_model(model.metadata, hp.architecture),
         )
         if self.metrics is not None:
             self.metrics.model_loaded.set(1)

@@ -84,6 +84,9 @@ class Job:
     top_logprobs: int = 0
     prompt_logprobs: bool = False  # logprobs of the prompt tokens (echo scoring)
     cache_prompt: bool = True  # may start from a slot that already holds a prefix of the prompt
+    # An embedding job: prefill only, no sampling; ends with `Update.embedding` pooled this way
+    # ("mean", "cls" or "last", engine/embedding.py).
+    embed: str | None = None
     id: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
     cancel: engine.CancelFlag = field(default_factory=engine.CancelFlag)
     submitted_at: float = field(default_factory=time.monotonic)
@@ -101,6 +104,7 @@ class Update:
     stop_type: str | None = None  # llama.cpp: "eos" | "word" | "limit"
     stopping_word: str = ""
     error: str | None = None
+    embedding: Any = None  # an embedding job's vector (float32 ndarray), in its final update
     n_prompt: int = 0
     n_cached: int = 0  # prompt tokens reused from the slot's cache
     n_generated: int = 0

@@ -42,7 +42,14 @@ __all__ = [
 ]
 
 _ERRLEN = 512
-_LOGITS_MODES = {"none": lib.BN_LOGITS_NONE, "last": lib.BN_LOGITS_LAST, "all": lib.BN_LOGITS_ALL}
+_LOGITS_MODES = {
+    "none": lib.BN_LOGITS_NONE,
+    "last": lib.BN_LOGITS_LAST,
+    "all": lib.BN_LOGITS_ALL,
+    # the final-norm hidden state instead of logits (model-format §5.3.1): embeddings
+    "hidden_last": lib.BN_HIDDEN_LAST,
+    "hidden_all": lib.BN_HIDDEN_ALL,
+}
 _NUMERIC_DTYPES = {
     lib.BN_GGUF_U8: "<u1",
     lib.BN_GGUF_I8: "<i1",
@@ -249,7 +256,7 @@ class BatchEntry:
 
     slot: int
     tokens: Sequence[int]
-    logits: Literal["none", "last", "all"] = "last"
+    logits: Literal["none", "last", "all", "hidden_last", "hidden_all"] = "last"
     cancel: CancelFlag | None = None
 
 
@@ -305,7 +312,8 @@ class Context(_Closable):
             mode = _LOGITS_MODES.get(e.logits)
             if mode is None:
                 raise EngineError(
-                    f"entry {i}: logits must be 'none', 'last' or 'all', got {e.logits!r}"
+                    f"entry {i}: logits must be one of {', '.join(_LOGITS_MODES)}, "
+                    f"got {e.logits!r}"
                 )
             ce = c[i]
             ce.slot = int(e.slot)
@@ -339,6 +347,20 @@ class Context(_Closable):
         """Read-only float32 view of n_vocab logits, valid until the next forward."""
         p = self._logits_ptr(entry_index, token_index)
         arr = np.frombuffer(ffi.buffer(p, 4 * self._n_vocab), dtype=np.float32)
+        arr.flags.writeable = False
+        return arr
+
+    def hidden(self, entry_index: int, token_index: int) -> np.ndarray:
+        """Read-only float32 view of the n_embd final-norm hidden state (model-format
+        §5.3.1) of an entry run with "hidden_last" or "hidden_all", valid until the next
+        forward."""
+        p = lib.bn_hidden(self._live(), int(entry_index), int(token_index))
+        if p == ffi.NULL:
+            raise EngineError(
+                f"no hidden state for entry {entry_index} token {token_index} "
+                "(not requested, cancelled, or out of range)"
+            )
+        arr = np.frombuffer(ffi.buffer(p, 4 * self.model.hparams.n_embd), dtype=np.float32)
         arr.flags.writeable = False
         return arr
 

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bitnetd_trio.engine import embedding
 from bitnetd_trio.engine.jobs import EngineSettings, Job, SlotState, TokenResult, Update
 from bitnetd_trio.engine.sampling import SamplingError, SamplingParams
 from bitnetd_trio.engine.stops import StopMatcher
@@ -69,6 +70,7 @@ class StepOutput(Protocol):
 
     def logits(self, entry_index: int, token_index: int) -> np.ndarray: ...
     def sample(self, entry_index: int, sampler: Any) -> int: ...
+    def hidden(self, entry_index: int, token_index: int) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class ActiveSequence:
     __slots__ = (
         "admitted_at",
         "decoder",
+        "embed_rows",
         "job",
         "last_token_at",
         "matcher",
@@ -123,6 +126,7 @@ class ActiveSequence:
         self.last_token_at = 0.0
         # echo scoring: the prompt tokens' logprobs, gathered chunk by chunk
         self.prompt_lps: list[TokenResult] | None = [] if job.prompt_logprobs else None
+        self.embed_rows: list[np.ndarray] = []  # an embedding job's hidden rows so far
 
     @property
     def prefilling(self) -> bool:
@@ -367,7 +371,9 @@ class Scheduler:
                 # Scoring wants every position's logits. The engine's logits do not depend on
                 # how a prompt is cut into calls (bit-exact), so chunks keep the logits buffer
                 # and the other sequences' wait bounded without changing the values.
-                if job.prompt_logprobs:
+                if job.embed is not None:
+                    mode = embedding.step_mode(job.embed, seq.n_fed, n, remaining)
+                elif job.prompt_logprobs:
                     mode = "all"
                 else:
                     mode = "last" if n == remaining else "none"
@@ -420,6 +426,11 @@ class Scheduler:
             if seq.prefilling:
                 if seq.prompt_lps is not None:
                     seq.prompt_lps.extend(self._prompt_logprobs(output, i, seq, n))
+                if job.embed is not None:
+                    remaining = len(job.prompt) - seq.n_fed
+                    seq.embed_rows += embedding.collect_rows(
+                        output, i, job.embed, seq.n_fed, n, remaining
+                    )
                 seq.n_fed += n
                 if seq.prefilling:
                     self.slots[seq.slot] = SlotState(
@@ -427,6 +438,11 @@ class Scheduler:
                     )
                     continue
                 seq.prefill_done_at = now
+                if job.embed is not None:  # prefill only: pool, and free the slot
+                    vector = embedding.pool(seq.embed_rows, job.embed)
+                    self._retire(seq, "stop", updates)
+                    updates[-1].embedding = vector
+                    continue
                 prompt_lps = seq.prompt_lps
                 if job.max_tokens == 0:
                     self._retire(seq, "length", updates, stop_type="limit", tokens=None)

@@ -10,6 +10,7 @@ the bandwidth limit, batch B against batch 1) as medians of the per-round ratios
 
     bitnetd-bench MODEL.gguf
     bitnetd-bench --synthetic            # full-size 2B-4T shape with random weights (cached)
+    bitnetd-bench --synthetic --embeddings 64   # embeddings/s for 64-token inputs
 """
 
 from __future__ import annotations
@@ -90,6 +91,45 @@ class DecodeVariant:
         return dt
 
 
+def run_embeddings(model: engine.Model, args: argparse.Namespace) -> int:
+    """Embeddings/s for inputs of args.embeddings tokens, as the daemon computes them: batches
+    of --batch inputs fed as one step of hidden-state entries (model-format §5.3.1), mean
+    pooling and normalisation included."""
+    from bitnetd_trio.engine.embedding import pool
+
+    hp = model.hparams
+    n = args.embeddings
+    batch = args.batch
+    n_threads = args.threads or os.cpu_count() or 1
+    print(
+        f"embeddings of {n} tokens, batches of {batch}, {n_threads} threads, "
+        f"kernel {engine.kernel_name()} ({hp.n_layer} layers, n_embd {hp.n_embd})"
+    )
+    with engine.Context(model, batch, n, n_threads) as ctx:
+
+        def one_batch(salt: int) -> float:
+            t0 = time.perf_counter()
+            entries = [
+                engine.BatchEntry(s, prompt_tokens(n, hp.n_vocab, salt + s), "hidden_all")
+                for s in range(batch)
+            ]
+            for s in range(batch):
+                ctx.reset(s)
+            ctx.forward(entries)
+            for i in range(batch):
+                pool([ctx.hidden(i, t) for t in range(n)], "mean")
+            return batch / (time.perf_counter() - t0)
+
+        one_batch(0)  # warm up: first touch of the mapping
+        rates = [one_batch(r * batch) for r in range(args.rounds)]
+    med = statistics.median
+    print(
+        f"  {med(rates):.2f} embeddings/s ({med(rates) * n:.0f} tokens/s), median of "
+        f"{args.rounds} batches [{min(rates):.2f} .. {max(rates):.2f}]"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.synthetic:
         path = synthetic_model(args.model)
@@ -103,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
     except engine.ModelLoadError as exc:
         print(f"bitnetd-bench: {exc}", file=sys.stderr)
         return 1
+    if args.embeddings:
+        try:
+            return run_embeddings(model, args)
+        finally:
+            model.close()
     hp = model.hparams
     n_threads = args.threads or os.cpu_count() or 1
     batches = sorted({int(b) for b in args.batches.split(",")} - {1})
@@ -228,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20, help="interleaved rounds")
     p.add_argument("--bw-mb", type=int, default=1024, help="bandwidth probe buffer (MiB)")
     p.add_argument("--streams", type=int, default=8, help="read streams per thread in the probe")
+    p.add_argument(
+        "--embeddings",
+        type=int,
+        default=0,
+        metavar="TOKENS",
+        help="measure embeddings/s for inputs of this many tokens instead",
+    )
+    p.add_argument("--batch", type=int, default=8, help="inputs per step with --embeddings")
     p.add_argument("--kernel", help="force a kernel set (scalar, avx2, avx512vnni, amx)")
     args = p.parse_args(argv)
     if args.kernel:

@@ -1,7 +1,7 @@
 """bitnetctl: talk to a running bitnetd over HTTP (TCP or its unix socket) and its pidfile.
 
     bitnetctl [-c FILE] [-H host] [-p port] [-U unix_socket] [-P pidfile] [--json]
-              status|models|metrics|reload|stop
+              [--tls] [--cacert FILE] [--insecure] status|models|metrics|reload|stop
 
 Exit status: 0 success; 1 the daemon is not running or cannot be reached; 2 usage error;
 3 the daemon answered with an error (e.g. /health is 503 while the model loads).
@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -76,18 +77,36 @@ class Endpoint:
     unix_socket: str | None = None
     api_key: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    tls: bool = False  # https (the daemon's [server] tls_cert)
+    cacert: str | None = None  # PEM file of the CA (or self-signed certificate) to trust
+    insecure: bool = False  # https without checking the certificate (curl's -k)
 
     def __str__(self) -> str:
         if self.unix_socket:
             return f"unix:{self.unix_socket}"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+    def _tls_context(self) -> ssl.SSLContext:
+        try:
+            ctx = ssl.create_default_context(cafile=self.cacert)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ControlError(f"cannot use --cacert {self.cacert}: {reason}", EXIT_USAGE) from None
+        if self.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
 
     def get(self, path: str) -> Response:
         """GET path; ControlError(EXIT_DOWN) when nothing answers."""
         conn: http.client.HTTPConnection
         if self.unix_socket:
             conn = UnixHTTPConnection(self.unix_socket, timeout=self.timeout)
+        elif self.tls:
+            conn = http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout, context=self._tls_context()
+            )
         else:
             conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         headers = {"Accept": "application/json, text/plain;q=0.9", "User-Agent": "bitnetctl"}
@@ -430,6 +449,8 @@ def _defaults_from_config(path: str | None) -> dict[str, Any]:
         out["host"], out["port"] = host, port
     if cfg.server.api_keys:
         out["api_key"] = cfg.server.api_keys[0]
+    if cfg.server.tls_cert:
+        out["tls"] = True
     return out
 
 
@@ -455,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-k", "--api-key", help="bearer token if the daemon requires one (default $BITNETD_API_KEY)"
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--tls", action="store_true", help="speak https (default when the configuration sets "
+        "[server] tls_cert; implied by --cacert and --insecure)"
+    )
+    p.add_argument("--cacert", metavar="FILE", help="trust the CA certificate(s) in this PEM file")
+    p.add_argument(
+        "--insecure", action="store_true", help="https without checking the daemon's certificate"
+    )
     p.add_argument(
         "-t", "--timeout", type=float, default=DEFAULT_TIMEOUT, help="HTTP timeout in seconds"
     )
@@ -506,6 +535,9 @@ def _run(argv: Sequence[str] | None) -> int:
         unix_socket=unix_socket,
         api_key=args.api_key or os.environ.get("BITNETD_API_KEY") or defaults.get("api_key"),
         timeout=args.timeout,
+        tls=bool(args.tls or args.cacert or args.insecure or defaults.get("tls")),
+        cacert=args.cacert,
+        insecure=args.insecure,
     )
     try:
         code, data, text = COMMANDS[args.command](ep, args)

@@ -204,6 +204,24 @@ static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparam
         e[0].logits = BN_LOGITS_LAST;
         e[1].n_tokens = 1;
     }
+    /* Hidden-state entries (model-format §5.3.1): y rows instead of logits. */
+    e[0].n_tokens = 2;
+    e[0].logits = BN_HIDDEN_ALL;
+    e[1].n_tokens = 2;
+    e[1].logits = BN_HIDDEN_LAST;
+    if (bn_forward(ctx, e, 2, err, sizeof err) == 0) {
+        for (int32_t t = 0; t < 2; t++) {
+            const float *h = bn_hidden(ctx, 0, t);
+            if (!h)
+                broken(path, "bn_hidden NULL for a computed token");
+            else
+                for (int32_t i = 0; i < hp->n_embd; i++)
+                    sum += h[i] > 0.0f;
+        }
+        if (!bn_hidden(ctx, 1, 1) || bn_hidden(ctx, 1, 0) || bn_hidden(ctx, 0, 2) ||
+            bn_logits(ctx, 0, 0) || bn_logits(ctx, 1, 1))
+            broken(path, "bn_hidden / bn_logits answered wrongly for hidden entries");
+    }
     bn_context_free(ctx);
     return sum;
 }
