@@ -105,7 +105,7 @@ def test_the_check_catches_a_missing_or_unnamed_section(known):
     assert bad_cites(f"# http-api {SECTION}1.4 and {SECTION}3.3", known) == []
     assert bad_cites(f"# model-format {SECTION}5.9", known) == [
         f"line 1: model-format {SECTION}5.9 is not a heading"]
-    assert bad_cites(f"# http-api {SECTION}1.1, {SECTION}4", known) == [
-        f"line 1: http-api {SECTION}4 is not a heading"]
+    assert bad_cites(f"# http-api {SECTION}1.1, {SECTION}9", known) == [
+        f"line 1: http-api {SECTION}9 is not a heading"]
     assert bad_cites(f"# see {SECTION}5.2", known) == [f"line 1: {SECTION}5.2 names no document"]
     assert len(bad_cites("# (spec section 6)", known)) == 1

@@ -26,6 +26,7 @@ from bitnetd_trio.api.json_body import (
     as_str,
     invalid,
     json_type,
+    object_array,
     quoted,
 )
 from bitnetd_trio.engine.sampling import SamplingParams
@@ -38,7 +39,15 @@ __all__ = [
     "SchemaDefaults",
     "TokenizeRequest",
     "check_model_id",
+    "looks_like_path",
+    "resolve_model",
     "parse_apply_template",
+    "parse_content_text",
+    "parse_logit_bias",
+    "parse_min_tokens",
+    "parse_sampling",
+    "parse_seed",
+    "parse_stop",
     "parse_chat_completion",
     "parse_completion",
     "parse_detokenize",
@@ -88,10 +97,20 @@ class SchemaDefaults:
     n_vocab: int | None = None  # token ids (prompt, logit_bias, detokenize) must be below it
     model_ids: frozenset[str] = frozenset()  # accepted `model` values; empty: any
     max_n: int = 8  # most choices (`n`) per request
+    # [model] strict_model_name: an unknown `model` is 404 instead of served by the one model
+    strict_model_name: bool = False
+    # the served model's tokenizer, for fields that name text (llama.cpp's string-keyed
+    # logit_bias, prompts mixing ids and text); None in unit tests without a model
+    tokenizer: Any = None
 
     @classmethod
     def from_config(
-        cls, config: Any, *, n_vocab: int | None = None, model_ids: Iterable[str] = ()
+        cls,
+        config: Any,
+        *,
+        n_vocab: int | None = None,
+        model_ids: Iterable[str] = (),
+        tokenizer: Any = None,
     ) -> SchemaDefaults:
         """From a `config.Config` and facts of the loaded model."""
         m = config.model
@@ -103,6 +122,8 @@ class SchemaDefaults:
             max_tokens_default=m.max_tokens_default,
             n_vocab=n_vocab,
             model_ids=frozenset(model_ids),
+            strict_model_name=m.strict_model_name,
+            tokenizer=tokenizer,
         )
 
 
@@ -133,6 +154,9 @@ class GenerationRequest:
     # these are validated and reported back, not applied.
     context_size: int | None = None
     threads: int | None = None
+    # Fields only one dialect reads back when shaping its answer (Responses: `instructions`,
+    # `metadata`; llama.cpp: `return_tokens`, ...), keyed by their request names.
+    dialect_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,9 +190,28 @@ def check_model_id(model: str, accepted: Iterable[str]) -> str:
     return model
 
 
+def looks_like_path(model: str) -> bool:
+    """A `model` that names a file by its path (absolute, relative, home or Windows): never
+    a model name, and never served (the host's layout is not part of the API, http-api §1.3).
+    `org/name` (Hugging Face style) is a name, not a path."""
+    return model.startswith(("/", "./", "../", "~")) or "\\" in model or model in (".", "..")
+
+
+def resolve_model(model: str, defaults: SchemaDefaults) -> str | None:
+    """The `model` of a request: itself when the server answers to it; None (the one served
+    model, whose id the response then shows) for another name, as llama.cpp's server does,
+    unless `[model] strict_model_name` is set; ApiError 404 model_not_found for a path or,
+    strictly, an unknown name (http-api §1.3)."""
+    if not defaults.model_ids or model in defaults.model_ids:
+        return model
+    if defaults.strict_model_name or looks_like_path(model):
+        raise ApiError.model_not_found(model)
+    return None
+
+
 def _model(f: Fields, defaults: SchemaDefaults) -> str | None:
     model = f.str("model") or None  # "" like absent: the served model
-    return None if model is None else check_model_id(model, defaults.model_ids)
+    return None if model is None else resolve_model(model, defaults)
 
 
 def _stop(f: Fields, limit: int) -> list[str]:
@@ -363,18 +406,8 @@ def _content_text(content: Any, param: str) -> str:
 
 
 def _messages(d: dict) -> list[dict]:
-    v = d.get("messages")
-    if v is None:
-        raise invalid("messages", "is required")
-    if not isinstance(v, list):
-        raise invalid("messages", f"must be an array of messages, got {json_type(v)}")
-    if not v:
-        raise invalid("messages", "must hold at least one message")
     out = []
-    for i, msg in enumerate(v):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise invalid(where, f"must be an object, got {json_type(msg)}")
+    for where, msg in object_array(d.get("messages"), "messages", "message"):
         role = msg.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             shown = f"'{role[:40]}'" if isinstance(role, str) else json_type(role)
@@ -640,3 +673,15 @@ def parse_apply_template(d: dict) -> ApplyTemplateRequest:
         messages=_messages(d),
         add_generation_prompt=f.bool("add_generation_prompt", True),
     )
+
+
+# ---- shared with the dialects that parse their own request shapes ------------------------------
+# (Anthropic Messages and OpenAI Responses, in bitnetd_trio.api.dialects): the sampling fields,
+# stop strings, logit_bias and seed are read exactly as the OpenAI endpoints read them.
+
+parse_sampling = _sampling
+parse_stop = _stop
+parse_logit_bias = _logit_bias_openai
+parse_seed = _seed
+parse_min_tokens = _min_tokens
+parse_content_text = _content_text
