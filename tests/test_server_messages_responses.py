@@ -312,3 +312,31 @@ async def test_hostile_inputs_get_4xx_in_each_apis_own_shape(server: RunningServ
         # the server still serves
         r = await h.post("/v1/messages", json={"model": "m", "max_tokens": 2, "messages": USER})
         assert r.status_code == 200
+
+
+# ---- llama.cpp /completion extras (http-api §3.2) ----------------------------------------------
+
+
+async def test_llamacpp_text_logit_bias_mixed_prompts_and_cache_n(server: RunningServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as h:
+        r = await h.post("/tokenize", json={"content": "hello world", "with_pieces": True})
+        first = r.json()["tokens"][0]
+        piece = first["piece"]
+        assert isinstance(piece, str)
+        # a text key biases that text's tokens: +100 makes greedy decoding repeat it
+        for bias in ([[piece, 100]], {piece: 100}):
+            r = await h.post("/completion", json={"prompt": "x", "n_predict": 3, "temperature": 0,
+                                                  "logit_bias": bias, "cache_prompt": False})
+            assert r.status_code == 200, r.text
+            assert r.json()["content"] == piece * 3
+        ids = (await h.post("/tokenize", json={"content": "abc"})).json()["tokens"]
+        text_ids = (await h.post("/tokenize", json={"content": " tail"})).json()["tokens"]
+        body = {"prompt": [*ids, " tail"], "n_predict": 1}
+        r = await h.post("/completion", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens_evaluated"] == len(ids) + len(text_ids)
+        again = (await h.post("/completion", json=body)).json()
+        assert again["timings"]["cache_n"] > 0
+        assert again["timings"]["cache_n"] + again["timings"]["prompt_n"] == len(ids) + len(text_ids)
+        r = await h.post("/completion", json={"prompt": [1, True], "n_predict": 1})
+        assert r.status_code == 400

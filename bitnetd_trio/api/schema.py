@@ -272,8 +272,20 @@ def _logit_bias_openai(f: Fields, n_vocab: int | None) -> dict[int, float]:
     return out
 
 
-def _logit_bias_llama(f: Fields, n_vocab: int | None) -> dict[int, float]:
-    """llama.cpp: [[id, bias], ...] or {"id": bias}; a bias of false bans the token."""
+def _text_token_ids(text: str, param: str, tokenizer: Any) -> list[int]:
+    """The token ids of a piece of text a llama.cpp field names (no BOS, control-token text
+    kept as plain text); 400 when no model's tokenizer is at hand."""
+    if tokenizer is None:
+        raise invalid(param, "text needs the model's tokenizer (none is loaded)")
+    return tokenizer.encode(text, add_bos=False, parse_special=False)
+
+
+def _logit_bias_llama(
+    f: Fields, n_vocab: int | None, tokenizer: Any = None
+) -> dict[int, float]:
+    """llama.cpp: [[id, bias], ...] or {"id": bias}; a bias of false bans the token. A key
+    that is text rather than an id ([["Hello", -1]], {"Hello": -1}) biases every token of
+    that text, as llama.cpp's server does."""
     v = f.d.get("logit_bias")
     if v is None:
         return {}
@@ -290,16 +302,33 @@ def _logit_bias_llama(f: Fields, n_vocab: int | None) -> dict[int, float]:
                                  f"got {json_type(v)}")
     out: dict[int, float] = {}
     for key, bias in pairs:
-        if isinstance(key, str):
-            if not re.fullmatch(r"[0-9]{1,10}", key):
-                raise invalid("logit_bias", f"keys must be token ids, got '{key[:40]}'")
-            key = int(key)
-        tok = _token_id(key, "logit_bias", n_vocab)
-        if bias is False:
-            out[tok] = -math.inf
-        else:
-            out[tok] = as_number(bias, "logit_bias", -1e6, 1e6)
+        value = -math.inf if bias is False else as_number(bias, "logit_bias", -1e6, 1e6)
+        if isinstance(key, str) and not re.fullmatch(r"[0-9]{1,10}", key):
+            for tok in _text_token_ids(key, "logit_bias", tokenizer):
+                out[tok] = value
+            continue
+        tok = _token_id(int(key) if isinstance(key, str) else key, "logit_bias", n_vocab)
+        out[tok] = value
     return out
+
+
+def _llama_prompt(prompt: Any, defaults: SchemaDefaults) -> list[int]:
+    """llama.cpp's prompt array mixing token ids and strings ([12, "text", 34]): the strings
+    tokenized in place (control-token text becomes the control id), BOS first when the first
+    element is a string and the model wants BOS, as llama.cpp's server does."""
+    tok = defaults.tokenizer
+    ids: list[int] = []
+    for i, part in enumerate(prompt):
+        if isinstance(part, str):
+            if tok is None:
+                raise invalid("prompt", "text needs the model's tokenizer (none is loaded)")
+            ids.extend(tok.encode(part, add_bos=i == 0 and tok.add_bos_default,
+                                  parse_special=True))
+        else:
+            ids.append(_token_id(part, f"prompt[{i}]", defaults.n_vocab))
+    if not ids:
+        raise invalid("prompt", "makes no tokens")
+    return ids
 
 
 def _penalty_window(f: Fields) -> int:
@@ -597,10 +626,15 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
         isinstance(t, int) and not isinstance(t, bool) for t in prompt
     ):
         prompts = [[_token_id(t, "prompt", defaults.n_vocab) for t in prompt]]
+    elif isinstance(prompt, list) and prompt and all(
+        isinstance(t, (int, str)) and not isinstance(t, bool) for t in prompt
+    ):
+        prompts = [_llama_prompt(prompt, defaults)]
     elif prompt is None:
         raise invalid("prompt", "is required")
     else:
-        raise invalid("prompt", "must be a string or a non-empty array of token ids")
+        raise invalid("prompt", "must be a string or a non-empty array of token ids and "
+                                "strings")
 
     # n_predict -1 (llama.cpp's default) generates until the context is full; max_tokens is
     # llama.cpp's alias for it.
@@ -620,7 +654,7 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
         ignore_eos=f.bool("ignore_eos"),
         # llama.cpp's seed -1 means "random".
         sampling=_sampling(
-            f, defaults, logit_bias=_logit_bias_llama(f, defaults.n_vocab),
+            f, defaults, logit_bias=_logit_bias_llama(f, defaults.n_vocab, defaults.tokenizer),
             seed=None if seed == -1 else seed,
         ),
         stop=_stop(f, LLAMA_MAX_STOP),
