@@ -112,7 +112,7 @@ class ServerConfig:
     request_timeout: float = 600.0  # seconds; 0: no limit
     max_body_size: int = 1 << 20  # bytes; beyond: 413
     backlog: int = 128
-    max_queue: int = 64  # generation requests waiting for a free slot; beyond: 503
+    max_queue: int = 64  # sequences (prompts x n) waiting for a free slot; beyond: 503
     drain_timeout: float = 30.0  # seconds running generations may finish after TERM/INT
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     api_key_file: str | None = None  # where some of api_keys came from (re-read on reload)

@@ -246,8 +246,14 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *sg, 
  * arithmetic runs in the same fixed order as if it were alone (scores, max, exp-sum in
  * position order, weighted sum in position order, one multiplication by 1/sum), so results do
  * not depend on the grouping or the batch. Cloned for wider vectors: the operations and their
- * order stay the same (no contraction in ISO C mode). */
-__attribute__((target_clones("avx512f", "avx2", "default"))) static void
+ * order stay the same (no contraction in ISO C mode). The clones are x86 only: elsewhere
+ * (aarch64) the one portable version is compiled. */
+#ifdef BN_X86
+#define BN_ATTEND_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define BN_ATTEND_CLONES
+#endif
+BN_ATTEND_CLONES static void
 attend_group(const float *q, const float *kc, const float *vc, size_t kvd, int32_t pos, int32_t D,
              int32_t group, float inv_sqrt_d, float *scores, size_t score_stride, float *out)
 {

@@ -112,6 +112,17 @@ async def running_server(config) -> AsyncIterator[RunningServer]:
             stop.set()
 
 
+async def poll_until(check, what: str, tries: int = 1000) -> None:  # type: ignore[no-untyped-def]
+    """Poll the plain function `check` (bounded: `tries` times, 10 ms apart) until it is true."""
+    import trio
+
+    for _ in range(tries):
+        if check():
+            return
+        await trio.sleep(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
 @pytest.fixture
 async def server(server_model_path: Path) -> AsyncIterator[RunningServer]:
     """A server with 4 slots on the server model."""

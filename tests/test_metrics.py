@@ -27,6 +27,14 @@ EXPECTED = {
     "bitnetd_request_queue_seconds": "histogram",
     "bitnetd_e2e_request_seconds": "histogram",
     "bitnetd_kv_cache_usage_ratio": "gauge",
+    "bitnetd_prefix_cache_queries": "counter",
+    "bitnetd_prefix_cache_hits": "counter",
+    # vLLM's names, for inference gateways (issue 12)
+    "vllm:num_requests_waiting": "gauge",
+    "vllm:num_requests_running": "gauge",
+    "vllm:kv_cache_usage_perc": "gauge",
+    "vllm:prefix_cache_queries": "counter",
+    "vllm:prefix_cache_hits": "counter",
 }
 
 

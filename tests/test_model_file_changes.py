@@ -36,11 +36,17 @@ _CHILD = textwrap.dedent(
 )
 
 
-def _run_with_change(tmp_path: Path, change) -> subprocess.CompletedProcess:
+def _truncate(path: Path, _tmp: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(4096)
+
+
+def _run_with_change(tmp_path: Path, change, child: str = _CHILD) -> subprocess.CompletedProcess:
+    """Run `child` on a fresh model file; `change(path, tmp_path)` once it has served a step."""
     path = tmp_path / "model.gguf"
     gw.write_model(path, gw.TINY, 0)
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(path)],
+        [sys.executable, "-c", child, str(path)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -51,11 +57,7 @@ def _run_with_change(tmp_path: Path, change) -> subprocess.CompletedProcess:
 
 
 def test_truncated_in_place_exits_75_with_one_line(tmp_path):
-    def truncate(path: Path, _tmp: Path) -> None:
-        with open(path, "r+b") as f:
-            f.truncate(4096)
-
-    r = _run_with_change(tmp_path, truncate)
+    r = _run_with_change(tmp_path, _truncate)
     assert r.returncode == 75, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -99,18 +101,8 @@ def test_the_line_also_goes_to_the_fatal_log_descriptor(tmp_path, prefix):
         f"lib.bn_set_fatal_log(fd, {prefix!r}.encode())\n"
         "model = Model.load(sys.argv[1])",
     )
-    path = tmp_path / "model.gguf"
-    gw.write_model(path, gw.TINY, 0)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", child, str(path)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-    with open(path, "r+b") as f:
-        f.truncate(4096)
-    proc.communicate("go\n", timeout=120)
-    assert proc.returncode == 75
+    r = _run_with_change(tmp_path, _truncate, child)
+    assert r.returncode == 75, r.stderr
     text = log.read_text()
     assert text.startswith(prefix + "the model file ") and text.count("\n") == 1
 

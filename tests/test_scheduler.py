@@ -245,10 +245,11 @@ def test_a_cancelled_waiting_job_leaves_the_queue_without_a_slot() -> None:
 
 @pytest.mark.parametrize(
     ("in_system", "n_new", "capacity", "room"),
-    [(0, 3, 6, True), (3, 3, 6, True), (4, 3, 6, False), (6, 1, 6, False), (0, 9, 6, True)],
+    [(0, 3, 6, True), (3, 3, 6, True), (4, 3, 6, False), (6, 1, 6, False), (0, 6, 6, True),
+     (0, 9, 6, False)],
 )
 def test_queue_limit(in_system: int, n_new: int, capacity: int, room: bool) -> None:
-    # a request bigger than the capacity is taken only into an empty system
+    # counted in sequences; more than the capacity never fits, not even an empty system
     assert queue_has_room(in_system, n_new, capacity) is room
 
 

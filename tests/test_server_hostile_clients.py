@@ -1,11 +1,23 @@
-"""Hostile or unusual clients at the HTTP level: withheld bodies, oversized stop strings, a
-logit_bias banning everything, HEAD, timeouts counted, pipelining after early errors. Each
-test fails without the fix it guards."""
+"""Hostile or unusual clients at the HTTP level: withheld bodies, keyless floods, oversized
+stop strings, a logit_bias banning everything, HEAD, timeouts counted, pipelining after early
+errors. Each test fails without the fix it guards."""
 
 from __future__ import annotations
 
+import httpx
 import trio
-from conftest import running_server, server_config
+from conftest import poll_until, running_server, server_config
+
+KEY = "hostile-test-key"
+AUTH = {"authorization": f"Bearer {KEY}"}
+WITHHELD = (
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100\r\n\r\n"
+)
+
+
+def _gauge(app: object, name: str) -> float:
+    return getattr(app.metrics, name)._value.get()  # type: ignore[attr-defined]
 
 
 async def _read_until_closed(stream: trio.SocketStream) -> bytes:
@@ -18,9 +30,10 @@ async def _read_until_closed(stream: trio.SocketStream) -> bytes:
 
 
 async def test_a_withheld_body_ends_with_408_and_frees_the_request(server_model_path):
-    """Headers sent, body never completed (slowloris): request_timeout answers 408 and closes,
-    instead of holding the request (and a max_connections place) forever."""
-    config = server_config(server_model_path, server_request_timeout=0.5)
+    """Headers sent, body never completed (slowloris): body_timeout (not the much longer
+    request_timeout) answers 408 and closes, instead of holding the request forever."""
+    config = server_config(server_model_path, server_body_timeout=0.5,
+                           server_request_timeout=600.0)
     async with running_server(config) as srv:
         stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
         await stream.send_all(
@@ -33,6 +46,74 @@ async def test_a_withheld_body_ends_with_408_and_frees_the_request(server_model_
         assert reply.startswith(b"HTTP/1.1 408 ")
         assert b"timeout_error" in reply
         assert srv.app._active_requests == 0
+
+
+async def test_keyless_clients_never_lock_out_key_holders(server_model_path):
+    """Ten keyless clients send headers announcing a body they never send, reconnecting in a
+    loop. Each is refused with 401 at once (Connection: close, no wait for the body) and takes
+    no max_connections place, so every authenticated request meanwhile succeeds."""
+    config = server_config(server_model_path, server_max_connections=2, server_api_keys=[KEY])
+    refused = 0
+    replies_without_close: list[bytes] = []
+    stop = trio.Event()
+
+    async def keyless(port: int) -> None:
+        nonlocal refused
+        while not stop.is_set():
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(WITHHELD)
+            with trio.fail_after(30):  # a hang guard, not a timing assertion
+                reply = await _read_until_closed(stream)
+            await stream.aclose()
+            assert reply.startswith(b"HTTP/1.1 401 "), reply[:200]
+            if b"\r\nconnection: close\r\n" not in reply.lower():
+                replies_without_close.append(reply)
+            refused += 1
+
+    async with running_server(config) as s, httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(keyless, s.port)
+            await poll_until(lambda: refused >= 20, "the keyless flood to be under way")
+            statuses = []
+            for i in range(20):
+                body = {"prompt": f"x {i}", "max_tokens": 1}
+                statuses.append((await c.post("/v1/completions", json=body, headers=AUTH))
+                                .status_code)
+                statuses.append((await c.get("/v1/models", headers=AUTH)).status_code)
+            refused_meanwhile = refused
+            stop.set()
+        assert statuses == [200] * 40
+        assert refused_meanwhile > 40  # the flood went on during the authenticated requests
+        assert not replies_without_close
+        assert s.app._active_requests == 0  # type: ignore[attr-defined]
+
+
+async def test_withheld_bodies_hold_no_place_and_get_408_after_body_timeout(server_model_path):
+    """max_connections + 1 clients send their headers and withhold the body: they take no
+    place while the body is awaited, so a normal request meanwhile succeeds; after
+    body_timeout (not request_timeout) each gets 408 with Connection: close."""
+    config = server_config(server_model_path, server_max_connections=2,
+                           server_body_timeout=1.0, server_request_timeout=600.0)
+    async with running_server(config) as s, httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+        withholding = []
+        for _ in range(3):
+            stream = await trio.open_tcp_stream("127.0.0.1", s.port)
+            await stream.send_all(WITHHELD + b'{"prompt":')
+            withholding.append(stream)
+        # all three are inside the application, reading their bodies, holding no place
+        await poll_until(lambda: _gauge(s.app, "active_connections") == 3,
+                          "the three requests to arrive")
+        assert s.app._active_requests == 0  # type: ignore[attr-defined]
+        r = await c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200
+        for stream in withholding:
+            with trio.fail_after(30):  # a hang guard (request_timeout is 600 s)
+                reply = await _read_until_closed(stream)
+            await stream.aclose()
+            assert reply.startswith(b"HTTP/1.1 408 "), reply[:200]
+            assert b"\r\nconnection: close\r\n" in reply.lower()
+            assert b"timeout_error" in reply and b"within 1 s" in reply
 
 
 def test_a_stop_string_longer_than_the_limit_is_a_400_naming_it():
@@ -64,7 +145,7 @@ async def test_a_logit_bias_banning_every_token_is_a_client_error(server_model_p
         running_server(server_config(server_model_path)) as srv,
         httpx.AsyncClient(base_url=srv.url, timeout=60) as client,
     ):
-        n_vocab = srv.app.engine.info.n_vocab
+        n_vocab = srv.app.engine.info.hparams.n_vocab
         stop_ids = srv.app.engine.tokenizer.stop_ids
         everything = [[i, False] for i in range(n_vocab)]
         all_but_stops = [[i, False] for i in range(n_vocab) if i not in stop_ids]

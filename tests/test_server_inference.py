@@ -147,6 +147,20 @@ async def test_queue_full(thread: InferenceThread) -> None:
     assert thread.in_system == 0
 
 
+async def test_more_sequences_than_slots_plus_queue_never_fit(thread: InferenceThread) -> None:
+    from bitnetd_trio.engine.inference import QueueFull
+
+    assert thread.capacity == 6  # 2 slots + max_queue 4
+    with pytest.raises(QueueFull):  # not even into an idle engine
+        thread.submit([new_job([1], max_tokens=1)[0] for _ in range(7)])
+    assert thread.in_system == 0
+    jobs = [new_job([1], max_tokens=1) for _ in range(6)]
+    thread.submit([j for j, _ in jobs])
+    for _, r in jobs:
+        assert (await finish(r))[1].finish_reason == "length"
+    assert thread.in_system == 0
+
+
 async def test_a_sequence_whose_logits_are_all_nan_fails_alone(
     tmp_path: Path, server_model_path: Path
 ) -> None:

@@ -9,7 +9,13 @@ import pytest
 
 from bitnetd_trio.engine import gguf_writer as gw
 from bitnetd_trio.engine import vocab as vocabs
-from bitnetd_trio.engine.tokenizer import Tokenizer, TokenizerError, byte_to_unicode
+from bitnetd_trio.engine.tokenizer import (
+    PIECE_CHARS,
+    Tokenizer,
+    TokenizerError,
+    byte_to_unicode,
+    pretoken_pieces,
+)
 
 LLAMA3_PATTERN = vocabs.LLAMA3_SPLIT_PATTERN
 
@@ -284,6 +290,43 @@ def test_ids_match_tiktoken_on_the_tiny_ranks(tiny):
     )
     for s in varied_strings(400):
         assert tiny.encode(s, add_bos=False, parse_special=False) == enc.encode_ordinary(s), s
+
+
+@pytest.mark.parametrize("vocab", ["tiny", "llama3"])
+def test_encoding_in_pieces_gives_the_ids_of_the_whole_text(vocab, request):
+    # Long text is encoded in pieces so that the GIL is free between them; each cut must fall
+    # where a pre-token starts anyway. Cut at every such place (piece size 1) of varied text,
+    # including runs of spaces, tabs, newlines, NBSP, U+2028, contractions, digits.
+    tok: Tokenizer = request.getfixturevalue(vocab)
+    strings = varied_strings(300)
+    rng = random.Random(7)
+    texts = ["".join(rng.sample(strings, 40)) for _ in range(40)] + strings
+    cuts = 0
+    for text in texts:
+        pieces = pretoken_pieces(text, 1)
+        assert "".join(pieces) == text
+        cuts += len(pieces) - 1
+        whole = tok._hf.encode(text, add_special_tokens=False).ids
+        pieced = [i for p in pieces for i in tok._hf.encode(p, add_special_tokens=False).ids]
+        assert pieced == whole, (text, pieces)
+    assert cuts > 1000  # the texts were really cut
+
+
+def test_long_text_is_encoded_in_pieces_with_the_same_ids(tiny, monkeypatch):
+    text = " ".join(varied_strings(3000)) * 3
+    assert len(text) > 3 * PIECE_CHARS
+    calls: list[int] = []
+    real = tiny._hf
+    whole = real.encode(text, add_special_tokens=False).ids
+
+    class Counting:
+        def encode(self, piece: str, **kw):
+            calls.append(len(piece))
+            return real.encode(piece, **kw)
+
+    monkeypatch.setattr(tiny, "_hf", Counting())
+    assert tiny.encode(text, add_bos=False, parse_special=False) == whole
+    assert len(calls) >= 3 and max(calls) < 2 * PIECE_CHARS
 
 
 def test_special_parsing_matches_tiktoken(llama3, tiktoken_llama3):

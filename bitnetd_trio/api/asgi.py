@@ -20,6 +20,7 @@ import trio
 
 from bitnetd_trio.api import ops
 from bitnetd_trio.api.access import RateLimiter, check_api_key
+from bitnetd_trio.api.cpu_work import CpuWork
 from bitnetd_trio.api.dialects.anthropic_messages import (
     AnthropicMessages,
     anthropic_error_body,
@@ -45,7 +46,7 @@ from bitnetd_trio.api.http import (
 )
 from bitnetd_trio.api.json_body import check_content_type
 from bitnetd_trio.api.metrics import Metrics
-from bitnetd_trio.api.schema import SchemaDefaults, parse_chat_completion
+from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults, parse_chat_completion
 from bitnetd_trio.api.served_model import DEMO_MODEL_ID, accepted_model_ids, served_model_id
 from bitnetd_trio.api.token_count import counting_handler
 from bitnetd_trio.config import Config
@@ -76,10 +77,17 @@ def _generation_handler(dialect: Dialect) -> Handler:
 
     async def handle(app: App, req: Request) -> None:
         engine = app.require_engine()
-        g = dialect.parse(req.json(), app.schema_defaults(engine))
-        await app.generations.serve(req, dialect, g, engine, app.config)
+        defaults = app.schema_defaults(engine)
+        g = await app.cpu.run(len(req.body), _parse_generation, dialect, req, defaults)
+        await app.generations.serve(req, dialect, g, engine, app.config, app.cpu)
 
     return handle
+
+
+def _parse_generation(
+    dialect: Dialect, req: Request, defaults: SchemaDefaults
+) -> GenerationRequest:
+    return dialect.parse(req.json(), defaults)
 
 
 class _Release:
@@ -108,7 +116,8 @@ class App:
         self._nursery: trio.Nursery | None = None  # the lifespan's
         self._releases: dict[InferenceThread, _Release] = {}
         self.generations = GenerationFlow(self.metrics)
-        self._active_requests = 0
+        self.cpu = CpuWork()  # JSON parsing, templates and tokenizing of large requests
+        self._active_requests = 0  # requests holding a max_connections place
         self._rate_limiter = RateLimiter()
         self.routes: dict[str, Route] = self._build_routes()
 
@@ -209,7 +218,7 @@ class App:
             self.config = config
         self.engine = engine
         self.metrics.model_loaded.set(1)
-        self.model_id = served_model_id(engine)
+        self.model_id = self.metrics.model_name = served_model_id(engine)
 
     async def startup(self) -> None:
         """Load the configured model and serve it."""
@@ -268,7 +277,7 @@ class App:
         """What request validation needs from the configuration and `engine`'s model."""
         return SchemaDefaults.from_config(
             self.config,
-            n_vocab=engine.info.n_vocab,
+            n_vocab=engine.info.hparams.n_vocab,
             model_ids=accepted_model_ids(engine, self.config.model.alias),
             tokenizer=engine.tokenizer,
         )
@@ -291,6 +300,8 @@ class App:
             "/v1/completions": completions,
             "/v1/models": models,
             "/health": health,
+            "/health/ready": health,
+            "/health/live": Route({"GET": ops.live, "HEAD": ops.live}, public=True),
             "/metrics": Route({"GET": ops.metrics}, metrics=True),
             "/tokenize": Route({"POST": ops.tokenize}),
             "/detokenize": Route({"POST": ops.detokenize}),
@@ -345,37 +356,40 @@ class App:
     # -- HTTP --
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One request, in an order that lets no client hold a `max_connections` place it has
+        not earned: route; access (a missing or wrong key is answered at once, its body never
+        waited for); the body, under `body_timeout`; only then a place, for the handler."""
         started = time.monotonic()
         method, path = scope["method"], scope.get("path", "")
         resp = Responder(send)
-        self._active_requests += 1
         self.metrics.active_connections.inc()
         body: bytes | None = None
-        body_read_started = False
+        wait_for_body = True  # whether an early error still drains the unread body
+        holds_place = False
         try:
             try:
                 route, handler, params = self._route(method, path)
                 resp.error_body = route.error_body
-                self._check_access(scope, route)
+                try:
+                    self._check_access(scope, route)
+                except ApiError:
+                    # A refused client gets none of the server's time: no waiting for a body
+                    # it may never send (the connection is closed instead).
+                    wait_for_body = False
+                    raise
                 if method in _BODY_METHODS:
                     check_content_type(header(scope, "content-type"))
-                    # A client that sends its headers and then trickles or withholds the body
-                    # would otherwise hold a request (and a max_connections place) forever.
-                    timeout = self.config.server.request_timeout
-                    body_read_started = True
-                    with trio.move_on_after(timeout if timeout > 0 else math.inf):
-                        body = await read_body(
-                            receive, scope.get("headers", []), self.config.server.max_body_size
-                        )
-                    if body is None:
-                        raise ApiError(408, f"the request body did not arrive within {timeout:g} s")
+                    wait_for_body = False  # a failed or late body: close, do not read on
+                    body = await self._read_body(scope, receive)
+                self._take_place(route)
+                holds_place = True
                 await handler(self, Request(scope, receive, resp, body or b"", params))
             except ApiError as exc:
                 if not resp.started:
                     if (
                         body is None
                         and method in _BODY_METHODS
-                        and (body_read_started or not await self._discard_body(scope, receive))
+                        and (not wait_for_body or not await self._discard_body(scope, receive))
                     ):
                         # the body was not read (all of it): the connection cannot be reused
                         exc.headers.setdefault("connection", "close")
@@ -391,19 +405,32 @@ class App:
             else:
                 resp.error_type = "server_error"
         finally:
-            self._active_requests -= 1
+            if holds_place:
+                self._active_requests -= 1
             self.metrics.active_connections.dec()
             self.metrics.count_request(path, resp.status or 499, resp.error_type)
             known = self.routes.get(path)
             if known is not None and known.generation:
                 self.metrics.e2e_request_seconds.observe(time.monotonic() - started)
 
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The request body, which must arrive within `[server] body_timeout` (else 408). Its
+        own deadline, not request_timeout: a client that sends headers and withholds the body
+        must not keep its connection for the length of a generation."""
+        timeout = self.config.server.body_timeout
+        with trio.move_on_after(timeout):
+            return await read_body(
+                receive, scope.get("headers", []), self.config.server.max_body_size
+            )
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s")
+
     async def _discard_body(self, scope: Scope, receive: Receive) -> bool:
         """Read and drop the body of a request refused before its body was read (unknown
-        route, wrong method or content type, access). Answering before the body is consumed
-        races with hypercorn's own reader when the client pipelines its next request. False
-        if the body is too large or slow: the connection is then closed instead."""
-        with trio.move_on_after(5.0):
+        route, wrong method or content type). Answering before the body is consumed races
+        with hypercorn's own reader when the client pipelines its next request. False if the
+        body is too large or slow: the connection is then closed instead. No max_connections
+        place is held meanwhile."""
+        with trio.move_on_after(min(5.0, self.config.server.body_timeout)):
             try:
                 await read_body(receive, scope.get("headers", []), self.config.server.max_body_size)
             except (ApiError, ClientGone):
@@ -412,7 +439,7 @@ class App:
         return False
 
     def _check_access(self, scope: Scope, route: Route) -> None:
-        """API key, per-client rate limit and the connection limit (in that order)."""
+        """API key, then the per-client rate limit: who may ask at all."""
         if route.public:
             return
         keys = self.config.server.api_keys
@@ -423,10 +450,14 @@ class App:
         rate = self.config.security.rate_limit
         if rate > 0:
             self._rate_limiter.check(scope, rate)
-        if self._active_requests > self.config.server.max_connections:
-            raise ApiError.unavailable(
-                f"too many requests in progress (limit {self.config.server.max_connections})"
-            )
+
+    def _take_place(self, route: Route) -> None:
+        """Count the request against `[server] max_connections` (503 when all places are
+        taken; public routes such as /health are counted but never refused)."""
+        limit = self.config.server.max_connections
+        if not route.public and self._active_requests >= limit:
+            raise ApiError.unavailable(f"too many requests in progress (limit {limit})")
+        self._active_requests += 1
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> App:

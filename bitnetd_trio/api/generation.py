@@ -18,6 +18,7 @@ import uuid
 import trio
 
 from bitnetd_trio import __version__
+from bitnetd_trio.api.cpu_work import CpuWork
 from bitnetd_trio.api.dialects.base import Dialect
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.http import DisconnectWatch, Request
@@ -32,13 +33,34 @@ from bitnetd_trio.engine.inference import InferenceThread, Job, QueueFull, Updat
 
 log = logging.getLogger("bitnetd.app")
 
-__all__ = ["Generation", "GenerationFlow"]
+__all__ = ["Generation", "GenerationFlow", "check_sequences"]
 
 _STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # nginx: pass events on as they come
 ]
+
+
+def check_sequences(g: GenerationRequest, engine: InferenceThread) -> None:
+    """ApiError 400 when the request asks for more sequences (prompts x n) than the engine
+    could ever hold at once ([model] parallel running + [server] max_queue waiting): it could
+    only be refused with 503 forever, or, admitted alone, take every slot from everyone."""
+    n_prompts = 1 if g.messages is not None else len(g.prompts or ())
+    sequences = n_prompts * g.n
+    limit = engine.capacity
+    if sequences <= limit:
+        return
+    param = "n" if g.n > limit or n_prompts == 1 else "prompt"
+    asked = f"{sequences} sequences" if n_prompts == 1 else (
+        f"{sequences} sequences ({n_prompts} prompts x n {g.n})"
+    )
+    raise ApiError(
+        400,
+        f"this request asks for {asked}; the server holds at most {limit} at once "
+        f"([model] parallel {engine.settings.n_slots} + [server] max_queue {engine.max_queue})",
+        param=param,
+    )
 
 
 def _nothing_produced() -> ApiError:
@@ -97,26 +119,50 @@ class GenerationFlow:
         g: GenerationRequest,
         engine: InferenceThread,
         config: Config,
+        cpu: CpuWork,
     ) -> None:
-        """Answer one validated generating request on `engine`."""
+        """Answer one validated generating request on `engine`; rendering and tokenizing the
+        prompts run on `cpu` (worker threads for large requests)."""
         if self.draining:
             raise ApiError.unavailable("the server is shutting down", retry_after=5)
+        check_sequences(g, engine)
         check_samplable(g, engine)
-        prompts, texts = prepare_prompts(g, engine)
-        gen = self._submit(dialect, g, engine, prompts, texts, config)
-        watch = DisconnectWatch(gen.cancel_all)
-        self.active.add(gen)
-        respond = self._stream if g.stream else self._respond_whole
-        try:
+        gen: Generation | None = None
+
+        def on_disconnect() -> None:
+            if gen is not None:
+                gen.cancel_all()
+
+        # The disconnect watch is on before the prompts are prepared: a client that leaves
+        # while its long prompt is tokenized ends the request there, before any job exists
+        # (the abandoned tokenization finishes in its thread and is dropped).
+        watch = DisconnectWatch(on_disconnect)
+        # A Jinja chat template renders in a worker process: waiting for it blocks, whatever
+        # the size of the request.
+        jinja = g.messages is not None and engine.chat_template.kind == "jinja"
+        work_size = math.inf if jinja else len(req.body)
+
+        async def prepare_and_answer() -> None:
+            nonlocal gen
+            prompts, texts = await cpu.run(work_size, prepare_prompts, g, engine)
+            if self.draining:  # the drain began while the prompts were prepared
+                raise ApiError.unavailable("the server is shutting down", retry_after=5)
+            gen = self._submit(dialect, g, engine, prompts, texts, config)
+            self.active.add(gen)
+            respond = self._stream if g.stream else self._respond_whole
             with gen.receiver:
-                await watch.run(req.receive, lambda: respond(req, gen, watch))
+                await respond(req, gen, watch)
+
+        try:
+            await watch.run(req.receive, prepare_and_answer)
         finally:
-            self.active.discard(gen)
-            gen.cancel_all()  # any way out (error, timeout, disconnect) frees the slots
+            if gen is not None:
+                self.active.discard(gen)
+                gen.cancel_all()  # any way out (error, timeout, disconnect) frees the slots
             # here, not after: a timeout with nothing produced leaves as a 504 ApiError
-            if watch.disconnected or gen.timed_out:
+            if watch.disconnected or (gen is not None and gen.timed_out):
                 self.metrics.requests_cancelled_total.inc()
-        if log.isEnabledFor(logging.DEBUG):
+        if gen is not None and log.isEnabledFor(logging.DEBUG):
             _log_outcome(gen, watch)
         if watch.disconnected and not req.resp.finished:
             req.resp.status = req.resp.status or 499

@@ -97,7 +97,17 @@ class Responder:
         before_final: Callable[[], None] | None = None,
     ) -> None:
         """A whole JSON response; `before_final` runs between the headers and the body."""
-        data = json_bytes(obj)
+        await self.send_json_data(status, json_bytes(obj), headers, before_final)
+
+    async def send_json_data(
+        self,
+        status: int,
+        data: bytes,
+        headers: dict[str, str] | None = None,
+        before_final: Callable[[], None] | None = None,
+    ) -> None:
+        """`send_json` with the body already encoded (large bodies are encoded off the Trio
+        thread)."""
         hdrs = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(data)).encode()),

@@ -4,12 +4,17 @@ The families of the C bitnetd keep their names (`bitnetd_requests_total`, ...); 
 operators compare LLM servers by (queue time, time to first token, inter-token latency, KV cache
 use, work done for clients that already left). Updates are thread-safe (prometheus-client locks
 each value), so the inference thread may update metrics directly.
+
+Kubernetes inference gateways (Gateway API Inference Extension, llm-d) pick a replica from
+gauges named as vLLM names them; `VllmNames` exports those names with a `model_name` label,
+read from our own families at each scrape, so the two can never disagree.
 """
 
 from __future__ import annotations
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
@@ -26,6 +31,8 @@ ENDPOINTS = frozenset(
         "/v1/completions",
         "/v1/models",
         "/health",
+        "/health/live",
+        "/health/ready",
         "/metrics",
         "/tokenize",
         "/detokenize",
@@ -123,6 +130,16 @@ class Metrics:
         self.kv_cache_usage_ratio = Gauge(
             "bitnetd_kv_cache_usage_ratio",
             "Fraction of the KV cache (all sequences) holding tokens", registry=r)
+        self.prefix_cache_queries_total = Counter(
+            "bitnetd_prefix_cache_queries", "Prompt tokens looked up in the slots' cached tokens",
+            registry=r)
+        self.prefix_cache_hits_total = Counter(
+            "bitnetd_prefix_cache_hits",
+            "Prompt tokens found in a slot's cached tokens (not computed again)", registry=r)
+
+        # ---- vLLM's names, for inference gateways ----
+        self.model_name = ""  # the served model id (the app sets it when it serves a model)
+        r.register(VllmNames(self))
 
         self.model_loaded.set(0)
 
@@ -147,5 +164,46 @@ class Metrics:
     def render(self, accept_header: str | None = None) -> tuple[bytes, str]:
         """The exposition body and its content type (OpenMetrics only when the client asks)."""
         if accept_header and "application/openmetrics-text" in accept_header.lower():
-            return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
+            # The default escaping ("underscores") turns the colons of vllm:... sample names
+            # into underscores but not those of their TYPE lines; names with colons are valid
+            # legacy names and need no escaping. Every other name is unchanged by this.
+            data = openmetrics.generate_latest(self.registry, escaping="allow-utf-8")
+            return data, openmetrics.CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+
+
+def _value(metric: Gauge | Counter) -> float:
+    """The current value of an unlabelled gauge or counter (a counter's `_total` sample)."""
+    samples = metric.collect()[0].samples
+    return next(s.value for s in samples if not s.name.endswith("_created"))
+
+
+class VllmNames:
+    """vLLM's metric names over our values: `vllm:num_requests_waiting`,
+    `vllm:num_requests_running`, `vllm:kv_cache_usage_perc` (a fraction, 0..1, as in vLLM) and
+    the `vllm:prefix_cache_queries` / `vllm:prefix_cache_hits` token counters, each with the
+    `model_name` label. A custom collector: read at scrape time from the families the engine
+    updates, so they equal ours at every scrape."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self):  # noqa: ANN201 - prometheus-client's collector protocol
+        m = self._m
+        labels = [m.model_name]
+        families = (
+            (GaugeMetricFamily, "vllm:num_requests_waiting",
+             "Requests waiting for a free sequence (bitnetd)", m.requests_waiting),
+            (GaugeMetricFamily, "vllm:num_requests_running",
+             "Requests holding an engine sequence (bitnetd)", m.requests_running),
+            (GaugeMetricFamily, "vllm:kv_cache_usage_perc",
+             "KV cache usage, 1 = 100% (bitnetd)", m.kv_cache_usage_ratio),
+            (CounterMetricFamily, "vllm:prefix_cache_queries",
+             "Prompt tokens looked up in the prefix cache (bitnetd)", m.prefix_cache_queries_total),
+            (CounterMetricFamily, "vllm:prefix_cache_hits",
+             "Prompt tokens found in the prefix cache (bitnetd)", m.prefix_cache_hits_total),
+        )
+        for kind, name, doc, source in families:
+            family = kind(name, doc, labels=["model_name"])
+            family.add_metric(labels, _value(source))
+            yield family

@@ -6,6 +6,8 @@ Each handler is `async (app, request)`, registered in `App`'s route table; none 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bitnetd_trio import __version__
@@ -24,6 +26,7 @@ from bitnetd_trio.api.served_model import (
     served_model_id,
     shown_model_path,
 )
+from bitnetd_trio.api.sse import json_bytes
 from bitnetd_trio.engine.chat import bitnet_format_as_jinja
 from bitnetd_trio.engine.inference import InferenceThread
 
@@ -34,6 +37,7 @@ __all__ = [
     "apply_template",
     "detokenize",
     "health",
+    "live",
     "metrics",
     "model_by_id",
     "model_info",
@@ -46,15 +50,27 @@ __all__ = [
 
 
 async def health(app: App, req: Request) -> None:
-    """GET/HEAD /health: 200 {"status": "ok"} once a model is loaded, else 503 "loading"."""
+    """GET/HEAD /health and /health/ready (readiness): 200 {"status": "ok"} once a model is
+    loaded; 503 "loading" before, and 503 "draining" from the first stop signal on, so a load
+    balancer sends no new work while running generations finish."""
     engine = app.engine
-    if engine is None or not engine.ready:
+    if app.draining:
+        err = ApiError.unavailable("the server is shutting down", retry_after=5)
+        status = "draining"
+    elif engine is None or not engine.ready:
         err = ApiError.unavailable("the model is loading", retry_after=2)
-        body = {"status": "loading", **err.envelope()}
-        await req.resp.send_json(503, body, err.headers)
-        req.resp.error_type = err.type
+        status = "loading"
+    else:
+        await req.resp.send_json(200, {"status": "ok"})
         return
-    await req.resp.send_json(200, {"status": "ok"})
+    await req.resp.send_json(503, {"status": status, **err.envelope()}, err.headers)
+    req.resp.error_type = err.type
+
+
+async def live(app: App, req: Request) -> None:
+    """GET/HEAD /health/live (liveness): 200 while the process answers HTTP, whether it is
+    loading, serving or draining."""
+    await req.resp.send_json(200, {"status": "alive"})
 
 
 async def metrics(app: App, req: Request) -> None:
@@ -73,14 +89,14 @@ def _model_card(app: App, model_id: str, engine: InferenceThread) -> dict:
         # Other names requests may use for this model (http-api §1.3).
         "aliases": model_aliases(engine, app.config.model.alias),
         "meta": {
-            "architecture": info.architecture,
-            "n_ctx_train": info.n_ctx_train,
+            "architecture": info.hparams.architecture,
+            "n_ctx_train": info.hparams.n_ctx_train,
             "n_ctx": info.n_ctx,
-            "n_vocab": info.n_vocab,
-            "n_embd": info.n_embd,
-            "n_layer": info.n_layer,
-            "n_params": info.n_params,
-            "size": info.file_size,
+            "n_vocab": info.hparams.n_vocab,
+            "n_embd": info.hparams.n_embd,
+            "n_layer": info.hparams.n_layer,
+            "n_params": info.hparams.n_params,
+            "size": info.hparams.file_size,
             "parallel": info.n_slots,
             "demo": info.is_demo,
             "path": shown_model_path(engine, app.config.model.expose_path),
@@ -105,9 +121,26 @@ async def model_by_id(app: App, req: Request) -> None:
     await req.resp.send_json(200, _model_card(app, model_id, engine))
 
 
+async def _answer_off_thread(
+    app: App, req: Request, reply: Callable[[App, Request], dict], *, always: bool = False
+) -> None:
+    """200 with `reply(app, req)` as JSON, computed and encoded on app.cpu: a worker thread
+    when the body is large (or `always`), since the work grows with the request."""
+
+    def encoded() -> bytes:
+        return json_bytes(reply(app, req))
+
+    size = math.inf if always else len(req.body)
+    await req.resp.send_json_data(200, await app.cpu.run(size, encoded))
+
+
 async def tokenize(app: App, req: Request) -> None:
     """POST /tokenize: token ids, or {"id", "piece"} objects (a piece that is not whole UTF-8
     as its byte values)."""
+    await _answer_off_thread(app, req, _tokenize)
+
+
+def _tokenize(app: App, req: Request) -> dict:
     engine = app.require_engine()
     t = parse_tokenize(req.json())
     tok = engine.tokenizer
@@ -124,17 +157,20 @@ async def tokenize(app: App, req: Request) -> None:
     else:
         tokens = ids
     # count and max_model_len: vLLM's /tokenize answers them too
-    body = {"tokens": tokens, "count": len(ids), "max_model_len": engine.info.n_ctx}
-    await req.resp.send_json(200, body)
+    return {"tokens": tokens, "count": len(ids), "max_model_len": engine.info.n_ctx}
 
 
 async def detokenize(app: App, req: Request) -> None:
     """POST /detokenize: the text of token ids, as llama.cpp (`content`) and vLLM (`prompt`)
     name it."""
+    await _answer_off_thread(app, req, _detokenize)
+
+
+def _detokenize(app: App, req: Request) -> dict:
     engine = app.require_engine()
-    d = parse_detokenize(req.json(), engine.info.n_vocab)
+    d = parse_detokenize(req.json(), engine.info.hparams.n_vocab)
     text = engine.tokenizer.decode(d.tokens)
-    await req.resp.send_json(200, {"content": text, "prompt": text})
+    return {"content": text, "prompt": text}
 
 
 #: What /tokenizer_info calls the tokenizer: not a Hugging Face class, the daemon's own
@@ -158,7 +194,7 @@ async def tokenizer_info(app: App, req: Request) -> None:
         "add_bos_token": tok.add_bos_default,
         "add_eos_token": False,
         "model_max_length": engine.info.n_ctx,
-        "vocab_size": engine.info.n_vocab,
+        "vocab_size": engine.info.hparams.n_vocab,
         "chat_template": template.source
         if template.source is not None
         else bitnet_format_as_jinja(bos_token or ""),
@@ -169,10 +205,16 @@ async def tokenizer_info(app: App, req: Request) -> None:
 
 async def apply_template(app: App, req: Request) -> None:
     """POST /apply-template: the prompt the chat template makes of the messages."""
+    # A Jinja template renders in a worker process: waiting for it blocks, whatever the size.
+    jinja = app.require_engine().chat_template.kind == "jinja"
+    await _answer_off_thread(app, req, _apply_template, always=jinja)
+
+
+def _apply_template(app: App, req: Request) -> dict:
     engine = app.require_engine()
     a = parse_apply_template(req.json())
     prompt = render_chat(engine, a.messages, a.add_generation_prompt)
-    await req.resp.send_json(200, {"prompt": prompt})
+    return {"prompt": prompt}
 
 
 def _piece_or_none(engine: InferenceThread, token_id: int | None) -> str | None:
@@ -242,11 +284,11 @@ async def model_info(app: App, req: Request) -> None:
         {
             "model": served_model_id(engine),
             "model_path": shown_model_path(engine, app.config.model.expose_path),
-            "architecture": info.architecture,
-            "n_params": info.n_params,
-            "file_size": info.file_size,
+            "architecture": info.hparams.architecture,
+            "n_params": info.hparams.n_params,
+            "file_size": info.hparams.file_size,
             "context_size": info.n_ctx,
-            "n_ctx_train": info.n_ctx_train,
+            "n_ctx_train": info.hparams.n_ctx_train,
             "threads": info.n_threads,
             "instances": info.n_slots,
             "kernel": info.kernel,

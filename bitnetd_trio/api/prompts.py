@@ -77,7 +77,7 @@ def check_samplable(g: GenerationRequest, engine: InferenceThread) -> None:
         return
     if g.ignore_eos or g.min_tokens > 0:
         banned |= engine.tokenizer.stop_ids
-    if len(banned) >= engine.info.n_vocab:
+    if len(banned) >= engine.info.hparams.n_vocab:
         raise ApiError(
             400, "'logit_bias' bans every token: nothing can be sampled", param="logit_bias"
         )

@@ -70,16 +70,8 @@ class ModelInfo:
 
     path: str
     name: str | None
-    architecture: str
-    n_vocab: int
-    n_ctx_train: int
+    hparams: engine.HParams  # what the file says: architecture, sizes, vocabulary, ...
     n_ctx: int  # per slot, as served
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_params: int
-    file_size: int
     n_slots: int
     n_threads: int
     kernel: str
@@ -164,7 +156,7 @@ class InferenceThread:
 
     @property
     def capacity(self) -> int:
-        """Jobs the slots and the wait queue hold together."""
+        """Sequences (jobs) the slots and the wait queue hold together."""
         return self.settings.n_slots + self.max_queue
 
     @property
@@ -177,7 +169,10 @@ class InferenceThread:
         if not self.ready:
             raise QueueFull("the model is not loaded")
         if not queue_has_room(self._in_system, len(jobs), self.capacity):
-            raise QueueFull(f"{self._in_system} requests in progress, queue limit reached")
+            raise QueueFull(
+                f"{self._in_system} sequences running or waiting, {len(jobs)} more do not fit "
+                f"(limit {self.capacity})"
+            )
         self._in_system += len(jobs)
         with self._cond:
             self._queue.extend(jobs)
@@ -312,16 +307,8 @@ class InferenceThread:
         self.info = ModelInfo(
             path=str(Path(s.model_path)),
             name=_str_or_none(model.metadata("general.name")),
-            architecture=hp.architecture,
-            n_vocab=hp.n_vocab,
-            n_ctx_train=hp.n_ctx_train,
+            hparams=hp,
             n_ctx=self._ctx.n_ctx,
-            n_embd=hp.n_embd,
-            n_layer=hp.n_layer,
-            n_head=hp.n_head,
-            n_head_kv=hp.n_head_kv,
-            n_params=hp.n_params,
-            file_size=hp.file_size,
             n_slots=s.n_slots,
             n_threads=s.n_threads,
             kernel=engine.kernel_name(),

@@ -114,13 +114,15 @@ class Update:
 
 
 class QueueFull(Exception):
-    """More jobs than the slots plus the wait queue can hold."""
+    """More sequences than the slots plus the wait queue can hold."""
 
 
 def queue_has_room(in_system: int, n_new: int, capacity: int) -> bool:
-    """Whether `n_new` more jobs may join the `in_system` ones already running or waiting.
+    """Whether `n_new` more jobs (sequences) may join the `in_system` ones already running or
+    waiting, `capacity` being the slots plus the wait queue.
 
-    A request bigger than the whole capacity (n choices > slots + queue) is still taken when
-    nothing else is in the system, so that it is served rather than refused forever.
+    Counted in sequences, not requests: one request with many prompts or a large n weighs as
+    much as that many requests. A request bigger than the whole capacity never fits (the API
+    refuses it with 400 before it gets here).
     """
-    return in_system + n_new <= capacity or in_system <= 0
+    return in_system + n_new <= capacity

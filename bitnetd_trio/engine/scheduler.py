@@ -313,6 +313,8 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.request_queue_seconds.observe(now - job.submitted_at)
             self.metrics.prompt_tokens_total.inc(len(job.prompt))
+            self.metrics.prefix_cache_queries_total.inc(len(job.prompt))
+            self.metrics.prefix_cache_hits_total.inc(keep)
         if job.max_tokens == 0 and not job.prompt_logprobs:
             self._retire(seq, "length", updates, stop_type="limit")
 

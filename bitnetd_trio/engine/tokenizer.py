@@ -13,6 +13,12 @@ The cut is done here rather than by registering the control tokens with `tokeniz
 special tokens, because that library can only switch special-token parsing for a whole
 tokenizer object at a time (not per call, and not thread-safely).
 
+Long text is BPE-encoded in pieces (`pretoken_pieces`): `tokenizers`' encode holds the GIL
+for the whole call (about 0.7 s for 1 MB of text), which would stall the Trio thread even when
+the encoding runs in a worker thread. Pieces of about PIECE_CHARS characters are cut only where
+the Llama-3 pre-tokenizer always starts a new pre-token, so the ids equal those of encoding the
+whole text at once, and the GIL can pass to other threads between pieces.
+
 Decoding never goes through `tokenizers`: every id maps to its raw bytes (the inverse of the
 byte-to-unicode table), so decoding and streaming are exact byte concatenation and UTF-8
 decoding, with U+FFFD for invalid sequences.
@@ -35,11 +41,40 @@ LLAMA3_SPLIT_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+#: Characters per call into `tokenizers` (about 2 ms of GIL each; see the module docstring).
+PIECE_CHARS = 16384
+
+# A space right after a character that is not whitespace. No pre-token of
+# LLAMA3_SPLIT_PATTERN that starts before such a space can reach it: letter runs, digit groups,
+# contractions and punctuation runs never contain a space except as their first character, and
+# whitespace runs cannot start before it since the character before is not whitespace. The
+# pattern has no look-behind, so matching resumes at the space exactly as it would at the start
+# of a new text; and its one look-ahead, (?!\S) after a whitespace run, is never evaluated at
+# the cut. So the space always starts a pre-token, and cutting the text there changes no id.
+# "Not whitespace" is Python's \S, whose whitespace set contains the regex engine's.
+_PRETOKEN_START = re.compile(r"(?<=\S) ")
+
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
 
 #: Control tokens that end a generation when the vocabulary has them (besides EOS).
 END_OF_GENERATION_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+
+
+def pretoken_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at least `size` characters (the last may be shorter) at
+    places where a Llama-3 pre-token always starts (see _PRETOKEN_START). Encoding the pieces
+    one by one gives the ids of the whole text. Text without such places stays one piece."""
+    pieces: list[str] = []
+    start = 0
+    while len(text) - start > size:
+        cut = _PRETOKEN_START.search(text, start + size)
+        if cut is None:
+            break
+        pieces.append(text[start : cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
 
 
 class TokenizerError(ValueError):
@@ -285,7 +320,12 @@ class Tokenizer:
         return ids
 
     def _bpe(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False).ids
+        if len(text) <= PIECE_CHARS:
+            return self._hf.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        for piece in pretoken_pieces(text):  # the GIL is free between pieces
+            ids.extend(self._hf.encode(piece, add_special_tokens=False).ids)
+        return ids
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
         """Text of a token sequence; invalid UTF-8 becomes U+FFFD."""

@@ -142,25 +142,38 @@ def free_port() -> int:
 
 
 def start_daemon(
-    model_path: Path, threads: int, parallel: int, n_ctx: int, workdir: Path
+    model_path: Path,
+    threads: int,
+    parallel: int,
+    n_ctx: int,
+    workdir: Path,
+    *,
+    server_extra: str = "",
+    package_root: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
+    """`bitnetd -f` on a free port of 127.0.0.1, once it answers /health. `server_extra`: more
+    [server] lines; `package_root`: another checkout to run (default: this program's own)."""
     port = free_port()
     conf = workdir / "bench.conf"
     conf.write_text(
         "[model]\n"
         f"path = {model_path}\nthreads = {threads}\nparallel = {parallel}\nctx_size = {n_ctx}\n"
         "[server]\n"
-        f"listen = 127.0.0.1:{port}\nmax_queue = 64\nrequest_timeout = 3600\n"
+        f"listen = 127.0.0.1:{port}\nmax_queue = 64\nrequest_timeout = 3600\n{server_extra}"
     )
     log = open(workdir / "bitnetd.log", "wb")  # noqa: SIM115 - lives as long as the child
     env = dict(os.environ)  # the same package as this program, installed or not
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    root = package_root or Path(__file__).resolve().parents[2]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    # checkouts from before the package was layered have the command line at bitnetd_trio.cli
+    layered = (root / "bitnetd_trio" / "daemon" / "cli.py").exists()
+    cli = "bitnetd_trio.daemon.cli" if layered else "bitnetd_trio.cli"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bitnetd_trio.daemon.cli", "-f", "-c", str(conf)],
+        [sys.executable, "-m", cli, "-f", "-c", str(conf)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
+        cwd=workdir,  # python -m puts the working directory first on sys.path: not ours
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
