@@ -87,6 +87,8 @@ class ModelConfig:
     path: str | None = None  # absolute path of the GGUF file; None: the demo model
     alias: str | None = None  # extra model id accepted in requests (shown in the card's aliases)
     expose_path: bool = False  # /props, /model_info, model cards: the file's path, not its name
+    # a request naming an unknown model gets 404 instead of being served by the one model
+    strict_model_name: bool = False
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     ctx_size: int = 4096  # capped to the model's training context; 0: the training context
     parallel: int = 4  # concurrent sequences (engine slots)
@@ -160,6 +162,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, _Parser]]] = {
         "path": ("path", v.existing_file),
         "alias": ("alias", v.plain_text),
         "expose_path": ("expose_path", v.boolean),
+        "strict_model_name": ("strict_model_name", v.boolean),
         "threads": ("threads", v.int_in(1, 1024)),
         "ctx_size": ("ctx_size", v.int_in(0, 1 << 24)),
         "parallel": ("parallel", v.int_in(1, 256)),

@@ -3,6 +3,7 @@ pure functions, no server."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -291,9 +292,17 @@ def test_chat_rejects(fields, param, fragment):
     }
 
 
-def test_unknown_model_is_404():
-    e = error_of(parse_chat_completion, {"model": "gpt-4o", "messages": USER}, DEFAULTS)
+def test_unknown_model_is_served_by_the_one_model_unless_strict():
+    # llama.cpp's rule: the response names the served model (model None here)
+    assert parse_chat_completion({"model": "gpt-4o", "messages": USER}, DEFAULTS).model is None
+    assert parse_chat_completion({"model": "org/name", "messages": USER}, DEFAULTS).model is None
+    strict = dataclasses.replace(DEFAULTS, strict_model_name=True)
+    e = error_of(parse_chat_completion, {"model": "gpt-4o", "messages": USER}, strict)
     assert (e.status, e.type, e.param, e.code) == (404, "invalid_request_error", "model", "model_not_found")
+    # a path is never a model name, strict or not
+    for path in ("/srv/m.gguf", "./m.gguf", "../m", "~/m.gguf", "C:\\m.gguf", ".."):
+        e = error_of(parse_chat_completion, {"model": path, "messages": USER}, DEFAULTS)
+        assert (e.status, e.code) == (404, "model_not_found"), path
     assert chat(model="alias").model == "alias"
     # Without a list of ids (no model loaded yet in a unit test), any name passes.
     assert parse_chat_completion({"model": "anything", "messages": USER}).model == "anything"
@@ -358,7 +367,7 @@ COMPLETION_BAD = [
     ({"best_of": 0}, "best_of", "between 1"),
     ({"prompt": ["x"] * 40, "n": 8}, "prompt", "exceed the limit"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed"),
-    ({"model": "nope"}, "model", "does not exist"),
+    ({"model": "/nope.gguf"}, "model", "does not exist"),
 ]
 
 

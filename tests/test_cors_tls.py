@@ -1,4 +1,4 @@
-"""CORS (http-api §4.1) and TLS (http-api §4.2) over real sockets: a real hypercorn behind the
+"""CORS (http-api §6.1) and TLS (http-api §6.2) over real sockets: a real hypercorn behind the
 daemon's accept loop, the tiny server model, httpx and bitnetctl as clients, a self-signed CA
 made in the test with trustme."""
 

@@ -196,7 +196,8 @@ CASES: list[Case] = [
     chat("prompt-longer-than-context", "messages", code="context_length_exceeded",
          messages=[{"role": "user", "content": LONG_TEXT}]),
     # -- chat: model --
-    chat("unknown-model", "model", status=404, code="model_not_found", model="gpt-4o"),
+    # an unknown name is served by the one model (http-api §1.3); a path never is
+    chat("model-path", "model", status=404, code="model_not_found", model="/srv/m.gguf"),
     chat("model-number", "model", model=42),
     # -- chat: numbers --
     chat("max-tokens-negative", "max_tokens", max_tokens=-1),
@@ -270,7 +271,7 @@ CASES: list[Case] = [
     comp("echo-string", "echo", echo="yes"),
     comp("best-of-unsupported", "best_of", best_of=3),
     comp("completions-max-tokens-negative", "max_tokens", max_tokens=-1),
-    comp("completions-unknown-model", "model", status=404, code="model_not_found", model="davinci"),
+    comp("completions-model-path", "model", status=404, code="model_not_found", model="../m.gguf"),
     # -- compatibility endpoints --
     Case("generate-no-prompt", "/generate", {"max_tokens": 2}, param="prompt"),
     Case("generate-max-tokens-zero", "/generate", {"prompt": "x", "max_tokens": 0},

@@ -369,7 +369,7 @@ async def test_llama_completion_and_generate(server: RunningServer) -> None:
         (
             "POST",
             "/v1/chat/completions",
-            b'{"model": "gpt-4", "messages": [{"role":"user","content":"x"}]}',
+            b'{"model": "/models/gpt-4.gguf", "messages": [{"role":"user","content":"x"}]}',
             404,
             "model",
         ),

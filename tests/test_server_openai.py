@@ -161,7 +161,7 @@ async def test_sdk_completions(server: RunningServer) -> None:
 async def test_sdk_errors_raise_matching_exceptions(server: RunningServer) -> None:
     c = client(server)
     with pytest.raises(openai.NotFoundError) as nf:
-        await c.chat.completions.create(model="no-such-model", messages=MESSAGES)
+        await c.chat.completions.create(model="/no/such/model.gguf", messages=MESSAGES)
     assert nf.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as bad:
         await c.chat.completions.create(model=mid(server), messages=MESSAGES, temperature=5)

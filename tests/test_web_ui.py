@@ -1,4 +1,4 @@
-"""The chat page at / (http-api §4.3): served as configured, and driven in a real headless
+"""The chat page at / (http-api §6.3): served as configured, and driven in a real headless
 Chromium (playwright with the system's browser): a streamed reply, the API key asked for once,
 and the stop button ending the generation on the server.
 

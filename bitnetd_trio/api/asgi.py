@@ -22,11 +22,17 @@ from bitnetd_trio.api import ops, web
 from bitnetd_trio.api.access import RateLimiter, check_api_key
 from bitnetd_trio.api.cors import serve_with_cors, warn_if_open
 from bitnetd_trio.api.cpu_work import CpuWork
+from bitnetd_trio.api.dialects.anthropic_messages import (
+    AnthropicMessages,
+    anthropic_error_body,
+    parse_messages_request,
+)
 from bitnetd_trio.api.dialects.base import Dialect
 from bitnetd_trio.api.dialects.bitnet_generate import BitNetGenerate
 from bitnetd_trio.api.dialects.llamacpp_completion import LlamaCppCompletion
 from bitnetd_trio.api.dialects.openai_chat import OpenAIChat
 from bitnetd_trio.api.dialects.openai_completions import OpenAICompletions
+from bitnetd_trio.api.dialects.openai_responses import OpenAIResponses, parse_responses_request
 from bitnetd_trio.api.embeddings import embeddings
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.generation import GenerationFlow
@@ -42,8 +48,9 @@ from bitnetd_trio.api.http import (
 )
 from bitnetd_trio.api.json_body import check_content_type
 from bitnetd_trio.api.metrics import Metrics
-from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults
+from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults, parse_chat_completion
 from bitnetd_trio.api.served_model import DEMO_MODEL_ID, accepted_model_ids, served_model_id
+from bitnetd_trio.api.token_count import counting_handler
 from bitnetd_trio.config import Config
 from bitnetd_trio.engine.inference import EngineSettings, InferenceThread
 
@@ -63,6 +70,8 @@ class Route:
     public: bool = False  # no API key needed
     metrics: bool = False  # the /metrics route (API key only when configured so)
     generation: bool = False  # counted in the end-to-end request latency
+    # the error body of the route's API, every error included (access, body, validation)
+    error_body: Callable[[ApiError], dict] = ApiError.envelope
 
 
 def _generation_handler(dialect: Dialect) -> Handler:
@@ -280,13 +289,18 @@ class App:
             self.config,
             n_vocab=engine.info.hparams.n_vocab,
             model_ids=accepted_model_ids(engine, self.config.model.alias),
+            tokenizer=engine.tokenizer,
         )
 
     # -- routing --
 
     def _build_routes(self) -> dict[str, Route]:
         def generating(dialect: Dialect) -> Route:
-            return Route({"POST": _generation_handler(dialect)}, generation=True)
+            return Route(
+                {"POST": _generation_handler(dialect)},
+                generation=True,
+                error_body=dialect.error_body,
+            )
 
         chat, completions = generating(OpenAIChat()), generating(OpenAICompletions())
         models = Route({"GET": ops.models})
@@ -311,6 +325,24 @@ class App:
             "/v1/embeddings": Route({"POST": embeddings}),
             "/": Route({"GET": web.page}, public=True),  # the chat page, when web_ui is on
             "/embeddings": Route({"POST": embeddings}),
+            # Anthropic's Messages API and OpenAI's Responses API (http-api §4, §5)
+            "/v1/messages": generating(AnthropicMessages()),
+            "/v1/messages/count_tokens": Route(
+                {"POST": counting_handler(
+                    lambda d, s: parse_messages_request(d, s, counting=True),
+                    lambda n: {"input_tokens": n},
+                )},
+                error_body=anthropic_error_body,
+            ),
+            "/v1/responses": generating(OpenAIResponses()),
+            "/v1/responses/input_tokens": Route({"POST": counting_handler(
+                lambda d, s: parse_responses_request(d, s, counting=True),
+                lambda n: {"object": "response.input_tokens", "input_tokens": n},
+            )}),
+            "/v1/chat/completions/input_tokens": Route({"POST": counting_handler(
+                parse_chat_completion,
+                lambda n: {"object": "chat.completion.input_tokens", "input_tokens": n},
+            )}),
             # the unversioned spellings llama.cpp's server also answers
             "/chat/completions": chat,
             "/completions": completions,
@@ -350,6 +382,7 @@ class App:
         try:
             try:
                 route, handler, params = self._route(method, path)
+                resp.error_body = route.error_body
                 try:
                     self._check_access(scope, route)
                 except ApiError:

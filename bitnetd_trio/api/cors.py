@@ -1,4 +1,4 @@
-"""CORS (http-api §4.1): browser apps on other origins may call the API when `[server]
+"""CORS (http-api §6.1): browser apps on other origins may call the API when `[server]
 cors_origins` allows their origin.
 
 Off by default (an empty list). For an allowed origin, every response (streams included) gets

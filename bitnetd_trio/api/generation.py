@@ -27,7 +27,7 @@ from bitnetd_trio.api.prompts import check_samplable, prepare_prompts
 from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import GenerationRequest
 from bitnetd_trio.api.served_model import served_model_id
-from bitnetd_trio.api.sse import SSE_KEEPALIVE, sse_event
+from bitnetd_trio.api.sse import SSE_KEEPALIVE
 from bitnetd_trio.config import Config
 from bitnetd_trio.engine.inference import InferenceThread, Job, QueueFull, Update
 
@@ -288,7 +288,7 @@ class GenerationFlow:
             # the status is sent already: the error goes out as the stream's last event
             req.resp.error_type = err.type
             watch.completed = True
-            await req.resp.body(bytes(out + sse_event(err.envelope())))
+            await req.resp.body(bytes(out + events.error_event(err)))
 
         updates: list[Update] | None = first
         while True:

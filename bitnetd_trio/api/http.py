@@ -74,6 +74,8 @@ class Responder:
         self.finished = False
         self.status = 0
         self.error_type: str | None = None
+        # the error body of the route's API (Anthropic's differs from OpenAI's envelope)
+        self.error_body: Callable[[ApiError], dict] = ApiError.envelope
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Send the status line and headers."""
@@ -122,7 +124,7 @@ class Responder:
     ) -> None:
         """The error envelope of `exc` with its status and headers."""
         self.error_type = exc.type
-        await self.send_json(exc.status, exc.envelope(), exc.headers, before_final)
+        await self.send_json(exc.status, self.error_body(exc), exc.headers, before_final)
 
     async def send_text(self, status: int, data: bytes, content_type: str) -> None:
         """A whole response of another content type (the metrics exposition)."""

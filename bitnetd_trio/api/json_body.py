@@ -23,6 +23,7 @@ __all__ = [
     "check_content_type",
     "invalid",
     "json_type",
+    "object_array",
     "parse_json_body",
     "quoted",
 ]
@@ -179,6 +180,24 @@ def as_str(v: Any, param: str) -> str:
     if not isinstance(v, str):
         raise invalid(param, f"must be a string, got {json_type(v)}")
     return v
+
+
+def object_array(v: Any, param: str, noun: str) -> list[tuple[str, dict]]:
+    """A required, non-empty array of objects (`messages`, `input`) as (where, object) pairs,
+    `where` naming each element the way errors do ("messages[2]")."""
+    if v is None:
+        raise invalid(param, "is required")
+    if not isinstance(v, list):
+        raise invalid(param, f"must be an array of {noun}s, got {json_type(v)}")
+    if not v:
+        raise invalid(param, f"must hold at least one {noun}")
+    out = []
+    for i, item in enumerate(v):
+        where = f"{param}[{i}]"
+        if not isinstance(item, dict):
+            raise invalid(where, f"must be an object, got {json_type(item)}")
+        out.append((where, item))
+    return out
 
 
 class Fields:

@@ -43,6 +43,11 @@ ENDPOINTS = frozenset(
         "/generate",
         "/model_info",
         "/completion",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+        "/v1/responses/input_tokens",
+        "/v1/chat/completions/input_tokens",
         "other",
     }
 )

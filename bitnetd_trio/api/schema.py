@@ -26,6 +26,7 @@ from bitnetd_trio.api.json_body import (
     as_str,
     invalid,
     json_type,
+    object_array,
     quoted,
 )
 from bitnetd_trio.engine.sampling import SamplingParams
@@ -38,7 +39,15 @@ __all__ = [
     "SchemaDefaults",
     "TokenizeRequest",
     "check_model_id",
+    "looks_like_path",
+    "resolve_model",
     "parse_apply_template",
+    "parse_content_text",
+    "parse_logit_bias",
+    "parse_min_tokens",
+    "parse_sampling",
+    "parse_seed",
+    "parse_stop",
     "parse_chat_completion",
     "parse_completion",
     "parse_detokenize",
@@ -88,10 +97,20 @@ class SchemaDefaults:
     n_vocab: int | None = None  # token ids (prompt, logit_bias, detokenize) must be below it
     model_ids: frozenset[str] = frozenset()  # accepted `model` values; empty: any
     max_n: int = 8  # most choices (`n`) per request
+    # [model] strict_model_name: an unknown `model` is 404 instead of served by the one model
+    strict_model_name: bool = False
+    # the served model's tokenizer, for fields that name text (llama.cpp's string-keyed
+    # logit_bias, prompts mixing ids and text); None in unit tests without a model
+    tokenizer: Any = None
 
     @classmethod
     def from_config(
-        cls, config: Any, *, n_vocab: int | None = None, model_ids: Iterable[str] = ()
+        cls,
+        config: Any,
+        *,
+        n_vocab: int | None = None,
+        model_ids: Iterable[str] = (),
+        tokenizer: Any = None,
     ) -> SchemaDefaults:
         """From a `config.Config` and facts of the loaded model."""
         m = config.model
@@ -103,6 +122,8 @@ class SchemaDefaults:
             max_tokens_default=m.max_tokens_default,
             n_vocab=n_vocab,
             model_ids=frozenset(model_ids),
+            strict_model_name=m.strict_model_name,
+            tokenizer=tokenizer,
         )
 
 
@@ -133,6 +154,9 @@ class GenerationRequest:
     # these are validated and reported back, not applied.
     context_size: int | None = None
     threads: int | None = None
+    # Fields only one dialect reads back when shaping its answer (Responses: `instructions`,
+    # `metadata`; llama.cpp: `return_tokens`, ...), keyed by their request names.
+    dialect_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -166,9 +190,28 @@ def check_model_id(model: str, accepted: Iterable[str]) -> str:
     return model
 
 
+def looks_like_path(model: str) -> bool:
+    """A `model` that names a file by its path (absolute, relative, home or Windows): never
+    a model name, and never served (the host's layout is not part of the API, http-api §1.3).
+    `org/name` (Hugging Face style) is a name, not a path."""
+    return model.startswith(("/", "./", "../", "~")) or "\\" in model or model in (".", "..")
+
+
+def resolve_model(model: str, defaults: SchemaDefaults) -> str | None:
+    """The `model` of a request: itself when the server answers to it; None (the one served
+    model, whose id the response then shows) for another name, as llama.cpp's server does,
+    unless `[model] strict_model_name` is set; ApiError 404 model_not_found for a path or,
+    strictly, an unknown name (http-api §1.3)."""
+    if not defaults.model_ids or model in defaults.model_ids:
+        return model
+    if defaults.strict_model_name or looks_like_path(model):
+        raise ApiError.model_not_found(model)
+    return None
+
+
 def _model(f: Fields, defaults: SchemaDefaults) -> str | None:
     model = f.str("model") or None  # "" like absent: the served model
-    return None if model is None else check_model_id(model, defaults.model_ids)
+    return None if model is None else resolve_model(model, defaults)
 
 
 def _stop(f: Fields, limit: int) -> list[str]:
@@ -229,8 +272,20 @@ def _logit_bias_openai(f: Fields, n_vocab: int | None) -> dict[int, float]:
     return out
 
 
-def _logit_bias_llama(f: Fields, n_vocab: int | None) -> dict[int, float]:
-    """llama.cpp: [[id, bias], ...] or {"id": bias}; a bias of false bans the token."""
+def _text_token_ids(text: str, param: str, tokenizer: Any) -> list[int]:
+    """The token ids of a piece of text a llama.cpp field names (no BOS, control-token text
+    kept as plain text); 400 when no model's tokenizer is at hand."""
+    if tokenizer is None:
+        raise invalid(param, "text needs the model's tokenizer (none is loaded)")
+    return tokenizer.encode(text, add_bos=False, parse_special=False)
+
+
+def _logit_bias_llama(
+    f: Fields, n_vocab: int | None, tokenizer: Any = None
+) -> dict[int, float]:
+    """llama.cpp: [[id, bias], ...] or {"id": bias}; a bias of false bans the token. A key
+    that is text rather than an id ([["Hello", -1]], {"Hello": -1}) biases every token of
+    that text, as llama.cpp's server does."""
     v = f.d.get("logit_bias")
     if v is None:
         return {}
@@ -247,16 +302,33 @@ def _logit_bias_llama(f: Fields, n_vocab: int | None) -> dict[int, float]:
                                  f"got {json_type(v)}")
     out: dict[int, float] = {}
     for key, bias in pairs:
-        if isinstance(key, str):
-            if not re.fullmatch(r"[0-9]{1,10}", key):
-                raise invalid("logit_bias", f"keys must be token ids, got '{key[:40]}'")
-            key = int(key)
-        tok = _token_id(key, "logit_bias", n_vocab)
-        if bias is False:
-            out[tok] = -math.inf
-        else:
-            out[tok] = as_number(bias, "logit_bias", -1e6, 1e6)
+        value = -math.inf if bias is False else as_number(bias, "logit_bias", -1e6, 1e6)
+        if isinstance(key, str) and not re.fullmatch(r"[0-9]{1,10}", key):
+            for tok in _text_token_ids(key, "logit_bias", tokenizer):
+                out[tok] = value
+            continue
+        tok = _token_id(int(key) if isinstance(key, str) else key, "logit_bias", n_vocab)
+        out[tok] = value
     return out
+
+
+def _llama_prompt(prompt: Any, defaults: SchemaDefaults) -> list[int]:
+    """llama.cpp's prompt array mixing token ids and strings ([12, "text", 34]): the strings
+    tokenized in place (control-token text becomes the control id), BOS first when the first
+    element is a string and the model wants BOS, as llama.cpp's server does."""
+    tok = defaults.tokenizer
+    ids: list[int] = []
+    for i, part in enumerate(prompt):
+        if isinstance(part, str):
+            if tok is None:
+                raise invalid("prompt", "text needs the model's tokenizer (none is loaded)")
+            ids.extend(tok.encode(part, add_bos=i == 0 and tok.add_bos_default,
+                                  parse_special=True))
+        else:
+            ids.append(_token_id(part, f"prompt[{i}]", defaults.n_vocab))
+    if not ids:
+        raise invalid("prompt", "makes no tokens")
+    return ids
 
 
 def _penalty_window(f: Fields) -> int:
@@ -363,18 +435,8 @@ def _content_text(content: Any, param: str) -> str:
 
 
 def _messages(d: dict) -> list[dict]:
-    v = d.get("messages")
-    if v is None:
-        raise invalid("messages", "is required")
-    if not isinstance(v, list):
-        raise invalid("messages", f"must be an array of messages, got {json_type(v)}")
-    if not v:
-        raise invalid("messages", "must hold at least one message")
     out = []
-    for i, msg in enumerate(v):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise invalid(where, f"must be an object, got {json_type(msg)}")
+    for where, msg in object_array(d.get("messages"), "messages", "message"):
         role = msg.get("role")
         if not isinstance(role, str) or role not in CHAT_ROLES:
             shown = f"'{role[:40]}'" if isinstance(role, str) else json_type(role)
@@ -564,10 +626,15 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
         isinstance(t, int) and not isinstance(t, bool) for t in prompt
     ):
         prompts = [[_token_id(t, "prompt", defaults.n_vocab) for t in prompt]]
+    elif isinstance(prompt, list) and prompt and all(
+        isinstance(t, (int, str)) and not isinstance(t, bool) for t in prompt
+    ):
+        prompts = [_llama_prompt(prompt, defaults)]
     elif prompt is None:
         raise invalid("prompt", "is required")
     else:
-        raise invalid("prompt", "must be a string or a non-empty array of token ids")
+        raise invalid("prompt", "must be a string or a non-empty array of token ids and "
+                                "strings")
 
     # n_predict -1 (llama.cpp's default) generates until the context is full; max_tokens is
     # llama.cpp's alias for it.
@@ -587,7 +654,7 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
         ignore_eos=f.bool("ignore_eos"),
         # llama.cpp's seed -1 means "random".
         sampling=_sampling(
-            f, defaults, logit_bias=_logit_bias_llama(f, defaults.n_vocab),
+            f, defaults, logit_bias=_logit_bias_llama(f, defaults.n_vocab, defaults.tokenizer),
             seed=None if seed == -1 else seed,
         ),
         stop=_stop(f, LLAMA_MAX_STOP),
@@ -640,3 +707,15 @@ def parse_apply_template(d: dict) -> ApplyTemplateRequest:
         messages=_messages(d),
         add_generation_prompt=f.bool("add_generation_prompt", True),
     )
+
+
+# ---- shared with the dialects that parse their own request shapes ------------------------------
+# (Anthropic Messages and OpenAI Responses, in bitnetd_trio.api.dialects): the sampling fields,
+# stop strings, logit_bias and seed are read exactly as the OpenAI endpoints read them.
+
+parse_sampling = _sampling
+parse_stop = _stop
+parse_logit_bias = _logit_bias_openai
+parse_seed = _seed
+parse_min_tokens = _min_tokens
+parse_content_text = _content_text

@@ -20,6 +20,7 @@ __all__ = [
     "CompletionChunks",
     "json_bytes",
     "sse_event",
+    "sse_named_event",
     "usage_object",
 ]
 
@@ -35,6 +36,12 @@ def json_bytes(obj: Any) -> bytes:
 def sse_event(obj: Any) -> bytes:
     """One server-sent event `data: <json>\\n\\n`."""
     return b"data: " + json_bytes(obj) + b"\n\n"
+
+
+def sse_named_event(name: str, obj: Any) -> bytes:
+    """One server-sent event with an `event:` line: Anthropic's and the Responses API's
+    streams name every event (the SDKs dispatch on that name)."""
+    return b"event: " + name.encode("ascii") + b"\ndata: " + json_bytes(obj) + b"\n\n"
 
 
 class _Chunks:

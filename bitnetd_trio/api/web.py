@@ -1,4 +1,4 @@
-"""The chat page at `/` (http-api §4.3): one static HTML file with its script and styles,
+"""The chat page at `/` (http-api §6.3): one static HTML file with its script and styles,
 package data in `bitnetd_trio/api/web/`.
 
 Served only when `[server] web_ui` is true; when it is not set, only when some TCP listener is a

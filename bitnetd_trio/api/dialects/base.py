@@ -11,8 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults
+from bitnetd_trio.api.sse import sse_event
 
 __all__ = ["Dialect", "DialectStream"]
 
@@ -50,6 +52,10 @@ class DialectStream(ABC):
         """Events after every choice finished (OpenAI: the usage chunk and `[DONE]`)."""
         return b""
 
+    def error_event(self, err: ApiError) -> bytes:
+        """The last event of a stream that fails after its status was sent (http-api §1.5)."""
+        return sse_event(err.envelope())
+
 
 class Dialect(ABC):
     """One family of generating endpoints: its request parser and its response shapes."""
@@ -58,6 +64,11 @@ class Dialect(ABC):
     id_prefix: ClassVar[str] = "cmpl-"  # of the response id
     # Which logprob format responses carry (see bitnetd_trio.api.logprobs); None: no logprobs.
     logprob_format: ClassVar[str | None] = None
+
+    @staticmethod
+    def error_body(err: ApiError) -> dict:
+        """The JSON body of an error answered on this dialect's routes."""
+        return err.envelope()
 
     @abstractmethod
     def parse(self, body: dict, defaults: SchemaDefaults) -> GenerationRequest:

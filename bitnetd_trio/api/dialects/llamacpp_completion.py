@@ -63,6 +63,7 @@ def final_object(reply: Reply, c: Choice, content: str, tokens: list[TokenResult
         "stopping_word": c.stopping_word,
         "tokens_cached": prompt_n + pred_n,
         "timings": {
+            "cache_n": c.n_cached,  # prompt tokens reused from the slot's cache
             "prompt_n": evaluated,
             "prompt_ms": prompt_ms,
             "prompt_per_token_ms": prompt_ms / evaluated if evaluated else 0.0,
