@@ -114,6 +114,11 @@ class ServerConfig:
     drain_timeout: float = 30.0  # seconds running generations may finish after TERM/INT
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     api_key_file: str | None = None  # where some of api_keys came from (re-read on reload)
+    # constrained decoding (response_format, tools, grammar): what one request's grammar may cost
+    max_grammar_size: int = 64 << 10  # bytes of one schema or grammar; beyond: 400
+    max_grammar_depth: int = 32  # nesting of a JSON schema; beyond: 400
+    grammar_step_limit: int = 50_000  # parser items per token mask (~2.5 ms); beyond: the
+    # sequence ends with an error naming the limit
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, _Parser]]] = {
         "drain_timeout": ("drain_timeout", v.duration_in(0.0, 86400.0)),
         "api_keys": ("api_keys", v.api_keys),
         "api_key_file": ("api_key_file", v.existing_file),
+        "max_grammar_size": ("max_grammar_size", v.size_in(256, 16 << 20)),
+        "max_grammar_depth": ("max_grammar_depth", v.int_in(1, 1024)),
+        "grammar_step_limit": ("grammar_step_limit", v.int_in(1000, 10_000_000)),
     },
     "security": {
         "rate_limit": ("rate_limit", v.float_in(0.0, 1e6)),

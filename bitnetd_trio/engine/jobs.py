@@ -84,6 +84,9 @@ class Job:
     top_logprobs: int = 0
     prompt_logprobs: bool = False  # logprobs of the prompt tokens (echo scoring)
     cache_prompt: bool = True  # may start from a slot that already holds a prefix of the prompt
+    # constrained decoding: an engine/constraints.Constraint of this job alone (its matcher
+    # advances with every token), or None
+    constraint: Any = None
     id: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
     cancel: engine.CancelFlag = field(default_factory=engine.CancelFlag)
     submitted_at: float = field(default_factory=time.monotonic)
