@@ -14,6 +14,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+import trio
 
 from tests.conftest import RunningServer, running_server, server_config
 
@@ -289,3 +290,19 @@ async def test_props_and_models_name_the_constraint_kinds(served: RunningServer)
         assert "json_schema" in props["constraints"] and "grammar" in props["constraints"]
         card = (await h.get("/v1/models")).json()["data"][0]
         assert "tools" in card["meta"]["constraints"]
+
+
+async def test_langchain_with_structured_output(served: RunningServer) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    mid = await model_id(served)
+    llm = langchain_openai.ChatOpenAI(
+        base_url=served.url + "/v1", api_key="x", model=mid, max_retries=0, max_tokens=400,
+        temperature=1.0,
+    )
+    for method in ("json_schema", "function_calling"):
+        structured = llm.with_structured_output(Person, method=method)
+        for seed in range(2):
+            # LangChain's async API needs asyncio: its sync API, in a thread, under Trio
+            person = await trio.to_thread.run_sync(
+                structured.bind(seed=seed).invoke, "Describe a person.")
+            assert isinstance(person, Person), (method, person)
