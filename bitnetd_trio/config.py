@@ -122,6 +122,11 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM certificate (chain) for every TCP listener: https
     tls_key: str | None = None  # its PEM private key
     web_ui: bool | None = None  # the chat page at /; None: on when a listener is loopback
+    # constrained decoding (response_format, tools, grammar): what one request's grammar may cost
+    max_grammar_size: int = 64 << 10  # bytes of one schema or grammar; beyond: 400
+    max_grammar_depth: int = 32  # nesting of a JSON schema; beyond: 400
+    grammar_step_limit: int = 50_000  # parser items per token mask (~2.5 ms); beyond: the
+    # sequence ends with an error naming the limit
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,9 @@ _SCHEMA: dict[str, dict[str, tuple[str, _Parser]]] = {
         "tls_cert": ("tls_cert", v.existing_file),
         "tls_key": ("tls_key", v.existing_file),
         "web_ui": ("web_ui", v.boolean),
+        "max_grammar_size": ("max_grammar_size", v.size_in(256, 16 << 20)),
+        "max_grammar_depth": ("max_grammar_depth", v.int_in(1, 1024)),
+        "grammar_step_limit": ("grammar_step_limit", v.int_in(1000, 10_000_000)),
     },
     "security": {
         "rate_limit": ("rate_limit", v.float_in(0.0, 1e6)),

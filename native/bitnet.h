@@ -175,6 +175,11 @@ int bn_sampler_set_bias(bn_sampler *s, int32_t token, float bias); /* -INFINITY 
 void bn_sampler_accept(bn_sampler *s, int32_t token);              /* add to penalty history */
 /* Pick a token from logits (not modified). Deterministic given seed and history. */
 int32_t bn_sampler_sample(bn_sampler *s, const float *logits);
+/* The same, with only the tokens whose bit is set in `allowed` (n_words uint32 words, bit
+ * i % 32 of word i / 32; tokens past the last word are not allowed) as candidates: constrained
+ * decoding. allowed == NULL is bn_sampler_sample. Returns -1 when no allowed token is left. */
+int32_t bn_sampler_sample_masked(bn_sampler *s, const float *logits, const uint32_t *allowed,
+                                 int32_t n_words);
 
 /* ---- kernels (exposed for tests and benchmarks) ---- */
 /* y[t][r] = BitLinear(x[t], W) for t < n_tok, r < n_out: x is n_tok x n_in floats, y is

@@ -395,7 +395,17 @@ static int32_t nucleus_unsorted(bn_cand *c, int32_t n, float mx, double top_p)
 
 int32_t bn_sampler_sample(bn_sampler *s, const float *logits)
 {
-    if (s == NULL || logits == NULL)
+    return bn_sampler_sample_masked(s, logits, NULL, 0);
+}
+
+/* The allowed-token bitset of constrained decoding: bit (i % 32) of word i / 32 is token i;
+ * a token outside the n_words words is not allowed. Disallowed tokens become -inf before the
+ * chain, exactly as a -inf logit bias would (so the chain, and the PRNG draws, are those of
+ * the same logits with those tokens banned). */
+int32_t bn_sampler_sample_masked(bn_sampler *s, const float *logits, const uint32_t *allowed,
+                                 int32_t n_words)
+{
+    if (s == NULL || logits == NULL || (allowed != NULL && n_words < 0))
         return -1;
     const bn_sampling *p = &s->p;
     int32_t nv = s->n_vocab;
@@ -406,6 +416,16 @@ int32_t bn_sampler_sample(bn_sampler *s, const float *logits)
         float x = logits[i];
         x = x != x ? -INFINITY : x; /* NaN */
         w[i] = x > FLT_MAX ? FLT_MAX : x;
+    }
+    if (allowed != NULL) {
+        int64_t n_bits = (int64_t)n_words * 32;
+        int32_t n_masked = n_bits < nv ? (int32_t)n_bits : nv;
+        for (int32_t i = 0; i < n_masked; i++) {
+            if (!((allowed[i >> 5] >> (i & 31)) & 1u))
+                w[i] = -INFINITY;
+        }
+        for (int32_t i = n_masked; i < nv; i++)
+            w[i] = -INFINITY;
     }
     for (int32_t i = 0; i < s->n_biases; i++) {
         float *l = &w[s->biases[i].token];

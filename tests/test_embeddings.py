@@ -1,5 +1,5 @@
 """Embeddings: the engine's hidden-state output mode (model-format §5.3.1) and
-POST /v1/embeddings (http-api §1.6) over a real server with the tiny models.
+POST /v1/embeddings (http-api §1.8) over a real server with the tiny models.
 
 What must hold exactly (bit for bit): a token's hidden row does not depend on what else is in
 the step, on the chunking of its prompt or on the thread count; so neither does an embedding,

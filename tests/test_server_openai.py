@@ -170,7 +170,7 @@ async def test_sdk_errors_raise_matching_exceptions(server: RunningServer) -> No
         await c.chat.completions.create(
             model=mid(server),
             messages=MESSAGES,
-            tools=[{"type": "function", "function": {"name": "f"}}],
+            tools=[{"type": "function", "function": {"name": "f g"}}],
         )
 
 

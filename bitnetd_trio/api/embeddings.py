@@ -1,4 +1,4 @@
-"""POST /v1/embeddings (http-api §1.6): the OpenAI embeddings API over the engine's final
+"""POST /v1/embeddings (http-api §1.8): the OpenAI embeddings API over the engine's final
 hidden state (model-format §5.3.1).
 
 Each input becomes one embedding job: its tokens are prefilled through the same

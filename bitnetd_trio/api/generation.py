@@ -25,9 +25,11 @@ from bitnetd_trio.api.http import DisconnectWatch, Request
 from bitnetd_trio.api.metrics import Metrics
 from bitnetd_trio.api.prompts import check_samplable, prepare_prompts
 from bitnetd_trio.api.reply import Choice, Piece, Reply
+from bitnetd_trio.api.response_format import compile_constraint
 from bitnetd_trio.api.schema import GenerationRequest
 from bitnetd_trio.api.served_model import served_model_id
 from bitnetd_trio.api.sse import SSE_KEEPALIVE
+from bitnetd_trio.api.tools import constraint_of
 from bitnetd_trio.config import Config
 from bitnetd_trio.engine.inference import InferenceThread, Job, QueueFull, Update
 
@@ -145,9 +147,10 @@ class GenerationFlow:
         async def prepare_and_answer() -> None:
             nonlocal gen
             prompts, texts = await cpu.run(work_size, prepare_prompts, g, engine)
+            constraint = await compile_constraint(constraint_of(g, engine), engine, config)
             if self.draining:  # the drain began while the prompts were prepared
                 raise ApiError.unavailable("the server is shutting down", retry_after=5)
-            gen = self._submit(dialect, g, engine, prompts, texts, config)
+            gen = self._submit(dialect, g, engine, prompts, texts, config, constraint)
             self.active.add(gen)
             respond = self._stream if g.stream else self._respond_whole
             with gen.receiver:
@@ -175,6 +178,7 @@ class GenerationFlow:
         prompts: list[list[int]],
         texts: list[str],
         config: Config,
+        constraint: object = None,  # engine/constraints.Constraint: each job gets a copy
     ) -> Generation:
         send_ch, recv_ch = trio.open_memory_channel[Update](math.inf)
         max_tokens = g.max_tokens
@@ -200,6 +204,7 @@ class GenerationFlow:
                         top_logprobs=g.top_logprobs,
                         prompt_logprobs=g.echo and g.logprobs,  # echo scoring
                         cache_prompt=g.cache_prompt,
+                        constraint=constraint.copy() if constraint is not None else None,
                     )
                 )
         reply = Reply(

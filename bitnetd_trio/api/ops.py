@@ -28,6 +28,7 @@ from bitnetd_trio.api.served_model import (
 )
 from bitnetd_trio.api.sse import json_bytes
 from bitnetd_trio.engine.chat import bitnet_format_as_jinja
+from bitnetd_trio.engine.constraints import supported_kinds
 from bitnetd_trio.engine.inference import InferenceThread
 
 if TYPE_CHECKING:  # the app imports this module to build its routes
@@ -101,6 +102,8 @@ def _model_card(app: App, model_id: str, engine: InferenceThread) -> dict:
             "demo": info.is_demo,
             "path": shown_model_path(engine, app.config.model.expose_path),
             "name": info.name,
+            # constrained output kinds requests may use (http-api §1.6)
+            "constraints": supported_kinds(),
         },
     }
 
@@ -251,6 +254,7 @@ async def props(app: App, req: Request) -> None:
             "build_info": f"bitnetd-trio {__version__} ({info.kernel})",
             "demo_model": info.is_demo,
             "modalities": {"vision": False, "audio": False},
+            "constraints": supported_kinds(),  # response_format, tools, grammar, json_schema
         },
     )
 

@@ -36,9 +36,11 @@ def render_chat(
         return engine.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
 
 
-def _chat_tokens(engine: InferenceThread, messages: list[dict]) -> list[int]:
+def _chat_tokens(
+    engine: InferenceThread, messages: list[dict], tools: list[dict] | None = None
+) -> list[int]:
     with _template_errors_are_client_errors():
-        return engine.chat_template.render_tokens(messages, engine.tokenizer)
+        return engine.chat_template.render_tokens(messages, engine.tokenizer, tools=tools)
 
 
 def prepare_prompts(
@@ -48,7 +50,7 @@ def prepare_prompts(
     an empty prompt or one that leaves no room in the context."""
     tok = engine.tokenizer
     if g.messages is not None:
-        ids = _chat_tokens(engine, g.messages)
+        ids = _chat_tokens(engine, g.messages, g.tools.tools if g.tools is not None else None)
         prompts, texts, param = [ids], [tok.decode(ids)], "messages"
     else:
         prompts, texts, param = [], [], "prompt"

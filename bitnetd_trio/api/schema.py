@@ -29,6 +29,18 @@ from bitnetd_trio.api.json_body import (
     object_array,
     quoted,
 )
+from bitnetd_trio.api.response_format import (
+    ConstraintSpec,
+    gbnf_spec,
+    json_schema_spec,
+    parse_response_format,
+)
+from bitnetd_trio.api.tools import (
+    ToolRequest,
+    parse_message_tool_calls,
+    parse_tools,
+    tool_message_fields,
+)
 from bitnetd_trio.engine.sampling import SamplingParams
 
 __all__ = [
@@ -102,6 +114,7 @@ class SchemaDefaults:
     # the served model's tokenizer, for fields that name text (llama.cpp's string-keyed
     # logit_bias, prompts mixing ids and text); None in unit tests without a model
     tokenizer: Any = None
+    max_grammar_size: int = 64 << 10  # bytes of a schema, grammar or tool list
 
     @classmethod
     def from_config(
@@ -124,6 +137,7 @@ class SchemaDefaults:
             model_ids=frozenset(model_ids),
             strict_model_name=m.strict_model_name,
             tokenizer=tokenizer,
+            max_grammar_size=config.server.max_grammar_size,
         )
 
 
@@ -157,6 +171,9 @@ class GenerationRequest:
     # Fields only one dialect reads back when shaping its answer (Responses: `instructions`,
     # `metadata`; llama.cpp: `return_tokens`, ...), keyed by their request names.
     dialect_options: dict[str, Any] = field(default_factory=dict)
+    # constrained decoding: response_format, grammar, json_schema or the tools' grammar
+    constraint: ConstraintSpec | None = None
+    tools: ToolRequest | None = None  # chat: the tools and tool_choice
 
 
 @dataclass(frozen=True)
@@ -397,15 +414,6 @@ def _stream_options(f: Fields, stream: bool) -> bool:
     return False if include is None else as_bool(include, "stream_options.include_usage")
 
 
-def _unsupported(f: Fields, *names: str) -> None:
-    """Fields we do not implement: a 400 naming them beats silently ignoring them."""
-    for name in names:
-        v = f.d.get(name)
-        if v is None or v == [] or (name == "tool_choice" and v == "none"):
-            continue
-        raise invalid(name, "is not supported by this server")
-
-
 def _n(f: Fields, defaults: SchemaDefaults) -> int:
     return f.int("n", 1, defaults.max_n, 1)
 
@@ -450,7 +458,13 @@ def _messages(d: dict) -> list[dict]:
                 raise invalid(f"{where}.content", "is required")
             content = ""
         text = _content_text(content, f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": text})
+        m: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
+        calls = parse_message_tool_calls(msg, where)
+        if calls:
+            m["tool_calls"] = calls
+        if role == "tool":
+            m.update(tool_message_fields(msg, where))
+        out.append(m)
     return out
 
 
@@ -488,18 +502,15 @@ def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> Ge
     """POST /v1/chat/completions."""
     defaults = defaults or SchemaDefaults()
     f = Fields(d)
-    _unsupported(f, "tools", "tool_choice", "functions", "function_call")
     model = _model(f, defaults)
     messages = _messages(d)
-
-    response_format = d.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, dict):
-            raise invalid("response_format", f"must be an object, got {json_type(response_format)}")
-        kind = response_format.get("type")
-        if kind != "text":
-            shown = f"'{kind[:40]}'" if isinstance(kind, str) else json_type(kind)
-            raise invalid("response_format", f"type {shown} is not supported (only 'text')")
+    tools = parse_tools(d, defaults.max_grammar_size)
+    constraint = _llama_constraint(d, defaults) or parse_response_format(
+        d.get("response_format"), defaults.max_grammar_size
+    )
+    if constraint is not None and tools is not None and tools.calls_possible:
+        raise invalid(constraint.param, "cannot be combined with tools (unless tool_choice is "
+                                        "'none')")
 
     # max_completion_tokens replaces the deprecated max_tokens; the newer name wins.
     name = "max_completion_tokens" if f.present("max_completion_tokens") else "max_tokens"
@@ -529,7 +540,21 @@ def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> Ge
         top_logprobs=top_logprobs,
         user=f.str("user"),
         cache_prompt=f.bool("cache_prompt", True),
+        constraint=constraint,
+        tools=tools,
     )
+
+
+def _llama_constraint(d: dict, defaults: SchemaDefaults) -> ConstraintSpec | None:
+    """llama.cpp's `grammar` (GBNF) or `json_schema` fields (one of them)."""
+    grammar, schema = d.get("grammar"), d.get("json_schema")
+    if grammar is not None and grammar != "" and schema is not None:
+        raise invalid("grammar", "send either grammar or json_schema, not both")
+    if schema is not None:
+        return json_schema_spec(schema, "json_schema", defaults.max_grammar_size)
+    if grammar is not None and grammar != "":
+        return gbnf_spec(grammar, "grammar", defaults.max_grammar_size)
+    return None
 
 
 def parse_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
@@ -574,6 +599,7 @@ def parse_completion(d: dict, defaults: SchemaDefaults | None = None) -> Generat
         echo=f.bool("echo"),
         user=f.str("user"),
         cache_prompt=f.bool("cache_prompt", True),
+        constraint=parse_response_format(d.get("response_format"), defaults.max_grammar_size),
     )
 
 
@@ -662,6 +688,7 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
         logprobs=n_probs > 0,
         top_logprobs=n_probs,
         cache_prompt=f.bool("cache_prompt", True),
+        constraint=_llama_constraint(d, defaults),
     )
 
 

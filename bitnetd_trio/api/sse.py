@@ -111,6 +111,30 @@ class ChatChunks(_Chunks):
             ]
         )
 
+    def tool_call(self, index: int, call: int, *, call_id: str | None = None,
+                  name: str | None = None, arguments: str = "") -> dict:
+        """A tool call delta as OpenAI streams it: the call's index, id, type and name first
+        (arguments ""), then argument fragments under the same index."""
+        delta: dict = {"index": call}
+        fn: dict = {}
+        if call_id is not None:
+            delta["id"] = call_id
+            delta["type"] = "function"
+        if name is not None:
+            fn["name"] = name
+        fn["arguments"] = arguments
+        delta["function"] = fn
+        return self._chunk(
+            [
+                {
+                    "index": index,
+                    "delta": {"tool_calls": [delta]},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+
     def finish(self, index: int, reason: str) -> dict:
         return self._chunk(
             [{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]

@@ -45,6 +45,7 @@ import jinja2
 
 from bitnetd_trio.engine import template_worker
 from bitnetd_trio.engine.template_sandbox import ChatTemplateError, compile_template
+from bitnetd_trio.engine.tool_syntax import syntax_for
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +247,11 @@ class ChatTemplate:
     # ---- rendering ----
 
     def render(self, messages: Iterable[Mapping[str, Any]],
-               add_generation_prompt: bool = True) -> str:
+               add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         """The prompt as one string (do not tokenize it with parse_special=True)."""
-        return "".join(t for t, _ in self._segments(messages, add_generation_prompt, None))
+        return "".join(
+            t for t, _ in self._segments(messages, add_generation_prompt, None, tools)
+        )
 
     def render_segments(self, messages: Iterable[Mapping[str, Any]],
                         add_generation_prompt: bool = True,
@@ -260,7 +263,8 @@ class ChatTemplate:
         return self._segments(messages, add_generation_prompt, control_regex)
 
     def render_tokens(self, messages: Iterable[Mapping[str, Any]], tokenizer: _TokenizerLike,
-                      add_generation_prompt: bool = True) -> list[int]:
+                      add_generation_prompt: bool = True,
+                      tools: list[dict] | None = None) -> list[int]:
         """The prompt's token ids: control tokens written by the template become their ids,
         control-token text inside content stays plain text. Everything between two template
         control tokens is BPE-encoded as one piece, template text and content together, so
@@ -276,7 +280,7 @@ class ChatTemplate:
                 ids.extend(tokenizer.encode("".join(text), add_bos=False, parse_special=False))
                 text.clear()
 
-        for seg, is_template in self._segments(messages, add_generation_prompt, control):
+        for seg, is_template in self._segments(messages, add_generation_prompt, control, tools):
             if not is_template or control is None:
                 text.append(seg)
                 continue
@@ -293,11 +297,17 @@ class ChatTemplate:
         return ids
 
     def _segments(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool,
-                  control_regex: re.Pattern[str] | None) -> list[tuple[str, bool]]:
+                  control_regex: re.Pattern[str] | None,
+                  tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+        """`tools`: OpenAI tool definitions. The trained format gets them, and assistant
+        tool calls, written in this server's tool syntax (engine/tool_syntax.py); a Jinja
+        template gets `tools` and the messages' `tool_calls` as they are."""
         msgs = _normalized(messages)
         if self._template is None:
+            if tools or any(m.get("tool_calls") for m in msgs):
+                msgs = syntax_for(None).render_messages(msgs, tools)
             return self._bitnet_segments(msgs, add_generation_prompt)
-        return self._jinja_segments(msgs, add_generation_prompt, control_regex)
+        return self._jinja_segments(msgs, add_generation_prompt, control_regex, tools)
 
     def _bitnet_segments(self, msgs: list[dict[str, Any]],
                          add_generation_prompt: bool) -> list[tuple[str, bool]]:
@@ -315,7 +325,8 @@ class ChatTemplate:
         return _merge(segs)
 
     def _jinja_segments(self, msgs: list[dict[str, Any]], add_generation_prompt: bool,
-                        control_regex: re.Pattern[str] | None) -> list[tuple[str, bool]]:
+                        control_regex: re.Pattern[str] | None,
+                        tools: list[dict] | None = None) -> list[tuple[str, bool]]:
         assert self._template is not None
         protector = _Protector(control_regex)
         context = {
@@ -324,6 +335,8 @@ class ChatTemplate:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
         }
+        if tools:
+            context["tools"] = protector.protect(tools)
         content_chars = sum(len(m["content"]) for m in msgs)
         rendered = template_worker.shared_worker(MAX_MEMORY_MB).render(
             self.source, context,

@@ -35,6 +35,7 @@ import trio
 
 from bitnetd_trio.engine import native as engine
 from bitnetd_trio.engine.chat import ChatTemplate
+from bitnetd_trio.engine.constraints import MaskWorker
 from bitnetd_trio.engine.embedding import pooling_of_model
 from bitnetd_trio.engine.jobs import (
     EngineSettings,
@@ -117,6 +118,7 @@ class InferenceThread:
         self._delivered_at = 0.0
         self._gauges = (-1, -1)  # last (waiting, running) written to the metrics
         self._trio_gone = False
+        self._masks = MaskWorker()  # its thread starts with the first constrained step
 
     # ---- Trio side ------------------------------------------------------------------------
 
@@ -336,6 +338,7 @@ class InferenceThread:
         )
 
     def _close_engine(self) -> None:
+        self._masks.close()
         # model_loaded is the app's to clear: after a reload, closing the old engine must not
         # mark the new one as unloaded.
         if self._ctx is not None:
@@ -421,6 +424,8 @@ class InferenceThread:
             self._trio_gone = True
             return
         started = time.monotonic()
+        # Constrained sequences: their next masks are computed while the forward runs.
+        masking = self._masks.start(plan.constraints())
         try:
             # StepEntry has the fields forward reads from a BatchEntry
             statuses = self._ctx.forward(plan.entries)
@@ -428,6 +433,9 @@ class InferenceThread:
             log.error("forward step failed for %d sequences: %s", len(plan.entries), exc)
             scheduler.fail_step(plan, f"engine error: {exc}", updates)
             return
+        finally:
+            if masking:
+                self._masks.wait()
         scheduler.absorb(plan, statuses, self._ctx, time.monotonic() - started, updates)
 
     def _set_gauges(self, waiting: int) -> None:

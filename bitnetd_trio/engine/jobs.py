@@ -87,6 +87,9 @@ class Job:
     # An embedding job: prefill only, no sampling; ends with `Update.embedding` pooled this way
     # ("mean", "cls" or "last", engine/embedding.py).
     embed: str | None = None
+    # constrained decoding: an engine/constraints.Constraint of this job alone (its matcher
+    # advances with every token), or None
+    constraint: Any = None
     id: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
     cancel: engine.CancelFlag = field(default_factory=engine.CancelFlag)
     submitted_at: float = field(default_factory=time.monotonic)

@@ -364,10 +364,13 @@ class Context(_Closable):
         arr.flags.writeable = False
         return arr
 
-    def sample(self, entry_index: int, sampler: Any) -> int:
-        """Sample from the entry's last logits in place (no copy)."""
+    def sample(self, entry_index: int, sampler: Any, allowed: Any = None) -> int:
+        """Sample from the entry's last logits in place (no copy); `allowed`: the constrained
+        decoding bitset (`Sampler.sample`)."""
         hp = self._logits_ptr(entry_index, self._last_token(entry_index))
-        return int(sampler.sample(hp))
+        if allowed is None:
+            return int(sampler.sample(hp))
+        return int(sampler.sample(hp, allowed))
 
     def _last_token(self, entry_index: int) -> int:
         if not 0 <= entry_index < self._n_last:

@@ -130,10 +130,12 @@ class Sampler:
         """Add a token to the penalty history (every generated token, in order)."""
         lib.bn_sampler_accept(self._live(), int(token))
 
-    def sample(self, logits: Any) -> int:
+    def sample(self, logits: Any, allowed: np.ndarray | None = None) -> int:
         """Pick a token from n_vocab logits: a float32 numpy array or a cffi `float *`.
 
         A C-contiguous float32 array and a cffi pointer are used in place, never copied.
+        `allowed` (constrained decoding): a uint32 bitset, bit i % 32 of word i // 32 set for
+        each token that may be picked; the others count as -inf before the chain.
         """
         ptr = self._live()
         if isinstance(logits, ffi.CData):
@@ -145,7 +147,13 @@ class Sampler:
             if arr.size != self.n_vocab:
                 raise ValueError(f"expected {self.n_vocab} logits, got {arr.size}")
             buf = ffi.from_buffer("float[]", arr)
-        tok = lib.bn_sampler_sample(ptr, buf)
+        if allowed is None:
+            tok = lib.bn_sampler_sample(ptr, buf)
+        else:
+            if allowed.dtype != np.uint32 or not allowed.flags.c_contiguous:
+                raise ValueError("allowed must be a C-contiguous uint32 bitset")
+            words = ffi.from_buffer("uint32_t[]", allowed)
+            tok = lib.bn_sampler_sample_masked(ptr, buf, words, int(allowed.size))
         if tok < 0:
             raise SamplingError("no token can be sampled: every logit is NaN or banned")
         return int(tok)

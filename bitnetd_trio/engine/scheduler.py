@@ -54,7 +54,7 @@ class SamplerLike(Protocol):
     """A sequence's sampler (`sampling.Sampler`)."""
 
     def accept(self, token: int) -> None: ...
-    def sample(self, logits: Any) -> int: ...
+    def sample(self, logits: Any, allowed: Any = None) -> int: ...
     def close(self) -> None: ...
 
 
@@ -94,6 +94,7 @@ class ActiveSequence:
 
     __slots__ = (
         "admitted_at",
+        "constraint",
         "decoder",
         "embed_rows",
         "job",
@@ -117,6 +118,7 @@ class ActiveSequence:
         self.sampler = sampler
         self.decoder = decoder
         self.matcher = StopMatcher(job.stop)
+        self.constraint = job.constraint  # engine/constraints.Constraint, or None
         self.n_fed = 0  # prompt tokens already in the slot's cache
         self.n_cached = 0  # of which were reused from an earlier request
         self.n_generated = 0
@@ -161,6 +163,15 @@ class StepPlan:
     entries: list[StepEntry]
     n_prefill: int  # prompt tokens fed
     n_decode: int  # sequences decoding one token
+
+    def constraints(self) -> list[Any]:
+        """The constraints of the sequences this step samples for (their masks can be
+        computed while the forward runs); empty for unconstrained steps."""
+        return [
+            e.seq.constraint
+            for e in self.entries
+            if e.seq.constraint is not None and e.logits != "none"
+        ]
 
 
 class StepCost:
@@ -481,13 +492,28 @@ class Scheduler:
     ) -> None:
         """Sample the next token of `seq` from entry's logits at token t; emit or finish."""
         job = seq.job
+        constraint = seq.constraint
+        allowed = None
+        if constraint is not None:
+            if constraint.needs_mask:  # not computed beside the forward (no mask worker)
+                constraint.compute_mask()
+            if constraint.error is not None:  # e.g. a mask that ran out of its step limits
+                self._retire(seq, "error", updates, error=constraint.error)
+                _attach_prompt_lps(updates, prompt_lps)
+                return
+            allowed = constraint.mask
         try:
             if seq.n_generated < job.min_tokens and len(self._stop_array):
                 masked = np.array(output.logits(entry, t), dtype=np.float32, copy=True)
                 masked[self._stop_array] = -np.inf
-                token = seq.sampler.sample(masked)
-            else:
+                if allowed is None:
+                    token = seq.sampler.sample(masked)
+                else:
+                    token = seq.sampler.sample(masked, allowed)
+            elif allowed is None:
                 token = output.sample(entry, seq.sampler)
+            else:
+                token = output.sample(entry, seq.sampler, allowed)
         except SamplingError as exc:  # e.g. all-NaN logits from a broken model: this one fails
             log.error("sampling failed for job %s: %s", job.id, exc)
             self._retire(seq, "error", updates, error=str(exc))
@@ -513,6 +539,15 @@ class Scheduler:
             return
         piece = "" if self.hooks.is_control(token) else seq.decoder.push(token)
         text, hit = seq.matcher.push(piece)
+        grammar_done = False
+        if constraint is not None:
+            constraint.accept(token)
+            if constraint.error is not None:
+                self._retire(seq, "error", updates, text=text, tokens=results,
+                             error=constraint.error)
+                _attach_prompt_lps(updates, prompt_lps)
+                return
+            grammar_done = constraint.finished
         if hit:
             self._retire(
                 seq,
@@ -523,6 +558,9 @@ class Scheduler:
                 stop_type="word",
                 stopping_word=seq.matcher.matched,
             )
+        elif grammar_done:  # the grammar allows nothing more: as if EOS had been sampled
+            text += _flush_text(seq)
+            self._retire(seq, "stop", updates, text=text, tokens=results, stop_type="eos")
         elif (
             job.max_tokens is not None
             and seq.n_generated >= job.max_tokens

@@ -13,6 +13,13 @@
 
 The ratio HTTP/raw is the cost of the server path (target >= 0.97). A benchmark prints
 figures; it asserts nothing.
+
+With `--constrained`, the comparison is instead, in the same daemon and run: streams whose
+output is constrained by a `json_schema` response_format (one long string field, so the
+grammar never ends early) against unconstrained streams, 1 and 8 (`--clients`) at a time:
+the per-token cost of constrained decoding (target >= 0.95). Use `--model` with a file of the
+real vocabulary (`bitnetd-write-model --preset full --vocab llama3`): the mask's cost grows
+with the vocabulary.
 """
 
 from __future__ import annotations
@@ -206,8 +213,18 @@ class StreamResult:
         return (self.tokens - 1) / (self.last - self.first) if self.last > self.first else 0.0
 
 
+#: The constrained runs' schema: one string, which the letter bias keeps open to the end.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string"}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+
+
 async def stream_once(
-    url: str, prompt: list[int], n_tokens: int, bias: dict[int, float]
+    url: str, prompt: list[int], n_tokens: int, bias: dict[int, float],
+    constrained: bool = False,
 ) -> StreamResult:
     """One streaming /v1/completions request over a plain socket.
 
@@ -215,18 +232,20 @@ async def stream_once(
     small machine the client shares the CPU with the server, and its cost is not the server's.
     """
     # cache_prompt off: every request processes its whole prompt, as the raw run does
-    body = json.dumps(
-        {
-            "prompt": prompt,
-            "max_tokens": n_tokens,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "cache_prompt": False,
-            "logit_bias": {str(k): v for k, v in bias.items()},
-            "stream_options": {"include_usage": True},
-        }
-    ).encode()
+    fields = {
+        "prompt": prompt,
+        "max_tokens": n_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "cache_prompt": False,
+        "logit_bias": {str(k): v for k, v in bias.items()},
+        "stream_options": {"include_usage": True},
+    }
+    if constrained:
+        fields["response_format"] = {
+            "type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA}}
+    body = json.dumps(fields).encode()
     host, port = url.removeprefix("http://").rsplit(":", 1)
     request = (
         f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
@@ -264,13 +283,14 @@ async def stream_once(
 
 
 async def stream_many(
-    url: str, prompt: list[int], n_tokens: int, bias: dict[int, float], n: int
+    url: str, prompt: list[int], n_tokens: int, bias: dict[int, float], n: int,
+    constrained: bool = False,
 ) -> float:
     """Aggregate tokens/s of n concurrent streams (all tokens / wall time)."""
     results: list[StreamResult] = []
 
     async def one() -> None:
-        results.append(await stream_once(url, prompt, n_tokens, bias))
+        results.append(await stream_once(url, prompt, n_tokens, bias, constrained))
 
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
@@ -318,6 +338,40 @@ async def measure(
     return f
 
 
+async def measure_constrained(
+    url: str, prompt: list[int], n_tokens: int, bias: dict[int, float], clients: list[int],
+    runs: int,
+) -> dict[str, list[float]]:
+    """Unconstrained and json_schema-constrained streams, alternating in the same daemon."""
+    out: dict[str, list[float]] = {}
+    await stream_once(url, prompt, 8, bias)  # warm-up, and the grammar compiler's first use
+    await stream_once(url, prompt, 8, bias, constrained=True)
+    for _ in range(runs):
+        for constrained in (False, True):
+            r = await stream_once(url, prompt, n_tokens, bias, constrained)
+            out.setdefault(f"1 stream decode {constrained}", []).append(r.decode_rate)
+        for n in clients:
+            for constrained in (False, True):
+                rate = await stream_many(url, prompt, n_tokens, bias, n, constrained)
+                out.setdefault(f"{n} streams aggregate {constrained}", []).append(rate)
+    return out
+
+
+def report_constrained(figs: dict[str, list[float]], clients: list[int], runs: int) -> None:
+    med = statistics.median
+    print()
+    print(f"{'':34}{'free':>10}{'json_schema':>13}{'ratio':>7}   "
+          f"{'best free':>10}{'best schema':>12}{'ratio':>7}")
+    labels = ["1 stream decode"] + [f"{n} streams aggregate" for n in clients]
+    for label in labels:
+        free, con = figs[f"{label} False"], figs[f"{label} True"]
+        print(f"{label + ' tokens/s':34}{med(free):10.1f}{med(con):13.1f}"
+              f"{med(con) / med(free):7.3f}   {max(free):10.1f}{max(con):12.1f}"
+              f"{max(con) / max(free):7.3f}")
+    print(f"\n{runs} alternating free/constrained runs; decode: between first and last "
+          "streamed token; aggregate: all tokens / wall time, prompts included.")
+
+
 def report(f: Figures, clients: list[int], runs: int) -> None:
     """Median and best (least disturbed) figures: on a shared machine other work only ever
     slows a run down, so the best runs are the cleanest comparison."""
@@ -363,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--clients", default="1,4,8", help="concurrent streaming clients")
     p.add_argument("--runs", type=int, default=3, help="single-stream runs (median reported)")
+    p.add_argument("--constrained", action="store_true",
+                   help="compare json_schema-constrained streams with free ones instead")
     args = p.parse_args(argv)
     clients = [int(x) for x in args.clients.split(",") if x]
     model_path = args.model or model_for(args.shape)
@@ -379,18 +435,26 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     n_ctx = len(prompt) + args.tokens + 16
-    raw = RawEngine(model_path, n_ctx, args.threads, max(clients))
-    try:
+
+    def with_daemon(measure_fn, *measure_args):  # noqa: ANN001, ANN202
         with tempfile.TemporaryDirectory(prefix="bitnetd-bench-") as tmp:
             proc, url = start_daemon(model_path, args.threads, max(clients), n_ctx, Path(tmp))
             try:
-                f = trio.run(measure, url, raw, prompt, args.tokens, bias, clients, args.runs)
+                return trio.run(measure_fn, url, *measure_args)
             finally:
                 proc.terminate()
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+    if args.constrained:
+        figs = with_daemon(measure_constrained, prompt, args.tokens, bias, clients, args.runs)
+        report_constrained(figs, clients, args.runs)
+        return 0
+    raw = RawEngine(model_path, n_ctx, args.threads, max(clients))
+    try:
+        f = with_daemon(measure, raw, prompt, args.tokens, bias, clients, args.runs)
     finally:
         raw.close()
 

@@ -1,5 +1,7 @@
 """POST /v1/chat/completions (http-api §1.1): `chat.completion` bodies and
-`chat.completion.chunk` streams with a role delta first; chat logprobs (`logprobs.content`)."""
+`chat.completion.chunk` streams with a role delta first; chat logprobs (`logprobs.content`);
+tool calls (http-api §1.7) read out of the text with the chat template's tool syntax, as
+`message.tool_calls` or streamed `delta.tool_calls`, finish_reason "tool_calls"."""
 
 from __future__ import annotations
 
@@ -14,8 +16,20 @@ from bitnetd_trio.api.logprobs import chat_content, chat_logprobs
 from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults, parse_chat_completion
 from bitnetd_trio.api.sse import ChatChunks, sse_event
+from bitnetd_trio.api.tools import call_id, message_tool_calls
+from bitnetd_trio.engine.tool_syntax import ToolCallParser, parse_tool_calls
 
 __all__ = ["OpenAIChat"]
+
+
+def _reads_tool_calls(reply: Reply) -> bool:
+    tools = reply.request.tools
+    return tools is not None and tools.calls_possible
+
+
+def _chat_finish_reason(choice: Choice, called: bool) -> str:
+    reason = finish_reason(choice)
+    return "tool_calls" if called and reason == "stop" else reason
 
 
 class OpenAIChat(Dialect):
@@ -30,18 +44,28 @@ class OpenAIChat(Dialect):
 
     def whole(self, reply: Reply) -> dict:
         logprobs = reply.request.logprobs
-        choices = [
-            {
-                "index": c.index,
-                # `refusal` is required by OpenAI's schema (nullable); this server never refuses.
-                "message": {"role": "assistant", "content": "".join(c.text), "refusal": None},
-                "logprobs": chat_logprobs(chat_content(c.tokens, reply.token_bytes))
-                if logprobs
-                else None,
-                "finish_reason": finish_reason(c),
-            }
-            for c in reply.choices
-        ]
+        tools = _reads_tool_calls(reply)
+        choices = []
+        for c in reply.choices:
+            text = "".join(c.text)
+            # `refusal` is required by OpenAI's schema (nullable); this server never refuses.
+            message: dict = {"role": "assistant", "content": text, "refusal": None}
+            calls = []
+            if tools:
+                content, calls = parse_tool_calls(text, reply.request.tools.syntax)
+                if calls:
+                    message["content"] = content or None
+                    message["tool_calls"] = message_tool_calls(calls)
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": chat_logprobs(chat_content(c.tokens, reply.token_bytes))
+                    if logprobs
+                    else None,
+                    "finish_reason": _chat_finish_reason(c, bool(calls)),
+                }
+            )
         return whole_body(reply, "chat.completion", choices)
 
     def stream(self, reply: Reply) -> _ChatStream:
@@ -52,6 +76,10 @@ class _ChatStream(OpenAIStream):
     def __init__(self, reply: Reply) -> None:
         self.chat = ChatChunks(*chunk_identity(reply))
         super().__init__(reply, self.chat)
+        self.parsers: dict[int, ToolCallParser] = {}
+        if _reads_tool_calls(reply):
+            syntax = reply.request.tools.syntax
+            self.parsers = {c.index: ToolCallParser(syntax) for c in reply.choices}
 
     def opening(self) -> bytes:
         # Every choice starts with its role delta, before any content (http-api §1.5).
@@ -61,4 +89,31 @@ class _ChatStream(OpenAIStream):
         lps = None
         if self.reply.request.logprobs:
             lps = chat_content(piece.tokens, self.reply.token_bytes)
-        return sse_event(self.chat.content(choice.index, piece.text, lps))
+        parser = self.parsers.get(choice.index)
+        if parser is None:
+            return sse_event(self.chat.content(choice.index, piece.text, lps))
+        return self._tool_events(choice, parser.feed(piece.text), lps)
+
+    def _tool_events(self, choice: Choice, events: list[tuple], lps: list | None) -> bytes:
+        out = bytearray()
+        for ev in events:
+            if ev[0] == "content":
+                out += sse_event(self.chat.content(choice.index, ev[1], lps))
+                lps = None
+            elif ev[0] == "call":
+                out += sse_event(
+                    self.chat.tool_call(choice.index, ev[1], call_id=call_id(), name=ev[2])
+                )
+            else:
+                out += sse_event(self.chat.tool_call(choice.index, ev[1], arguments=ev[2]))
+        if lps:  # logprobs of tokens that went into tool calls: on an empty content delta
+            out += sse_event(self.chat.content(choice.index, "", lps))
+        return bytes(out)
+
+    def finish(self, choice: Choice, last: Piece) -> bytes:
+        parser = self.parsers.get(choice.index)
+        if parser is None:
+            return super().finish(choice, last)
+        out = self.piece(choice, last) + self._tool_events(choice, parser.finish(), None)
+        reason = _chat_finish_reason(choice, bool(parser.calls))
+        return out + sse_event(self.chat.finish(choice.index, reason))
