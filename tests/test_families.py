@@ -156,3 +156,37 @@ async def test_serves_a_llama_graph_file(falcon3_path: Path) -> None:
                 "ignore_eos": True})).json()
             assert again["choices"][0]["message"]["content"] == \
                 body["choices"][0]["message"]["content"]
+
+
+def test_llama_graph_is_batch_and_thread_invariant(falcon3_path: Path) -> None:
+    """model-format §5.5 holds for the Llama graph too (SiLU, no-norm quantization, adjacent
+    RoPE): a sequence's logits are bit-identical alone, batched with another sequence, split
+    into several calls, and at 1 or 2 threads."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    a = [int(t) for t in rng.integers(0, 512, size=37)]
+    b = [int(t) for t in rng.integers(0, 512, size=23)]
+    model = engine.Model.load(falcon3_path)
+    try:
+        def run(threads: int, batched: bool, split: int) -> np.ndarray:
+            ctx = engine.Context(model, 2, 128, threads)
+            try:
+                out = []
+                for part in (a[:split], a[split:]):
+                    ents = [engine.BatchEntry(0, part, "all", None)]
+                    if batched:
+                        ents.append(engine.BatchEntry(1, b, "all", None))
+                        ctx.reset(1)
+                    assert list(ctx.forward(ents)) == [0] * len(ents)
+                    out += [np.array(ctx.logits(0, t), copy=True) for t in range(len(part))]
+                return np.stack(out)
+            finally:
+                ctx.close()
+
+        base = run(1, False, 37 - 1)
+        assert np.isfinite(base).all()
+        for threads, batched, split in ((2, False, 36), (2, True, 20), (1, True, 5)):
+            assert np.array_equal(run(threads, batched, split), base), (threads, batched, split)
+    finally:
+        model.close()
