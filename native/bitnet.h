@@ -39,7 +39,7 @@ enum {
 typedef struct bn_model bn_model;
 
 typedef struct {
-    char architecture[32]; /* "bitnet-b1.58" or "bitnet-25" */
+    char architecture[32]; /* "bitnet-b1.58", "bitnet-25" or "llama" (model-format §10.2) */
     int32_t n_vocab;       /* rows of token_embd */
     int32_t n_ctx_train;   /* ARCH.context_length */
     int32_t n_embd;        /* E */
@@ -47,7 +47,7 @@ typedef struct {
     int32_t n_ff;      /* F */
     int32_t n_head;    /* H */
     int32_t n_head_kv; /* Hkv; n_head % n_head_kv == 0 */
-    int32_t head_dim;  /* D = E / H, == rope.dimension_count */
+    int32_t head_dim;  /* D: E / H for BitNet; from the keys otherwise (model-format §10.1.4) */
     float rms_eps;
     float rope_base;
     int32_t tied_head; /* 1 when the head is token_embd, 0 when output.weight exists */

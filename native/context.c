@@ -132,9 +132,11 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     }
     const int32_t E = hp->n_embd, F = hp->n_ff, H = hp->n_head, Hkv = hp->n_head_kv,
                   D = hp->head_dim;
+    /* q_dim = H * D is E for BitNet; other graphs may differ (model-format §10.1.4) */
     if (E <= 0 || E % 128 != 0 || F <= 0 || F % 128 != 0 || H <= 0 || Hkv <= 0 || H % Hkv != 0 ||
-        H / Hkv > 64 || D <= 0 || D % 2 != 0 || (int64_t)D * H != E || hp->n_layer <= 0 ||
-        hp->n_vocab <= 0 || E > (1 << 20) || F > (1 << 22)) {
+        H / Hkv > 64 || D <= 0 || D % 2 != 0 || D > 4096 || (int64_t)D * H % 128 != 0 ||
+        (int64_t)D * H > (1 << 20) || hp->n_layer <= 0 || hp->n_vocab <= 0 || E > (1 << 20) ||
+        F > (1 << 22) || !m->arch) {
         bn_set_err(err, errlen,
                    "unsupported model dimensions (n_embd %d, n_ff %d, n_head %d, "
                    "n_head_kv %d, head_dim %d)",
@@ -147,15 +149,16 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     }
     for (int32_t l = 0; l < hp->n_layer; l++) {
         const bn_layer *L = &m->layers[l];
-        if (check_matrix(&L->wq, E, E, "attn_q", l, err, errlen) ||
+        if (check_matrix(&L->wq, E, H * D, "attn_q", l, err, errlen) ||
             check_matrix(&L->wk, E, Hkv * D, "attn_k", l, err, errlen) ||
             check_matrix(&L->wv, E, Hkv * D, "attn_v", l, err, errlen) ||
-            check_matrix(&L->wo, E, E, "attn_output", l, err, errlen) ||
+            check_matrix(&L->wo, H * D, E, "attn_output", l, err, errlen) ||
             check_matrix(&L->w_gate, E, F, "ffn_gate", l, err, errlen) ||
             check_matrix(&L->w_up, E, F, "ffn_up", l, err, errlen) ||
             check_matrix(&L->w_down, F, E, "ffn_down", l, err, errlen))
             return NULL;
-        if (!L->attn_norm || !L->attn_sub_norm || !L->ffn_norm || !L->ffn_sub_norm) {
+        if (!L->attn_norm || !L->ffn_norm ||
+            (m->arch->sub_norms && (!L->attn_sub_norm || !L->ffn_sub_norm))) {
             bn_set_err(err, errlen, "layer %d: missing norm weights", l);
             return NULL;
         }
@@ -171,7 +174,10 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     ctx->n_slots = n_slots;
     ctx->n_ctx = n_ctx;
     ctx->kv_dim = Hkv * D;
+    ctx->q_dim = H * D;
     ctx->n_wide = E > F ? E : F;
+    if (ctx->q_dim > ctx->n_wide)
+        ctx->n_wide = ctx->q_dim;
     int64_t total_positions = (int64_t)n_slots * n_ctx;
     ctx->max_chunk = total_positions < BN_MAX_CHUNK ? (int32_t)total_positions : BN_MAX_CHUNK;
 
@@ -191,10 +197,10 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     ctx->rope_sin = alloc_array((size_t)n_ctx * (size_t)(D / 2), sizeof(float), &failed);
     ctx->x = alloc_array(T * (size_t)E, sizeof(float), &failed);
     ctx->h = alloc_array(T * (size_t)ctx->n_wide, sizeof(float), &failed);
-    ctx->q = alloc_array(T * (size_t)E, sizeof(float), &failed);
+    ctx->q = alloc_array(T * (size_t)ctx->q_dim, sizeof(float), &failed);
     ctx->k = alloc_array(T * (size_t)ctx->kv_dim, sizeof(float), &failed);
     ctx->v = alloc_array(T * (size_t)ctx->kv_dim, sizeof(float), &failed);
-    ctx->att = alloc_array(T * (size_t)E, sizeof(float), &failed);
+    ctx->att = alloc_array(T * (size_t)ctx->q_dim, sizeof(float), &failed);
     ctx->g = alloc_array(T * (size_t)F, sizeof(float), &failed);
     ctx->u = alloc_array(T * (size_t)F, sizeof(float), &failed);
     ctx->tmp = alloc_array(T * (size_t)E, sizeof(float), &failed);

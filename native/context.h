@@ -34,7 +34,8 @@ struct bn_context {
     int32_t n_slots, n_ctx;
     int32_t max_chunk; /* T = min(BN_MAX_CHUNK, n_slots * n_ctx) */
     int32_t kv_dim;    /* n_head_kv * head_dim */
-    int32_t n_wide;    /* max(n_embd, n_ff): the widest BitLinear input */
+    int32_t q_dim;     /* n_head * head_dim (n_embd for BitNet; model-format §10.1.4) */
+    int32_t n_wide;    /* max(n_embd, n_ff, q_dim): the widest BitLinear input */
     bn_pool *pool;
 
     /* per slot, kept across calls (model-format §5.2.4) */
@@ -49,11 +50,11 @@ struct bn_context {
     float *x;                 /* [T][n_embd] f32: the residual stream */
     float *h;                 /* [T][n] f32, n = n_embd or n_ff: RMSNorm output, the input
                                * of the next BitLinear (n_wide wide when allocated) */
-    float *q;                 /* [T][n_head][head_dim] f32: queries */
+    float *q;                 /* [T][n_head][head_dim] f32: queries (q_dim wide) */
     float *k;                 /* [T][n_head_kv][head_dim] f32: keys of this chunk */
     float *v;                 /* [T][n_head_kv][head_dim] f32: values of this chunk */
     float *att;               /* [T][n_head][head_dim] f32: attention output, heads
-                               * concatenated (n_embd wide) */
+                               * concatenated (q_dim wide) */
     float *g;                 /* [T][n_ff] f32: gate projection, then the gated f */
     float *u;                 /* [T][n_ff] f32: up projection */
     float *tmp;               /* [T][n_embd] f32: attn_output / ffn_down before the residual */

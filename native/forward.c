@@ -91,13 +91,14 @@ static void rmsnorm(const float *x, const float *w, int32_t n, float eps, float 
 }
 
 /* RMSNorm of every token row of src (n wide) with weights w into ctx->h, then its int8
- * quantization into ctx->qa, qa_s, qa_sum (model-format §5.4.1-§5.4.2). Per token, so the
- * result never depends on the split across threads. */
+ * quantization into ctx->qa, qa_s, qa_sum (model-format §5.4.1-§5.4.2). w NULL: quantize
+ * src itself, for graphs without a norm at that point (model-format §10.4.2). Per token, so
+ * the result never depends on the split across threads. */
 typedef struct {
     bn_context *ctx;
     const bn_kernel_set *k;
     const float *src; /* [T][n] f32: rows to normalise */
-    const float *w;   /* [n] f32: the norm's weights */
+    const float *w;   /* [n] f32: the norm's weights, or NULL for no norm */
     int32_t n;
     bn_queue queue; /* over the T tokens */
 } norm_quant_job;
@@ -112,8 +113,12 @@ static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
     int64_t lo, hi;
     while (bn_queue_grab(&job->queue, &lo, &hi))
         for (int64_t i = lo; i < hi; i++) {
-            float *h = ctx->h + (size_t)i * n;
-            rmsnorm(job->src + (size_t)i * n, job->w, job->n, ctx->hp.rms_eps, h);
+            const float *h = job->src + (size_t)i * n;
+            if (job->w) {
+                float *hn = ctx->h + (size_t)i * n;
+                rmsnorm(h, job->w, job->n, ctx->hp.rms_eps, hn);
+                h = hn;
+            }
             job->k->quantize(h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
         }
 }
@@ -199,18 +204,22 @@ void bn_rope_angles(int32_t pos, int32_t D, float base, float *cosv, float *sinv
     }
 }
 
-/* RoPE in place on n_heads heads of D floats, NeoX pairing (i, i + D/2) (model-format
- * model-format §5.2.3); cosv, sinv: the D/2 angles of the token's position
- * (bn_rope_angles). */
-static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const float *sinv)
+/* RoPE in place on n_heads heads of D floats; cosv, sinv: the D/2 angles of the token's
+ * position (bn_rope_angles). Angle i rotates the pair (i, i + D/2) with NeoX pairing
+ * (model-format §5.2.3) and (2i, 2i + 1) with adjacent pairing (model-format §10.4.1). */
+static void rope(float *v, int32_t n_heads, int32_t D, const float *cosv, const float *sinv,
+                 int adjacent)
 {
     const int32_t half = D / 2;
+    const int32_t step = adjacent ? 1 : half; /* distance between a pair's two members */
+    const int32_t stride = adjacent ? 2 : 1;  /* distance between pairs i and i + 1 */
     for (int32_t hd = 0; hd < n_heads; hd++) {
         float *x = v + (size_t)hd * D;
         for (int32_t i = 0; i < half; i++) {
-            float a = x[i], b = x[i + half];
-            x[i] = a * cosv[i] - b * sinv[i];
-            x[i + half] = a * sinv[i] + b * cosv[i];
+            float *p = x + (size_t)i * stride;
+            float a = p[0], b = p[step];
+            p[0] = a * cosv[i] - b * sinv[i];
+            p[step] = a * sinv[i] + b * cosv[i];
         }
     }
 }
@@ -253,9 +262,10 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *sg, 
 #else
 #define BN_ATTEND_CLONES
 #endif
-BN_ATTEND_CLONES static void
-attend_group(const float *q, const float *kc, const float *vc, size_t kvd, int32_t pos, int32_t D,
-             int32_t group, float inv_sqrt_d, float *scores, size_t score_stride, float *out)
+BN_ATTEND_CLONES static void attend_group(const float *q, const float *kc, const float *vc,
+                                          size_t kvd, int32_t pos, int32_t D, int32_t group,
+                                          float inv_sqrt_d, float *scores, size_t score_stride,
+                                          float *out)
 {
     float mx[64], sum[64];
     for (int32_t g = 0; g < group; g++)
@@ -335,7 +345,7 @@ static void attn_worker(void *arg, int32_t ith, int32_t nth)
     bn_context *ctx = job->ctx;
     const bn_hparams *hp = &ctx->hp;
     const int32_t Hkv = hp->n_head_kv, D = hp->head_dim, group = hp->n_head / hp->n_head_kv;
-    const int32_t kvd = ctx->kv_dim, E = hp->n_embd;
+    const int32_t kvd = ctx->kv_dim, qd = ctx->q_dim;
     const float inv_sqrt_d = 1.0f / sqrtf((float)D);
     float *scores = ctx->scores + (size_t)ith * ctx->scores_per_thread;
     int64_t lo, hi;
@@ -345,7 +355,7 @@ static void attn_worker(void *arg, int32_t ith, int32_t nth)
             const int32_t slot = ctx->tok_slot[i], pos = ctx->tok_pos[i];
             const size_t layer_base =
                 ((size_t)slot * hp->n_layer + (size_t)job->layer) * (size_t)ctx->n_ctx * kvd;
-            const size_t q_off = (size_t)i * E + (size_t)kh * group * D;
+            const size_t q_off = (size_t)i * qd + (size_t)kh * group * D;
             attend_group(ctx->q + q_off, ctx->kcache + layer_base + (size_t)kh * D,
                          ctx->vcache + layer_base + (size_t)kh * D, (size_t)kvd, pos, D, group,
                          inv_sqrt_d, scores, (size_t)ctx->n_ctx, ctx->att + q_off);
@@ -376,6 +386,14 @@ static void relu_sq_mul(float *restrict g, const float *restrict u, size_t n)
         memcpy(&gv, &b, sizeof gv);
         g[i] = gv * gv * u[i];
     }
+}
+
+/* g = silu(g) * u = g / (1 + exp(-g)) * u, the SiLU gate (model-format §10.4.2). For
+ * g < -88 exp(-g) is +inf and the quotient -0: no special case needed. */
+static void silu_mul(float *restrict g, const float *restrict u, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 /* ---------------------------------------------------------------- model-format §5.3 output head */
@@ -411,7 +429,10 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     const bn_model *m = ctx->m;
     const bn_hparams *hp = &ctx->hp;
     const int32_t E = hp->n_embd, F = hp->n_ff, D = hp->head_dim, kvd = ctx->kv_dim;
+    const int32_t qd = ctx->q_dim; /* E for BitNet (model-format §10.1.4) */
     const float eps = hp->rms_eps;
+    const bn_arch *arch = m->arch; /* which variant of a step (model-format §10.1) */
+    const int adjacent = arch->rope_pairing == BN_ROPE_ADJACENT;
 
     /* 1. (model-format §5.1) x = the token's row of token_embd, F16 -> F32 */
     for (int32_t i = 0; i < T; i++)
@@ -429,12 +450,14 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         /* 2.2 (model-format §5.2.2) q, k, v = BitLinear(h, attn_q / attn_k / attn_v) */
         run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
 
-        /* 2.3 (model-format §5.2.3) RoPE on every head of q and k at the token's position */
+        /* 2.3 (model-format §5.2.3) RoPE on every head of q and k at the token's position,
+         * pairs as the description says (§10.1.3) */
         for (int32_t i = 0; i < T; i++) {
             const size_t rp = (size_t)ctx->tok_pos[i] * (D / 2);
-            rope(ctx->q + (size_t)i * E, hp->n_head, D, ctx->rope_cos + rp, ctx->rope_sin + rp);
-            rope(ctx->k + (size_t)i * kvd, hp->n_head_kv, D, ctx->rope_cos + rp,
-                 ctx->rope_sin + rp);
+            rope(ctx->q + (size_t)i * qd, hp->n_head, D, ctx->rope_cos + rp, ctx->rope_sin + rp,
+                 adjacent);
+            rope(ctx->k + (size_t)i * kvd, hp->n_head_kv, D, ctx->rope_cos + rp, ctx->rope_sin + rp,
+                 adjacent);
         }
 
         /* 2.4 (model-format §5.2.4) store k, v at the token's position in its slot's cache of
@@ -452,11 +475,13 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         bn_queue_init(&aj.queue, (int64_t)T * hp->n_head_kv, bn_pool_threads(ctx->pool), 4, 1);
         bn_pool_run(ctx->pool, attn_worker, &aj);
 
-        /* 2.6 (model-format §5.2.6) RMSNorm(att, attn_sub_norm), quantized */
-        norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, E, T);
+        /* 2.6 (model-format §5.2.6) RMSNorm(att, attn_sub_norm), quantized; without
+         * sub-norms att itself is quantized (§10.1.1) */
+        norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, qd, T);
+        bn_qact ao = {ctx->qa, qd, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
 
         /* 2.7 (model-format §5.2.7) x = x + BitLinear(that, attn_output) */
-        run_matmul(ctx, k, &a, &L->wo, ctx->tmp, NULL, NULL, NULL, NULL);
+        run_matmul(ctx, k, &ao, &L->wo, ctx->tmp, NULL, NULL, NULL, NULL);
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
 
         /* 2.8 (model-format §5.2.8) h = RMSNorm(x, ffn_norm), quantized once;
@@ -464,9 +489,12 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         norm_quantize(ctx, k, ctx->x, L->ffn_norm, E, T);
         run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
 
-        /* 2.9 (model-format §5.2.9) f = max(g, 0)^2 * u (in g), then RMSNorm(f, ffn_sub_norm),
-         * quantized */
-        relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
+        /* 2.9 (model-format §5.2.9) f = max(g, 0)^2 * u (in g), or silu(g) * u (§10.1.2),
+         * then RMSNorm(f, ffn_sub_norm) when the graph has it, quantized */
+        if (arch->activation == BN_ACT_SILU)
+            silu_mul(ctx->g, ctx->u, (size_t)T * F);
+        else
+            relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
         norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, F, T);
         bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
 
@@ -518,7 +546,7 @@ int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float
     if (!angles)
         return -1;
     bn_rope_angles(pos, head_dim, base, angles, angles + head_dim / 2);
-    rope(v, n_heads, head_dim, angles, angles + head_dim / 2);
+    rope(v, n_heads, head_dim, angles, angles + head_dim / 2, 0);
     free(angles);
     return 0;
 }

@@ -1,18 +1,21 @@
-/* model.c - BitNet b1.58 model loader (model-format §2-§4): checks the architecture,
- * hyper-parameters and every tensor's type and shape, then points the bn_model fields into
- * the mapping (zero copies).
+/* model.c - model loader (model-format §2-§4, §10): finds the architecture's description
+ * (arch.c), checks the hyper-parameters and every tensor's type and shape against it, then
+ * points the bn_model fields into the mapping (zero copies).
  *
  * Required keys (under "<arch>."): context_length, embedding_length, block_count,
- * feed_forward_length, attention.head_count, attention.head_count_kv, rope.dimension_count.
- * Optional keys with defaults: rope.freq_base (10000, the usual RoPE base when a converter
- * omits it) and attention.layer_norm_rms_epsilon (1e-5, BitNet's training value).
- * Optional checked keys: vocab_size and tokenizer.ggml.tokens must agree with token_embd.
+ * feed_forward_length, attention.head_count, attention.head_count_kv, and for the BitNet
+ * graphs rope.dimension_count (model-format §2.3; the head-dimension keys of other graphs:
+ * model-format §10.1.4). Optional keys with defaults from the description: rope.freq_base and
+ * attention.layer_norm_rms_epsilon. Optional checked keys: vocab_size and
+ * tokenizer.ggml.tokens must agree with token_embd; a RoPE scaling type other than "none" is
+ * refused (model-format §10.3).
  */
 #include "error.h"
 #include "model.h"
 
 #include <math.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +25,7 @@ typedef struct {
     char *err;
     size_t errlen;
     char arch[32];
+    const bn_arch *a;
 } loader;
 
 static int lfail(loader *L, const char *fmt, ...)
@@ -109,10 +113,14 @@ static int read_architecture(loader *L)
     if (!s)
         return lfail(L, "key 'general.architecture' has type %s, expected string",
                      meta_type_name(bn_meta_type(L->m, idx)));
-    if ((len == 12 && memcmp(s, "bitnet-b1.58", 12) == 0) ||
-        (len == 9 && memcmp(s, "bitnet-25", 9) == 0)) {
-        memcpy(L->arch, s, len);
+    const bn_arch *a = bn_arch_find(s, len);
+    if (a) {
+        memcpy(L->arch, s, len); /* len < sizeof L->arch: every table name is short */
         L->arch[len] = '\0';
+        L->a = a;
+        L->m->arch = a;
+        if (a->weight_format != BN_WFMT_I2_S) /* model-format §10.1.5 */
+            return lfail(L, "architecture '%s': its weight format is not implemented", L->arch);
         return 0;
     }
     char shown[48];
@@ -121,29 +129,99 @@ static int read_architecture(loader *L)
         shown[i] = (s[i] >= 0x20 && s[i] < 0x7f) ? s[i] : '?';
     shown[n] = '\0';
     if (len == 6 && memcmp(s, "bitnet", 6) == 0)
-        return lfail(L, "unsupported architecture 'bitnet' (general.architecture): that is the "
-                        "older BitNet graph; this engine runs 'bitnet-b1.58' and 'bitnet-25'");
-    return lfail(L,
-                 "unsupported architecture '%s%s' (general.architecture); expected "
-                 "'bitnet-b1.58' or 'bitnet-25'",
-                 shown, len > n ? "..." : "");
+        return lfail(L,
+                     "unsupported architecture 'bitnet' (general.architecture): that is the "
+                     "older BitNet graph; this engine runs %s",
+                     bn_arch_supported_list());
+    return lfail(L, "unsupported architecture '%s%s' (general.architecture); expected %s", shown,
+                 len > n ? "..." : "", bn_arch_supported_list());
+}
+
+/* The head dimension of a graph whose description takes it from the keys (model-format
+ * §10.1.4): attention.key_length, else rope.dimension_count, else E / H. The other two keys,
+ * when present, must agree: partial rotary embeddings and a value width other than the key
+ * width are not supported. */
+static int head_dim_from_keys(loader *L)
+{
+    bn_hparams *hp = &L->m->hp;
+    const char *a = L->arch;
+    int32_t key_len = 0, val_len = 0, rope_dims = 0;
+    int rk = arch_int(L, "attention.key_length", 0, &key_len);
+    int rv = rk < 0 ? -1 : arch_int(L, "attention.value_length", 0, &val_len);
+    int rr = rv < 0 ? -1 : arch_int(L, "rope.dimension_count", 0, &rope_dims);
+    if (rr < 0)
+        return -1;
+    hp->head_dim = rk == 0 ? key_len : rr == 0 ? rope_dims : hp->n_embd / hp->n_head;
+    const char *from = rk == 0   ? "attention.key_length"
+                       : rr == 0 ? "rope.dimension_count"
+                                 : "embedding_length / attention.head_count";
+    if (rk != 0 && rr != 0 && hp->n_embd % hp->n_head != 0)
+        return lfail(L,
+                     "%s.embedding_length %d is not a multiple of %s.attention.head_count %d "
+                     "and no key gives the head dimension",
+                     a, hp->n_embd, a, hp->n_head);
+    if (rv == 0 && val_len != hp->head_dim)
+        return lfail(L, "%s.attention.value_length %d differs from the head dimension %d", a,
+                     val_len, hp->head_dim);
+    if (rr == 0 && rope_dims != hp->head_dim)
+        return lfail(L,
+                     "%s.rope.dimension_count %d differs from the head dimension %d: partial "
+                     "rotary embeddings are not supported",
+                     a, rope_dims, hp->head_dim);
+    if (hp->head_dim % 2 != 0)
+        return lfail(L, "head dimension %d (%s.%s) is odd; RoPE needs it even", hp->head_dim, a,
+                     from);
+    if (hp->head_dim > 4096)
+        return lfail(L, "head dimension %d (%s.%s) is out of range (must be at most 4096)",
+                     hp->head_dim, a, from);
+    /* attn_output's input is the H heads of D concatenated, an I2_S row (model-format §4) */
+    if ((int64_t)hp->n_head * hp->head_dim % 128 != 0 ||
+        (int64_t)hp->n_head * hp->head_dim > (1 << 20))
+        return lfail(L,
+                     "%s.attention.head_count %d x head dimension %d = %lld is not a multiple of "
+                     "128 up to 2^20 (the attn_output input)",
+                     a, hp->n_head, hp->head_dim, (long long)hp->n_head * hp->head_dim);
+    return 0;
+}
+
+/* RoPE scaling changes the angles of model-format §5.2.3; none is implemented. */
+static int refuse_rope_scaling(loader *L)
+{
+    char key[96];
+    snprintf(key, sizeof key, "%s.rope.scaling.type", L->arch);
+    int64_t idx = bn_meta_find(L->m, key);
+    if (idx < 0)
+        return 0;
+    size_t len;
+    const char *s = bn_meta_get_str(L->m, idx, &len);
+    if (!s)
+        return lfail(L, "key '%s' has type %s, expected string", key,
+                     meta_type_name(bn_meta_type(L->m, idx)));
+    if (len == 4 && memcmp(s, "none", 4) == 0)
+        return 0;
+    return lfail(L, "key '%s': RoPE scaling is not supported (only 'none')", key);
 }
 
 static int read_hparams(loader *L)
 {
     bn_hparams *hp = &L->m->hp;
+    const bn_arch *arch = L->a;
     memcpy(hp->architecture, L->arch, sizeof hp->architecture);
-    int32_t rope_dims = 0;
     if (arch_int(L, "context_length", 1, &hp->n_ctx_train) < 0 ||
         arch_int(L, "embedding_length", 1, &hp->n_embd) < 0 ||
         arch_int(L, "block_count", 1, &hp->n_layer) < 0 ||
         arch_int(L, "feed_forward_length", 1, &hp->n_ff) < 0 ||
         arch_int(L, "attention.head_count", 1, &hp->n_head) < 0 ||
-        arch_int(L, "attention.head_count_kv", 1, &hp->n_head_kv) < 0 ||
+        arch_int(L, "attention.head_count_kv", 1, &hp->n_head_kv) < 0)
+        return -1;
+    int32_t rope_dims = 0;
+    if (arch->head_dim_rule == BN_HEAD_DIM_E_OVER_H &&
         arch_int(L, "rope.dimension_count", 1, &rope_dims) < 0)
         return -1;
-    if (arch_float(L, "rope.freq_base", 10000.0f, &hp->rope_base) < 0 ||
-        arch_float(L, "attention.layer_norm_rms_epsilon", 1e-5f, &hp->rms_eps) < 0)
+    if (arch_float(L, "rope.freq_base", arch->default_rope_base, &hp->rope_base) < 0 ||
+        arch_float(L, "attention.layer_norm_rms_epsilon", arch->default_rms_eps, &hp->rms_eps) <
+            0 ||
+        refuse_rope_scaling(L) < 0)
         return -1;
     const char *a = L->arch;
     if (hp->n_head_kv > hp->n_head || hp->n_head % hp->n_head_kv != 0)
@@ -151,6 +229,8 @@ static int read_hparams(loader *L)
                      "%s.attention.head_count %d is not a multiple of "
                      "%s.attention.head_count_kv %d",
                      a, hp->n_head, a, hp->n_head_kv);
+    if (arch->head_dim_rule == BN_HEAD_DIM_FROM_KEYS)
+        return head_dim_from_keys(L);
     if (hp->n_embd % hp->n_head != 0)
         return lfail(L, "%s.embedding_length %d is not a multiple of %s.attention.head_count %d", a,
                      hp->n_embd, a, hp->n_head);
@@ -246,11 +326,53 @@ static int need_ternary(loader *L, const char *name, int32_t n_in, int32_t n_out
     return 0;
 }
 
+/* Per-layer tensors of the optional groups of model-format §10.1.1, with the description
+ * flag that says the graph has them. */
+static const struct {
+    const char *suffix;
+    size_t flag; /* offsetof the bn_arch flag */
+    const char *what;
+} OPTIONAL_TENSORS[] = {
+    {"attn_sub_norm.weight", offsetof(bn_arch, sub_norms), "sub-norms"},
+    {"ffn_sub_norm.weight", offsetof(bn_arch, sub_norms), "sub-norms"},
+    {"attn_q_norm.weight", offsetof(bn_arch, qk_norm), "QK-norms"},
+    {"attn_k_norm.weight", offsetof(bn_arch, qk_norm), "QK-norms"},
+    {"attn_q_norm_in.weight", offsetof(bn_arch, proj_in_norms), "projection input norms"},
+    {"attn_k_norm_in.weight", offsetof(bn_arch, proj_in_norms), "projection input norms"},
+    {"attn_v_norm_in.weight", offsetof(bn_arch, proj_in_norms), "projection input norms"},
+    {"attn_output_norm_in.weight", offsetof(bn_arch, proj_in_norms), "projection input norms"},
+    {"ffn_gate_norm_in.weight", offsetof(bn_arch, proj_in_norms), "projection input norms"},
+    {"ffn_up_norm_in.weight", offsetof(bn_arch, proj_in_norms), "projection input norms"},
+    {"ffn_down_norm_in.weight", offsetof(bn_arch, proj_in_norms), "projection input norms"},
+};
+
+/* A tensor of a group the graph does not have means the file is another graph under this
+ * architecture name: running it without that step would compute a different model
+ * (model-format §10.3). */
+static int refuse_foreign(loader *L, int32_t il)
+{
+    char name[64];
+    for (size_t i = 0; i < sizeof OPTIONAL_TENSORS / sizeof OPTIONAL_TENSORS[0]; i++) {
+        uint8_t has;
+        memcpy(&has, (const char *)L->a + OPTIONAL_TENSORS[i].flag, 1);
+        if (has)
+            continue;
+        snprintf(name, sizeof name, "blk.%d.%s", il, OPTIONAL_TENSORS[i].suffix);
+        if (bn_gguf_tensor_find(L->m->file, name))
+            return lfail(L, "tensor '%s' is not part of the %s graph ('%s' has no %s)", name,
+                         L->a->graph, L->arch, OPTIONAL_TENSORS[i].what);
+    }
+    return 0;
+}
+
 static int load_layer(loader *L, int32_t il, bn_layer *ly)
 {
     const bn_hparams *hp = &L->m->hp;
     int32_t E = hp->n_embd, F = hp->n_ff;
     int32_t q_dim = hp->n_head * hp->head_dim, kv_dim = hp->n_head_kv * hp->head_dim;
+    const int sub = L->a->sub_norms;
+    if (refuse_foreign(L, il))
+        return -1;
     char name[64];
 #define NAME(suffix) (snprintf(name, sizeof name, "blk.%d." suffix, il), name)
     if (!(ly->attn_norm = need_f32(L, NAME("attn_norm.weight"), E)))
@@ -261,9 +383,9 @@ static int load_layer(loader *L, int32_t il, bn_layer *ly)
         return -1;
     if (need_ternary(L, NAME("attn_v.weight"), E, kv_dim, &ly->wv))
         return -1;
-    if (!(ly->attn_sub_norm = need_f32(L, NAME("attn_sub_norm.weight"), E)))
+    if (sub && !(ly->attn_sub_norm = need_f32(L, NAME("attn_sub_norm.weight"), q_dim)))
         return -1;
-    if (need_ternary(L, NAME("attn_output.weight"), E, E, &ly->wo))
+    if (need_ternary(L, NAME("attn_output.weight"), q_dim, E, &ly->wo))
         return -1;
     if (!(ly->ffn_norm = need_f32(L, NAME("ffn_norm.weight"), E)))
         return -1;
@@ -271,7 +393,7 @@ static int load_layer(loader *L, int32_t il, bn_layer *ly)
         return -1;
     if (need_ternary(L, NAME("ffn_up.weight"), E, F, &ly->w_up))
         return -1;
-    if (!(ly->ffn_sub_norm = need_f32(L, NAME("ffn_sub_norm.weight"), F)))
+    if (sub && !(ly->ffn_sub_norm = need_f32(L, NAME("ffn_sub_norm.weight"), F)))
         return -1;
     if (need_ternary(L, NAME("ffn_down.weight"), F, E, &ly->w_down))
         return -1;
@@ -345,11 +467,17 @@ bn_model *bn_model_load(const char *path, char *err, size_t errlen)
         goto fail;
 
     bn_hparams *hp = &m->hp;
-    /* Each layer has 11 tensors: a block_count the file cannot back is rejected before the
-     * layer array is allocated. */
-    if ((uint64_t)hp->n_layer > bn_gguf_tensor_count(m->file) / 11) {
+    /* Each layer has a fixed number of tensors (11 for BitNet): a block_count the file
+     * cannot back is rejected before the layer array is allocated. */
+    const int32_t per_layer = bn_arch_layer_tensors(m->arch);
+    if ((uint64_t)hp->n_layer > bn_gguf_tensor_count(m->file) / (uint64_t)per_layer) {
         lfail(&L, "%s.block_count %d needs %lld tensors, the file has %llu", L.arch, hp->n_layer,
-              11LL * hp->n_layer, (unsigned long long)bn_gguf_tensor_count(m->file));
+              (long long)per_layer * hp->n_layer,
+              (unsigned long long)bn_gguf_tensor_count(m->file));
+        goto fail;
+    }
+    if (bn_gguf_tensor_find(m->file, "rope_freqs.weight")) {
+        lfail(&L, "tensor 'rope_freqs.weight' (RoPE frequency factors) is not supported");
         goto fail;
     }
     m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);

@@ -2,6 +2,7 @@
 #ifndef BITNET_MODEL_H
 #define BITNET_MODEL_H
 
+#include "arch.h"
 #include "bitnet.h"
 #include "gguf.h"
 
@@ -18,18 +19,19 @@ typedef struct {
     bn_ternary wq;              /* n_in n_embd, n_out n_head*head_dim */
     bn_ternary wk;              /* n_in n_embd, n_out n_head_kv*head_dim */
     bn_ternary wv;              /* n_in n_embd, n_out n_head_kv*head_dim */
-    const float *attn_sub_norm; /* [n_embd] F32 */
-    bn_ternary wo;              /* n_in n_embd, n_out n_embd */
+    const float *attn_sub_norm; /* [n_head*head_dim] F32; NULL without sub-norms */
+    bn_ternary wo;              /* n_in n_head*head_dim, n_out n_embd */
     const float *ffn_norm;      /* [n_embd] F32 */
     bn_ternary w_gate;          /* n_in n_embd, n_out n_ff */
     bn_ternary w_up;            /* n_in n_embd, n_out n_ff */
-    const float *ffn_sub_norm;  /* [n_ff] F32 */
+    const float *ffn_sub_norm;  /* [n_ff] F32; NULL without sub-norms */
     bn_ternary w_down;          /* n_in n_ff, n_out n_embd */
 } bn_layer;
 
 struct bn_model {
     bn_gguf *file; /* the mapping and parsed metadata; owns the memory */
     bn_hparams hp;
+    const bn_arch *arch;      /* the graph's description (model-format §10.1) */
     const uint16_t *tok_embd; /* [n_vocab][n_embd] F16 (IEEE binary16 bits) */
     const uint16_t *head;     /* [n_vocab][n_embd] F16: output.weight, or tok_embd if tied */
     const float *output_norm; /* [n_embd] F32 */

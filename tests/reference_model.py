@@ -1,8 +1,11 @@
-"""An independent numpy reference of the BitNet b1.58 forward pass.
+"""An independent numpy reference of the BitNet b1.58 forward pass, and of the Llama graph
+with I2_S projections (Falcon3-1.58bit and kin).
 
-Written from docs/spec/model-format.md only (model-format §1, §4 and §5), not from any engine
-code: its own GGUF reader (a plain struct walk), its own I2_S decoder, and the forward pass step by
-step as the spec lists it.
+Written from docs/spec/model-format.md only (model-format §1, §4 and §5; the Llama graph from
+the published math as model-format §10.4 states it (from the families fact sheet): no sub-norms,
+SiLU-gated FFN, RoPE on adjacent pairs, head_dim from rope.dimension_count), not from any
+engine code: its own GGUF reader (a plain struct walk), its own I2_S decoder, and the forward
+pass step by step as the spec lists it.
 
 Precision: activations are float32 wherever the spec says F32 (so that the int8 activation
 quantization sees the same values an F32 engine sees, up to summation order); the ternary
@@ -175,10 +178,16 @@ class ReferenceWeights:
     rope_base: float
     tensors: dict[str, np.ndarray]  # F32/F16 as float32, I2_S as int8 ternary
     scales: dict[str, np.float32]
+    head_dim: int = 0  # D; 0 means n_embd // n_head
+
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            self.head_dim = self.n_embd // self.n_head
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def is_llama(self) -> bool:
+        """The Llama graph: no sub-norms, SiLU gate, adjacent-pair RoPE."""
+        return self.arch == "llama"
 
 
 def load_reference(path: str | Path) -> ReferenceWeights:
@@ -196,7 +205,13 @@ def load_reference(path: str | Path) -> ReferenceWeights:
             tensors[name] = np.frombuffer(data, dtype=np.float16).reshape(shape).astype(np.float32)
         elif info.ggml_type == I2_S:
             tensors[name], scales[name] = decode_i2s(data, *shape)
+    n_embd, n_head = md[f"{arch}.embedding_length"], md[f"{arch}.attention.head_count"]
+    head_dim = n_embd // n_head
+    if arch == "llama":  # key_length when present, else rope.dimension_count, else E / H
+        head_dim = md.get(f"{arch}.attention.key_length",
+                          md.get(f"{arch}.rope.dimension_count", head_dim))
     return ReferenceWeights(
+        head_dim=head_dim,
         arch=arch,
         n_embd=md[f"{arch}.embedding_length"],
         n_head=md[f"{arch}.attention.head_count"],
@@ -279,12 +294,22 @@ def rope(x: np.ndarray, positions: np.ndarray, base: float,
     return out
 
 
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x) = x / (1 + exp(-x)), float32."""
+    with np.errstate(over="ignore"):
+        return (x / (np.float32(1) + np.exp(-x))).astype(np.float32)
+
+
 def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
-            rope_pairing: Literal["neox", "interleaved"] = "neox",
+            rope_pairing: Literal["neox", "interleaved"] | None = None,
             quantizer: Quantizer | None = None, kv_f16: bool = False) -> np.ndarray:
     """Logits (T, n_vocab) float32 for every position of one sequence starting at start_pos
     (no cache: start_pos only shifts RoPE positions; use 0 for a full prompt).
-    kv_f16 models an engine whose KV cache holds F16: k (after RoPE) and v rounded to F16."""
+    kv_f16 models an engine whose KV cache holds F16: k (after RoPE) and v rounded to F16.
+    rope_pairing None: the model's own (BitNet neox, Llama interleaved = adjacent pairs)."""
+    if rope_pairing is None:
+        rope_pairing = "interleaved" if weights.is_llama else "neox"
+    llama = weights.is_llama
     W, S = weights.tensors, weights.scales
     eps = weights.rms_eps
     T = len(tokens)
@@ -318,15 +343,20 @@ def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
             p = np.exp(scores)
             p = p / p.sum(axis=-1, keepdims=True)
             heads[:, hh, :] = p @ v[:, kv, :]
-        a = rms_norm(heads.reshape(T, H * D), W[b + "attn_sub_norm.weight"], eps)
+        a = heads.reshape(T, H * D)
+        if not llama:
+            a = rms_norm(a, W[b + "attn_sub_norm.weight"], eps)
         qa, sa = quant(layer, "attn_out", a)
         x = x + bitlinear(qa, sa, W[b + "attn_output.weight"], S[b + "attn_output.weight"])
         h = rms_norm(x, W[b + "ffn_norm.weight"], eps)
         qh, sh = quant(layer, "ffn_in", h)
         g = bitlinear(qh, sh, W[b + "ffn_gate.weight"], S[b + "ffn_gate.weight"])
         u = bitlinear(qh, sh, W[b + "ffn_up.weight"], S[b + "ffn_up.weight"])
-        f = np.square(np.maximum(g, np.float32(0))) * u
-        f = rms_norm(f, W[b + "ffn_sub_norm.weight"], eps)
+        if llama:
+            f = silu(g) * u
+        else:
+            f = np.square(np.maximum(g, np.float32(0))) * u
+            f = rms_norm(f, W[b + "ffn_sub_norm.weight"], eps)
         qf, sf = quant(layer, "ffn_down", f)
         x = x + bitlinear(qf, sf, W[b + "ffn_down.weight"], S[b + "ffn_down.weight"])
     y = rms_norm(x, W["output_norm.weight"], eps)

@@ -15,6 +15,7 @@ every other difference must stay below 1e-3. Without ties the two agree to about
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -199,4 +200,68 @@ def test_comparison_tells_rope_pairings_apart(engine, head128_model_path: Path,
     assert right.ok and right.errors.max() < TOLERANCE
     wrong = rel_errors(got, ref.forward(head128_ref, toks, rope_pairing="interleaved"))
     # Every rotated position is far off, beyond what any tie flip does (at most ~2e-2).
+    assert wrong[1:].min() > 40 * TOLERANCE and np.median(wrong) > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------
+# The Llama graph with I2_S projections (model-format §10.4): no sub-norms, SiLU gate, RoPE on
+# adjacent pairs, untied F16 head, head_dim from rope.dimension_count
+
+#: 8 query heads over 2 kv heads, head_dim 64: the queries (512) are wider than n_embd (256)
+LLAMA_GQA = dataclasses.replace(gw.TINY_LLAMA, n_head=8, n_head_kv=2, n_head_dim=64)
+#: head_dim 96 with 4 heads: n_head * head_dim = 384 != n_embd = 256
+LLAMA_D96 = dataclasses.replace(gw.TINY_LLAMA, n_head_dim=96)
+#: head_dim 128, context 512: where the RoPE pairing matters most
+LLAMA_HEAD128 = dataclasses.replace(gw.TINY_LLAMA, n_head=2, n_head_kv=1, n_ctx=512)
+
+
+@pytest.fixture(scope="module")
+def llama_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("llama")
+    return {
+        "tiny": gw.write_model(d / "tiny.gguf", gw.TINY_LLAMA, 21, vocab="tiny-falcon3"),
+        "gqa": gw.write_model(d / "gqa.gguf", LLAMA_GQA, 22),
+        "d96": gw.write_model(d / "d96.gguf", LLAMA_D96, 23),
+        "head128": gw.write_model(d / "head128.gguf", LLAMA_HEAD128, 24),
+        "tied": gw.write_model(d / "tied.gguf", gw.TINY_LLAMA, 25, tie_head=True),
+    }
+
+
+def test_llama_reference_reads_the_graph(llama_models: dict[str, Path]) -> None:
+    w = ref.load_reference(llama_models["d96"])
+    assert w.is_llama and w.head_dim == 96 and w.n_embd == 256
+    assert "blk.0.attn_sub_norm.weight" not in w.tensors and "output.weight" in w.tensors
+    assert w.tensors["blk.0.attn_q.weight"].shape == (384, 256)
+    assert w.tensors["blk.0.attn_output.weight"].shape == (256, 384)
+    # SiLU, not ReLU^2: negative gates pass a (small, negative) value through
+    x = np.array([-2.0, 0.0, 3.0], dtype=np.float32)
+    assert np.allclose(ref.silu(x), x / (1 + np.exp(-x)), rtol=1e-6) and ref.silu(x)[0] < 0
+
+
+@pytest.mark.parametrize("which,n,chunks,n_ctx", [
+    ("tiny", 40, [40], 256),
+    ("tiny", 30, [17, 1, 1, 1, 3, 7], 256),
+    ("gqa", 48, [32, 1, 1, 14], 256),
+    ("d96", 45, [30, 1, 14], 256),
+    ("tied", 33, [20, 1, 12], 256),
+    ("head128", 150, [100, 1, 1, 48], 512),
+])
+def test_llama_graph_against_reference(engine, llama_models: dict[str, Path], which: str,
+                                       n: int, chunks: list[int], n_ctx: int) -> None:
+    toks = tokens_for(gw.TINY.n_vocab, n, 30 + n)
+    check_against_reference(engine, llama_models[which], toks, chunks, n_ctx)
+
+
+def test_llama_comparison_tells_rope_pairings_apart(engine,
+                                                    llama_models: dict[str, Path]) -> None:
+    """The Llama graph's converter permutes Q/K rows so that RoPE must rotate adjacent pairs
+    (model-families A.3.1): the NeoX pairing of the BitNet graph is detected as wrong."""
+    path = llama_models["head128"]
+    w = ref.load_reference(path)
+    toks = tokens_for(gw.TINY.n_vocab, 100, 5)
+    got = engine_logits(engine, path, [toks], 512)
+    right = ref.match_engine(w, toks, got, max_flips=flip_cap(len(toks)))
+    assert right.ok and right.errors.max() < TOLERANCE
+    wrong = rel_errors(got, ref.forward(w, toks, rope_pairing="neox"))
+    assert wrong[0] < 1e-5  # position 0 is not rotated at all
     assert wrong[1:].min() > 40 * TOLERANCE and np.median(wrong) > 100 * TOLERANCE

@@ -1,7 +1,10 @@
-"""The project's one GGUF writer: BitNet b1.58 models in the official I2_S layout.
+"""The project's one GGUF writer: BitNet b1.58 models in the official I2_S layout, and
+Llama-graph I2_S models (Falcon3-1.58bit, Falcon-E, Llama3-8B-1.58) in the layout of
+bitnet.cpp's converter + llama-quantize.
 
-Tests, benchmarks and the demo model all come from here. The layout (24 metadata keys, tensor
-names, shapes and types, I2_S packing) follows model-format §1-§4 and §8.
+Tests, benchmarks and the demo model all come from here. The layout (metadata keys, tensor
+names, shapes and types, I2_S packing) follows model-format §1-§4 and §8, and §10.4 for the
+Llama graph (`ModelShape.architecture = "llama"`).
 Weights are random but deterministic per (seed, tensor name); `random_weights` returns exactly
 what `write_model` writes, so an independent reference forward pass can use the same numbers.
 The vocabularies (tiny and Llama-3) come from `bitnetd_trio.engine.vocab`.
@@ -48,12 +51,38 @@ OFFICIAL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
+#: The Falcon3 instruct chat format (model-format §10.4.4), written here as Jinja from its
+#: description: `<|system|>\n...\n<|user|>\n...\n<|assistant|>\n...<eos>\n`.
+FALCON3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+#: A Llama-3 instruct chat format (headers and <|eot_id|>), for Llama-graph test models with
+#: the tiny (Llama-3 specials) vocabulary.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+#: Architectures whose graph is the Llama one (model-format §10.4).
+LLAMA_ARCHS = ("llama",)
+
 #: Bump when the demo model's content changes, so stale cached files are not reused.
 DEMO_MODEL_VERSION = "demo-v2"
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Hyper-parameters of a BitNet b1.58 model."""
+    """Hyper-parameters of a model: BitNet b1.58 (the default architecture) or the Llama
+    graph with I2_S projections (architecture "llama", model-format §10.4)."""
 
     n_vocab: int
     n_embd: int
@@ -65,10 +94,22 @@ class ModelShape:
     rope_base: float = 500000.0
     rms_eps: float = 1e-5
     architecture: str = "bitnet-b1.58"
+    #: the head dimension when it differs from n_embd / n_head (Llama graph only); written
+    #: as rope.dimension_count, as bitnet.cpp's converter does
+    n_head_dim: int | None = None
+
+    @property
+    def is_llama(self) -> bool:
+        return self.architecture in LLAMA_ARCHS
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.n_head_dim if self.n_head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the queries and of the attention output: n_head * head_dim."""
+        return self.head_dim * self.n_head
 
     @property
     def kv_dim(self) -> int:
@@ -76,9 +117,14 @@ class ModelShape:
 
     def validate(self) -> None:
         """Raise ValueError for a shape the official layout cannot express."""
-        if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
+        if self.n_head % self.n_head_kv:
             raise ValueError(f"heads do not divide evenly: {self}")
-        for name, k in (("n_embd", self.n_embd), ("n_ff", self.n_ff)):
+        if self.n_head_dim is None and self.n_embd % self.n_head:
+            raise ValueError(f"heads do not divide evenly: {self}")
+        if self.n_head_dim is not None and not self.is_llama:
+            raise ValueError("n_head_dim is for the Llama graph only (BitNet: D = E / H)")
+        for name, k in (("n_embd", self.n_embd), ("n_ff", self.n_ff),
+                        ("n_head * head_dim", self.q_dim)):
             if k % 128:
                 raise ValueError(f"{name}={k} must be a multiple of 128 (I2_S blocks)")
         if self.head_dim % 2:
@@ -92,9 +138,19 @@ SMALLEST = ModelShape(n_vocab=TINY_VOCAB_SIZE, n_embd=128, n_head=2, n_head_kv=1
 FULL_2B4T = ModelShape(n_vocab=LLAMA3_N_VOCAB, n_embd=2560, n_head=20, n_head_kv=5, n_ff=6912,
                        n_layer=30, n_ctx=4096)
 DEMO = dataclasses.replace(TINY, n_ctx=512)
+#: The Llama graph at TINY's size, with Falcon3's RoPE base and eps (model-format §10.4).
+TINY_LLAMA = dataclasses.replace(TINY, architecture="llama", rope_base=1000042.0, rms_eps=1e-6)
+#: Falcon3-1B-Instruct-1.58bit and Falcon3-10B-Instruct-1.58bit shapes (model-families A.2).
+FALCON3_1B = ModelShape(n_vocab=131072, n_embd=2048, n_head=8, n_head_kv=4, n_ff=8192,
+                        n_layer=18, n_ctx=8192, rope_base=1000042.0, rms_eps=1e-6,
+                        architecture="llama", n_head_dim=256)
+FALCON3_10B = ModelShape(n_vocab=131072, n_embd=3072, n_head=12, n_head_kv=4, n_ff=23040,
+                         n_layer=40, n_ctx=32768, rope_base=1000042.0, rms_eps=1e-6,
+                         architecture="llama", n_head_dim=256)
 
 PRESETS: dict[str, ModelShape] = {"tiny": TINY, "smallest": SMALLEST, "full": FULL_2B4T,
-                                  "demo": DEMO}
+                                  "demo": DEMO, "tiny-llama": TINY_LLAMA,
+                                  "falcon3-1b": FALCON3_1B, "falcon3-10b": FALCON3_10B}
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,25 +207,32 @@ class TensorSpec:
         return {GGML_TYPE_F32: 4 * n, GGML_TYPE_F16: 2 * n}.get(self.ggml_type, n // 4 + 32)
 
 
-def tensor_layout(shape: ModelShape, *, tie_head: bool = True) -> list[TensorSpec]:
-    """Tensor names, numpy shapes and types of the official layout (model-format §3)."""
-    e, f, kv = shape.n_embd, shape.n_ff, shape.kv_dim
+def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[TensorSpec]:
+    """Tensor names, numpy shapes and types of the official layout (model-format §3; the
+    Llama graph: §10.4.3, no sub-norms, untied head by default)."""
+    e, f, kv, qd = shape.n_embd, shape.n_ff, shape.kv_dim, shape.q_dim
+    if tie_head is None:
+        tie_head = not shape.is_llama
     specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), GGML_TYPE_F16)]
     for i in range(shape.n_layer):
         b = f"blk.{i}."
         specs += [
             TensorSpec(b + "attn_norm.weight", (e,), GGML_TYPE_F32),
-            TensorSpec(b + "attn_q.weight", (e, e), GGML_TYPE_I2_S),
+            TensorSpec(b + "attn_q.weight", (qd, e), GGML_TYPE_I2_S),
             TensorSpec(b + "attn_k.weight", (kv, e), GGML_TYPE_I2_S),
             TensorSpec(b + "attn_v.weight", (kv, e), GGML_TYPE_I2_S),
-            TensorSpec(b + "attn_sub_norm.weight", (e,), GGML_TYPE_F32),
-            TensorSpec(b + "attn_output.weight", (e, e), GGML_TYPE_I2_S),
+        ]
+        if not shape.is_llama:
+            specs.append(TensorSpec(b + "attn_sub_norm.weight", (qd,), GGML_TYPE_F32))
+        specs += [
+            TensorSpec(b + "attn_output.weight", (e, qd), GGML_TYPE_I2_S),
             TensorSpec(b + "ffn_norm.weight", (e,), GGML_TYPE_F32),
             TensorSpec(b + "ffn_gate.weight", (f, e), GGML_TYPE_I2_S),
             TensorSpec(b + "ffn_up.weight", (f, e), GGML_TYPE_I2_S),
-            TensorSpec(b + "ffn_sub_norm.weight", (f,), GGML_TYPE_F32),
-            TensorSpec(b + "ffn_down.weight", (e, f), GGML_TYPE_I2_S),
         ]
+        if not shape.is_llama:
+            specs.append(TensorSpec(b + "ffn_sub_norm.weight", (f,), GGML_TYPE_F32))
+        specs.append(TensorSpec(b + "ffn_down.weight", (e, f), GGML_TYPE_I2_S))
     specs.append(TensorSpec("output_norm.weight", (e,), GGML_TYPE_F32))
     if not tie_head:
         specs.append(TensorSpec("output.weight", (shape.n_vocab, e), GGML_TYPE_F16))
@@ -208,7 +271,7 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray | tuple[bytes, np.float
     return codes.tobytes(), scale
 
 
-def random_weights(shape: ModelShape, seed: int = 0, *, tie_head: bool = True
+def random_weights(shape: ModelShape, seed: int = 0, *, tie_head: bool | None = None
                    ) -> dict[str, np.ndarray]:
     """The weights write_model writes: F16/F32 arrays, ternary int8 (rows, cols) arrays for
     I2_S tensors, and each I2_S tensor's scale under '<name>.scale' (np.float32 0-d array)."""
@@ -240,37 +303,82 @@ class RawTensor:
     ggml_type: int
 
 
-def _metadata(shape: ModelShape, vocab: Vocab, chat_template: str) -> list[tuple[str, Any, Any]]:
+#: The key order of the official BitNet file (model-format §2.2): "ARCH." stands for the
+#: architecture prefix; tokenizer.ggml.pre (not in the official file) goes before the tokens.
+_BITNET_KEYS = (
+    "general.architecture", "general.name", "ARCH.vocab_size", "ARCH.context_length",
+    "ARCH.embedding_length", "ARCH.block_count", "ARCH.feed_forward_length",
+    "ARCH.rope.dimension_count", "ARCH.attention.head_count", "ARCH.attention.head_count_kv",
+    "tokenizer.ggml.add_bos_token", "ARCH.attention.layer_norm_rms_epsilon",
+    "ARCH.rope.freq_base", "general.file_type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
+    "general.quantization_version",
+)
+
+#: The keys bitnet.cpp's converter (LlamaModel, gpt2 vocabulary) and llama-quantize write for
+#: the Llama graph (model-format §10.4.3): integers u32, the two floats f32, no key_length, no
+#: scores. The exact order of the real files is not known; this one follows the converter's
+#: code path (general, hyper-parameters, file type, vocabulary, tokenizer).
+_LLAMA_KEYS = (
+    "general.architecture", "general.name", "ARCH.block_count", "ARCH.context_length",
+    "ARCH.embedding_length", "ARCH.feed_forward_length", "ARCH.attention.head_count",
+    "ARCH.attention.head_count_kv", "ARCH.rope.freq_base",
+    "ARCH.attention.layer_norm_rms_epsilon", "general.file_type", "ARCH.vocab_size",
+    "ARCH.rope.dimension_count", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
+    "general.quantization_version",
+)
+
+
+def _metadata(shape: ModelShape, vocab: Vocab, chat_template: str,
+              pre: str | None) -> list[tuple[str, Any, Any]]:
+    """(key, value, type) in the official order of the shape's architecture; keys whose value
+    is None (tokenizer.ggml.pre of a BitNet file) are left out."""
     from gguf import GGUFValueType as T
 
     a = shape.architecture
-    name = "bitnet2b" if shape == FULL_2B4T else f"bitnet-test-{shape.n_embd}x{shape.n_layer}"
-    return [
-        ("general.architecture", a, T.STRING),
-        ("general.name", name, T.STRING),
-        (f"{a}.vocab_size", shape.n_vocab, T.UINT32),
-        (f"{a}.context_length", shape.n_ctx, T.UINT32),
-        (f"{a}.embedding_length", shape.n_embd, T.UINT32),
-        (f"{a}.block_count", shape.n_layer, T.UINT32),
-        (f"{a}.feed_forward_length", shape.n_ff, T.UINT32),
-        (f"{a}.rope.dimension_count", shape.head_dim, T.UINT32),
-        (f"{a}.attention.head_count", shape.n_head, T.UINT32),
-        (f"{a}.attention.head_count_kv", shape.n_head_kv, T.UINT32),
-        ("tokenizer.ggml.add_bos_token", True, T.BOOL),
-        (f"{a}.attention.layer_norm_rms_epsilon", shape.rms_eps, T.FLOAT32),
-        (f"{a}.rope.freq_base", shape.rope_base, T.FLOAT32),
-        ("general.file_type", FILE_TYPE_MOSTLY_I2_S, T.UINT32),
-        ("tokenizer.ggml.model", "gpt2", T.STRING),
-        ("tokenizer.ggml.tokens", vocab.tokens, (T.ARRAY, T.STRING)),
-        ("tokenizer.ggml.scores", [0.0] * len(vocab), (T.ARRAY, T.FLOAT32)),
-        ("tokenizer.ggml.token_type", vocab.token_types, (T.ARRAY, T.INT32)),
-        ("tokenizer.ggml.merges", vocab.merges, (T.ARRAY, T.STRING)),
-        ("tokenizer.ggml.bos_token_id", vocab.bos_id, T.UINT32),
-        ("tokenizer.ggml.eos_token_id", vocab.eos_id, T.UINT32),
-        ("tokenizer.ggml.padding_token_id", vocab.eos_id, T.UINT32),
-        ("tokenizer.chat_template", chat_template, T.STRING),
-        ("general.quantization_version", 2, T.UINT32),
-    ]
+    if shape.is_llama:
+        keys, name = _LLAMA_KEYS, f"llama-i2s-test-{shape.n_embd}x{shape.n_layer}"
+        pad = vocab.tokens.index("<|pad|>") if "<|pad|>" in vocab.tokens else vocab.eos_id
+        pre = pre or "llama-bpe"
+    else:
+        keys = _BITNET_KEYS
+        name = "bitnet2b" if shape == FULL_2B4T else f"bitnet-test-{shape.n_embd}x{shape.n_layer}"
+        pad = vocab.eos_id
+    u32, f32 = T.UINT32, T.FLOAT32
+    values: dict[str, tuple[Any, Any]] = {
+        "general.architecture": (a, T.STRING),
+        "general.name": (name, T.STRING),
+        "ARCH.vocab_size": (shape.n_vocab, u32),
+        "ARCH.context_length": (shape.n_ctx, u32),
+        "ARCH.embedding_length": (shape.n_embd, u32),
+        "ARCH.block_count": (shape.n_layer, u32),
+        "ARCH.feed_forward_length": (shape.n_ff, u32),
+        "ARCH.rope.dimension_count": (shape.head_dim, u32),
+        "ARCH.attention.head_count": (shape.n_head, u32),
+        "ARCH.attention.head_count_kv": (shape.n_head_kv, u32),
+        "tokenizer.ggml.add_bos_token": (True, T.BOOL),
+        "ARCH.attention.layer_norm_rms_epsilon": (shape.rms_eps, f32),
+        "ARCH.rope.freq_base": (shape.rope_base, f32),
+        "general.file_type": (FILE_TYPE_MOSTLY_I2_S, u32),
+        "tokenizer.ggml.model": ("gpt2", T.STRING),
+        "tokenizer.ggml.pre": (pre, T.STRING),
+        "tokenizer.ggml.tokens": (vocab.tokens, (T.ARRAY, T.STRING)),
+        "tokenizer.ggml.scores": ([0.0] * len(vocab), (T.ARRAY, f32)),
+        "tokenizer.ggml.token_type": (vocab.token_types, (T.ARRAY, T.INT32)),
+        "tokenizer.ggml.merges": (vocab.merges, (T.ARRAY, T.STRING)),
+        "tokenizer.ggml.bos_token_id": (vocab.bos_id, u32),
+        "tokenizer.ggml.eos_token_id": (vocab.eos_id, u32),
+        "tokenizer.ggml.padding_token_id": (pad, u32),
+        "tokenizer.chat_template": (chat_template, T.STRING),
+        "general.quantization_version": (2, u32),
+    }
+    return [(k.replace("ARCH.", a + ".", 1), *values[k]) for k in keys
+            if values[k][0] is not None]
 
 
 def _infer_type(value: Any) -> Any:
@@ -320,15 +428,22 @@ def write_model(
     shape: ModelShape = TINY,
     seed: int = 0,
     *,
-    vocab: Literal["tiny", "llama3"] = "tiny",
-    tie_head: bool = True,
+    vocab: Literal["tiny", "tiny-falcon3", "llama3"] = "tiny",
+    tie_head: bool | None = None,
     chat_template: str | None = None,
+    pre: str | None = None,
     extra_metadata: Mapping[str, Any] | None = None,
     tensor_overrides: Mapping[str, Any] | None = None,
     drop_keys: Sequence[str] = (),
     drop_tensors: Sequence[str] = (),
 ) -> Path:
-    """Write a BitNet b1.58 GGUF file in the official layout and return its path.
+    """Write a GGUF file in the official layout of its architecture and return its path.
+
+    tie_head: None for the architecture's official choice (BitNet tied, Llama untied).
+    pre: tokenizer.ggml.pre (the Llama graph writes 'llama-bpe' by default, or 'falcon3'
+    with the tiny-falcon3 vocabulary; BitNet files have no such key unless given).
+    chat_template: None for the official one (BitNet's placeholder; Falcon3's or a Llama-3
+    one for the Llama graph, by vocabulary).
 
     extra_metadata: key -> value (type inferred: bool, int -> u32, float -> f32, str, lists)
     or key -> (value, GGUFValueType) or (value, GGUFValueType.ARRAY, element type); replaces
@@ -344,9 +459,16 @@ def write_model(
     shape.validate()
     path = Path(path)
     voc = get_vocab(vocab).padded(shape.n_vocab)
-    template = OFFICIAL_CHAT_TEMPLATE if chat_template is None else chat_template
+    if chat_template is not None:
+        template = chat_template
+    elif not shape.is_llama:
+        template = OFFICIAL_CHAT_TEMPLATE
+    else:
+        template = FALCON3_CHAT_TEMPLATE if vocab == "tiny-falcon3" else LLAMA3_CHAT_TEMPLATE
+    if pre is None and shape.is_llama and vocab == "tiny-falcon3":
+        pre = "falcon3"
 
-    entries = _metadata(shape, voc, template)
+    entries = _metadata(shape, voc, template, pre)
     for key, value in (extra_metadata or {}).items():
         if isinstance(value, tuple) and len(value) in (2, 3) and isinstance(value[1], T):
             vtype = value[1] if len(value) == 2 else (value[1], value[2])
@@ -427,15 +549,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="bitnetd-write-model",
         description="Write a random BitNet b1.58 model in the official GGUF (I2_S) layout.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--vocab", choices=("tiny", "llama3"), default=None,
-                        help="tokenizer vocabulary (default: llama3 for full, else tiny)")
+    parser.add_argument("--vocab", choices=("tiny", "tiny-falcon3", "llama3"), default=None,
+                        help="tokenizer vocabulary (default: llama3 for full, tiny-falcon3 "
+                             "for the Llama-graph presets, else tiny)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--untied-head", action="store_true",
-                        help="write a separate output.weight instead of tying the head")
+    parser.add_argument("--untied-head", action="store_true", default=None,
+                        help="write a separate output.weight instead of tying the head "
+                             "(the default of the Llama-graph presets)")
     parser.add_argument("out", type=Path, help="output .gguf path")
     args = parser.parse_args(argv)
     shape = PRESETS[args.preset]
     vocab = args.vocab
+    if vocab is None and shape.is_llama:
+        vocab = "tiny-falcon3"
     if vocab is None:
         vocab = "tiny"
         if shape.n_vocab >= LLAMA3_N_VOCAB:
@@ -447,7 +573,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"with reserved tokens to {shape.n_vocab} entries", file=sys.stderr)
     start = time.perf_counter()
     try:
-        write_model(args.out, shape, args.seed, vocab=vocab, tie_head=not args.untied_head)
+        write_model(args.out, shape, args.seed, vocab=vocab,
+                    tie_head=None if args.untied_head is None else False)
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"bitnetd-write-model: error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
 """Byte-level BPE tokenizer built from a GGUF file's lists (model-format §6).
 
 Encoding uses the `tokenizers` library: BPE over the GGUF token strings and merges with
-ignore_merges, the Llama-3 split pattern, byte-level mapping. Control tokens (token_type 3)
+ignore_merges, the split pattern that `tokenizer.ggml.pre` names (the Llama-3 one for every
+value supported so far, model-format §10.4.4; unknown values are refused), byte-level mapping. Control tokens (token_type 3)
 keep their ids; whether their text in the input becomes those ids is decided per call:
 
 - `parse_special=True` (the chat template's own text): the text is first cut at control-token
@@ -40,6 +41,19 @@ LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+#: Split pattern per `tokenizer.ggml.pre` value (model-format §10.4.4); None is a file
+#: without the key (BitNet 2B-4T, trained with the Llama-3 split). llama.cpp maps `falcon3`
+#: (and a fix for bitnet.cpp's issue #622 maps `falcon_e`) to its Llama-3 pre-tokenizer.
+#: Every pattern here must keep the piece cuts of `pretoken_pieces` valid (see _PRETOKEN_START).
+PRE_TOKENIZER_PATTERNS: dict[str | None, str] = {
+    None: LLAMA3_SPLIT_PATTERN,
+    "llama-bpe": LLAMA3_SPLIT_PATTERN,
+    "llama3": LLAMA3_SPLIT_PATTERN,
+    "llama-v3": LLAMA3_SPLIT_PATTERN,
+    "falcon3": LLAMA3_SPLIT_PATTERN,
+    "falcon_e": LLAMA3_SPLIT_PATTERN,
+}
 
 #: Characters per call into `tokenizers` (about 2 ms of GIL each; see the module docstring).
 PIECE_CHARS = 16384
@@ -156,7 +170,14 @@ class Tokenizer:
         bos_id: int | None = None,
         eos_id: int | None = None,
         add_bos: bool = True,
+        pre: str | None = None,
     ) -> None:
+        if pre not in PRE_TOKENIZER_PATTERNS:
+            known = ", ".join(repr(k) for k in PRE_TOKENIZER_PATTERNS if k is not None)
+            raise TokenizerError(
+                f"tokenizer.ggml.pre is {pre!r}: an unknown pre-tokenizer (supported: {known})"
+            )
+        self.pre = pre
         n = len(tokens)
         if n == 0:
             raise TokenizerError("tokenizer.ggml.tokens is empty")
@@ -197,7 +218,7 @@ class Tokenizer:
         hf = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=True))
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERNS[pre]), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
@@ -254,6 +275,7 @@ class Tokenizer:
                 )
             ids[key] = value
         add_bos = _typed(get, "tokenizer.ggml.add_bos_token", bool, "a boolean")
+        pre = _typed(get, "tokenizer.ggml.pre", str, "a string")
         return cls(
             tokens,
             merges,
@@ -261,6 +283,7 @@ class Tokenizer:
             bos_id=ids["tokenizer.ggml.bos_token_id"],
             eos_id=ids["tokenizer.ggml.eos_token_id"],
             add_bos=True if add_bos is None else add_bos,
+            pre=pre,
         )
 
     @classmethod

@@ -217,6 +217,47 @@ def tiny_vocab() -> Vocab:
     return dataclasses.replace(vocab, bos_id=base, eos_id=base + 1, eot_id=base + 9)
 
 
+#: Special tokens at the start of the Falcon3 vocabulary (Falcon's), ids 0..11; id 11,
+#: `<|endoftext|>`, is both BOS and EOS of Falcon3 (model-families A.2).
+FALCON3_SPECIALS_HEAD = [
+    ">>TITLE<<", ">>ABSTRACT<<", ">>INTRODUCTION<<", ">>SUMMARY<<", ">>COMMENT<<",
+    ">>ANSWER<<", ">>QUESTION<<", ">>DOMAIN<<", ">>EMAIL_ADDRESS<<", ">>IP_ADDRESS<<",
+    "<|startoftext|>", "<|endoftext|>",
+]
+#: Falcon3's chat-role and padding tokens, at the end of the tiny Falcon3 vocabulary.
+FALCON3_SPECIALS_TAIL = ["<|system|>", "<|user|>", "<|assistant|>", "<|pad|>"]
+FALCON3_EOS_ID = 11
+
+
+@lru_cache(maxsize=1)
+def tiny_falcon3_vocab() -> Vocab:
+    """The tiny vocabulary laid out as Falcon3's: its 12 special tokens first (BOS = EOS =
+    11), the byte tokens and merges of the tiny vocabulary, the role and padding tokens last
+    (TINY_VOCAB_SIZE entries in all)."""
+    tiny = tiny_vocab()
+    n_tiny = TINY_VOCAB_SIZE - TINY_N_SPECIALS
+    head, tail = FALCON3_SPECIALS_HEAD, FALCON3_SPECIALS_TAIL
+    # the last merged tokens make room for the extra specials; their merges go too
+    body = [t for t in tiny.tokens[:n_tiny] if not t.startswith("<|unused_")]
+    body = body[: n_tiny - len(head) - len(tail)]
+    body_types = [1] * len(body)
+    known = set(body)
+    merges = [m for m in tiny.merges
+              if (parts := m.split(" ")) and len(parts) == 2 and parts[0] in known
+              and parts[1] in known and parts[0] + parts[1] in known]
+    tokens = head + body
+    types = [3] * len(head) + body_types
+    while len(tokens) < TINY_VOCAB_SIZE - len(tail):
+        tokens.append(f"<|unused_{len(tokens)}|>")
+        types.append(1)
+    tokens += tail
+    types += [3] * len(tail)
+    if len(tokens) != TINY_VOCAB_SIZE:
+        raise ValueError(f"tiny Falcon3 vocabulary has {len(tokens)} entries")
+    return Vocab(tokens=tokens, token_types=types, merges=merges,
+                 bos_id=FALCON3_EOS_ID, eos_id=FALCON3_EOS_ID, eot_id=FALCON3_EOS_ID)
+
+
 def _llama3_tokenizer_model() -> Path:
     try:
         import llama_models  # type: ignore[import-not-found]
@@ -285,6 +326,8 @@ def llama3_vocab() -> Vocab:
 def get_vocab(kind: str) -> Vocab:
     if kind == "tiny":
         return tiny_vocab()
+    if kind == "tiny-falcon3":
+        return tiny_falcon3_vocab()
     if kind == "llama3":
         return llama3_vocab()
-    raise ValueError(f"unknown vocab {kind!r} (expected 'tiny' or 'llama3')")
+    raise ValueError(f"unknown vocab {kind!r} (expected 'tiny', 'tiny-falcon3' or 'llama3')")
