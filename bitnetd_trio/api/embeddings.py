@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import trio
@@ -24,11 +24,9 @@ from bitnetd_trio.api.http import DisconnectWatch, Request
 from bitnetd_trio.api.json_body import invalid, json_type
 from bitnetd_trio.api.schema import check_model_id
 from bitnetd_trio.api.served_model import accepted_model_ids, served_model_id
+from bitnetd_trio.api.serving import ServingApp
 from bitnetd_trio.engine.inference import InferenceThread, Job, QueueFull, Update
 from bitnetd_trio.engine.sampling import SamplingParams
-
-if TYPE_CHECKING:  # the app imports this module to build its routes
-    from bitnetd_trio.api.asgi import App
 
 __all__ = ["MAX_INPUTS", "EmbeddingRequest", "embeddings", "parse_embedding_request"]
 
@@ -191,7 +189,7 @@ def _encode(vec: np.ndarray, as_base64: bool) -> Any:
     return vec.tolist()
 
 
-async def embeddings(app: App, req: Request) -> None:
+async def embeddings(app: ServingApp, req: Request) -> None:
     """POST /v1/embeddings."""
     engine = app.require_engine()
     if app.draining:

@@ -1,14 +1,14 @@
 """The operations endpoints (http-api §2) and the models list (http-api §1.3): health,
 metrics, models, tokenize/detokenize, apply-template, props, slots, model_info.
 
-Each handler is `async (app, request)`, registered in `App`'s route table; none generates.
+Each handler is `async (app, request)`, registered in `asgi.App`'s route table; none generates.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bitnetd_trio import __version__
 from bitnetd_trio.api.errors import ApiError
@@ -26,13 +26,11 @@ from bitnetd_trio.api.served_model import (
     served_model_id,
     shown_model_path,
 )
+from bitnetd_trio.api.serving import ServingApp
 from bitnetd_trio.api.sse import json_bytes
 from bitnetd_trio.engine.chat import bitnet_format_as_jinja
 from bitnetd_trio.engine.constraints import supported_kinds
 from bitnetd_trio.engine.inference import InferenceThread
-
-if TYPE_CHECKING:  # the app imports this module to build its routes
-    from bitnetd_trio.api.asgi import App
 
 __all__ = [
     "apply_template",
@@ -50,7 +48,7 @@ __all__ = [
 ]
 
 
-async def health(app: App, req: Request) -> None:
+async def health(app: ServingApp, req: Request) -> None:
     """GET/HEAD /health and /health/ready (readiness): 200 {"status": "ok"} once a model is
     loaded; 503 "loading" before, and 503 "draining" from the first stop signal on, so a load
     balancer sends no new work while running generations finish."""
@@ -68,19 +66,19 @@ async def health(app: App, req: Request) -> None:
     req.resp.error_type = err.type
 
 
-async def live(app: App, req: Request) -> None:
+async def live(app: ServingApp, req: Request) -> None:
     """GET/HEAD /health/live (liveness): 200 while the process answers HTTP, whether it is
     loading, serving or draining."""
     await req.resp.send_json(200, {"status": "alive"})
 
 
-async def metrics(app: App, req: Request) -> None:
+async def metrics(app: ServingApp, req: Request) -> None:
     """GET /metrics: Prometheus text (or OpenMetrics when the Accept header asks for it)."""
     data, content_type = app.metrics.render(req.header("accept"))
     await req.resp.send_text(200, data, content_type)
 
 
-def _model_card(app: App, model_id: str, engine: InferenceThread) -> dict:
+def _model_card(app: ServingApp, model_id: str, engine: InferenceThread) -> dict:
     info = engine.info
     return {
         "id": model_id,
@@ -108,14 +106,14 @@ def _model_card(app: App, model_id: str, engine: InferenceThread) -> dict:
     }
 
 
-async def models(app: App, req: Request) -> None:
+async def models(app: ServingApp, req: Request) -> None:
     """GET /v1/models: one card, under the served id (the alias is listed in its `aliases`)."""
     engine = app.require_engine()
     data = [_model_card(app, served_model_id(engine), engine)]
     await req.resp.send_json(200, {"object": "list", "data": data})
 
 
-async def model_by_id(app: App, req: Request) -> None:
+async def model_by_id(app: ServingApp, req: Request) -> None:
     """GET /v1/models/{id}: the card under any name the model answers to, else 404."""
     engine = app.require_engine()
     model_id = check_model_id(
@@ -125,7 +123,7 @@ async def model_by_id(app: App, req: Request) -> None:
 
 
 async def _answer_off_thread(
-    app: App, req: Request, reply: Callable[[App, Request], dict], *, always: bool = False
+    app: ServingApp, req: Request, reply: Callable[[ServingApp, Request], dict], *, always: bool = False
 ) -> None:
     """200 with `reply(app, req)` as JSON, computed and encoded on app.cpu: a worker thread
     when the body is large (or `always`), since the work grows with the request."""
@@ -137,13 +135,13 @@ async def _answer_off_thread(
     await req.resp.send_json_data(200, await app.cpu.run(size, encoded))
 
 
-async def tokenize(app: App, req: Request) -> None:
+async def tokenize(app: ServingApp, req: Request) -> None:
     """POST /tokenize: token ids, or {"id", "piece"} objects (a piece that is not whole UTF-8
     as its byte values)."""
     await _answer_off_thread(app, req, _tokenize)
 
 
-def _tokenize(app: App, req: Request) -> dict:
+def _tokenize(app: ServingApp, req: Request) -> dict:
     engine = app.require_engine()
     t = parse_tokenize(req.json())
     tok = engine.tokenizer
@@ -163,13 +161,13 @@ def _tokenize(app: App, req: Request) -> dict:
     return {"tokens": tokens, "count": len(ids), "max_model_len": engine.info.n_ctx}
 
 
-async def detokenize(app: App, req: Request) -> None:
+async def detokenize(app: ServingApp, req: Request) -> None:
     """POST /detokenize: the text of token ids, as llama.cpp (`content`) and vLLM (`prompt`)
     name it."""
     await _answer_off_thread(app, req, _detokenize)
 
 
-def _detokenize(app: App, req: Request) -> dict:
+def _detokenize(app: ServingApp, req: Request) -> dict:
     engine = app.require_engine()
     d = parse_detokenize(req.json(), engine.info.hparams.n_vocab)
     text = engine.tokenizer.decode(d.tokens)
@@ -181,7 +179,7 @@ def _detokenize(app: App, req: Request) -> dict:
 TOKENIZER_CLASS = "GGUFByteLevelBPETokenizer"
 
 
-async def tokenizer_info(app: App, req: Request) -> None:
+async def tokenizer_info(app: ServingApp, req: Request) -> None:
     """GET /tokenizer_info: vLLM's tokenizer description (the fields of a tokenizer_config.json
     plus `tokenizer_class`), which lm-evaluation-harness's remote tokenizer reads."""
     engine = app.require_engine()
@@ -206,14 +204,14 @@ async def tokenizer_info(app: App, req: Request) -> None:
     await req.resp.send_json(200, body)
 
 
-async def apply_template(app: App, req: Request) -> None:
+async def apply_template(app: ServingApp, req: Request) -> None:
     """POST /apply-template: the prompt the chat template makes of the messages."""
     # A Jinja template renders in a worker process: waiting for it blocks, whatever the size.
     jinja = app.require_engine().chat_template.kind == "jinja"
     await _answer_off_thread(app, req, _apply_template, always=jinja)
 
 
-def _apply_template(app: App, req: Request) -> dict:
+def _apply_template(app: ServingApp, req: Request) -> dict:
     engine = app.require_engine()
     a = parse_apply_template(req.json())
     prompt = render_chat(engine, a.messages, a.add_generation_prompt)
@@ -226,7 +224,7 @@ def _piece_or_none(engine: InferenceThread, token_id: int | None) -> str | None:
     return engine.tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
 
 
-async def props(app: App, req: Request) -> None:
+async def props(app: ServingApp, req: Request) -> None:
     """GET /props: llama.cpp's server properties (default settings, slots, template)."""
     engine = app.require_engine()
     info = engine.info
@@ -259,7 +257,7 @@ async def props(app: App, req: Request) -> None:
     )
 
 
-async def slots(app: App, req: Request) -> None:
+async def slots(app: ServingApp, req: Request) -> None:
     """GET /slots: what each engine slot is doing."""
     engine = app.require_engine()
     n_ctx = engine.info.n_ctx
@@ -279,7 +277,7 @@ async def slots(app: App, req: Request) -> None:
     await req.resp.send_json(200, data)
 
 
-async def model_info(app: App, req: Request) -> None:
+async def model_info(app: ServingApp, req: Request) -> None:
     """GET /model_info: the loaded model and how it runs."""
     engine = app.require_engine()
     info = engine.info

@@ -6,16 +6,13 @@ all the same (counting is how a client finds out that it is too long)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.http import Request
 from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults
+from bitnetd_trio.api.serving import ServingApp
 from bitnetd_trio.engine.chat import ChatTemplateError
 from bitnetd_trio.engine.inference import InferenceThread
-
-if TYPE_CHECKING:
-    from bitnetd_trio.api.asgi import App
 
 __all__ = ["conversation_tokens", "counting_handler"]
 
@@ -34,10 +31,10 @@ def conversation_tokens(engine: InferenceThread, g: GenerationRequest) -> int:
 
 def counting_handler(
     parse: Parse, answer: Callable[[int], dict]
-) -> Callable[[App, Request], Awaitable[None]]:
+) -> Callable[[ServingApp, Request], Awaitable[None]]:
     """A route handler: validate with `parse`, count, answer `answer(count)`."""
 
-    async def handle(app: App, req: Request) -> None:
+    async def handle(app: ServingApp, req: Request) -> None:
         engine = app.require_engine()
         defaults = app.schema_defaults(engine)
 

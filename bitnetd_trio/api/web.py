@@ -12,14 +12,11 @@ from __future__ import annotations
 import functools
 import ipaddress
 from importlib import resources
-from typing import TYPE_CHECKING
 
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.http import Request
+from bitnetd_trio.api.serving import ServingApp
 from bitnetd_trio.config import ServerConfig, split_listen_address
-
-if TYPE_CHECKING:  # the app imports this module to build its routes
-    from bitnetd_trio.api.asgi import App
 
 __all__ = ["page", "page_bytes", "web_ui_enabled"]
 
@@ -64,7 +61,7 @@ def page_bytes() -> bytes:
     return resources.files("bitnetd_trio.api").joinpath("web/index.html").read_bytes()
 
 
-async def page(app: App, req: Request) -> None:
+async def page(app: ServingApp, req: Request) -> None:
     """GET / : the chat page, or 404 when the page is off."""
     if not web_ui_enabled(app.config.server):
         raise ApiError.route_not_found(req.scope["method"], req.scope.get("path", ""))
