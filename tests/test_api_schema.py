@@ -9,21 +9,15 @@ import math
 
 import pytest
 
+from bitnetd_trio.api.dialects.bitnet_generate import GENERATE_SYSTEM_PROMPT, parse_generate
+from bitnetd_trio.api.dialects.llamacpp_completion import parse_llama_completion
+from bitnetd_trio.api.dialects.openai_chat import parse_chat_completion
+from bitnetd_trio.api.dialects.openai_completions import parse_completion
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.json_body import check_content_type, parse_json_body
+from bitnetd_trio.api.ops_requests import parse_apply_template, parse_detokenize, parse_tokenize
 from bitnetd_trio.api.prompts import check_context
-from bitnetd_trio.api.schema import (
-    GENERATE_SYSTEM_PROMPT,
-    GenerationRequest,
-    SchemaDefaults,
-    parse_apply_template,
-    parse_chat_completion,
-    parse_completion,
-    parse_detokenize,
-    parse_generate,
-    parse_llama_completion,
-    parse_tokenize,
-)
+from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults
 
 DEFAULTS = SchemaDefaults(n_vocab=1000, model_ids=frozenset({"bitnet", "alias"}))
 USER = [{"role": "user", "content": "hi"}]

@@ -122,18 +122,20 @@ def test_a_stop_string_longer_than_the_limit_is_a_400_naming_it():
     import pytest
 
     from bitnetd_trio.api import schema as api_schema
+    from bitnetd_trio.api.dialects.llamacpp_completion import parse_llama_completion
+    from bitnetd_trio.api.dialects.openai_completions import parse_completion
     from bitnetd_trio.api.errors import ApiError
 
     defaults = api_schema.SchemaDefaults()
     limit = api_schema.MAX_STOP_CHARS
-    ok = api_schema.parse_completion({"prompt": "hi", "stop": ["x" * limit]}, defaults)
+    ok = parse_completion({"prompt": "hi", "stop": ["x" * limit]}, defaults)
     assert ok.stop == ["x" * limit]
     for stop, param in ((["ab", "a" * 20000 + "b"], "stop[1]"), ("a" * 20000, "stop")):
         with pytest.raises(ApiError) as info:
-            api_schema.parse_completion({"prompt": "hi", "stop": stop}, defaults)
+            parse_completion({"prompt": "hi", "stop": stop}, defaults)
         assert info.value.status == 400 and info.value.param == param
         with pytest.raises(ApiError):
-            api_schema.parse_llama_completion({"prompt": "hi", "stop": stop}, defaults)
+            parse_llama_completion({"prompt": "hi", "stop": stop}, defaults)
 
 
 async def test_a_logit_bias_banning_every_token_is_a_client_error(server_model_path):

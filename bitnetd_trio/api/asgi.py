@@ -30,7 +30,7 @@ from bitnetd_trio.api.dialects.anthropic_messages import (
 from bitnetd_trio.api.dialects.base import Dialect
 from bitnetd_trio.api.dialects.bitnet_generate import BitNetGenerate
 from bitnetd_trio.api.dialects.llamacpp_completion import LlamaCppCompletion
-from bitnetd_trio.api.dialects.openai_chat import OpenAIChat
+from bitnetd_trio.api.dialects.openai_chat import OpenAIChat, parse_chat_completion
 from bitnetd_trio.api.dialects.openai_completions import OpenAICompletions
 from bitnetd_trio.api.dialects.openai_responses import OpenAIResponses, parse_responses_request
 from bitnetd_trio.api.embeddings import embeddings
@@ -48,7 +48,7 @@ from bitnetd_trio.api.http import (
 )
 from bitnetd_trio.api.json_body import check_content_type
 from bitnetd_trio.api.metrics import Metrics
-from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults, parse_chat_completion
+from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults
 from bitnetd_trio.api.served_model import DEMO_MODEL_ID, accepted_model_ids, served_model_id
 from bitnetd_trio.api.token_count import counting_handler
 from bitnetd_trio.config import Config

@@ -13,13 +13,9 @@ from typing import Any
 from bitnetd_trio import __version__
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.http import Request
+from bitnetd_trio.api.ops_requests import parse_apply_template, parse_detokenize, parse_tokenize
 from bitnetd_trio.api.prompts import render_chat
-from bitnetd_trio.api.schema import (
-    check_model_id,
-    parse_apply_template,
-    parse_detokenize,
-    parse_tokenize,
-)
+from bitnetd_trio.api.schema import check_model_id
 from bitnetd_trio.api.served_model import (
     accepted_model_ids,
     model_aliases,

@@ -1,7 +1,10 @@
-"""Request validation for every endpoint, sans-I/O: plain dicts in, normalized requests out.
+"""Request validation shared by every generating endpoint, sans-I/O: plain dicts in, normalized
+requests out.
 
-Each parser takes the decoded JSON object and returns one normalized form (`GenerationRequest`
-for every generating endpoint), or raises `ApiError(400, ..., param=...)` naming the offending
+`GenerationRequest` is the normalized form of every generating request; each endpoint family's
+dialect (`bitnetd_trio.api.dialects`) parses its own request shape with the field parsers here
+(model, sampling, stop strings, logit_bias, seed, messages, prompts, grammars), so a field
+means the same wherever it appears. A parser returns the value or raises `ApiError(400, ..., param=...)` naming the offending
 field the way OpenAI does ("messages[1].content"). Unknown fields are ignored (SDKs add fields
 every month); wrong types and out-of-range values never pass: booleans must be JSON booleans,
 integers may not be booleans or fractional numbers.
@@ -33,49 +36,48 @@ from bitnetd_trio.api.response_format import (
     ConstraintSpec,
     gbnf_spec,
     json_schema_spec,
-    parse_response_format,
 )
 from bitnetd_trio.api.tools import (
     ToolRequest,
     parse_message_tool_calls,
-    parse_tools,
     tool_message_fields,
 )
 from bitnetd_trio.engine.sampling import SamplingParams
 
 __all__ = [
-    "GENERATE_SYSTEM_PROMPT",
-    "ApplyTemplateRequest",
-    "DetokenizeRequest",
+    "CHAT_ROLES",
+    "COMPLETIONS_MAX_TOKENS",
     "GenerationRequest",
+    "INT32_MAX",
+    "LLAMA_MAX_STOP",
+    "MAX_CHOICES_PER_REQUEST",
+    "MAX_LOGPROBS_COMPLETIONS",
+    "MAX_N_PROBS",
+    "MAX_STOP",
+    "MAX_STOP_CHARS",
+    "MAX_TOP_LOGPROBS_CHAT",
     "SchemaDefaults",
-    "TokenizeRequest",
     "check_model_id",
     "looks_like_path",
-    "resolve_model",
-    "parse_apply_template",
     "parse_content_text",
+    "parse_grammar_constraint",
+    "parse_llama_prompt",
     "parse_logit_bias",
+    "parse_logit_bias_llama",
+    "parse_messages",
     "parse_min_tokens",
+    "parse_model",
+    "parse_n",
+    "parse_prompts",
     "parse_sampling",
     "parse_seed",
     "parse_stop",
-    "parse_chat_completion",
-    "parse_completion",
-    "parse_detokenize",
-    "parse_generate",
-    "parse_llama_completion",
-    "parse_tokenize",
+    "parse_stream_options",
+    "parse_token_id",
+    "resolve_model",
 ]
 
 # Defaults of the Docker "BitNet LLM HTTP Server" /generate endpoint (http-api §3).
-GENERATE_SYSTEM_PROMPT = (
-    "You are a helpful, harmless, and honest AI assistant. "
-    "Answer the user's questions truthfully and helpfully."
-)
-GENERATE_MAX_TOKENS = 256
-GENERATE_TEMPERATURE = 0.7
-GENERATE_TOP_P = 0.9
 
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP = 4  # OpenAI's limit on stop strings (chat)
@@ -91,7 +93,7 @@ MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETIONS = 5
 MAX_N_PROBS = 20
 MAX_CHOICES_PER_REQUEST = 256  # prompts x n of one /v1/completions request
-_INT32_MAX = (1 << 31) - 1
+INT32_MAX = (1 << 31) - 1  # the largest count a request may give (int32, as llama.cpp reads it)
 _SEED_MIN, _SEED_END = -(1 << 63), 1 << 64
 
 CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -176,25 +178,6 @@ class GenerationRequest:
     tools: ToolRequest | None = None  # chat: the tools and tool_choice
 
 
-@dataclass(frozen=True)
-class TokenizeRequest:
-    content: str
-    add_special: bool = False  # prepend BOS
-    parse_special: bool = True  # "<|eot_id|>" in the text becomes the control token
-    with_pieces: bool = False  # answer [{"id", "piece"}] instead of ids
-
-
-@dataclass(frozen=True)
-class DetokenizeRequest:
-    tokens: list[int]
-
-
-@dataclass(frozen=True)
-class ApplyTemplateRequest:
-    messages: list[dict]
-    add_generation_prompt: bool = True
-
-
 # ---- shared pieces ------------------------------------------------------------------------------
 
 
@@ -226,12 +209,12 @@ def resolve_model(model: str, defaults: SchemaDefaults) -> str | None:
     return None
 
 
-def _model(f: Fields, defaults: SchemaDefaults) -> str | None:
+def parse_model(f: Fields, defaults: SchemaDefaults) -> str | None:
     model = f.str("model") or None  # "" like absent: the served model
     return None if model is None else resolve_model(model, defaults)
 
 
-def _stop(f: Fields, limit: int) -> list[str]:
+def parse_stop(f: Fields, limit: int) -> list[str]:
     v = f.d.get("stop")
     if v is None:
         return []
@@ -259,8 +242,8 @@ def _stop(f: Fields, limit: int) -> list[str]:
     return out
 
 
-def _token_id(v: Any, param: str, n_vocab: int | None) -> int:
-    hi = (n_vocab - 1) if n_vocab else _INT32_MAX
+def parse_token_id(v: Any, param: str, n_vocab: int | None) -> int:
+    hi = (n_vocab - 1) if n_vocab else INT32_MAX
     if isinstance(v, bool) or not isinstance(v, int):
         raise invalid(param, f"must be a token id (an integer), got {quoted(v)}")
     if not 0 <= v <= hi:
@@ -268,7 +251,7 @@ def _token_id(v: Any, param: str, n_vocab: int | None) -> int:
     return v
 
 
-def _logit_bias_openai(f: Fields, n_vocab: int | None) -> dict[int, float]:
+def parse_logit_bias(f: Fields, n_vocab: int | None) -> dict[int, float]:
     """{"<token id>": bias -100..100}."""
     v = f.d.get("logit_bias")
     if v is None:
@@ -278,7 +261,7 @@ def _logit_bias_openai(f: Fields, n_vocab: int | None) -> dict[int, float]:
             "logit_bias", f"must be an object mapping token ids to biases, got {json_type(v)}"
         )
     out: dict[int, float] = {}
-    hi = (n_vocab - 1) if n_vocab else _INT32_MAX
+    hi = (n_vocab - 1) if n_vocab else INT32_MAX
     for key, bias in v.items():
         if not re.fullmatch(r"[0-9]{1,10}", key):
             raise invalid("logit_bias", f"keys must be token ids, got '{key[:40]}'")
@@ -297,7 +280,7 @@ def _text_token_ids(text: str, param: str, tokenizer: Any) -> list[int]:
     return tokenizer.encode(text, add_bos=False, parse_special=False)
 
 
-def _logit_bias_llama(
+def parse_logit_bias_llama(
     f: Fields, n_vocab: int | None, tokenizer: Any = None
 ) -> dict[int, float]:
     """llama.cpp: [[id, bias], ...] or {"id": bias}; a bias of false bans the token. A key
@@ -324,12 +307,12 @@ def _logit_bias_llama(
             for tok in _text_token_ids(key, "logit_bias", tokenizer):
                 out[tok] = value
             continue
-        tok = _token_id(int(key) if isinstance(key, str) else key, "logit_bias", n_vocab)
+        tok = parse_token_id(int(key) if isinstance(key, str) else key, "logit_bias", n_vocab)
         out[tok] = value
     return out
 
 
-def _llama_prompt(prompt: Any, defaults: SchemaDefaults) -> list[int]:
+def parse_llama_prompt(prompt: Any, defaults: SchemaDefaults) -> list[int]:
     """llama.cpp's prompt array mixing token ids and strings ([12, "text", 34]): the strings
     tokenized in place (control-token text becomes the control id), BOS first when the first
     element is a string and the model wants BOS, as llama.cpp's server does."""
@@ -342,7 +325,7 @@ def _llama_prompt(prompt: Any, defaults: SchemaDefaults) -> list[int]:
             ids.extend(tok.encode(part, add_bos=i == 0 and tok.add_bos_default,
                                   parse_special=True))
         else:
-            ids.append(_token_id(part, f"prompt[{i}]", defaults.n_vocab))
+            ids.append(parse_token_id(part, f"prompt[{i}]", defaults.n_vocab))
     if not ids:
         raise invalid("prompt", "makes no tokens")
     return ids
@@ -364,7 +347,7 @@ def _repeat_penalty(f: Fields) -> float:
     return value
 
 
-def _sampling(
+def parse_sampling(
     f: Fields,
     defaults: SchemaDefaults,
     *,
@@ -390,18 +373,18 @@ def _sampling(
     )
 
 
-def _seed(f: Fields) -> int | None:
+def parse_seed(f: Fields) -> int | None:
     return f.int("seed", _SEED_MIN, _SEED_END - 1)
 
 
-def _min_tokens(f: Fields, max_tokens: int | None) -> int:
-    min_tokens = f.int("min_tokens", 0, _INT32_MAX, 0)
+def parse_min_tokens(f: Fields, max_tokens: int | None) -> int:
+    min_tokens = f.int("min_tokens", 0, INT32_MAX, 0)
     if max_tokens is not None and min_tokens > max_tokens:
         raise invalid("min_tokens", f"({min_tokens}) must not exceed max_tokens ({max_tokens})")
     return min_tokens
 
 
-def _stream_options(f: Fields, stream: bool) -> bool:
+def parse_stream_options(f: Fields, stream: bool) -> bool:
     """include_usage; stream_options without stream=true is a 400 (OpenAI does the same)."""
     v = f.d.get("stream_options")
     if v is None:
@@ -414,11 +397,11 @@ def _stream_options(f: Fields, stream: bool) -> bool:
     return False if include is None else as_bool(include, "stream_options.include_usage")
 
 
-def _n(f: Fields, defaults: SchemaDefaults) -> int:
+def parse_n(f: Fields, defaults: SchemaDefaults) -> int:
     return f.int("n", 1, defaults.max_n, 1)
 
 
-def _content_text(content: Any, param: str) -> str:
+def parse_content_text(content: Any, param: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -442,7 +425,7 @@ def _content_text(content: Any, param: str) -> str:
     raise invalid(param, f"must be a string or an array of text parts, got {json_type(content)}")
 
 
-def _messages(d: dict) -> list[dict]:
+def parse_messages(d: dict) -> list[dict]:
     out = []
     for where, msg in object_array(d.get("messages"), "messages", "message"):
         role = msg.get("role")
@@ -457,7 +440,7 @@ def _messages(d: dict) -> list[dict]:
             if role != "assistant":  # an assistant turn that only called tools has null content
                 raise invalid(f"{where}.content", "is required")
             content = ""
-        text = _content_text(content, f"{where}.content")
+        text = parse_content_text(content, f"{where}.content")
         m: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
         calls = parse_message_tool_calls(msg, where)
         if calls:
@@ -468,7 +451,7 @@ def _messages(d: dict) -> list[dict]:
     return out
 
 
-def _prompts(d: dict, n_vocab: int | None) -> list[str | list[int]]:
+def parse_prompts(d: dict, n_vocab: int | None) -> list[str | list[int]]:
     """A string, an array of strings, an array of token ids, or an array of arrays of ids."""
     v = d.get("prompt")
     if v is None:
@@ -483,69 +466,19 @@ def _prompts(d: dict, n_vocab: int | None) -> list[str | list[int]]:
     if all(isinstance(x, str) for x in v):
         return list(v)
     if all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        return [[_token_id(t, "prompt", n_vocab) for t in v]]
+        return [[parse_token_id(t, "prompt", n_vocab) for t in v]]
     if all(isinstance(x, list) for x in v):
         out: list[str | list[int]] = []
         for i, ids in enumerate(v):
             if not ids:
                 raise invalid(f"prompt[{i}]", "must not be an empty array")
-            out.append([_token_id(t, f"prompt[{i}]", n_vocab) for t in ids])
+            out.append([parse_token_id(t, f"prompt[{i}]", n_vocab) for t in ids])
         return out
     raise invalid("prompt", "must be a string, an array of strings, an array of token ids or an "
                          "array of arrays of token ids (not a mixture)")
 
 
-# ---- endpoints ----------------------------------------------------------------------------------
-
-
-def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
-    """POST /v1/chat/completions."""
-    defaults = defaults or SchemaDefaults()
-    f = Fields(d)
-    model = _model(f, defaults)
-    messages = _messages(d)
-    tools = parse_tools(d, defaults.max_grammar_size)
-    constraint = _llama_constraint(d, defaults) or parse_response_format(
-        d.get("response_format"), defaults.max_grammar_size
-    )
-    if constraint is not None and tools is not None and tools.calls_possible:
-        raise invalid(constraint.param, "cannot be combined with tools (unless tool_choice is "
-                                        "'none')")
-
-    # max_completion_tokens replaces the deprecated max_tokens; the newer name wins.
-    name = "max_completion_tokens" if f.present("max_completion_tokens") else "max_tokens"
-    max_tokens = f.int(name, 1, _INT32_MAX, defaults.max_tokens_default)
-
-    logprobs = f.bool("logprobs")
-    top_logprobs = f.int("top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT, 0)
-    if top_logprobs and not logprobs:
-        raise invalid("top_logprobs", "requires 'logprobs' to be true")
-
-    stream = f.bool("stream")
-    return GenerationRequest(
-        endpoint="chat",
-        model=model,
-        messages=messages,
-        max_tokens=max_tokens,
-        min_tokens=_min_tokens(f, max_tokens),
-        ignore_eos=f.bool("ignore_eos"),
-        sampling=_sampling(
-            f, defaults, logit_bias=_logit_bias_openai(f, defaults.n_vocab), seed=_seed(f)
-        ),
-        stop=_stop(f, MAX_STOP),
-        n=_n(f, defaults),
-        stream=stream,
-        include_usage=_stream_options(f, stream),
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-        user=f.str("user"),
-        cache_prompt=f.bool("cache_prompt", True),
-        constraint=constraint,
-        tools=tools,
-    )
-
-
-def _llama_constraint(d: dict, defaults: SchemaDefaults) -> ConstraintSpec | None:
+def parse_grammar_constraint(d: dict, defaults: SchemaDefaults) -> ConstraintSpec | None:
     """llama.cpp's `grammar` (GBNF) or `json_schema` fields (one of them)."""
     grammar, schema = d.get("grammar"), d.get("json_schema")
     if grammar is not None and grammar != "" and schema is not None:
@@ -555,194 +488,3 @@ def _llama_constraint(d: dict, defaults: SchemaDefaults) -> ConstraintSpec | Non
     if grammar is not None and grammar != "":
         return gbnf_spec(grammar, "grammar", defaults.max_grammar_size)
     return None
-
-
-def parse_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
-    """POST /v1/completions."""
-    defaults = defaults or SchemaDefaults()
-    f = Fields(d)
-    suffix = d.get("suffix")
-    if suffix is not None and suffix != "":
-        raise invalid("suffix", "is not supported by this server")
-    model = _model(f, defaults)
-    prompts = _prompts(d, defaults.n_vocab)
-
-    # 0 is allowed: echo + logprobs + max_tokens 0 scores the prompt (lm-evaluation-harness).
-    max_tokens = f.int("max_tokens", 0, _INT32_MAX, COMPLETIONS_MAX_TOKENS)
-    n = _n(f, defaults)
-    best_of = f.int("best_of", 1, defaults.max_n, n)
-    if best_of != n and best_of != 1:
-        raise invalid("best_of", f"({best_of}) other than n ({n}) is not supported")
-    if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
-        raise invalid("prompt", f"{len(prompts)} prompts x n={n} exceed the limit of "
-                             f"{MAX_CHOICES_PER_REQUEST} choices per request")
-
-    # Completions' logprobs is the number of alternatives (0..5), not a flag as in chat.
-    logprobs_n = f.int("logprobs", 0, MAX_LOGPROBS_COMPLETIONS)
-    stream = f.bool("stream")
-    return GenerationRequest(
-        endpoint="completions",
-        model=model,
-        prompts=prompts,
-        max_tokens=max_tokens,
-        min_tokens=_min_tokens(f, max_tokens),
-        ignore_eos=f.bool("ignore_eos"),
-        sampling=_sampling(
-            f, defaults, logit_bias=_logit_bias_openai(f, defaults.n_vocab), seed=_seed(f)
-        ),
-        stop=_stop(f, LLAMA_MAX_STOP),
-        n=n,
-        stream=stream,
-        include_usage=_stream_options(f, stream),
-        logprobs=logprobs_n is not None,
-        top_logprobs=logprobs_n or 0,
-        echo=f.bool("echo"),
-        user=f.str("user"),
-        cache_prompt=f.bool("cache_prompt", True),
-        constraint=parse_response_format(d.get("response_format"), defaults.max_grammar_size),
-    )
-
-
-def parse_generate(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
-    """POST /generate of the Docker BitNet server.
-
-    With `conversation_mode` (default true) the prompt is the user turn after `system_prompt`,
-    rendered with the chat template; with false the prompt is completed as raw text.
-    """
-    defaults = defaults or SchemaDefaults()
-    f = Fields(d)
-    prompt = f.str("prompt")
-    if prompt is None:
-        raise invalid("prompt", "is required")
-    system_prompt = f.str("system_prompt", GENERATE_SYSTEM_PROMPT)
-    conversation = f.bool("conversation_mode", True)
-    if conversation:
-        messages = [{"role": "user", "content": prompt}]
-        if system_prompt:
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        prompts = None
-    else:
-        messages, prompts = None, [prompt]
-    max_tokens = f.int("max_tokens", 1, _INT32_MAX, GENERATE_MAX_TOKENS)
-    return GenerationRequest(
-        endpoint="generate",
-        messages=messages,
-        prompts=prompts,
-        max_tokens=max_tokens,
-        min_tokens=_min_tokens(f, max_tokens),
-        ignore_eos=f.bool("ignore_eos"),
-        sampling=_sampling(
-            f, defaults, temperature=GENERATE_TEMPERATURE, top_p=GENERATE_TOP_P,
-            logit_bias=_logit_bias_openai(f, defaults.n_vocab), seed=_seed(f),
-        ),
-        stop=_stop(f, LLAMA_MAX_STOP),
-        context_size=f.int("context_size", 1, 1 << 24),
-        threads=f.int("threads", 1, 1024),
-    )
-
-
-def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
-    """POST /completion of llama.cpp's server (bitnet.cpp's `run_inference_server.py`)."""
-    defaults = defaults or SchemaDefaults()
-    f = Fields(d)
-    prompt = d.get("prompt")
-    if isinstance(prompt, str):
-        prompts: list[str | list[int]] = [prompt]
-    elif isinstance(prompt, list) and prompt and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt
-    ):
-        prompts = [[_token_id(t, "prompt", defaults.n_vocab) for t in prompt]]
-    elif isinstance(prompt, list) and prompt and all(
-        isinstance(t, (int, str)) and not isinstance(t, bool) for t in prompt
-    ):
-        prompts = [_llama_prompt(prompt, defaults)]
-    elif prompt is None:
-        raise invalid("prompt", "is required")
-    else:
-        raise invalid("prompt", "must be a string or a non-empty array of token ids and "
-                                "strings")
-
-    # n_predict -1 (llama.cpp's default) generates until the context is full; max_tokens is
-    # llama.cpp's alias for it.
-    name = "n_predict" if f.present("n_predict") else "max_tokens"
-    n_predict = f.int(name, -1, _INT32_MAX, -1)
-    max_tokens = None if n_predict == -1 else n_predict
-    if max_tokens is None:
-        max_tokens = defaults.max_tokens_default
-
-    seed = _seed(f)
-    n_probs = f.int("n_probs", 0, MAX_N_PROBS, 0)
-    return GenerationRequest(
-        endpoint="completion",
-        prompts=prompts,
-        max_tokens=max_tokens,
-        min_tokens=_min_tokens(f, max_tokens),
-        ignore_eos=f.bool("ignore_eos"),
-        # llama.cpp's seed -1 means "random".
-        sampling=_sampling(
-            f, defaults, logit_bias=_logit_bias_llama(f, defaults.n_vocab, defaults.tokenizer),
-            seed=None if seed == -1 else seed,
-        ),
-        stop=_stop(f, LLAMA_MAX_STOP),
-        stream=f.bool("stream"),
-        logprobs=n_probs > 0,
-        top_logprobs=n_probs,
-        cache_prompt=f.bool("cache_prompt", True),
-        constraint=_llama_constraint(d, defaults),
-    )
-
-
-def parse_tokenize(d: dict) -> TokenizeRequest:
-    """POST /tokenize in llama.cpp's spelling {"content", "add_special", "parse_special",
-    "with_pieces"} or vLLM's {"prompt", "add_special_tokens"} (lm-evaluation-harness's remote
-    tokenizer sends the latter). BOS is prepended by default only in vLLM's spelling, as each
-    server does: a client reading one server's documentation gets that server's tokens."""
-    f = Fields(d)
-    content, prompt = f.str("content"), f.str("prompt")
-    if content is not None and prompt is not None:
-        raise invalid("prompt", "send the text in either content or prompt, not both")
-    if content is None and prompt is None:
-        raise invalid("content", "is required (or prompt)")
-    if f.present("add_special") and f.present("add_special_tokens"):
-        raise invalid("add_special_tokens", "send either add_special or add_special_tokens")
-    if f.present("add_special_tokens"):
-        add_special = f.bool("add_special_tokens")
-    else:
-        add_special = f.bool("add_special", prompt is not None)
-    return TokenizeRequest(
-        content=content if content is not None else prompt,
-        add_special=add_special,
-        parse_special=f.bool("parse_special", True),
-        with_pieces=f.bool("with_pieces", False),
-    )
-
-
-def parse_detokenize(d: dict, n_vocab: int | None = None) -> DetokenizeRequest:
-    """POST /detokenize: {"tokens": [ids]}."""
-    v = d.get("tokens")
-    if v is None:
-        raise invalid("tokens", "is required")
-    if not isinstance(v, list):
-        raise invalid("tokens", f"must be an array of token ids, got {json_type(v)}")
-    return DetokenizeRequest([_token_id(t, f"tokens[{i}]", n_vocab) for i, t in enumerate(v)])
-
-
-def parse_apply_template(d: dict) -> ApplyTemplateRequest:
-    """POST /apply-template: {"messages"} -> the prompt the chat template makes of them."""
-    f = Fields(d)
-    return ApplyTemplateRequest(
-        messages=_messages(d),
-        add_generation_prompt=f.bool("add_generation_prompt", True),
-    )
-
-
-# ---- shared with the dialects that parse their own request shapes ------------------------------
-# (Anthropic Messages and OpenAI Responses, in bitnetd_trio.api.dialects): the sampling fields,
-# stop strings, logit_bias and seed are read exactly as the OpenAI endpoints read them.
-
-parse_sampling = _sampling
-parse_stop = _stop
-parse_logit_bias = _logit_bias_openai
-parse_seed = _seed
-parse_min_tokens = _min_tokens
-parse_content_text = _content_text

@@ -18,6 +18,7 @@ from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.json_body import Fields, as_str, invalid, json_type, object_array
 from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import (
+    INT32_MAX,
     LLAMA_MAX_STOP,
     MAX_STOP_CHARS,
     GenerationRequest,
@@ -30,7 +31,6 @@ from bitnetd_trio.api.sse import sse_named_event
 
 __all__ = ["AnthropicMessages", "anthropic_error_body", "parse_messages_request"]
 
-_INT32_MAX = (1 << 31) - 1
 
 # Anthropic's error types by HTTP status (the `anthropic` SDK's ErrorType). 503 keeps its
 # status (the SDK retries it, and Retry-After says when) with the type Anthropic uses for
@@ -213,7 +213,7 @@ def parse_messages_request(
     if counting:
         max_tokens = None
     else:
-        max_tokens = f.int("max_tokens", 1, _INT32_MAX)
+        max_tokens = f.int("max_tokens", 1, INT32_MAX)
         if max_tokens is None:
             raise invalid("max_tokens", "is required")
     metadata = d.get("metadata")

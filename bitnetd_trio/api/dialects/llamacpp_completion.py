@@ -5,13 +5,28 @@ settings, `stop_type` and timings; logprobs as `completion_probabilities` (n_pro
 from __future__ import annotations
 
 from bitnetd_trio.api.dialects.base import Dialect, DialectStream
+from bitnetd_trio.api.json_body import Fields, invalid
 from bitnetd_trio.api.logprobs import llama_probabilities
 from bitnetd_trio.api.reply import Choice, Piece, Reply
-from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults, parse_llama_completion
+from bitnetd_trio.api.schema import (
+    INT32_MAX,
+    LLAMA_MAX_STOP,
+    MAX_N_PROBS,
+    GenerationRequest,
+    SchemaDefaults,
+    parse_grammar_constraint,
+    parse_llama_prompt,
+    parse_logit_bias_llama,
+    parse_min_tokens,
+    parse_sampling,
+    parse_seed,
+    parse_stop,
+    parse_token_id,
+)
 from bitnetd_trio.api.sse import sse_event
 from bitnetd_trio.engine.inference import TokenResult
 
-__all__ = ["LlamaCppCompletion", "final_object"]
+__all__ = ["LlamaCppCompletion", "final_object", "parse_llama_completion"]
 
 
 class LlamaCppCompletion(Dialect):
@@ -99,3 +114,59 @@ class _LlamaStream(DialectStream):
     def finish(self, choice: Choice, last: Piece) -> bytes:
         # the final event carries the last step's text, as llama.cpp's does
         return sse_event(final_object(self.reply, choice, last.text, last.tokens))
+
+
+# ---- the request -------------------------------------------------------------------------------
+
+
+
+
+def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
+    """POST /completion of llama.cpp's server (bitnet.cpp's `run_inference_server.py`)."""
+    defaults = defaults or SchemaDefaults()
+    f = Fields(d)
+    prompt = d.get("prompt")
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        prompts = [[parse_token_id(t, "prompt", defaults.n_vocab) for t in prompt]]
+    elif isinstance(prompt, list) and prompt and all(
+        isinstance(t, (int, str)) and not isinstance(t, bool) for t in prompt
+    ):
+        prompts = [parse_llama_prompt(prompt, defaults)]
+    elif prompt is None:
+        raise invalid("prompt", "is required")
+    else:
+        raise invalid("prompt", "must be a string or a non-empty array of token ids and "
+                                "strings")
+
+    # n_predict -1 (llama.cpp's default) generates until the context is full; max_tokens is
+    # llama.cpp's alias for it.
+    name = "n_predict" if f.present("n_predict") else "max_tokens"
+    n_predict = f.int(name, -1, INT32_MAX, -1)
+    max_tokens = None if n_predict == -1 else n_predict
+    if max_tokens is None:
+        max_tokens = defaults.max_tokens_default
+
+    seed = parse_seed(f)
+    n_probs = f.int("n_probs", 0, MAX_N_PROBS, 0)
+    return GenerationRequest(
+        endpoint="completion",
+        prompts=prompts,
+        max_tokens=max_tokens,
+        min_tokens=parse_min_tokens(f, max_tokens),
+        ignore_eos=f.bool("ignore_eos"),
+        # llama.cpp's seed -1 means "random".
+        sampling=parse_sampling(
+            f, defaults, logit_bias=parse_logit_bias_llama(f, defaults.n_vocab, defaults.tokenizer),
+            seed=None if seed == -1 else seed,
+        ),
+        stop=parse_stop(f, LLAMA_MAX_STOP),
+        stream=f.bool("stream"),
+        logprobs=n_probs > 0,
+        top_logprobs=n_probs,
+        cache_prompt=f.bool("cache_prompt", True),
+        constraint=parse_grammar_constraint(d, defaults),
+    )

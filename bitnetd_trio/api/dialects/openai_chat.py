@@ -12,14 +12,32 @@ from bitnetd_trio.api.dialects.openai_common import (
     finish_reason,
     whole_body,
 )
+from bitnetd_trio.api.json_body import Fields, invalid
 from bitnetd_trio.api.logprobs import chat_content, chat_logprobs
 from bitnetd_trio.api.reply import Choice, Piece, Reply
-from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults, parse_chat_completion
+from bitnetd_trio.api.response_format import parse_response_format
+from bitnetd_trio.api.schema import (
+    INT32_MAX,
+    MAX_STOP,
+    MAX_TOP_LOGPROBS_CHAT,
+    GenerationRequest,
+    SchemaDefaults,
+    parse_grammar_constraint,
+    parse_logit_bias,
+    parse_messages,
+    parse_min_tokens,
+    parse_model,
+    parse_n,
+    parse_sampling,
+    parse_seed,
+    parse_stop,
+    parse_stream_options,
+)
 from bitnetd_trio.api.sse import ChatChunks, sse_event
-from bitnetd_trio.api.tools import call_id, message_tool_calls
+from bitnetd_trio.api.tools import call_id, message_tool_calls, parse_tools
 from bitnetd_trio.engine.tool_syntax import ToolCallParser, parse_tool_calls
 
-__all__ = ["OpenAIChat"]
+__all__ = ["OpenAIChat", "parse_chat_completion"]
 
 
 def _reads_tool_calls(reply: Reply) -> bool:
@@ -117,3 +135,53 @@ class _ChatStream(OpenAIStream):
         out = self.piece(choice, last) + self._tool_events(choice, parser.finish(), None)
         reason = _chat_finish_reason(choice, bool(parser.calls))
         return out + sse_event(self.chat.finish(choice.index, reason))
+
+
+# ---- the request -------------------------------------------------------------------------------
+
+
+def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
+    """POST /v1/chat/completions."""
+    defaults = defaults or SchemaDefaults()
+    f = Fields(d)
+    model = parse_model(f, defaults)
+    messages = parse_messages(d)
+    tools = parse_tools(d, defaults.max_grammar_size)
+    constraint = parse_grammar_constraint(d, defaults) or parse_response_format(
+        d.get("response_format"), defaults.max_grammar_size
+    )
+    if constraint is not None and tools is not None and tools.calls_possible:
+        raise invalid(constraint.param, "cannot be combined with tools (unless tool_choice is "
+                                        "'none')")
+
+    # max_completion_tokens replaces the deprecated max_tokens; the newer name wins.
+    name = "max_completion_tokens" if f.present("max_completion_tokens") else "max_tokens"
+    max_tokens = f.int(name, 1, INT32_MAX, defaults.max_tokens_default)
+
+    logprobs = f.bool("logprobs")
+    top_logprobs = f.int("top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT, 0)
+    if top_logprobs and not logprobs:
+        raise invalid("top_logprobs", "requires 'logprobs' to be true")
+
+    stream = f.bool("stream")
+    return GenerationRequest(
+        endpoint="chat",
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        min_tokens=parse_min_tokens(f, max_tokens),
+        ignore_eos=f.bool("ignore_eos"),
+        sampling=parse_sampling(
+            f, defaults, logit_bias=parse_logit_bias(f, defaults.n_vocab), seed=parse_seed(f)
+        ),
+        stop=parse_stop(f, MAX_STOP),
+        n=parse_n(f, defaults),
+        stream=stream,
+        include_usage=parse_stream_options(f, stream),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        user=f.str("user"),
+        cache_prompt=f.bool("cache_prompt", True),
+        constraint=constraint,
+        tools=tools,
+    )

@@ -10,13 +10,32 @@ from bitnetd_trio.api.dialects.openai_common import (
     finish_reason,
     whole_body,
 )
+from bitnetd_trio.api.json_body import Fields, invalid
 from bitnetd_trio.api.logprobs import legacy_lists
 from bitnetd_trio.api.reply import Choice, Piece, Reply
-from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults, parse_completion
+from bitnetd_trio.api.response_format import parse_response_format
+from bitnetd_trio.api.schema import (
+    COMPLETIONS_MAX_TOKENS,
+    INT32_MAX,
+    LLAMA_MAX_STOP,
+    MAX_CHOICES_PER_REQUEST,
+    MAX_LOGPROBS_COMPLETIONS,
+    GenerationRequest,
+    SchemaDefaults,
+    parse_logit_bias,
+    parse_min_tokens,
+    parse_model,
+    parse_n,
+    parse_prompts,
+    parse_sampling,
+    parse_seed,
+    parse_stop,
+    parse_stream_options,
+)
 from bitnetd_trio.api.sse import CompletionChunks, sse_event
 from bitnetd_trio.engine.inference import TokenResult
 
-__all__ = ["OpenAICompletions"]
+__all__ = ["OpenAICompletions", "parse_completion"]
 
 
 class OpenAICompletions(Dialect):
@@ -88,3 +107,52 @@ class _CompletionsStream(OpenAIStream):
                 lps = {k: head[k] + lps[k] for k in lps}
         self.text_offsets[i] += len(piece.text)
         return sse_event(self.cmpl.text(i, piece.text, lps))
+
+
+# ---- the request -------------------------------------------------------------------------------
+
+
+def parse_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
+    """POST /v1/completions."""
+    defaults = defaults or SchemaDefaults()
+    f = Fields(d)
+    suffix = d.get("suffix")
+    if suffix is not None and suffix != "":
+        raise invalid("suffix", "is not supported by this server")
+    model = parse_model(f, defaults)
+    prompts = parse_prompts(d, defaults.n_vocab)
+
+    # 0 is allowed: echo + logprobs + max_tokens 0 scores the prompt (lm-evaluation-harness).
+    max_tokens = f.int("max_tokens", 0, INT32_MAX, COMPLETIONS_MAX_TOKENS)
+    n = parse_n(f, defaults)
+    best_of = f.int("best_of", 1, defaults.max_n, n)
+    if best_of != n and best_of != 1:
+        raise invalid("best_of", f"({best_of}) other than n ({n}) is not supported")
+    if len(prompts) * n > MAX_CHOICES_PER_REQUEST:
+        raise invalid("prompt", f"{len(prompts)} prompts x n={n} exceed the limit of "
+                             f"{MAX_CHOICES_PER_REQUEST} choices per request")
+
+    # Completions' logprobs is the number of alternatives (0..5), not a flag as in chat.
+    logprobs_n = f.int("logprobs", 0, MAX_LOGPROBS_COMPLETIONS)
+    stream = f.bool("stream")
+    return GenerationRequest(
+        endpoint="completions",
+        model=model,
+        prompts=prompts,
+        max_tokens=max_tokens,
+        min_tokens=parse_min_tokens(f, max_tokens),
+        ignore_eos=f.bool("ignore_eos"),
+        sampling=parse_sampling(
+            f, defaults, logit_bias=parse_logit_bias(f, defaults.n_vocab), seed=parse_seed(f)
+        ),
+        stop=parse_stop(f, LLAMA_MAX_STOP),
+        n=n,
+        stream=stream,
+        include_usage=parse_stream_options(f, stream),
+        logprobs=logprobs_n is not None,
+        top_logprobs=logprobs_n or 0,
+        echo=f.bool("echo"),
+        user=f.str("user"),
+        cache_prompt=f.bool("cache_prompt", True),
+        constraint=parse_response_format(d.get("response_format"), defaults.max_grammar_size),
+    )

@@ -18,6 +18,7 @@ from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.json_body import Fields, as_str, invalid, json_type, object_array
 from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import (
+    INT32_MAX,
     GenerationRequest,
     SchemaDefaults,
     parse_logit_bias,
@@ -29,7 +30,6 @@ from bitnetd_trio.api.sse import sse_named_event
 
 __all__ = ["OpenAIResponses", "parse_responses_request"]
 
-_INT32_MAX = (1 << 31) - 1
 _ROLES = {"user", "assistant", "system", "developer"}
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
@@ -150,7 +150,7 @@ def parse_responses_request(
     messages = _input_messages(d)
     if instructions:
         messages.insert(0, {"role": "system", "content": instructions})
-    max_output = f.int("max_output_tokens", 1, _INT32_MAX)
+    max_output = f.int("max_output_tokens", 1, INT32_MAX)
     metadata = d.get("metadata")
     if metadata is not None:
         if not isinstance(metadata, dict):
