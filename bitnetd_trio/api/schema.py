@@ -68,6 +68,7 @@ __all__ = [
     "parse_min_tokens",
     "parse_model",
     "parse_n",
+    "parse_openai_common",
     "parse_prompts",
     "parse_sampling",
     "parse_seed",
@@ -488,3 +489,23 @@ def parse_grammar_constraint(d: dict, defaults: SchemaDefaults) -> ConstraintSpe
     if grammar is not None and grammar != "":
         return gbnf_spec(grammar, "grammar", defaults.max_grammar_size)
     return None
+
+
+def parse_openai_common(f: Fields, defaults: SchemaDefaults, max_tokens: int | None,
+                        stop_limit: int) -> dict[str, Any]:
+    """The `GenerationRequest` fields OpenAI's chat and completions read alike: min_tokens,
+    ignore_eos, the sampling chain with logit_bias and seed, stop strings, stream and
+    stream_options, user, cache_prompt."""
+    stream = f.bool("stream")
+    return {
+        "min_tokens": parse_min_tokens(f, max_tokens),
+        "ignore_eos": f.bool("ignore_eos"),
+        "sampling": parse_sampling(
+            f, defaults, logit_bias=parse_logit_bias(f, defaults.n_vocab), seed=parse_seed(f)
+        ),
+        "stop": parse_stop(f, stop_limit),
+        "stream": stream,
+        "include_usage": parse_stream_options(f, stream),
+        "user": f.str("user"),
+        "cache_prompt": f.bool("cache_prompt", True),
+    }

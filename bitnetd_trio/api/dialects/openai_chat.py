@@ -23,15 +23,10 @@ from bitnetd_trio.api.schema import (
     GenerationRequest,
     SchemaDefaults,
     parse_grammar_constraint,
-    parse_logit_bias,
     parse_messages,
-    parse_min_tokens,
     parse_model,
     parse_n,
-    parse_sampling,
-    parse_seed,
-    parse_stop,
-    parse_stream_options,
+    parse_openai_common,
 )
 from bitnetd_trio.api.sse import ChatChunks, sse_event
 from bitnetd_trio.api.tools import call_id, message_tool_calls, parse_tools
@@ -163,25 +158,15 @@ def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> Ge
     if top_logprobs and not logprobs:
         raise invalid("top_logprobs", "requires 'logprobs' to be true")
 
-    stream = f.bool("stream")
     return GenerationRequest(
         endpoint="chat",
         model=model,
         messages=messages,
         max_tokens=max_tokens,
-        min_tokens=parse_min_tokens(f, max_tokens),
-        ignore_eos=f.bool("ignore_eos"),
-        sampling=parse_sampling(
-            f, defaults, logit_bias=parse_logit_bias(f, defaults.n_vocab), seed=parse_seed(f)
-        ),
-        stop=parse_stop(f, MAX_STOP),
         n=parse_n(f, defaults),
-        stream=stream,
-        include_usage=parse_stream_options(f, stream),
         logprobs=logprobs,
         top_logprobs=top_logprobs,
-        user=f.str("user"),
-        cache_prompt=f.bool("cache_prompt", True),
         constraint=constraint,
         tools=tools,
+        **parse_openai_common(f, defaults, max_tokens, MAX_STOP),
     )

@@ -22,15 +22,10 @@ from bitnetd_trio.api.schema import (
     MAX_LOGPROBS_COMPLETIONS,
     GenerationRequest,
     SchemaDefaults,
-    parse_logit_bias,
-    parse_min_tokens,
     parse_model,
     parse_n,
+    parse_openai_common,
     parse_prompts,
-    parse_sampling,
-    parse_seed,
-    parse_stop,
-    parse_stream_options,
 )
 from bitnetd_trio.api.sse import CompletionChunks, sse_event
 from bitnetd_trio.engine.inference import TokenResult
@@ -134,25 +129,15 @@ def parse_completion(d: dict, defaults: SchemaDefaults | None = None) -> Generat
 
     # Completions' logprobs is the number of alternatives (0..5), not a flag as in chat.
     logprobs_n = f.int("logprobs", 0, MAX_LOGPROBS_COMPLETIONS)
-    stream = f.bool("stream")
     return GenerationRequest(
         endpoint="completions",
         model=model,
         prompts=prompts,
         max_tokens=max_tokens,
-        min_tokens=parse_min_tokens(f, max_tokens),
-        ignore_eos=f.bool("ignore_eos"),
-        sampling=parse_sampling(
-            f, defaults, logit_bias=parse_logit_bias(f, defaults.n_vocab), seed=parse_seed(f)
-        ),
-        stop=parse_stop(f, LLAMA_MAX_STOP),
         n=n,
-        stream=stream,
-        include_usage=parse_stream_options(f, stream),
         logprobs=logprobs_n is not None,
         top_logprobs=logprobs_n or 0,
         echo=f.bool("echo"),
-        user=f.str("user"),
-        cache_prompt=f.bool("cache_prompt", True),
         constraint=parse_response_format(d.get("response_format"), defaults.max_grammar_size),
+        **parse_openai_common(f, defaults, max_tokens, LLAMA_MAX_STOP),
     )
