@@ -35,6 +35,14 @@ BITNETD = [sys.executable, "-m", "bitnetd_trio.daemon.cli"]
 BITNETCTL = [sys.executable, "-m", "bitnetd_trio.tools.control"]
 
 
+def run_bitnetd(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`bitnetd ARGS` to its end: the exit status and its output as text."""
+    return subprocess.run(
+        [*BITNETD, *args], env=CHILD_ENV, capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )
+
+
 def write_config(
     path: Path,
     *,
@@ -269,3 +277,13 @@ def wait_until(pred: Callable[[], bool], timeout: float = 30) -> bool:
             return True
         time.sleep(0.02)
     return pred()
+
+
+def has_ipv6() -> bool:
+    """This machine can bind ::1 (some containers have no IPv6 loopback)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False

@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import pytest
+from daemon_harness import has_ipv6
 
 from bitnetd_trio.daemon import listeners
 from bitnetd_trio.daemon import unix as daemon
@@ -216,20 +217,20 @@ print(json.dumps({"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
 """
 
 
+def _python_in_root_dir(code: str) -> str:
+    """Run `code` in a child Python whose directory is / (a dropped user can read it); its
+    standard output."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+        cwd="/", env=CHILD_ENV,
+    ).stdout
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_drop_privileges_to_nobody():
     import json
 
-    out = subprocess.run(
-        [sys.executable, "-c", _DROP],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        cwd="/",
-        env=CHILD_ENV,
-    )
-    data = json.loads(out.stdout)
+    data = json.loads(_python_in_root_dir(_DROP))
     assert data["uid"] == data["euid"] == 65534
     assert data["gid"] == 65534
     assert 0 not in data["groups"]
@@ -247,16 +248,7 @@ def test_drop_privileges_as_non_root_keeps_identity():
             "os.setgid(65534); os.setuid(65534);"
             "print(daemon.drop_privileges(c))"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-            cwd="/",
-            env=CHILD_ENV,
-        )
-        assert out.stdout.startswith("not root")
+        assert _python_in_root_dir(code).startswith("not root")
     else:
         desc = daemon.drop_privileges(daemon.resolve_credentials("nobody", None))
         assert desc.startswith("not root")
@@ -319,24 +311,17 @@ def test_daemonize_double_fork(tmp_path):
 
 def test_daemonize_reports_failure(tmp_path):
     pidpath = tmp_path / "d.pid"
-    proc = subprocess.run(
-        [sys.executable, "-c", _DAEMON, str(pidpath), "fail", "x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=CHILD_ENV,
-        check=False,
-    )
+
+    def daemon(how: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", _DAEMON, str(pidpath), how, "x"],
+            capture_output=True, text=True, timeout=60, env=CHILD_ENV, check=False,
+        )
+
+    proc = daemon("fail")
     assert proc.returncode == 1
     assert "bitnetd: model file is broken" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-c", _DAEMON, str(pidpath), "die", "x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=CHILD_ENV,
-        check=False,
-    )
+    proc = daemon("die")
     assert proc.returncode == 1
     assert "exited during start-up" in proc.stderr
 
@@ -360,18 +345,9 @@ def test_parse_listen_address():
             listeners.parse_listen_address(bad)
 
 
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 def test_open_listeners_tcp_and_unix(tmp_path):
     path = str(tmp_path / "b.sock")
-    addrs = ["127.0.0.1:0"] + (["[::1]:0"] if _has_ipv6() else [])
+    addrs = ["127.0.0.1:0"] + (["[::1]:0"] if has_ipv6() else [])
     ls = listeners.open_listeners(
         addrs,
         path,
@@ -401,7 +377,7 @@ def test_open_listeners_tcp_and_unix(tmp_path):
 
 
 def test_ipv4_and_ipv6_wildcards_coexist():
-    if not _has_ipv6():
+    if not has_ipv6():
         pytest.skip("no IPv6")
     first = listeners.open_listeners(["0.0.0.0:0"])
     port = first[0].port

@@ -24,7 +24,9 @@ from daemon_harness import (
     CHILD_ENV,
     Daemon,
     NotifySocket,
+    has_ipv6,
     read_proc_ids,
+    run_bitnetd,
     stream_completion,
     wait_http,
     wait_until,
@@ -90,7 +92,7 @@ async def test_notify_sequence_and_watchdog(tmp_path, model_a, abstract):
     conf = write_config(
         tmp_path / "b.conf",
         model=model_a,
-        sections={"server": {"listen": "127.0.0.1:0, [::1]:0" if _has_ipv6() else "127.0.0.1:0"}},
+        sections={"server": {"listen": "127.0.0.1:0, [::1]:0" if has_ipv6() else "127.0.0.1:0"}},
     )
     async with trio.open_nursery() as nursery:
         d, notify, ready = await start_notified(
@@ -102,7 +104,7 @@ async def test_notify_sequence_and_watchdog(tmp_path, model_a, abstract):
                 r = await client.get(d.base_url() + "/health")
                 assert r.status_code == 200 and r.json()["status"] == "ok"
                 status = notify.messages[ready].get("STATUS") or ""
-                if _has_ipv6():
+                if has_ipv6():
                     port6 = int(status.split("[::1]:")[1].split(",")[0].split()[0])
                     r6 = await client.get(f"http://[::1]:{port6}/health")
                     assert r6.status_code == 200
@@ -132,15 +134,6 @@ async def test_notify_sequence_and_watchdog(tmp_path, model_a, abstract):
         finally:
             d.kill()
             nursery.cancel_scope.cancel()
-
-
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 # ---- SIGTERM drain --------------------------------------------------------------------------
@@ -406,44 +399,21 @@ async def test_second_instance_refuses_the_locked_pidfile(tmp_path, model_a):
 
 def test_check_mode_and_version(tmp_path, model_a):
     good = write_config(tmp_path / "good.conf", model=model_a)
-    r = subprocess.run(
-        [*BITNETD, "-t", "-c", str(good)],
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    r = run_bitnetd("-t", "-c", str(good), timeout=60)
     assert r.returncode == 0, r.stderr
     assert "configuration OK" in r.stdout
     broken_model = tmp_path / "broken.gguf"
     broken_model.write_bytes(b"GGUF" + b"\0" * 60)
     bad = write_config(tmp_path / "bad.conf", model=broken_model)
-    r = subprocess.run(
-        [*BITNETD, "-t", "-c", str(bad)],
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    r = run_bitnetd("-t", "-c", str(bad), timeout=60)
     assert r.returncode != 0 and "[model] path" in r.stderr
     worse = tmp_path / "worse.conf"
     worse.write_text("[server]\nbacklog = -3\nlisten = nonsense\n[model]\nthreads = x\n")
-    r = subprocess.run(
-        [*BITNETD, "-t", "-c", str(worse)],
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    r = run_bitnetd("-t", "-c", str(worse), timeout=60)
     assert r.returncode != 0
     for key in ("backlog", "listen", "threads"):  # every problem, not just the first
         assert key in r.stderr
-    r = subprocess.run(
-        [*BITNETD, "-v"], env=CHILD_ENV, capture_output=True, text=True, timeout=60, check=False
-    )
+    r = run_bitnetd("-v", timeout=60)
     assert r.returncode == 0 and "bitnetd" in r.stdout and "0." in r.stdout
 
 
@@ -471,8 +441,7 @@ async def test_listen_option_overrides_the_file_and_survives_a_reload(tmp_path, 
         assert await d.wait() == 0
     finally:
         d.kill()
-    r = subprocess.run([*BITNETD, "-f", "--listen", "nonsense", "-c", str(conf)], env=CHILD_ENV,
-                       capture_output=True, text=True, timeout=60, check=False)
+    r = run_bitnetd("-f", "--listen", "nonsense", "-c", str(conf), timeout=60)
     assert r.returncode == 2 and "--listen" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -503,14 +472,7 @@ def test_daemon_mode_with_bitnetctl(tmp_path, model_a):
             },
         },
     )
-    launcher = subprocess.run(
-        [*BITNETD, "-c", str(conf)],
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    launcher = run_bitnetd("-c", str(conf), timeout=120)
     assert launcher.returncode == 0, launcher.stderr + log.read_text()
     pid, locked = read_pidfile(pidfile)
     try:
@@ -588,14 +550,7 @@ def test_daemon_mode_reports_start_failure(tmp_path, model_a):
     conf = write_config(
         tmp_path / "d.conf", model=broken, sections={"daemon": {"pidfile": pidfile}}
     )
-    r = subprocess.run(
-        [*BITNETD, "-c", str(conf)],
-        env=CHILD_ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    r = run_bitnetd("-c", str(conf), timeout=120)
     assert r.returncode == 1
     assert r.stderr.startswith("bitnetd: ") and "broken.gguf" in r.stderr
     assert wait_until(lambda: not pidfile.exists())

@@ -183,18 +183,10 @@ async def test_sdk_errors_raise_matching_exceptions(server: RunningServer) -> No
 async def test_prompt_scoring_matches_the_engine(
     server: RunningServer, server_model_path: Path, prompt: list[int]
 ) -> None:
+    scoring = {"model": mid(server), "prompt": prompt, "max_tokens": 0, "echo": True,
+               "logprobs": 3, "temperature": 0}
     async with httpx.AsyncClient(base_url=server.url) as c:
-        r = await c.post(
-            "/v1/completions",
-            json={
-                "model": mid(server),
-                "prompt": prompt,
-                "max_tokens": 0,
-                "echo": True,
-                "logprobs": 3,
-                "temperature": 0,
-            },
-        )
+        r = await c.post("/v1/completions", json=scoring)
     assert r.status_code == 200, r.text
     (choice,) = r.json()["choices"]
     lp = choice["logprobs"]
@@ -205,15 +197,7 @@ async def test_prompt_scoring_matches_the_engine(
     async with httpx.AsyncClient(base_url=server.url) as c:
         r = await c.post(
             "/v1/completions",
-            json={
-                "model": mid(server),
-                "prompt": prompt,
-                "max_tokens": 0,
-                "echo": True,
-                "logprobs": 3,
-                "temperature": 0,
-                "stream": True,
-            },
+            json={**scoring, "stream": True},
         )
     streamed: list = []
     for line in r.text.split("\n"):
