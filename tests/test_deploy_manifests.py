@@ -160,3 +160,14 @@ def test_compose_and_containerfile_agree() -> None:
     for ignore in (".containerignore", ".dockerignore"):
         lines = (REPO / ignore).read_text().splitlines()
         assert ".git" in lines and "build" in lines, ignore
+
+
+def test_manifests_validate_against_the_kubernetes_api_schemas():
+    """Deployment and Service against the published OpenAPI schemas of the Kubernetes API
+    (kubernetes-validate's bundled schemas, strict: an unknown or misspelt field fails). The
+    InferencePool is a custom resource, whose schema that package does not carry."""
+    import kubernetes_validate
+
+    for name in ("deployment.yaml", "service.yaml"):
+        for doc in docs(K8S / name):
+            kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
