@@ -164,6 +164,7 @@ class GenerationRequest:
     echo: bool = False  # /v1/completions: prepend the prompt (with its logprobs if asked)
     user: str | None = None
     cache_prompt: bool = True  # llama.cpp's flag: reuse a cached prompt prefix
+    return_tokens: bool = False  # the engine reports the generated token ids (llama.cpp)
     # /generate only: what the Docker server took per request; there is one engine here, so
     # these are validated and reported back, not applied.
     context_size: int | None = None
@@ -672,6 +673,11 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
 
     seed = _seed(f)
     n_probs = f.int("n_probs", 0, MAX_N_PROBS, 0)
+    stream = f.bool("stream")
+    # llama.cpp's extras (http-api §3.2); post_sampling_probs and return_progress are
+    # checked but not implemented
+    options = {k: f.bool(k) for k in ("return_tokens", "timings_per_token",
+                                      "post_sampling_probs", "return_progress")}
     return GenerationRequest(
         endpoint="completion",
         prompts=prompts,
@@ -684,11 +690,14 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
             seed=None if seed == -1 else seed,
         ),
         stop=_stop(f, LLAMA_MAX_STOP),
-        stream=f.bool("stream"),
+        stream=stream,
         logprobs=n_probs > 0,
         top_logprobs=n_probs,
         cache_prompt=f.bool("cache_prompt", True),
         constraint=_llama_constraint(d, defaults),
+        # stream events always carry their tokens' ids, as llama.cpp's do
+        return_tokens=stream or options["return_tokens"],
+        dialect_options=options,
     )
 
 
