@@ -115,8 +115,9 @@ async def test_anthropic_errors_raise_the_sdk_classes(server_model_path) -> None
             await good.messages.create(
                 model="m", max_tokens=4, messages=USER,
                 tools=[{"name": "f", "input_schema": {"type": "object"}}],
+                tool_choice={"type": "tool", "name": "g"},
             )
-        assert "tool use is not supported" in tools.value.message
+        assert "not among the tools" in tools.value.message
         with pytest.raises(anthropic.NotFoundError) as path:
             await good.messages.create(model="/etc/passwd", max_tokens=4, messages=USER)
         assert path.value.type == "not_found_error"
@@ -182,8 +183,8 @@ async def test_openai_sdk_responses_refusals(server: RunningServer) -> None:
     cases = [
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"store": True}, "store"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
-        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
     ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as bad:
@@ -249,7 +250,30 @@ MESSAGES_CASES = [
     {"model": "m", "max_tokens": 4, "messages": USER, "top_k": HUGE},
     {"model": "m", "max_tokens": 4, "messages": USER, "metadata": [1]},
     {"model": "m", "max_tokens": 4, "messages": USER, "stream": "yes"},
-    {"model": "m", "max_tokens": 4, "messages": USER, "tool_choice": {"type": "auto"}},
+    {"model": "m", "max_tokens": 4, "messages": USER, "tool_choice": {"type": "any"}},
+    {"model": "m", "max_tokens": 4, "messages": USER, "tool_choice": "auto"},
+    {"model": "m", "max_tokens": 4, "messages": USER, "tools": "f"},
+    {"model": "m", "max_tokens": 4, "messages": USER, "tools": [5]},
+    {"model": "m", "max_tokens": 4, "messages": USER, "tools": [{"name": "f"}]},
+    {"model": "m", "max_tokens": 4, "messages": USER,
+     "tools": [{"name": "f", "input_schema": {"type": "object"}}] * 200},
+    {"model": "m", "max_tokens": 4, "messages": USER,
+     "tools": [{"name": "f", "input_schema": {"type": "object", "description": "x" * 100000}}]},
+    # refused when compiled (so not by count_tokens, which compiles nothing: max_tokens 5)
+    {"model": "m", "max_tokens": 5, "messages": USER,
+     "tools": [{"name": "f", "input_schema": {"type": "nonsense"}}],
+     "tool_choice": {"type": "any"}},
+    {"model": "m", "max_tokens": 4, "messages": USER,
+     "tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool", "name": 5}},
+    {"model": "m", "max_tokens": 4, "messages": USER,
+     "tools": [{"name": "f", "input_schema": {}, "description": 3}]},
+    {"model": "m", "max_tokens": 4, "messages": USER,
+     "tools": [{"type": "bash_20250124", "name": "bash"}]},
+    {"model": "m", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f",
+                                           "input": "{}"}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": 5}]}]},
 ]
 RESPONSES_CASES = [
     {},  # input missing
@@ -265,7 +289,23 @@ RESPONSES_CASES = [
     {"input": "hi", "temperature": 3},
     {"input": "hi", "instructions": ["x"]},
     {"input": "hi", "text": "json"},
-    {"input": "hi", "text": {"format": {"type": "json_object"}}},
+    {"input": "hi", "text": {"format": {"type": "json_schema", "schema": "x"}}},
+    {"input": "hi", "text": {"format": {"type": "json_schema", "name": 5, "schema": {}}}},
+    {"input": "hi", "max_output_tokens": 4,  # refused when compiled: not by input_tokens
+     "text": {"format": {"type": "json_schema", "schema": {"type": "nope"}}}},
+    {"input": "hi", "text": {"format": {"type": "grammar"}}},
+    {"input": "hi", "max_output_tokens": 4,
+     "tools": [{"type": "function", "name": "f", "parameters": {"type": "x"}}],
+     "tool_choice": "required"},
+    {"input": "hi", "tools": [{"type": "function", "name": "f" * 65}]},
+    {"input": "hi", "tools": [{"type": "file_search"}]},
+    {"input": "hi", "tools": [{"type": "function", "name": "f"}],
+     "tool_choice": {"type": "allowed_tools", "tools": []}},
+    {"input": "hi", "tools": [{"type": "function", "name": "f"}],
+     "text": {"format": {"type": "json_object"}}},
+    {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": 5}]},
+    {"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{"}]},
+    {"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]},
     {"input": "hi", "metadata": {"k": 1}},
     {"input": "hi", "conversation": "conv_1"},
     {"input": "hi", "background": True},

@@ -204,6 +204,7 @@ class GenerationFlow:
                         top_logprobs=g.top_logprobs,
                         prompt_logprobs=g.echo and g.logprobs,  # echo scoring
                         cache_prompt=g.cache_prompt,
+                        return_tokens=g.return_tokens,
                         constraint=constraint.copy() if constraint is not None else None,
                     )
                 )

@@ -26,15 +26,20 @@ class Piece:
     text: str = ""
     tokens: list[TokenResult] = field(default_factory=list)
     prompt_logprobs: list[TokenResult] | None = None
+    token_ids: list[int] = field(default_factory=list)  # when the job asked for them
 
     @classmethod
     def of(cls, upd: Update) -> Piece:
         """The piece an engine update carries."""
-        return cls(upd.text, upd.tokens or [], upd.prompt_logprobs)
+        return cls(upd.text, upd.tokens or [], upd.prompt_logprobs, upd.token_ids or [])
 
     def carries_anything(self, logprobs: bool) -> bool:
-        """Text, or logprobs a request that asked for them has to see."""
-        return bool(self.text) or (logprobs and bool(self.tokens or self.prompt_logprobs))
+        """Text, token ids asked for, or logprobs a request that asked for them has to
+        see."""
+        return (
+            bool(self.text or self.token_ids)
+            or (logprobs and bool(self.tokens or self.prompt_logprobs))
+        )
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Choice:
     text: list[str] = field(default_factory=list)
     tokens: list[TokenResult] = field(default_factory=list)
     prompt_logprobs: list[TokenResult] | None = None
+    token_ids: list[int] = field(default_factory=list)  # when the job asked for them
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     stop_type: str | None = None  # llama.cpp: "eos" | "word" | "limit"
     stopping_word: str = ""
@@ -60,17 +66,20 @@ class Choice:
             self.text.append(upd.text)
         if upd.tokens:
             self.tokens.extend(upd.tokens)
+        if upd.token_ids:
+            self.token_ids.extend(upd.token_ids)
         if upd.prompt_logprobs is not None:
             self.prompt_logprobs = upd.prompt_logprobs
         self.n_generated = max(self.n_generated, upd.n_generated)
+        if upd.final or upd.prompt_seconds:  # counts and times so far (llama.cpp timings)
+            self.n_cached = upd.n_cached
+            self.prompt_seconds = upd.prompt_seconds
+            self.generation_seconds = upd.generation_seconds
         if upd.final:
             self.finish_reason = upd.finish_reason
             self.stop_type = upd.stop_type
             self.stopping_word = upd.stopping_word
             self.error = upd.error
-            self.n_cached = upd.n_cached
-            self.prompt_seconds = upd.prompt_seconds
-            self.generation_seconds = upd.generation_seconds
 
     @property
     def done(self) -> bool:

@@ -167,6 +167,7 @@ class GenerationRequest:
     echo: bool = False  # /v1/completions: prepend the prompt (with its logprobs if asked)
     user: str | None = None
     cache_prompt: bool = True  # llama.cpp's flag: reuse a cached prompt prefix
+    return_tokens: bool = False  # the engine reports the generated token ids (llama.cpp)
     # /generate only: what the Docker server took per request; there is one engine here, so
     # these are validated and reported back, not applied.
     context_size: int | None = None

@@ -20,9 +20,13 @@ Parse = Callable[[dict, SchemaDefaults], GenerationRequest]
 
 
 def conversation_tokens(engine: InferenceThread, g: GenerationRequest) -> int:
-    """How many tokens the prompt of `g`'s messages is (chat template applied)."""
+    """How many tokens the prompt of `g`'s messages is (chat template applied, with the
+    request's tool definitions, as generation renders them)."""
+    tools = g.tools.tools if g.tools is not None else None
     try:
-        return len(engine.chat_template.render_tokens(g.messages or [], engine.tokenizer))
+        return len(
+            engine.chat_template.render_tokens(g.messages or [], engine.tokenizer, tools=tools)
+        )
     except ChatTemplateError as exc:
         raise ApiError(
             400, f"the chat template failed on these messages: {exc}", param="messages"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,8 @@ from bitnetd_trio.engine.tool_syntax import BITNET_TOOLS, ToolSyntax, syntax_for
 __all__ = [
     "ToolRequest",
     "call_id",
+    "check_function",
+    "check_tool_list",
     "constraint_of",
     "parse_message_tool_calls",
     "parse_tools",
@@ -107,46 +110,13 @@ def parse_tools(d: dict, max_size: int) -> ToolRequest | None:
         if choice not in (None, "none", "auto"):
             raise invalid("tool_choice", "is only allowed when 'tools' are given")
         return None
-    if not isinstance(tools, list):
-        raise invalid("tools", f"must be an array of tools, got {json_type(tools)}")
-    if len(tools) > MAX_TOOLS:
-        raise invalid("tools", f"may hold at most {MAX_TOOLS} tools, got {len(tools)}")
-    if len(json.dumps(tools, ensure_ascii=False).encode()) > max_size:
-        raise invalid("tools", f"is larger than the limit of {max_size} bytes")
-    out = []
-    names = set()
-    for i, t in enumerate(tools):
-        where = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise invalid(where, f"must be an object, got {json_type(t)}")
-        if t.get("type") != "function":
-            raise invalid(f"{where}.type", "must be 'function'")
-        fn = t.get("function")
-        if not isinstance(fn, dict):
-            raise invalid(f"{where}.function", f"must be an object, got {json_type(fn)}")
-        name = fn.get("name")
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise invalid(f"{where}.function.name",
-                          "must be 1-64 letters, digits, underscores or dashes")
-        if name in names:
-            raise invalid(f"{where}.function.name", f"'{name}' is defined twice")
-        names.add(name)
-        desc = fn.get("description")
-        if desc is not None and not isinstance(desc, str):
-            raise invalid(f"{where}.function.description", "must be a string")
-        params = fn.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise invalid(f"{where}.function.parameters",
-                          f"must be a JSON schema object, got {json_type(params)}")
-        strict = fn.get("strict")
-        if strict is not None and not isinstance(strict, bool):
-            raise invalid(f"{where}.function.strict", "must be a boolean")
-        clean = {"name": name}
-        if desc:
-            clean["description"] = desc
-        if params is not None:
-            clean["parameters"] = params
-        out.append({"type": "function", "function": clean})
+    names: set[str] = set()
+    out = [
+        check_function(t.get("function") if isinstance(t, dict) else None,
+                       f"tools[{i}].function", names)
+        for i, t in check_tool_list(tools, max_size, lambda t: t.get("type") == "function",
+                                    "must be 'function'")
+    ]
     req = ToolRequest(tools=out, parallel=True if parallel is None else parallel)
     if choice is None or choice in ("auto", "none", "required"):
         req.choice = choice or "auto"
@@ -164,6 +134,61 @@ def parse_tools(d: dict, max_size: int) -> ToolRequest | None:
         raise invalid("tool_choice", "must be 'none', 'auto', 'required' or an object naming "
                                      "a function")
     return req
+
+
+def check_tool_list(tools: Any, max_size: int, is_function: Callable[[dict], bool],
+                    not_function: str) -> list[tuple[int, dict]]:
+    """The (index, tool) pairs of a `tools` array of any dialect, checked: an array of at
+    most MAX_TOOLS objects, no larger than `max_size` bytes of JSON, each a function tool
+    (`is_function`; else 400 on `tools[i].type` saying `not_function`)."""
+    if not isinstance(tools, list):
+        raise invalid("tools", f"must be an array of tools, got {json_type(tools)}")
+    if len(tools) > MAX_TOOLS:
+        raise invalid("tools", f"may hold at most {MAX_TOOLS} tools, got {len(tools)}")
+    if len(json.dumps(tools, ensure_ascii=False).encode("utf-8", "surrogatepass")) > max_size:
+        raise invalid("tools", f"is larger than the limit of {max_size} bytes")
+    out = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise invalid(f"tools[{i}]", f"must be an object, got {json_type(t)}")
+        if not is_function(t):
+            raise invalid(f"tools[{i}].type", not_function)
+        out.append((i, t))
+    return out
+
+
+def check_function(fn: Any, where: str, names: set[str], params_key: str = "parameters",
+                   params_required: bool = False) -> dict:
+    """One function definition (`name`, `description`, the parameters' JSON schema under
+    `params_key`, `strict`) as the OpenAI tool `{"type": "function", "function": {...}}`
+    every dialect hands to the prompt and the grammar; `names` collects the names seen."""
+    if not isinstance(fn, dict):
+        raise invalid(where, f"must be an object, got {json_type(fn)}")
+    prefix = f"{where}." if where else ""
+    name = fn.get("name")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise invalid(f"{prefix}name", "must be 1-64 letters, digits, underscores or dashes")
+    if name in names:
+        raise invalid(f"{prefix}name", f"'{name}' is defined twice")
+    names.add(name)
+    desc = fn.get("description")
+    if desc is not None and not isinstance(desc, str):
+        raise invalid(f"{prefix}description", "must be a string")
+    params = fn.get(params_key)
+    if params is None and params_required:
+        raise invalid(f"{prefix}{params_key}", "is required")
+    if params is not None and not isinstance(params, dict):
+        raise invalid(f"{prefix}{params_key}",
+                      f"must be a JSON schema object, got {json_type(params)}")
+    strict = fn.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid(f"{prefix}strict", "must be a boolean")
+    clean: dict[str, Any] = {"name": name}
+    if desc:
+        clean["description"] = desc
+    if params is not None:
+        clean["parameters"] = params
+    return {"type": "function", "function": clean}
 
 
 def parse_message_tool_calls(msg: dict, where: str) -> list[dict] | None:

@@ -90,6 +90,7 @@ class Job:
     # constrained decoding: an engine/constraints.Constraint of this job alone (its matcher
     # advances with every token), or None
     constraint: Any = None
+    return_tokens: bool = False  # updates carry the ids of their generated tokens (llama.cpp)
     id: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
     cancel: engine.CancelFlag = field(default_factory=engine.CancelFlag)
     submitted_at: float = field(default_factory=time.monotonic)
@@ -102,6 +103,7 @@ class Update:
     job: Job
     text: str = ""  # final text (stop strings resolved, whole UTF-8 characters)
     tokens: list[TokenResult] | None = None  # generated tokens of this step
+    token_ids: list[int] | None = None  # their ids, when the job asked (Job.return_tokens)
     prompt_logprobs: list[TokenResult] | None = None  # for echo scoring, once
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     stop_type: str | None = None  # llama.cpp: "eos" | "word" | "limit"

@@ -217,6 +217,7 @@ def final_update(
     now: float = 0.0,
     text: str = "",
     tokens: list[TokenResult] | None = None,
+    token_ids: list[int] | None = None,
     stop_type: str | None = None,
     stopping_word: str = "",
     error: str | None = None,
@@ -226,6 +227,7 @@ def final_update(
         job,
         text=text,
         tokens=tokens,
+        token_ids=token_ids,
         finish_reason=reason,
         stop_type=stop_type,
         stopping_word=stopping_word,
@@ -234,11 +236,16 @@ def final_update(
     )
     if seq is not None:
         upd.n_generated = seq.n_generated
-        upd.n_cached = seq.n_cached
-        done = seq.prefill_done_at or now
-        upd.prompt_seconds = done - seq.admitted_at
-        upd.generation_seconds = now - done if seq.prefill_done_at else 0.0
+        _timings(upd, seq, now)
     return upd
+
+
+def _timings(upd: Update, seq: ActiveSequence, now: float) -> None:
+    """The prompt's cache share and the prefill and generation times up to `now`."""
+    upd.n_cached = seq.n_cached
+    done = seq.prefill_done_at or now
+    upd.prompt_seconds = done - seq.admitted_at
+    upd.generation_seconds = now - done if seq.prefill_done_at else 0.0
 
 
 class Scheduler:
@@ -532,6 +539,7 @@ class Scheduler:
         if job.logprobs and not is_stop_token:
             lp, top = self.hooks.logprobs(output.logits(entry, t), token, job.top_logprobs)
             results = [(token, lp, top)]
+        ids = [token] if job.return_tokens and not is_stop_token else None
         if is_stop_token:
             text = _flush_text(seq)
             self._retire(seq, "stop", updates, text=text, tokens=results, stop_type="eos")
@@ -544,7 +552,7 @@ class Scheduler:
             constraint.accept(token)
             if constraint.error is not None:
                 self._retire(seq, "error", updates, text=text, tokens=results,
-                             error=constraint.error)
+                             token_ids=ids, error=constraint.error)
                 _attach_prompt_lps(updates, prompt_lps)
                 return
             grammar_done = constraint.finished
@@ -555,35 +563,39 @@ class Scheduler:
                 updates,
                 text=text,
                 tokens=results,
+                token_ids=ids,
                 stop_type="word",
                 stopping_word=seq.matcher.matched,
             )
         elif grammar_done:  # the grammar allows nothing more: as if EOS had been sampled
             text += _flush_text(seq)
-            self._retire(seq, "stop", updates, text=text, tokens=results, stop_type="eos")
+            self._retire(seq, "stop", updates, text=text, tokens=results, token_ids=ids,
+                         stop_type="eos")
         elif (
             job.max_tokens is not None
             and seq.n_generated >= job.max_tokens
             or seq.n_fed + seq.n_generated > self.n_ctx
         ):
             text += _flush_text(seq)
-            self._retire(seq, "length", updates, text=text, tokens=results, stop_type="limit")
+            self._retire(seq, "length", updates, text=text, tokens=results, token_ids=ids,
+                         stop_type="limit")
         else:
             seq.next_token = token
             self.slots[seq.slot] = SlotState(
                 seq.slot, True, job.id, seq.n_past, len(job.prompt), seq.n_generated
             )
-            if text or results or prompt_lps:
-                updates.append(
-                    Update(
-                        job,
-                        text=text,
-                        tokens=results,
-                        prompt_logprobs=prompt_lps,
-                        n_prompt=len(job.prompt),
-                        n_generated=seq.n_generated,
-                    )
+            if text or results or ids or prompt_lps:
+                upd = Update(
+                    job,
+                    text=text,
+                    tokens=results,
+                    token_ids=ids,
+                    prompt_logprobs=prompt_lps,
+                    n_prompt=len(job.prompt),
+                    n_generated=seq.n_generated,
                 )
+                _timings(upd, seq, now)
+                updates.append(upd)
             if job.cancel.is_set():  # the client left while this token was being made
                 self._count_after_disconnect()
                 self._retire(seq, "cancelled", updates)

@@ -3,17 +3,25 @@ blocks, the `message` body, the named-event stream (`message_start` ... `message
 Anthropic's error body `{"type": "error", "error": {"type", "message"}}` on every error of its
 routes, including those raised before the body was read (API key, size, content type).
 
-Tool use is refused with a 400 until the structured-output machinery (issue 9) lands: see
-`refuse_tools`. Conversations that already hold `tool_use` / `tool_result` blocks are
-accepted: they become text turns (`tool` role for results) the chat template renders.
+Tool use (http-api §4.1) goes through the chat tool path (`api/tools.py`): Anthropic's tool
+definitions become the OpenAI-shaped `ToolRequest` whose grammar constrains the answer, and
+the calls read back out of the text become `tool_use` content blocks (streamed as
+`input_json_delta` fragments). Past `tool_use` blocks become the assistant turn's
+`tool_calls`, `tool_result` blocks `tool` turns, which the chat template renders.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
-from bitnetd_trio.api.dialects.base import Dialect, DialectStream
+from bitnetd_trio.api.dialects.base import (
+    CallEvents,
+    Dialect,
+    DialectStream,
+    tool_call_parser,
+)
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.json_body import Fields, as_str, invalid, json_type, object_array
 from bitnetd_trio.api.reply import Choice, Piece, Reply
@@ -28,8 +36,14 @@ from bitnetd_trio.api.schema import (
     resolve_model,
 )
 from bitnetd_trio.api.sse import sse_named_event
+from bitnetd_trio.api.tools import ToolRequest, check_function, check_tool_list
 
-__all__ = ["AnthropicMessages", "anthropic_error_body", "parse_messages_request"]
+__all__ = [
+    "AnthropicMessages",
+    "anthropic_error_body",
+    "parse_anthropic_tools",
+    "parse_messages_request",
+]
 
 
 # Anthropic's error types by HTTP status (the `anthropic` SDK's ErrorType). 503 keeps its
@@ -60,18 +74,56 @@ def anthropic_error_body(err: ApiError) -> dict:
 # ---- the request --------------------------------------------------------------------------------
 
 
-def refuse_tools(d: dict) -> None:
-    """`tools` / `tool_choice`: a 400 until constrained decoding exists.
+_CHOICES = ("auto", "any", "tool", "none")
 
-    HOOK (issue 9): when the structured-output machinery lands, turn `tools` into its
-    constraint here and emit `tool_use` blocks (`content_block_start` with a `tool_use`
-    block, `input_json_delta` deltas, stop_reason "tool_use") in the shapes below."""
+
+def _tool_choice(d: dict) -> tuple[str | None, str | None, bool]:
+    """Anthropic's `tool_choice` as the chat path's (choice, name, parallel); (None, None,
+    True) when absent."""
+    v = d.get("tool_choice")
+    if v is None:
+        return None, None, True
+    if not isinstance(v, dict):
+        raise invalid("tool_choice", f"must be an object, got {json_type(v)}")
+    kind = v.get("type")
+    if kind not in _CHOICES:
+        shown = f"'{kind[:40]}'" if isinstance(kind, str) else json_type(kind)
+        raise invalid("tool_choice.type", f"must be one of {', '.join(_CHOICES)}, got {shown}")
+    no_parallel = v.get("disable_parallel_tool_use")
+    if no_parallel is not None and not isinstance(no_parallel, bool):
+        raise invalid("tool_choice.disable_parallel_tool_use",
+                      f"must be a boolean, got {json_type(no_parallel)}")
+    name = None
+    if kind == "tool":
+        name = v.get("name")
+        if not isinstance(name, str):
+            raise invalid("tool_choice.name", f"is required for type 'tool' and must be a "
+                                              f"string, got {json_type(name)}")
+    choice = {"auto": "auto", "any": "required", "tool": "function", "none": "none"}[kind]
+    return choice, name, not no_parallel
+
+
+def parse_anthropic_tools(d: dict, max_size: int) -> ToolRequest | None:
+    """`tools` (`name`, `description`, `input_schema`; custom tools only) and `tool_choice`
+    as the chat path's ToolRequest; None without tools."""
+    choice, name, parallel = _tool_choice(d)
     tools = d.get("tools")
-    if tools is not None and tools != []:
-        raise invalid("tools", "tool use is not supported by this server yet")
-    choice = d.get("tool_choice")
-    if choice is not None and not (isinstance(choice, dict) and choice.get("type") == "none"):
-        raise invalid("tool_choice", "tool use is not supported by this server yet")
+    if tools is None or tools == []:
+        if choice not in (None, "auto", "none"):
+            raise invalid("tool_choice", "is only allowed when 'tools' are given")
+        return None
+    names: set[str] = set()
+    out = [
+        check_function(t, f"tools[{i}]", names, "input_schema", params_required=True)
+        for i, t in check_tool_list(
+            tools, max_size, lambda t: t.get("type") in (None, "custom"),
+            "only custom tools (type 'custom' or absent) are supported: this server runs "
+            "no server tools",
+        )
+    ]
+    if choice == "function" and name not in names:
+        raise invalid("tool_choice.name", f"'{name[:64]}' is not among the tools")
+    return ToolRequest(tools=out, choice=choice or "auto", name=name, parallel=parallel)
 
 
 def _block_list_text(blocks: Any, param: str, allowed: tuple[str, ...]) -> list[tuple[str, Any]]:
@@ -110,14 +162,14 @@ def _system(d: dict) -> list[dict]:
     return [{"role": "system", "content": "\n".join(texts)}]
 
 
-def _tool_use_text(block: dict, where: str) -> str:
-    """A past tool call, as the text the model sees in the assistant's turn."""
+def _tool_call(block: dict, where: str) -> dict:
+    """A past `tool_use` block as the assistant turn's OpenAI-shaped tool call."""
     name = as_str(block.get("name"), f"{where}.name")
-    as_str(block.get("id"), f"{where}.id")
+    cid = as_str(block.get("id"), f"{where}.id")
     args = block.get("input")
     if not isinstance(args, dict):
         raise invalid(f"{where}.input", f"must be an object, got {json_type(args)}")
-    return json.dumps({"tool_use": {"name": name, "input": args}}, ensure_ascii=False)
+    return {"id": cid, "type": "function", "function": {"name": name, "arguments": args}}
 
 
 def _tool_result_text(block: dict, where: str) -> str:
@@ -140,8 +192,8 @@ def _tool_result_text(block: dict, where: str) -> str:
 
 def _conversation(d: dict) -> list[dict]:
     """`messages` as chat turns: text blocks joined with newlines; a `tool_result` block
-    becomes a `tool` turn of its own (in order), a `tool_use` block a line of JSON in the
-    assistant's turn."""
+    becomes a `tool` turn of its own (in order), `tool_use` blocks the assistant turn's
+    `tool_calls` (the chat template writes them in its tool syntax)."""
     items = object_array(d.get("messages"), "messages", "message")
     out: list[dict] = []
     for where, msg in items:
@@ -157,19 +209,24 @@ def _conversation(d: dict) -> list[dict]:
             continue
         allowed = ("text", "tool_use") if role == "assistant" else ("text", "tool_result")
         texts: list[str] = []
+        calls: list[dict] = []
         for j, (kind, block) in enumerate(_block_list_text(content, f"{where}.content", allowed)):
             part = f"{where}.content[{j}]"
             if kind == "text":
                 texts.append(as_str(block.get("text"), f"{part}.text"))
             elif kind == "tool_use":
-                texts.append(_tool_use_text(block, part))
+                calls.append(_tool_call(block, part))
             else:  # a tool's result is a turn of its own, after the text before it
                 if texts:
                     out.append({"role": role, "content": "\n".join(texts)})
                     texts = []
-                out.append({"role": "tool", "content": _tool_result_text(block, part)})
-        if texts or not content:
-            out.append({"role": role, "content": "\n".join(texts)})
+                out.append({"role": "tool", "content": _tool_result_text(block, part),
+                            "tool_call_id": block["tool_use_id"]})
+        if texts or calls or not content:
+            turn: dict = {"role": role, "content": "\n".join(texts)}
+            if calls:
+                turn["tool_calls"] = calls
+            out.append(turn)
     if items[-1][1].get("role") == "assistant":
         # Anthropic continues a final assistant turn ("prefill"); the chat template would
         # close it and open a new one, which is not what the client asked for.
@@ -205,7 +262,7 @@ def parse_messages_request(
     """POST /v1/messages (and, with `counting`, /v1/messages/count_tokens, where
     `max_tokens` is not required)."""
     f = Fields(d)
-    refuse_tools(d)
+    tools = parse_anthropic_tools(d, defaults.max_grammar_size)
     model = f.str("model")
     if model is None:
         raise invalid("model", "is required")
@@ -232,15 +289,18 @@ def parse_messages_request(
         sampling=parse_sampling(f, defaults, logit_bias={}, seed=parse_seed(f)),
         stop=_stop_sequences(d),
         stream=f.bool("stream"),
+        tools=tools,
     )
 
 
 # ---- the answer ---------------------------------------------------------------------------------
 
 
-def stop_reason(reply: Reply, c: Choice) -> str:
-    """Anthropic's stop_reason for a finished choice."""
+def stop_reason(reply: Reply, c: Choice, called: bool = False) -> str:
+    """Anthropic's stop_reason for a finished choice (`called`: its text held tool calls)."""
     if c.finish_reason == "stop":
+        if called:
+            return "tool_use"
         return "stop_sequence" if c.stop_type == "word" else "end_turn"
     limit = reply.request.max_tokens
     if c.finish_reason == "length" and limit is not None and c.n_generated < limit:
@@ -262,17 +322,89 @@ def _usage(reply: Reply, c: Choice, *, final: bool) -> dict:
     }
 
 
-def _message(reply: Reply, c: Choice, content: list[dict], *, final: bool) -> dict:
+def _message(reply: Reply, c: Choice, content: list[dict], *, final: bool,
+             called: bool = False) -> dict:
     return {
         "id": reply.id,
         "type": "message",
         "role": "assistant",
         "model": reply.model_id,
         "content": content,
-        "stop_reason": stop_reason(reply, c) if final else None,
+        "stop_reason": stop_reason(reply, c, called) if final else None,
         "stop_sequence": (c.stopping_word or None) if final else None,
         "usage": _usage(reply, c, final=final),
     }
+
+
+def tool_use_id() -> str:
+    """A fresh `tool_use` block id, Anthropic's shape."""
+    return "toolu_" + uuid.uuid4().hex[:24]
+
+
+class _Blocks(CallEvents):
+    """The content blocks of an answer that may call tools, built from the tool-call
+    reader's events (CallEvents): text becomes `text` blocks, each call a `tool_use` block
+    whose `input` is its arguments."""
+
+    def __init__(self) -> None:
+        self.content: list[dict] = []
+        self.calls = 0
+        self._open: dict | None = None
+        self._args = ""
+
+    def text(self, text: str) -> list[dict]:
+        out: list[dict] = []
+        if self._open is None or self._open["type"] != "text":
+            out += self._close()
+            out.append(self._start({"type": "text", "text": ""}))
+        self._open["text"] += text  # type: ignore[index]
+        out.append(self._delta({"type": "text_delta", "text": text}))
+        return out
+
+    def call(self, name: str) -> list[dict]:
+        out = self._close()
+        self.calls += 1
+        out.append(self._start({"type": "tool_use", "id": tool_use_id(), "name": name,
+                                "input": {}}))
+        return out
+
+    def arguments(self, fragment: str) -> list[dict]:
+        self._args += fragment
+        return [self._delta({"type": "input_json_delta", "partial_json": fragment})]
+
+    def finish(self) -> list[dict]:
+        """Close the last block; an answer without any gets one empty text block."""
+        out = self._close()
+        if not self.content:
+            out.append(self._start({"type": "text", "text": ""}))
+            out += self._close()
+        return out
+
+    def _start(self, block: dict) -> dict:
+        self._open = dict(block)
+        self.content.append(self._open)
+        return {"type": "content_block_start", "index": len(self.content) - 1,
+                "content_block": block}
+
+    def _delta(self, delta: dict) -> dict:
+        return {"type": "content_block_delta", "index": len(self.content) - 1, "delta": delta}
+
+    def _close(self) -> list[dict]:
+        if self._open is None:
+            return []
+        if self._open["type"] == "tool_use":
+            try:
+                args = json.loads(self._args)
+            except ValueError:  # cut short by max_tokens: what the client got is partial
+                args = None
+            self._open["input"] = args if isinstance(args, dict) else {}
+            self._args = ""
+        self._open = None
+        return [{"type": "content_block_stop", "index": len(self.content) - 1}]
+
+
+def _named(events: list[dict]) -> bytes:
+    return b"".join(sse_named_event(e["type"], e) for e in events)
 
 
 class AnthropicMessages(Dialect):
@@ -289,7 +421,13 @@ class AnthropicMessages(Dialect):
 
     def whole(self, reply: Reply) -> dict:
         c = reply.choices[0]
-        return _message(reply, c, [{"type": "text", "text": "".join(c.text)}], final=True)
+        parser = tool_call_parser(reply)
+        if parser is None:
+            return _message(reply, c, [{"type": "text", "text": "".join(c.text)}], final=True)
+        blocks = _Blocks()
+        blocks.apply(parser.feed("".join(c.text)) + parser.finish())
+        blocks.finish()
+        return _message(reply, c, blocks.content, final=True, called=bool(blocks.calls))
 
     def stream(self, reply: Reply) -> _MessagesStream:
         return _MessagesStream(reply)
@@ -297,15 +435,25 @@ class AnthropicMessages(Dialect):
 
 class _MessagesStream(DialectStream):
     """message_start, content_block_start (one text block), ping, content_block_delta per
-    piece, content_block_stop, message_delta (stop_reason, usage), message_stop."""
+    piece, content_block_stop, message_delta (stop_reason, usage), message_stop. When the
+    request may call tools: message_start, ping, then the blocks as the text turns out to be
+    text or calls (`_Blocks`)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply)
+        self.parser = tool_call_parser(reply)
+        self.blocks = _Blocks()
 
     def opening(self) -> bytes:
         c = self.reply.choices[0]
+        start = sse_named_event(
+            "message_start",
+            {"type": "message_start", "message": _message(self.reply, c, [], final=False)},
+        )
+        if self.parser is not None:
+            return start + sse_named_event("ping", {"type": "ping"})
         return (
-            sse_named_event(
-                "message_start",
-                {"type": "message_start", "message": _message(self.reply, c, [], final=False)},
-            )
+            start
             + sse_named_event(
                 "content_block_start",
                 {
@@ -318,6 +466,8 @@ class _MessagesStream(DialectStream):
         )
 
     def shape_piece(self, choice: Choice, piece: Piece) -> bytes:
+        if self.parser is not None:
+            return _named(self.blocks.apply(self.parser.feed(piece.text)))
         return sse_named_event(
             "content_block_delta",
             {
@@ -329,15 +479,20 @@ class _MessagesStream(DialectStream):
 
     def finish(self, choice: Choice, last: Piece) -> bytes:
         usage = _usage(self.reply, choice, final=True)
+        out = self.piece(choice, last)
+        if self.parser is not None:
+            out += _named(self.blocks.apply(self.parser.finish()) + self.blocks.finish())
+        else:
+            out += sse_named_event("content_block_stop",
+                                   {"type": "content_block_stop", "index": 0})
         return (
-            self.piece(choice, last)
-            + sse_named_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            out
             + sse_named_event(
                 "message_delta",
                 {
                     "type": "message_delta",
                     "delta": {
-                        "stop_reason": stop_reason(self.reply, choice),
+                        "stop_reason": stop_reason(self.reply, choice, bool(self.blocks.calls)),
                         "stop_sequence": choice.stopping_word or None,
                     },
                     "usage": usage,

@@ -15,8 +15,50 @@ from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults
 from bitnetd_trio.api.sse import sse_event
+from bitnetd_trio.engine.tool_syntax import ToolCallParser
 
-__all__ = ["Dialect", "DialectStream"]
+__all__ = ["CallEvents", "Dialect", "DialectStream", "tool_call_parser"]
+
+
+def tool_call_parser(reply: Reply) -> ToolCallParser | None:
+    """A fresh reader of tool calls in a choice's text when the request may call tools (its
+    `tools` with a `tool_choice` other than none), in the syntax the request was served with
+    (http-api §1.7); None otherwise."""
+    tools = reply.request.tools
+    if tools is None or not tools.calls_possible:
+        return None
+    return ToolCallParser(tools.syntax)
+
+
+class CallEvents(ABC):
+    """The output of an answer that may call tools, built from the tool-call reader's events
+    (("content", text), ("call", index, name), ("arguments", index, fragment)); each step
+    returns the stream events it implies (dialect-shaped dicts), so a whole answer and a
+    stream of the same text are built alike."""
+
+    def apply(self, events: list[tuple]) -> list[dict]:
+        out: list[dict] = []
+        for ev in events:
+            if ev[0] == "content":
+                if ev[1]:
+                    out += self.text(ev[1])
+            elif ev[0] == "call":
+                out += self.call(ev[2])
+            else:
+                out += self.arguments(ev[2])
+        return out
+
+    @abstractmethod
+    def text(self, text: str) -> list[dict]:
+        """Free text (never empty)."""
+
+    @abstractmethod
+    def call(self, name: str) -> list[dict]:
+        """A call of `name` begins."""
+
+    @abstractmethod
+    def arguments(self, fragment: str) -> list[dict]:
+        """The next piece of the current call's arguments (JSON text)."""
 
 
 class DialectStream(ABC):

@@ -41,23 +41,42 @@ class LlamaCppCompletion(Dialect):
 
     def whole(self, reply: Reply) -> dict:
         c = reply.choices[0]
-        return final_object(reply, c, "".join(c.text), c.tokens)
+        return final_object(reply, c, "".join(c.text), c.tokens, c.token_ids)
 
     def stream(self, reply: Reply) -> _LlamaStream:
         return _LlamaStream(reply)
 
 
-def final_object(reply: Reply, c: Choice, content: str, tokens: list[TokenResult]) -> dict:
-    """The `stop: true` object: the whole response, or a stream's last event (`content` and
-    `tokens` then hold only the last step's)."""
-    g = reply.request
-    prompt_n = len(reply.prompts[0])
-    evaluated = prompt_n - c.n_cached  # the prompt tokens actually processed
+def timings(reply: Reply, c: Choice) -> dict:
+    """llama.cpp's `timings` of a choice so far."""
+    evaluated = len(reply.prompts[0]) - c.n_cached  # the prompt tokens actually processed
     pred_n = c.n_generated
     prompt_ms = c.prompt_seconds * 1000.0
     pred_ms = c.generation_seconds * 1000.0
+    return {
+        "cache_n": c.n_cached,  # prompt tokens reused from the slot's cache
+        "prompt_n": evaluated,
+        "prompt_ms": prompt_ms,
+        "prompt_per_token_ms": prompt_ms / evaluated if evaluated else 0.0,
+        "prompt_per_second": evaluated / c.prompt_seconds if c.prompt_seconds else 0.0,
+        "predicted_n": pred_n,
+        "predicted_ms": pred_ms,
+        "predicted_per_token_ms": pred_ms / pred_n if pred_n else 0.0,
+        "predicted_per_second": pred_n / c.generation_seconds if c.generation_seconds else 0.0,
+    }
+
+
+def final_object(reply: Reply, c: Choice, content: str, tokens: list[TokenResult],
+                 token_ids: list[int]) -> dict:
+    """The `stop: true` object: the whole response, or a stream's last event (`content`,
+    `tokens` and the logprobs then hold only the last step's). `tokens` is [] unless the
+    request asked for them (return_tokens, or a stream)."""
+    g = reply.request
+    prompt_n = len(reply.prompts[0])
+    pred_n = c.n_generated
     out = {
         "content": content,
+        "tokens": token_ids,
         "id_slot": -1,
         "stop": True,
         "model": reply.model_id,
@@ -77,19 +96,7 @@ def final_object(reply: Reply, c: Choice, content: str, tokens: list[TokenResult
         "stop_type": c.stop_type or ("limit" if c.finish_reason != "stop" else "eos"),
         "stopping_word": c.stopping_word,
         "tokens_cached": prompt_n + pred_n,
-        "timings": {
-            "cache_n": c.n_cached,  # prompt tokens reused from the slot's cache
-            "prompt_n": evaluated,
-            "prompt_ms": prompt_ms,
-            "prompt_per_token_ms": prompt_ms / evaluated if evaluated else 0.0,
-            "prompt_per_second": evaluated / c.prompt_seconds if c.prompt_seconds else 0.0,
-            "predicted_n": pred_n,
-            "predicted_ms": pred_ms,
-            "predicted_per_token_ms": pred_ms / pred_n if pred_n else 0.0,
-            "predicted_per_second": pred_n / c.generation_seconds
-            if c.generation_seconds
-            else 0.0,
-        },
+        "timings": timings(reply, c),
     }
     if g.logprobs:
         out["completion_probabilities"] = llama_probabilities(tokens, reply.token_bytes)
@@ -104,7 +111,10 @@ class _LlamaStream(DialectStream):
             "id_slot": -1,
             "tokens_predicted": choice.n_generated,
             "tokens_evaluated": len(self.reply.prompts[0]),
+            "tokens": piece.token_ids,
         }
+        if self.reply.request.dialect_options.get("timings_per_token"):
+            event["timings"] = timings(self.reply, choice)
         if self.reply.request.logprobs:
             event["completion_probabilities"] = llama_probabilities(
                 piece.tokens, self.reply.token_bytes
@@ -113,12 +123,12 @@ class _LlamaStream(DialectStream):
 
     def finish(self, choice: Choice, last: Piece) -> bytes:
         # the final event carries the last step's text, as llama.cpp's does
-        return sse_event(final_object(self.reply, choice, last.text, last.tokens))
+        return sse_event(
+            final_object(self.reply, choice, last.text, last.tokens, last.token_ids)
+        )
 
 
 # ---- the request -------------------------------------------------------------------------------
-
-
 
 
 def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> GenerationRequest:
@@ -152,6 +162,11 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
 
     seed = parse_seed(f)
     n_probs = f.int("n_probs", 0, MAX_N_PROBS, 0)
+    stream = f.bool("stream")
+    # llama.cpp's extras (http-api §3.2); post_sampling_probs and return_progress are
+    # checked but not implemented
+    options = {k: f.bool(k) for k in ("return_tokens", "timings_per_token",
+                                      "post_sampling_probs", "return_progress")}
     return GenerationRequest(
         endpoint="completion",
         prompts=prompts,
@@ -164,9 +179,12 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
             seed=None if seed == -1 else seed,
         ),
         stop=parse_stop(f, LLAMA_MAX_STOP),
-        stream=f.bool("stream"),
+        stream=stream,
         logprobs=n_probs > 0,
         top_logprobs=n_probs,
         cache_prompt=f.bool("cache_prompt", True),
         constraint=parse_grammar_constraint(d, defaults),
+        # stream events always carry their tokens' ids, as llama.cpp's do
+        return_tokens=stream or options["return_tokens"],
+        dialect_options=options,
     )

@@ -4,19 +4,28 @@ assistant `message` item, and the named-event stream with `sequence_number`s
 (`response.created` ... `response.completed`). Errors keep the OpenAI envelope.
 
 Stateless: `previous_response_id`, `conversation`, `store: true` and `background: true` are
-400s. Function tools and `text.format` other than text are 400s until the structured-output
-machinery (issue 9) lands: see `refuse_tools_and_formats`.
+400s. Function `tools` go through the chat tool path (`api/tools.py`): the calls read back
+out of the text become `function_call` output items (streamed with
+`response.function_call_arguments.delta` events); `text.format` json_schema / json_object
+constrains the text as chat's `response_format` does (http-api §1.6).
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
-from bitnetd_trio.api.dialects.base import Dialect, DialectStream
+from bitnetd_trio.api.dialects.base import (
+    CallEvents,
+    Dialect,
+    DialectStream,
+    tool_call_parser,
+)
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.json_body import Fields, as_str, invalid, json_type, object_array
 from bitnetd_trio.api.reply import Choice, Piece, Reply
+from bitnetd_trio.api.response_format import ANY_JSON_OBJECT, ConstraintSpec, json_schema_spec
 from bitnetd_trio.api.schema import (
     INT32_MAX,
     GenerationRequest,
@@ -27,6 +36,7 @@ from bitnetd_trio.api.schema import (
     resolve_model,
 )
 from bitnetd_trio.api.sse import sse_named_event
+from bitnetd_trio.api.tools import ToolRequest, check_function, check_tool_list
 
 __all__ = ["OpenAIResponses", "parse_responses_request"]
 
@@ -50,33 +60,91 @@ def refuse_state(d: dict) -> None:
         raise invalid("background", "true is not supported by this server")
 
 
-def refuse_tools_and_formats(d: dict) -> None:
-    """Function tools and structured output: 400 until constrained decoding exists.
+_CHOICE_SHAPES = "'none', 'auto', 'required' or {\"type\": \"function\", \"name\": ...}"
 
-    HOOK (issue 9): when the structured-output machinery lands, hand `tools` and a
-    `text.format` of type json_schema / json_object to it here, and add `function_call`
-    output items (with `response.function_call_arguments.delta` events) below."""
+
+def parse_responses_tools(d: dict, max_size: int) -> tuple[ToolRequest | None, list[dict]]:
+    """Function `tools` (`name`, `description`, `parameters`, `strict`), `tool_choice` and
+    `parallel_tool_calls` as the chat path's ToolRequest (None without tools), and the tools
+    as the response echoes them."""
     tools = d.get("tools")
-    if tools is not None and tools != []:
-        raise invalid("tools", "tools are not supported by this server yet")
     choice = d.get("tool_choice")
-    if choice is not None and choice not in ("none", "auto"):
-        raise invalid("tool_choice", "tools are not supported by this server yet")
+    parallel = d.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise invalid("parallel_tool_calls", f"must be a boolean, got {json_type(parallel)}")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise invalid("tool_choice", "is only allowed when 'tools' are given")
+        return None, []
+    names: set[str] = set()
+    out = [
+        check_function(t, f"tools[{i}]", names)
+        for i, t in check_tool_list(
+            tools, max_size, lambda t: t.get("type") == "function",
+            "only function tools are supported (no built-in tools on this server)",
+        )
+    ]
+    echo = [
+        {"type": "function", "name": t["function"]["name"],
+         "description": t["function"].get("description"),
+         "parameters": t["function"].get("parameters"),
+         "strict": tools[i].get("strict")}
+        for i, t in enumerate(out)
+    ]
+    req = ToolRequest(tools=out, parallel=True if parallel is None else parallel)
+    if choice is None or choice in ("auto", "none", "required"):
+        req.choice = choice or "auto"
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name")
+        if not isinstance(name, str):
+            raise invalid("tool_choice.name", f"must be a string, got {json_type(name)}")
+        if name not in names:
+            raise invalid("tool_choice.name", f"'{name[:64]}' is not among the tools")
+        req.choice, req.name = "function", name
+    else:
+        raise invalid("tool_choice", f"must be {_CHOICE_SHAPES}")
+    return req, echo
+
+
+def parse_text_format(d: dict, max_size: int) -> tuple[ConstraintSpec | None, dict]:
+    """`text.format`: text, json_object or json_schema (`name`, `schema`, `strict`,
+    `description`) as a constraint, and the format as the response echoes it."""
+    plain = {"type": "text"}
     text = d.get("text")
     if text is None:
-        return
+        return None, plain
     if not isinstance(text, dict):
         raise invalid("text", f"must be an object, got {json_type(text)}")
     fmt = text.get("format")
     if fmt is None:
-        return
+        return None, plain
     if not isinstance(fmt, dict):
         raise invalid("text.format", f"must be an object, got {json_type(fmt)}")
     kind = fmt.get("type")
-    if kind != "text":
+    if kind == "text":
+        return None, plain
+    if kind == "json_object":
+        return json_schema_spec(ANY_JSON_OBJECT, "text.format", max_size,
+                                kind="json_object"), {"type": "json_object"}
+    if kind != "json_schema":
         shown = f"'{kind[:40]}'" if isinstance(kind, str) else json_type(kind)
-        raise invalid("text.format", f"type {shown} is not supported by this server yet "
-                                     f"(only 'text')")
+        raise invalid("text.format.type",
+                      f"must be 'text', 'json_object' or 'json_schema', got {shown}")
+    echo: dict[str, Any] = {"type": "json_schema"}
+    for key in ("name", "description"):
+        v = fmt.get(key)
+        if v is not None:
+            echo[key] = as_str(v, f"text.format.{key}")
+    strict = fmt.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise invalid("text.format.strict", f"must be a boolean, got {json_type(strict)}")
+    schema = fmt.get("schema")
+    if schema is None:
+        raise invalid("text.format.schema", "is required")
+    spec = json_schema_spec(schema, "text.format.schema", max_size)
+    echo.update(schema=schema, strict=strict)
+    echo.setdefault("name", "response")
+    return spec, echo
 
 
 def _content_text(content: Any, where: str) -> str:
@@ -98,9 +166,19 @@ def _content_text(content: Any, where: str) -> str:
     return "\n".join(texts)
 
 
+def _arguments(item: dict, where: str) -> str:
+    args = as_str(item.get("arguments"), f"{where}.arguments")
+    try:
+        json.loads(args)
+    except ValueError:
+        raise invalid(f"{where}.arguments", "is not valid JSON") from None
+    return args
+
+
 def _input_messages(d: dict) -> list[dict]:
-    """`input` as chat turns. A past `function_call` item becomes a line of JSON in an
-    assistant turn, a `function_call_output` a `tool` turn."""
+    """`input` as chat turns. Past `function_call` items become the `tool_calls` of an
+    assistant turn (the one just before, or a new one), a `function_call_output` a `tool`
+    turn; the chat template writes them in its tool syntax."""
     v = d.get("input")
     if v is None:
         raise invalid("input", "is required")
@@ -119,17 +197,19 @@ def _input_messages(d: dict) -> list[dict]:
             out.append({"role": "system" if role == "developer" else role, "content": text})
         elif kind == "function_call":
             call = {
-                "name": as_str(item.get("name"), f"{where}.name"),
-                "arguments": as_str(item.get("arguments"), f"{where}.arguments"),
+                "id": as_str(item.get("call_id"), f"{where}.call_id"),
+                "type": "function",
+                "function": {"name": as_str(item.get("name"), f"{where}.name"),
+                             "arguments": _arguments(item, where)},
             }
-            as_str(item.get("call_id"), f"{where}.call_id")
-            out.append({"role": "assistant",
-                        "content": json.dumps({"function_call": call}, ensure_ascii=False)})
+            if not (out and out[-1]["role"] == "assistant"):
+                out.append({"role": "assistant", "content": ""})
+            out[-1].setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
-            as_str(item.get("call_id"), f"{where}.call_id")
+            cid = as_str(item.get("call_id"), f"{where}.call_id")
             output = item.get("output")
             text = output if isinstance(output, str) else _content_text(output, f"{where}.output")
-            out.append({"role": "tool", "content": text})
+            out.append({"role": "tool", "content": text, "tool_call_id": cid})
         else:
             shown = f"'{kind[:40]}'" if isinstance(kind, str) else json_type(kind)
             raise invalid(f"{where}.type", f"input items of type {shown} are not supported "
@@ -144,7 +224,11 @@ def parse_responses_request(
     """POST /v1/responses (and, with `counting`, /v1/responses/input_tokens)."""
     f = Fields(d)
     refuse_state(d)
-    refuse_tools_and_formats(d)
+    tools, tools_echo = parse_responses_tools(d, defaults.max_grammar_size)
+    constraint, text_format = parse_text_format(d, defaults.max_grammar_size)
+    if constraint is not None and tools is not None and tools.calls_possible:
+        raise invalid("text.format", "cannot be combined with tools (unless tool_choice is "
+                                     "'none')")
     model = f.str("model")
     instructions = f.str("instructions")
     messages = _input_messages(d)
@@ -175,7 +259,12 @@ def parse_responses_request(
             "max_output_tokens": max_output,
             "metadata": metadata or {},
             "tool_choice": d.get("tool_choice") or "auto",
+            "tools": tools_echo,
+            "parallel_tool_calls": tools.parallel if tools is not None else True,
+            "text_format": text_format,
         },
+        constraint=constraint,
+        tools=tools,
     )
 
 
@@ -206,16 +295,6 @@ def _text_part(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def _message_item(reply: Reply, c: Choice, content: list[dict], status: str) -> dict:
-    return {
-        "id": _item_id(reply),
-        "type": "message",
-        "role": "assistant",
-        "status": status,
-        "content": content,
-    }
-
-
 def response_object(reply: Reply, status: str, output: list[dict], usage: dict | None) -> dict:
     """The `response` object, as the whole body or inside a stream's lifecycle events."""
     g = reply.request
@@ -232,20 +311,106 @@ def response_object(reply: Reply, status: str, output: list[dict], usage: dict |
         "max_output_tokens": opts.get("max_output_tokens"),
         "model": reply.model_id,
         "output": output,
-        "parallel_tool_calls": False,
+        "parallel_tool_calls": opts.get("parallel_tool_calls", True),
         "previous_response_id": None,
         "reasoning": None,
         "store": False,
         "temperature": g.sampling.temperature,
-        "text": {"format": {"type": "text"}},
+        "text": {"format": opts.get("text_format", {"type": "text"})},
         "tool_choice": opts.get("tool_choice", "auto"),
-        "tools": [],
+        "tools": opts.get("tools", []),
         "top_p": g.sampling.top_p,
         "truncation": "disabled",
         "usage": usage,
         "user": g.user,
         "metadata": opts.get("metadata", {}),
     }
+
+
+class _Output(CallEvents):
+    """The output items of one answer, built from text and tool-call events (CallEvents;
+    stream events without sequence numbers): text goes into `message` items, each call is a
+    `function_call` item."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.reply = reply
+        self.items: list[dict] = []
+        self.calls = 0
+        self._open: dict | None = None
+        self._text = ""
+
+    def open_message(self) -> list[dict]:
+        first = not any(it["type"] == "message" for it in self.items)
+        item_id = _item_id(self.reply) if first else "msg_" + uuid.uuid4().hex[:24]
+        out = self._start({"id": item_id, "type": "message", "role": "assistant",
+                           "status": "in_progress", "content": []})
+        out.append({"type": "response.content_part.added", **self._where(),
+                    "part": _text_part("")})
+        return out
+
+    def text(self, text: str) -> list[dict]:
+        out: list[dict] = []
+        if self._open is None or self._open["type"] != "message":
+            out += self.close("completed") + self.open_message()
+        self._text += text
+        out.append({"type": "response.output_text.delta", **self._where(), "delta": text,
+                    "logprobs": []})
+        return out
+
+    def call(self, name: str) -> list[dict]:
+        out = self.close("completed")
+        self.calls += 1
+        suffix = uuid.uuid4().hex[:24]
+        return out + self._start({"id": "fc_" + suffix, "type": "function_call",
+                                  "status": "in_progress", "arguments": "",
+                                  "call_id": "call_" + suffix, "name": name})
+
+    def arguments(self, fragment: str) -> list[dict]:
+        self._text += fragment
+        return [{"type": "response.function_call_arguments.delta",
+                 "item_id": self._open["id"],  # type: ignore[index]
+                 "output_index": len(self.items) - 1, "delta": fragment}]
+
+    def finish(self, status: str) -> list[dict]:
+        """Close the last item with `status`; an answer without any gets one empty
+        message."""
+        if not self.items:
+            return self.open_message() + self.close(status)
+        return self.close(status)
+
+    def close(self, status: str) -> list[dict]:
+        item = self._open
+        if item is None:
+            return []
+        self._open = None
+        index = len(self.items) - 1
+        item["status"] = status
+        text, self._text = self._text, ""
+        if item["type"] == "function_call":
+            item["arguments"] = text
+            return [
+                {"type": "response.function_call_arguments.done", "item_id": item["id"],
+                 "output_index": index, "arguments": text},
+                {"type": "response.output_item.done", "output_index": index, "item": dict(item)},
+            ]
+        part = _text_part(text)
+        item["content"] = [part]
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return [
+            {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+            {"type": "response.content_part.done", **where, "part": part},
+            {"type": "response.output_item.done", "output_index": index, "item": dict(item)},
+        ]
+
+    def _start(self, item: dict) -> list[dict]:
+        self._open = item
+        self.items.append(item)
+        return [{"type": "response.output_item.added", "output_index": len(self.items) - 1,
+                 "item": dict(item)}]
+
+    def _where(self) -> dict:
+        return {"item_id": self._open["id"],  # type: ignore[index]
+                "output_index": len(self.items) - 1, "content_index": 0}
 
 
 class OpenAIResponses(Dialect):
@@ -261,8 +426,16 @@ class OpenAIResponses(Dialect):
     def whole(self, reply: Reply) -> dict:
         c = reply.choices[0]
         status = _status(c)
-        item = _message_item(reply, c, [_text_part("".join(c.text))], status)
-        return response_object(reply, status, [item], _usage(reply))
+        output = _Output(reply)
+        text = "".join(c.text)
+        parser = tool_call_parser(reply)
+        if parser is None:
+            output.open_message()
+            output.apply([("content", text)])
+        else:
+            output.apply(parser.feed(text) + parser.finish())
+        output.finish(status)
+        return response_object(reply, status, output.items, _usage(reply))
 
     def stream(self, reply: Reply) -> _ResponsesStream:
         return _ResponsesStream(reply)
@@ -272,56 +445,48 @@ class _ResponsesStream(DialectStream):
     """response.created, response.in_progress, response.output_item.added,
     response.content_part.added, response.output_text.delta per piece, then
     response.output_text.done, response.content_part.done, response.output_item.done and
-    response.completed (response.incomplete when cut short), numbered from 0."""
+    response.completed (response.incomplete when cut short), numbered from 0. When the
+    request may call tools, the items open as the text turns out to be text or calls: a
+    call's item is streamed with response.function_call_arguments.delta / .done."""
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply)
         self.sequence_number = 0
-        self.item_id = _item_id(reply)
-        self.text: list[str] = []
+        self.output = _Output(reply)
+        self.parser = tool_call_parser(reply)
 
     def _event(self, kind: str, fields: dict) -> bytes:
         event = {"type": kind, "sequence_number": self.sequence_number, **fields}
         self.sequence_number += 1
         return sse_named_event(kind, event)
 
-    def _where(self) -> dict:
-        return {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+    def _events(self, events: list[dict]) -> bytes:
+        return b"".join(self._event(e.pop("type"), e) for e in events)
 
     def opening(self) -> bytes:
         started = response_object(self.reply, "in_progress", [], None)
-        item = _message_item(self.reply, self.reply.choices[0], [], "in_progress")
-        return (
-            self._event("response.created", {"response": started})
-            + self._event("response.in_progress", {"response": started})
-            + self._event("response.output_item.added", {"output_index": 0, "item": item})
-            + self._event("response.content_part.added", {**self._where(), "part": _text_part("")})
+        out = self._event("response.created", {"response": started}) + self._event(
+            "response.in_progress", {"response": started}
         )
+        if self.parser is None:
+            out += self._events(self.output.open_message())
+        return out
 
     def shape_piece(self, choice: Choice, piece: Piece) -> bytes:
-        self.text.append(piece.text)
-        return self._event(
-            "response.output_text.delta", {**self._where(), "delta": piece.text, "logprobs": []}
-        )
+        if self.parser is None:
+            return self._events(self.output.apply([("content", piece.text)]))
+        return self._events(self.output.apply(self.parser.feed(piece.text)))
 
     def finish(self, choice: Choice, last: Piece) -> bytes:
         out = self.piece(choice, last)
-        text = "".join(self.text)
-        part = _text_part(text)
-        item = _message_item(self.reply, choice, [part], _status(choice))
-        return (
-            out
-            + self._event("response.output_text.done",
-                          {**self._where(), "text": text, "logprobs": []})
-            + self._event("response.content_part.done", {**self._where(), "part": part})
-            + self._event("response.output_item.done", {"output_index": 0, "item": item})
-        )
+        if self.parser is not None:
+            out += self._events(self.output.apply(self.parser.finish()))
+        return out + self._events(self.output.finish(_status(choice)))
 
     def closing(self) -> bytes:
         c = self.reply.choices[0]
         status = _status(c)
-        item = _message_item(self.reply, c, [_text_part("".join(self.text))], status)
-        final = response_object(self.reply, status, [item], _usage(self.reply))
+        final = response_object(self.reply, status, self.output.items, _usage(self.reply))
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return self._event(kind, {"response": final})
 
