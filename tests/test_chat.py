@@ -70,7 +70,8 @@ def test_trained_format_roles_and_turns():
     ]
     assert bitnet().render(msgs, add_generation_prompt=False) == (
         "<|begin_of_text|>System: Be terse.<|eot_id|>User: 2+2?<|eot_id|>Assistant: 4<|eot_id|>"
-        "Tool: {\"result\": 4}<|eot_id|>User: and 3+3?<|eot_id|>"
+        # text parts are one per line, as the API joins them (engine.chat.join_text_parts)
+        "Tool: {\"result\": 4}<|eot_id|>User: and \n3+3?<|eot_id|>"
     )
 
 

@@ -42,6 +42,7 @@ from bitnetd_trio.api.tools import (
     parse_message_tool_calls,
     tool_message_fields,
 )
+from bitnetd_trio.engine.chat import join_text_parts
 from bitnetd_trio.engine.sampling import SamplingParams
 
 __all__ = [
@@ -423,7 +424,7 @@ def parse_content_text(content: Any, param: str) -> str:
                     param=param,
                 )
             texts.append(as_str(part.get("text"), f"{param}[{j}].text"))
-        return "\n".join(texts)
+        return join_text_parts(texts)
     raise invalid(param, f"must be a string or an array of text parts, got {json_type(content)}")
 
 

@@ -88,6 +88,12 @@ def is_placeholder_template(template: str | None) -> bool:
 # ---- messages ----
 
 
+def join_text_parts(texts: Iterable[str]) -> str:
+    """A message's text parts as the one string the model sees: one part per line, whichever
+    API the parts came from (OpenAI content parts, Anthropic text blocks, Responses items)."""
+    return "\n".join(texts)
+
+
 def _content_text(content: Any, index: int) -> str:
     """A message's content as one string (text parts joined)."""
     if content is None:
@@ -103,7 +109,7 @@ def _content_text(content: Any, index: int) -> str:
                 texts.append(part["text"])
             else:
                 raise ChatTemplateError(f"messages[{index}]: only text content parts are supported")
-        return "".join(texts)
+        return join_text_parts(texts)
     raise ChatTemplateError(f"messages[{index}]: content must be a string or a list of parts")
 
 

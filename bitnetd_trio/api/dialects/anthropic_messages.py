@@ -37,6 +37,7 @@ from bitnetd_trio.api.schema import (
 )
 from bitnetd_trio.api.sse import sse_named_event
 from bitnetd_trio.api.tools import ToolRequest, check_function, check_tool_list
+from bitnetd_trio.engine.chat import join_text_parts
 
 __all__ = [
     "AnthropicMessages",
@@ -159,7 +160,7 @@ def _system(d: dict) -> list[dict]:
         as_str(block.get("text"), f"system[{j}].text")
         for j, (_, block) in enumerate(_block_list_text(v, "system", ("text",)))
     ]
-    return [{"role": "system", "content": "\n".join(texts)}]
+    return [{"role": "system", "content": join_text_parts(texts)}]
 
 
 def _tool_call(block: dict, where: str) -> dict:
@@ -181,7 +182,7 @@ def _tool_result_text(block: dict, where: str) -> str:
         text = content
     else:
         pairs = _block_list_text(content, f"{where}.content", ("text",))
-        text = "\n".join(
+        text = join_text_parts(
             as_str(b.get("text"), f"{where}.content[{j}].text") for j, (_, b) in enumerate(pairs)
         )
     is_error = block.get("is_error")
@@ -218,12 +219,12 @@ def _conversation(d: dict) -> list[dict]:
                 calls.append(_tool_call(block, part))
             else:  # a tool's result is a turn of its own, after the text before it
                 if texts:
-                    out.append({"role": role, "content": "\n".join(texts)})
+                    out.append({"role": role, "content": join_text_parts(texts)})
                     texts = []
                 out.append({"role": "tool", "content": _tool_result_text(block, part),
                             "tool_call_id": block["tool_use_id"]})
         if texts or calls or not content:
-            turn: dict = {"role": role, "content": "\n".join(texts)}
+            turn: dict = {"role": role, "content": join_text_parts(texts)}
             if calls:
                 turn["tool_calls"] = calls
             out.append(turn)

@@ -37,6 +37,7 @@ from bitnetd_trio.api.schema import (
 )
 from bitnetd_trio.api.sse import sse_named_event
 from bitnetd_trio.api.tools import ToolRequest, check_function, check_tool_list
+from bitnetd_trio.engine.chat import join_text_parts
 
 __all__ = ["OpenAIResponses", "parse_responses_request"]
 
@@ -163,7 +164,7 @@ def _content_text(content: Any, where: str) -> str:
             raise invalid(f"{where}[{j}].type",
                           f"content parts of type {shown} are not supported (only text)")
         texts.append(as_str(part.get("text"), f"{where}[{j}].text"))
-    return "\n".join(texts)
+    return join_text_parts(texts)
 
 
 def _arguments(item: dict, where: str) -> str:
