@@ -180,6 +180,18 @@ int32_t bn_sampler_sample(bn_sampler *s, const float *logits);
  * decoding. allowed == NULL is bn_sampler_sample. Returns -1 when no allowed token is left. */
 int32_t bn_sampler_sample_masked(bn_sampler *s, const float *logits, const uint32_t *allowed,
                                  int32_t n_words);
+/* bn_sampler_sample_masked, also reporting the distribution the token was drawn from: after the
+ * whole chain (bias, penalties, top-k, top-p, min-p, temperature), renormalised over the tokens
+ * that survived it (llama.cpp's post_sampling_probs). *prob gets the drawn token's probability;
+ * top_ids / top_probs (top_n entries each, either may be NULL when top_n is 0) the top_n most
+ * likely survivors, best first, and *n_top how many there are (<= top_n; the other entries get
+ * id -1 and probability 0). Greedy (temperature 0) reports the chosen token alone, with 1.
+ * Draws the same token with the same PRNG use as bn_sampler_sample_masked. prob and n_top may
+ * be NULL. Returns the token, or -1 as bn_sampler_sample_masked does or for top_n < 0 or
+ * missing arrays (nothing reported then). */
+int32_t bn_sampler_sample_probs(bn_sampler *s, const float *logits, const uint32_t *allowed,
+                                int32_t n_words, int32_t top_n, int32_t *top_ids, float *top_probs,
+                                float *prob, int32_t *n_top);
 
 /* ---- kernels (exposed for tests and benchmarks) ---- */
 /* y[t][r] = BitLinear(x[t], W) for t < n_tok, r < n_out: x is n_tok x n_in floats, y is

@@ -393,17 +393,70 @@ static int32_t nucleus_unsorted(bn_cand *c, int32_t n, float mx, double top_p)
     return keep + top_p_prefix(c + keep, nb, mx, cum, target);
 }
 
+/* What bn_sampler_sample_probs asks to be told besides the token (NULL: nothing). */
+typedef struct {
+    int32_t top_n;
+    int32_t *top_ids;
+    float *top_probs;
+    float prob;
+    int32_t n_top;
+} bn_report;
+
+static int32_t sample_chain(bn_sampler *s, const float *logits, const uint32_t *allowed,
+                            int32_t n_words, bn_report *r);
+
 int32_t bn_sampler_sample(bn_sampler *s, const float *logits)
 {
-    return bn_sampler_sample_masked(s, logits, NULL, 0);
+    return sample_chain(s, logits, NULL, 0, NULL);
+}
+
+int32_t bn_sampler_sample_masked(bn_sampler *s, const float *logits, const uint32_t *allowed,
+                                 int32_t n_words)
+{
+    return sample_chain(s, logits, allowed, n_words, NULL);
+}
+
+int32_t bn_sampler_sample_probs(bn_sampler *s, const float *logits, const uint32_t *allowed,
+                                int32_t n_words, int32_t top_n, int32_t *top_ids, float *top_probs,
+                                float *prob, int32_t *n_top)
+{
+    if (top_n < 0 || (top_n > 0 && (top_ids == NULL || top_probs == NULL)))
+        return -1;
+    for (int32_t i = 0; i < top_n; i++) {
+        top_ids[i] = -1;
+        top_probs[i] = 0.0f;
+    }
+    bn_report r = {top_n, top_ids, top_probs, 0.0f, 0};
+    int32_t tok = sample_chain(s, logits, allowed, n_words, &r);
+    if (prob != NULL)
+        *prob = tok < 0 ? 0.0f : r.prob;
+    if (n_top != NULL)
+        *n_top = tok < 0 ? 0 : r.n_top;
+    return tok;
+}
+
+/* The report of a non-greedy draw: candidate `chosen` of c[0..n) was drawn, each candidate's
+ * weight being expf((logit - mx) * inv_t) and z their sum. Runs after the draw, so reordering
+ * the candidates cannot change it. */
+static void report_draw(bn_report *r, bn_cand *c, int32_t n, int32_t chosen, float mx, float inv_t,
+                        double z)
+{
+    r->prob = (float)((double)expf((c[chosen].logit - mx) * inv_t) / z);
+    int32_t k = r->top_n < n ? r->top_n : n;
+    select_best_sorted(c, n, k);
+    for (int32_t i = 0; i < k; i++) {
+        r->top_ids[i] = c[i].id;
+        r->top_probs[i] = (float)((double)expf((c[i].logit - mx) * inv_t) / z);
+    }
+    r->n_top = k;
 }
 
 /* The allowed-token bitset of constrained decoding: bit (i % 32) of word i / 32 is token i;
  * a token outside the n_words words is not allowed. Disallowed tokens become -inf before the
  * chain, exactly as a -inf logit bias would (so the chain, and the PRNG draws, are those of
  * the same logits with those tokens banned). */
-int32_t bn_sampler_sample_masked(bn_sampler *s, const float *logits, const uint32_t *allowed,
-                                 int32_t n_words)
+static int32_t sample_chain(bn_sampler *s, const float *logits, const uint32_t *allowed,
+                            int32_t n_words, bn_report *r)
 {
     if (s == NULL || logits == NULL || (allowed != NULL && n_words < 0))
         return -1;
@@ -437,7 +490,18 @@ int32_t bn_sampler_sample_masked(bn_sampler *s, const float *logits, const uint3
     /* Greedy: the best logit, ties to the lowest id. A NaN temperature counts as 0, and so
      * does one so small that 1/T overflows. */
     if (!(p->temperature > 0.0f) || !isfinite(1.0f / p->temperature)) {
-        return top_k_from_work(w, nv, 1, c) == 1 ? c[0].id : -1; /* -1: every token banned */
+        if (top_k_from_work(w, nv, 1, c) != 1)
+            return -1; /* every token banned */
+        if (r != NULL) {
+            /* the chain keeps the best token alone: probability 1 */
+            r->prob = 1.0f;
+            if (r->top_n > 0) {
+                r->top_ids[0] = c[0].id;
+                r->top_probs[0] = 1.0f;
+                r->n_top = 1;
+            }
+        }
+        return c[0].id;
     }
 
     /* The candidates c[0..n): sorted best first after top-k, else in id order. */
@@ -520,12 +584,18 @@ int32_t bn_sampler_sample_masked(bn_sampler *s, const float *logits, const uint3
     }
     double target = xoshiro_uniform(s->rng) * z;
     double cum = 0.0;
+    int32_t chosen = n - 1; /* if rounding left target at the very top */
     for (int32_t i = 0; i < n; i++) {
         cum += (double)w[i];
-        if (target < cum)
-            return c[i].id;
+        if (target < cum) {
+            chosen = i;
+            break;
+        }
     }
-    return c[n - 1].id; /* rounding left target at the very top */
+    int32_t tok = c[chosen].id;
+    if (r != NULL)
+        report_draw(r, c, n, chosen, mx, inv_t, z);
+    return tok;
 }
 
 /* ---- log-probabilities ---- */

@@ -784,7 +784,7 @@ SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:halt_on_error=1",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
 FORWARD_SYMBOLS = ("bn_context_new", "bn_context_free", "bn_forward", "bn_logits")
 SAMPLER_SYMBOLS = ("bn_sampler_new", "bn_sampler_free", "bn_sampler_accept",
-                   "bn_sampler_sample")
+                   "bn_sampler_sample", "bn_sampler_sample_probs")
 
 
 @dataclasses.dataclass

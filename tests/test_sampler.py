@@ -409,3 +409,88 @@ def test_vanishing_temperature_is_greedy():
     logits = rng.normal(size=100).astype(np.float32)
     p = SamplingParams(temperature=1e-45, seed=1, **PLAIN)
     assert draws(p, logits, 20) == [int(np.argmax(logits))] * 20
+
+
+# ---- the post-sampling distribution (llama.cpp's post_sampling_probs) ----
+
+
+def chain_distribution(params, logits):
+    """The chain recomputed in numpy: {id: probability} of the tokens that survive bias,
+    top-k, top-p (at temperature 1), min-p, then softmax at the temperature."""
+    lg = np.asarray(logits, dtype=np.float32).copy()
+    for tok, bias in params.logit_bias.items():
+        lg[tok] += np.float32(bias)
+    order = sorted((i for i in range(lg.size) if lg[i] > -np.inf), key=lambda i: (-lg[i], i))
+    if params.temperature == 0:
+        return {order[0]: 1.0}
+    if 0 < params.top_k < lg.size:
+        order = order[: params.top_k]
+    mx = float(lg[order[0]])
+    if params.top_p < 1.0:
+        w = np.exp(np.array([lg[i] for i in order], dtype=np.float64) - mx)
+        cum = np.cumsum(w)
+        n = int(np.searchsorted(cum, params.top_p * w.sum())) + 1
+        order = order[: min(n, len(order))]
+    if params.min_p > 0:
+        order = [i for i in order if lg[i] >= mx + math.log(params.min_p)]
+    w = np.exp((np.array([lg[i] for i in order], dtype=np.float64) - mx) / params.temperature)
+    return dict(zip(order, (w / w.sum()).tolist()))
+
+
+CHAINS = [
+    SamplingParams(temperature=0.7, top_k=5, top_p=1.0, min_p=0.0, seed=3),
+    SamplingParams(temperature=1.3, top_k=0, top_p=0.9, min_p=0.0, seed=4),
+    SamplingParams(temperature=0.8, top_k=0, top_p=0.95, min_p=0.05, seed=5),
+    SamplingParams(temperature=1.0, top_k=40, top_p=0.95, min_p=0.05, seed=6),
+    SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.2, seed=7, logit_bias={3: 2.5}),
+    SamplingParams(temperature=2.0, **PLAIN, seed=8),
+]
+
+
+@pytest.mark.parametrize("params", CHAINS)
+def test_sample_probs_draws_the_same_tokens(params):
+    rng = np.random.default_rng(11)
+    steps = [rng.normal(0, 2, 300).astype(np.float32) for _ in range(40)]
+    with Sampler(params, 300) as a, Sampler(params, 300) as b:
+        plain = [a.sample(lg) for lg in steps]
+        reported = [b.sample_probs(lg, 7)[0] for lg in steps]
+    assert reported == plain
+
+
+@pytest.mark.parametrize("params", CHAINS)
+def test_sample_probs_is_the_chains_distribution(params):
+    rng = np.random.default_rng(12)
+    logits = rng.normal(0, 3, 500).astype(np.float32)
+    expected = chain_distribution(params, logits)
+    with Sampler(params, 500) as s:
+        tok, prob, top = s.sample_probs(logits, 10)
+    assert tok in expected
+    assert prob == pytest.approx(expected[tok], rel=1e-5)
+    best = sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    assert [i for i, _ in top] == [i for i, _ in best]
+    assert [p for _, p in top] == pytest.approx([p for _, p in best], rel=1e-5)
+    assert sum(p for _, p in top) <= 1.0 + 1e-6
+    if len(top) < 10:  # fewer survivors than asked: they are the whole distribution
+        assert sum(p for _, p in top) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_sample_probs_greedy_reports_the_token_with_one():
+    logits = np.array([0.5, 3.0, 3.0, -1.0], dtype=np.float32)
+    with Sampler(greedy(), 4) as s:
+        assert s.sample_probs(logits, 3) == (1, 1.0, [(1, 1.0)])
+        assert s.sample_probs(logits, 0) == (1, 1.0, [])
+
+
+def test_sample_probs_with_a_mask_and_no_token_left():
+    logits = np.arange(64, dtype=np.float32) / 8
+    allowed = np.zeros(2, dtype=np.uint32)
+    allowed[0] = (1 << 3) | (1 << 5)
+    params = SamplingParams(temperature=1.0, **PLAIN, seed=9)
+    with Sampler(params, 64) as s:
+        tok, prob, top = s.sample_probs(logits, 4, allowed)
+    assert tok in (3, 5)
+    assert [i for i, _ in top] == [5, 3]
+    assert sum(p for _, p in top) == pytest.approx(1.0)
+    assert prob == dict(top)[tok]
+    with Sampler(params, 64) as s, pytest.raises(SamplingError):
+        s.sample_probs(logits, 4, np.zeros(2, dtype=np.uint32))

@@ -63,10 +63,17 @@ class FakeSampler:
         self.accepted: list[int] = []
         self.closed = False
 
-    def sample(self, logits: np.ndarray) -> int:
+    def sample(self, logits: np.ndarray, allowed: object = None) -> int:
         if np.isnan(logits).all():
             raise SamplingError("every logit is NaN")
         return int(np.nanargmax(logits))
+
+    def sample_probs(
+        self, logits: np.ndarray, top_n: int, allowed: object = None
+    ) -> tuple[int, float, list[tuple[int, float]]]:
+        """Greedy's report: the token alone, with probability 1."""
+        tok = self.sample(logits)
+        return tok, 1.0, [(tok, 1.0)][:top_n]
 
     def accept(self, token: int) -> None:
         self.accepted.append(token)
@@ -561,3 +568,54 @@ def test_abort_ends_every_sequence_and_clears_the_slots() -> None:
     ]
     assert not bench.sched.active and not any(s.busy for s in bench.sched.slots)
     assert bench.samplers[0].closed
+
+
+# ---- llama.cpp's return_progress and post_sampling_probs ------------------------------------
+
+
+def test_progress_after_every_prefill_chunk_and_before_the_first_token() -> None:
+    bench = Bench(n_slots=1, prefill_chunk=4, prefill_budget=4)
+    job = new_job(list(range(10)), max_tokens=2, return_progress=True)
+    plain = new_job(list(range(10)), max_tokens=2, cache_prompt=False)
+    bench.submit(job)
+    while not any(u.final for u in bench.of(job)):
+        bench.step()
+    ups = bench.of(job)
+    progress = [u.progress for u in ups if u.progress is not None]
+    assert [(p.total, p.cache, p.processed) for p in progress] == [
+        (10, 0, 4), (10, 0, 8), (10, 0, 10)
+    ]
+    assert [p.time_ms for p in progress] == sorted(p.time_ms for p in progress)
+    first_text = next(i for i, u in enumerate(ups) if u.text)
+    assert all(i < first_text for i, u in enumerate(ups) if u.progress is not None)
+    assert all(not u.text and not u.final for u in ups if u.progress is not None)
+    # a job that does not ask gets none, and the same text
+    bench.submit(plain)
+    while not any(u.final for u in bench.of(plain)):
+        bench.step()
+    assert all(u.progress is None for u in bench.of(plain))
+    assert bench.text_of(plain) == bench.text_of(job)
+
+
+def test_progress_counts_the_reused_prefix() -> None:
+    bench = Bench(n_slots=1, prefill_chunk=4)
+    first = new_job(list(range(10)), max_tokens=1)
+    bench.submit(first)
+    while not bench.of(first):
+        bench.step()
+    again = new_job(list(range(10)) + [3, 4], max_tokens=1, return_progress=True)
+    bench.submit(again)
+    while not any(u.final for u in bench.of(again)):
+        bench.step()
+    progress = [u.progress for u in bench.of(again) if u.progress is not None]
+    assert [(p.total, p.cache, p.processed) for p in progress] == [(12, 10, 12)]
+
+
+def test_post_sampling_probs_come_from_the_sampler() -> None:
+    bench = Bench()
+    job = new_job([1, 2], max_tokens=3, logprobs=True, top_logprobs=2, post_sampling_probs=True)
+    bench.submit(job)
+    while not any(u.final for u in bench.of(job)):
+        bench.step()
+    results = [r for u in bench.of(job) for r in u.tokens or []]
+    assert results == [(3, 1.0, [(3, 1.0)]), (4, 1.0, [(4, 1.0)]), (5, 1.0, [(5, 1.0)])]

@@ -205,6 +205,8 @@ class GenerationFlow:
                         prompt_logprobs=g.echo and g.logprobs,  # echo scoring
                         cache_prompt=g.cache_prompt,
                         return_tokens=g.return_tokens,
+                        post_sampling_probs=g.post_sampling_probs and g.logprobs,
+                        return_progress=g.return_progress and g.stream,
                         constraint=constraint.copy() if constraint is not None else None,
                     )
                 )

@@ -87,11 +87,17 @@ def legacy_lists(
     }
 
 
-def llama_probabilities(entries: Iterable[TokenResult], token_bytes: TokenBytes) -> list[dict]:
-    """llama.cpp's `completion_probabilities` (n_probs) for generated tokens."""
+def llama_probabilities(
+    entries: Iterable[TokenResult], token_bytes: TokenBytes, post_sampling: bool = False
+) -> list[dict]:
+    """llama.cpp's `completion_probabilities` (n_probs) for generated tokens. With
+    `post_sampling` the entries hold probabilities after the sampling chain (the job's
+    post_sampling_probs), shown as `prob` / `top_probs` instead of `logprob` /
+    `top_logprobs`."""
     tb = token_bytes
+    key, top_key = ("prob", "top_probs") if post_sampling else ("logprob", "top_logprobs")
 
-    def one(t: int, lp: float | None) -> dict:
-        return {"id": t, "token": token_text(tb(t)), "bytes": list(tb(t)), "logprob": lp}
+    def one(t: int, v: float | None) -> dict:
+        return {"id": t, "token": token_text(tb(t)), "bytes": list(tb(t)), key: v}
 
-    return [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in top]} for t, lp, top in entries]
+    return [{**one(t, v), top_key: [one(i, p) for i, p in top]} for t, v, top in entries]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from bitnetd_trio.api.schema import GenerationRequest
 from bitnetd_trio.api.sse import usage_object
 from bitnetd_trio.engine.inference import TokenResult, Update
+from bitnetd_trio.engine.jobs import PromptProgress
 
 __all__ = ["Choice", "Piece", "Reply"]
 
@@ -27,17 +28,20 @@ class Piece:
     tokens: list[TokenResult] = field(default_factory=list)
     prompt_logprobs: list[TokenResult] | None = None
     token_ids: list[int] = field(default_factory=list)  # when the job asked for them
+    progress: PromptProgress | None = None  # a prefill chunk done (when the job asked)
 
     @classmethod
     def of(cls, upd: Update) -> Piece:
         """The piece an engine update carries."""
-        return cls(upd.text, upd.tokens or [], upd.prompt_logprobs, upd.token_ids or [])
+        return cls(upd.text, upd.tokens or [], upd.prompt_logprobs, upd.token_ids or [],
+                   upd.progress)
 
     def carries_anything(self, logprobs: bool) -> bool:
-        """Text, token ids asked for, or logprobs a request that asked for them has to
-        see."""
+        """Text, token ids or prefill progress asked for, or logprobs a request that asked for
+        them has to see."""
         return (
             bool(self.text or self.token_ids)
+            or self.progress is not None
             or (logprobs and bool(self.tokens or self.prompt_logprobs))
         )
 

@@ -169,6 +169,9 @@ class GenerationRequest:
     user: str | None = None
     cache_prompt: bool = True  # llama.cpp's flag: reuse a cached prompt prefix
     return_tokens: bool = False  # the engine reports the generated token ids (llama.cpp)
+    # llama.cpp: probabilities after the sampling chain instead of logprobs (with logprobs)
+    post_sampling_probs: bool = False
+    return_progress: bool = False  # llama.cpp: prefill progress events in the stream
     # /generate only: what the Docker server took per request; there is one engine here, so
     # these are validated and reported back, not applied.
     context_size: int | None = None

@@ -19,6 +19,7 @@ from bitnetd_trio.engine.sampling import SamplingParams
 __all__ = [
     "EngineSettings",
     "Job",
+    "PromptProgress",
     "QueueFull",
     "SlotState",
     "TokenResult",
@@ -91,9 +92,23 @@ class Job:
     # advances with every token), or None
     constraint: Any = None
     return_tokens: bool = False  # updates carry the ids of their generated tokens (llama.cpp)
+    # llama.cpp's post_sampling_probs: with logprobs, each token's TokenResult holds
+    # probabilities after the sampling chain (renormalised over its survivors), not logprobs
+    post_sampling_probs: bool = False
+    return_progress: bool = False  # an update with `progress` after each prefill chunk
     id: str = field(default_factory=lambda: f"job-{next(_job_ids)}")
     cancel: engine.CancelFlag = field(default_factory=engine.CancelFlag)
     submitted_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptProgress:
+    """Where a job's prefill stands after one of its chunks (llama.cpp's `prompt_progress`)."""
+
+    total: int  # prompt tokens
+    cache: int  # of which were reused from the slot's cache
+    processed: int  # prompt tokens in the slot's cache now (the reused ones included)
+    time_ms: float  # since the job was admitted
 
 
 @dataclass(slots=True, eq=False)
@@ -110,6 +125,7 @@ class Update:
     stopping_word: str = ""
     error: str | None = None
     embedding: Any = None  # an embedding job's vector (float32 ndarray), in its final update
+    progress: PromptProgress | None = None  # a prefill chunk done (Job.return_progress)
     n_prompt: int = 0
     n_cached: int = 0  # prompt tokens reused from the slot's cache
     n_generated: int = 0

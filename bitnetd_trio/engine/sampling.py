@@ -130,6 +130,51 @@ class Sampler:
         """Add a token to the penalty history (every generated token, in order)."""
         lib.bn_sampler_accept(self._live(), int(token))
 
+    def sample_probs(
+        self, logits: Any, top_n: int, allowed: np.ndarray | None = None
+    ) -> tuple[int, float, list[tuple[int, float]]]:
+        """`sample`, also reporting the distribution the token was drawn from: after the whole
+        chain, renormalised over the surviving tokens (llama.cpp's post_sampling_probs).
+
+        Returns (token, its probability, [(id, probability)] of the `top_n` most likely
+        survivors, best first; fewer when fewer survive). The token and the PRNG use are
+        those of `sample` with the same inputs. Greedy reports the token alone, with 1.0.
+        """
+        ptr = self._live()
+        buf = self._logits_buffer(logits)
+        top_n = max(0, int(top_n))
+        ids = ffi.new("int32_t[]", max(top_n, 1))
+        probs = ffi.new("float[]", max(top_n, 1))
+        prob = ffi.new("float *")
+        n_top = ffi.new("int32_t *")
+        words, n_words = self._allowed_buffer(allowed)
+        tok = lib.bn_sampler_sample_probs(ptr, buf, words, n_words, top_n, ids, probs, prob,
+                                          n_top)
+        if tok < 0:
+            raise SamplingError("no token can be sampled: every logit is NaN or banned")
+        return int(tok), float(prob[0]), [(int(ids[i]), float(probs[i])) for i in
+                                          range(n_top[0])]
+
+    def _logits_buffer(self, logits: Any) -> Any:
+        """A `float *` over n_vocab logits: a cffi pointer as is, an array without a copy when
+        it is C-contiguous float32."""
+        if isinstance(logits, ffi.CData):
+            return logits
+        arr = np.asarray(logits)
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if arr.size != self.n_vocab:
+            raise ValueError(f"expected {self.n_vocab} logits, got {arr.size}")
+        return ffi.from_buffer("float[]", arr)
+
+    @staticmethod
+    def _allowed_buffer(allowed: np.ndarray | None) -> tuple[Any, int]:
+        if allowed is None:
+            return ffi.NULL, 0
+        if allowed.dtype != np.uint32 or not allowed.flags.c_contiguous:
+            raise ValueError("allowed must be a C-contiguous uint32 bitset")
+        return ffi.from_buffer("uint32_t[]", allowed), int(allowed.size)
+
     def sample(self, logits: Any, allowed: np.ndarray | None = None) -> int:
         """Pick a token from n_vocab logits: a float32 numpy array or a cffi `float *`.
 
@@ -138,22 +183,12 @@ class Sampler:
         each token that may be picked; the others count as -inf before the chain.
         """
         ptr = self._live()
-        if isinstance(logits, ffi.CData):
-            buf = logits
-        else:
-            arr = np.asarray(logits)
-            if arr.dtype != np.float32 or not arr.flags.c_contiguous:
-                arr = np.ascontiguousarray(arr, dtype=np.float32)
-            if arr.size != self.n_vocab:
-                raise ValueError(f"expected {self.n_vocab} logits, got {arr.size}")
-            buf = ffi.from_buffer("float[]", arr)
+        buf = self._logits_buffer(logits)
         if allowed is None:
             tok = lib.bn_sampler_sample(ptr, buf)
         else:
-            if allowed.dtype != np.uint32 or not allowed.flags.c_contiguous:
-                raise ValueError("allowed must be a C-contiguous uint32 bitset")
-            words = ffi.from_buffer("uint32_t[]", allowed)
-            tok = lib.bn_sampler_sample_masked(ptr, buf, words, int(allowed.size))
+            words, n_words = self._allowed_buffer(allowed)
+            tok = lib.bn_sampler_sample_masked(ptr, buf, words, n_words)
         if tok < 0:
             raise SamplingError("no token can be sampled: every logit is NaN or banned")
         return int(tok)

@@ -32,7 +32,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from bitnetd_trio.engine import embedding
-from bitnetd_trio.engine.jobs import EngineSettings, Job, SlotState, TokenResult, Update
+from bitnetd_trio.engine.jobs import (
+    EngineSettings,
+    Job,
+    PromptProgress,
+    SlotState,
+    TokenResult,
+    Update,
+)
 from bitnetd_trio.engine.sampling import SamplingError, SamplingParams
 from bitnetd_trio.engine.stops import StopMatcher
 
@@ -55,6 +62,9 @@ class SamplerLike(Protocol):
 
     def accept(self, token: int) -> None: ...
     def sample(self, logits: Any, allowed: Any = None) -> int: ...
+    def sample_probs(
+        self, logits: Any, top_n: int, allowed: Any = None
+    ) -> tuple[int, float, list[tuple[int, float]]]: ...
     def close(self) -> None: ...
 
 
@@ -450,6 +460,8 @@ class Scheduler:
                         output, i, job.embed, seq.n_fed, n, remaining
                     )
                 seq.n_fed += n
+                if job.return_progress:
+                    updates.append(_progress_update(seq, now))
                 if seq.prefilling:
                     self.slots[seq.slot] = SlotState(
                         seq.slot, True, job.id, seq.n_fed, len(job.prompt), 0
@@ -509,14 +521,22 @@ class Scheduler:
                 _attach_prompt_lps(updates, prompt_lps)
                 return
             allowed = constraint.mask
+        # llama.cpp's post_sampling_probs: the sampler reports the distribution it drew from
+        post: tuple[int, float, list[tuple[int, float]]] | None = None
         try:
             if seq.n_generated < job.min_tokens and len(self._stop_array):
                 masked = np.array(output.logits(entry, t), dtype=np.float32, copy=True)
                 masked[self._stop_array] = -np.inf
-                if allowed is None:
+                if job.post_sampling_probs:
+                    post = seq.sampler.sample_probs(masked, job.top_logprobs, allowed)
+                    token = post[0]
+                elif allowed is None:
                     token = seq.sampler.sample(masked)
                 else:
                     token = seq.sampler.sample(masked, allowed)
+            elif job.post_sampling_probs:
+                post = seq.sampler.sample_probs(output.logits(entry, t), job.top_logprobs, allowed)
+                token = post[0]
             elif allowed is None:
                 token = output.sample(entry, seq.sampler)
             else:
@@ -536,7 +556,9 @@ class Scheduler:
         seq.last_token_at = now
         is_stop_token = token in self.stop_ids and not job.ignore_eos
         results: list[TokenResult] | None = None
-        if job.logprobs and not is_stop_token:
+        if post is not None and not is_stop_token:
+            results = [post]
+        elif job.logprobs and not is_stop_token:
             lp, top = self.hooks.logprobs(output.logits(entry, t), token, job.top_logprobs)
             results = [(token, lp, top)]
         ids = [token] if job.return_tokens and not is_stop_token else None
@@ -637,6 +659,18 @@ class Scheduler:
         self.tokens_after_disconnect += 1
         if self.metrics is not None:
             self.metrics.tokens_after_disconnect_total.inc()
+
+
+def _progress_update(seq: ActiveSequence, now: float) -> Update:
+    """The update saying how far `seq`'s prefill has come (Job.return_progress)."""
+    job = seq.job
+    progress = PromptProgress(
+        total=len(job.prompt),
+        cache=seq.n_cached,
+        processed=seq.n_fed,
+        time_ms=(now - seq.admitted_at) * 1000.0,
+    )
+    return Update(job, progress=progress, n_prompt=len(job.prompt))
 
 
 def _attach_prompt_lps(updates: list[Update], prompt_lps: list[TokenResult] | None) -> None:

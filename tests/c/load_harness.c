@@ -189,6 +189,23 @@ static uint64_t run_forward(const char *path, const bn_model *m, const bn_hparam
             if (tok < -1 || tok >= hp->n_vocab || (tok == -1 && any_usable))
                 broken(path, "sampled token out of range");
             sum += (uint64_t)tok;
+            /* The reporting entry on a fresh sampler of the same seed: the same token, and a
+             * distribution (best first, summing to at most 1) that holds it. */
+            bn_sampler *s2 = bn_sampler_new(&sp, hp->n_vocab);
+            if (s2) {
+                int32_t ids[8], n_top = -1;
+                float probs[8], prob = -1.0f;
+                bn_sampler_accept(s2, toks_b[0]);
+                int32_t tok2 =
+                    bn_sampler_sample_probs(s2, last, NULL, 0, 8, ids, probs, &prob, &n_top);
+                double total = 0.0;
+                for (int32_t i = 0; i < n_top && i < 8; i++)
+                    total += probs[i];
+                if (tok2 != tok || (tok >= 0 && (!(prob > 0.0f && prob <= 1.0f) || n_top < 1 ||
+                                                 n_top > 8 || total > 1.0 + 1e-5)))
+                    broken(path, "bn_sampler_sample_probs disagrees with bn_sampler_sample");
+                bn_sampler_free(s2);
+            }
             bn_sampler_free(s);
         }
 #endif

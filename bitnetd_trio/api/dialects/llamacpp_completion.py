@@ -25,6 +25,7 @@ from bitnetd_trio.api.schema import (
 )
 from bitnetd_trio.api.sse import sse_event
 from bitnetd_trio.engine.inference import TokenResult
+from bitnetd_trio.engine.jobs import PromptProgress
 
 __all__ = ["LlamaCppCompletion", "final_object", "parse_llama_completion"]
 
@@ -99,12 +100,34 @@ def final_object(reply: Reply, c: Choice, content: str, tokens: list[TokenResult
         "timings": timings(reply, c),
     }
     if g.logprobs:
-        out["completion_probabilities"] = llama_probabilities(tokens, reply.token_bytes)
+        out["completion_probabilities"] = llama_probabilities(
+            tokens, reply.token_bytes, g.post_sampling_probs
+        )
     return out
+
+
+def progress_event(reply: Reply, c: Choice, p: PromptProgress) -> dict:
+    """The stream event of return_progress: no text yet, the prefill's `prompt_progress`."""
+    return {
+        "content": "",
+        "stop": False,
+        "id_slot": -1,
+        "tokens_predicted": 0,
+        "tokens_evaluated": len(reply.prompts[0]),
+        "tokens": [],
+        "prompt_progress": {
+            "total": p.total,
+            "cache": p.cache,
+            "processed": p.processed,
+            "time_ms": int(p.time_ms),
+        },
+    }
 
 
 class _LlamaStream(DialectStream):
     def shape_piece(self, choice: Choice, piece: Piece) -> bytes:
+        if piece.progress is not None:  # a prefill chunk done (return_progress)
+            return sse_event(progress_event(self.reply, choice, piece.progress))
         event = {
             "content": piece.text,
             "stop": False,
@@ -117,7 +140,7 @@ class _LlamaStream(DialectStream):
             event["timings"] = timings(self.reply, choice)
         if self.reply.request.logprobs:
             event["completion_probabilities"] = llama_probabilities(
-                piece.tokens, self.reply.token_bytes
+                piece.tokens, self.reply.token_bytes, self.reply.request.post_sampling_probs
             )
         return sse_event(event)
 
@@ -163,8 +186,7 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
     seed = parse_seed(f)
     n_probs = f.int("n_probs", 0, MAX_N_PROBS, 0)
     stream = f.bool("stream")
-    # llama.cpp's extras (http-api §3.2); post_sampling_probs and return_progress are
-    # checked but not implemented
+    # llama.cpp's extras (http-api §3.2)
     options = {k: f.bool(k) for k in ("return_tokens", "timings_per_token",
                                       "post_sampling_probs", "return_progress")}
     return GenerationRequest(
@@ -186,5 +208,7 @@ def parse_llama_completion(d: dict, defaults: SchemaDefaults | None = None) -> G
         constraint=parse_grammar_constraint(d, defaults),
         # stream events always carry their tokens' ids, as llama.cpp's do
         return_tokens=stream or options["return_tokens"],
+        post_sampling_probs=options["post_sampling_probs"],
+        return_progress=options["return_progress"],  # in a stream only, as llama.cpp's
         dialect_options=options,
     )
