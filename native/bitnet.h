@@ -39,7 +39,7 @@ enum {
 typedef struct bn_model bn_model;
 
 typedef struct {
-    char architecture[32]; /* "bitnet-b1.58", "bitnet-25" or "llama" (model-format §10.2) */
+    char architecture[32]; /* "bitnet-b1.58", "bitnet-25", "llama" or "qwen3" (§10.2) */
     int32_t n_vocab;       /* rows of token_embd */
     int32_t n_ctx_train;   /* ARCH.context_length */
     int32_t n_embd;        /* E */
@@ -53,6 +53,9 @@ typedef struct {
     int32_t tied_head; /* 1 when the head is token_embd, 0 when output.weight exists */
     uint64_t n_params; /* number of weights in all tensors */
     uint64_t file_size;
+    int32_t pooling; /* the pooling the graph is defined with, numbered as ARCH.pooling_type:
+                      * 3 (last token) for the BitNet embedding graph, 0 for a decoder
+                      * (model-format §10.5.4) */
 } bn_hparams;
 
 /* Load a GGUF v3 BitNet b1.58 file with mmap. Returns NULL on error (message in err).

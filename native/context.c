@@ -72,6 +72,7 @@ void bn_context_free(bn_context *ctx)
     free(ctx->rope_sin);
     free(ctx->x);
     free(ctx->h);
+    free(ctx->h_in);
     free(ctx->q);
     free(ctx->k);
     free(ctx->v);
@@ -158,7 +159,10 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
             check_matrix(&L->w_down, F, E, "ffn_down", l, err, errlen))
             return NULL;
         if (!L->attn_norm || !L->ffn_norm ||
-            (m->arch->sub_norms && (!L->attn_sub_norm || !L->ffn_sub_norm))) {
+            (m->arch->sub_norms && (!L->attn_sub_norm || !L->ffn_sub_norm)) ||
+            (m->arch->qk_norm && (!L->attn_q_norm || !L->attn_k_norm)) ||
+            (m->arch->proj_in_norms && (!L->q_in || !L->k_in || !L->v_in || !L->o_in ||
+                                        !L->gate_in || !L->up_in || !L->down_in))) {
             bn_set_err(err, errlen, "layer %d: missing norm weights", l);
             return NULL;
         }
@@ -197,6 +201,8 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     ctx->rope_sin = alloc_array((size_t)n_ctx * (size_t)(D / 2), sizeof(float), &failed);
     ctx->x = alloc_array(T * (size_t)E, sizeof(float), &failed);
     ctx->h = alloc_array(T * (size_t)ctx->n_wide, sizeof(float), &failed);
+    if (m->arch->proj_in_norms)
+        ctx->h_in = alloc_array(T * (size_t)ctx->n_wide, sizeof(float), &failed);
     ctx->q = alloc_array(T * (size_t)ctx->q_dim, sizeof(float), &failed);
     ctx->k = alloc_array(T * (size_t)ctx->kv_dim, sizeof(float), &failed);
     ctx->v = alloc_array(T * (size_t)ctx->kv_dim, sizeof(float), &failed);

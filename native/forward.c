@@ -92,13 +92,16 @@ static void rmsnorm(const float *x, const float *w, int32_t n, float eps, float 
 
 /* RMSNorm of every token row of src (n wide) with weights w into ctx->h, then its int8
  * quantization into ctx->qa, qa_s, qa_sum (model-format §5.4.1-§5.4.2). w NULL: quantize
- * src itself, for graphs without a norm at that point (model-format §10.4.2). Per token, so
- * the result never depends on the split across threads. */
+ * src itself, for graphs without a norm at that point (model-format §10.4.2). w_in: a second
+ * RMSNorm, the projection's own input norm (model-format §10.5.2), applied to that result
+ * into ctx->h_in before the quantization; NULL for graphs without it. Per token, so the
+ * result never depends on the split across threads. */
 typedef struct {
     bn_context *ctx;
     const bn_kernel_set *k;
-    const float *src; /* [T][n] f32: rows to normalise */
-    const float *w;   /* [n] f32: the norm's weights, or NULL for no norm */
+    const float *src;  /* [T][n] f32: rows to normalise */
+    const float *w;    /* [n] f32: the norm's weights, or NULL for no norm */
+    const float *w_in; /* [n] f32: the projection's input norm, or NULL */
     int32_t n;
     bn_queue queue; /* over the T tokens */
 } norm_quant_job;
@@ -119,14 +122,19 @@ static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
                 rmsnorm(h, job->w, job->n, ctx->hp.rms_eps, hn);
                 h = hn;
             }
+            if (job->w_in) {
+                float *hn = ctx->h_in + (size_t)i * n;
+                rmsnorm(h, job->w_in, job->n, ctx->hp.rms_eps, hn);
+                h = hn;
+            }
             job->k->quantize(h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
         }
 }
 
 static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *src, const float *w,
-                          int32_t n, int32_t T)
+                          const float *w_in, int32_t n, int32_t T)
 {
-    norm_quant_job job = {ctx, k, src, w, n, {0}};
+    norm_quant_job job = {ctx, k, src, w, w_in, n, {0}};
     bn_queue_init(&job.queue, T, bn_pool_threads(ctx->pool), 1, 1);
     if (T == 1)
         norm_quant_worker(&job, 0, 1); /* not worth waking the pool */
@@ -443,12 +451,36 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         const bn_layer *L = &m->layers[l];
 
         /* 2.1 (model-format §5.2.1) h = RMSNorm(x, attn_norm), quantized once for q, k and v
-         * (§5.4.1-§5.4.2) */
-        norm_quantize(ctx, k, ctx->x, L->attn_norm, E, T);
+         * (§5.4.1-§5.4.2); with input norms each projection quantizes its own
+         * RMSNorm(h, <proj>_norm_in) (§10.5.2) */
         bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
+        if (arch->proj_in_norms) {
+            /* 2.2 (model-format §5.2.2) q, k, v = BitLinear(...), one after the other */
+            norm_quantize(ctx, k, ctx->x, L->attn_norm, L->q_in, E, T);
+            run_matmul(ctx, k, &a, &L->wq, ctx->q, NULL, NULL, NULL, NULL);
+            norm_quantize(ctx, k, ctx->h, NULL, L->k_in, E, T);
+            run_matmul(ctx, k, &a, &L->wk, ctx->k, NULL, NULL, NULL, NULL);
+            norm_quantize(ctx, k, ctx->h, NULL, L->v_in, E, T);
+            run_matmul(ctx, k, &a, &L->wv, ctx->v, NULL, NULL, NULL, NULL);
+        } else {
+            norm_quantize(ctx, k, ctx->x, L->attn_norm, NULL, E, T);
+            /* 2.2 (model-format §5.2.2) q, k, v = BitLinear(h, attn_q / attn_k / attn_v) */
+            run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
+        }
 
-        /* 2.2 (model-format §5.2.2) q, k, v = BitLinear(h, attn_q / attn_k / attn_v) */
-        run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
+        /* 2.2a (model-format §10.5.2) QK-norm: RMSNorm of every head of q and k over its D
+         * dimensions, before RoPE */
+        if (arch->qk_norm)
+            for (int32_t i = 0; i < T; i++) {
+                for (int32_t hd = 0; hd < hp->n_head; hd++) {
+                    float *v = ctx->q + (size_t)i * qd + (size_t)hd * D;
+                    rmsnorm(v, L->attn_q_norm, D, eps, v);
+                }
+                for (int32_t hd = 0; hd < hp->n_head_kv; hd++) {
+                    float *v = ctx->k + (size_t)i * kvd + (size_t)hd * D;
+                    rmsnorm(v, L->attn_k_norm, D, eps, v);
+                }
+            }
 
         /* 2.3 (model-format §5.2.3) RoPE on every head of q and k at the token's position,
          * pairs as the description says (§10.1.3) */
@@ -477,7 +509,7 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
 
         /* 2.6 (model-format §5.2.6) RMSNorm(att, attn_sub_norm), quantized; without
          * sub-norms att itself is quantized (§10.1.1) */
-        norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, qd, T);
+        norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, L->o_in, qd, T);
         bn_qact ao = {ctx->qa, qd, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
 
         /* 2.7 (model-format §5.2.7) x = x + BitLinear(that, attn_output) */
@@ -485,9 +517,17 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
 
         /* 2.8 (model-format §5.2.8) h = RMSNorm(x, ffn_norm), quantized once;
-         * g, u = BitLinear(h, ffn_gate / ffn_up) */
-        norm_quantize(ctx, k, ctx->x, L->ffn_norm, E, T);
-        run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
+         * g, u = BitLinear(h, ffn_gate / ffn_up); with input norms, one quantization each
+         * (§10.5.2) */
+        if (arch->proj_in_norms) {
+            norm_quantize(ctx, k, ctx->x, L->ffn_norm, L->gate_in, E, T);
+            run_matmul(ctx, k, &a, &L->w_gate, ctx->g, NULL, NULL, NULL, NULL);
+            norm_quantize(ctx, k, ctx->h, NULL, L->up_in, E, T);
+            run_matmul(ctx, k, &a, &L->w_up, ctx->u, NULL, NULL, NULL, NULL);
+        } else {
+            norm_quantize(ctx, k, ctx->x, L->ffn_norm, NULL, E, T);
+            run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
+        }
 
         /* 2.9 (model-format §5.2.9) f = max(g, 0)^2 * u (in g), or silu(g) * u (§10.1.2),
          * then RMSNorm(f, ffn_sub_norm) when the graph has it, quantized */
@@ -495,7 +535,7 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
             silu_mul(ctx->g, ctx->u, (size_t)T * F);
         else
             relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
-        norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, F, T);
+        norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, L->down_in, F, T);
         bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
 
         /* 2.10 (model-format §5.2.10) x = x + BitLinear(f, ffn_down) */

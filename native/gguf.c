@@ -109,6 +109,7 @@ static const char *ggml_type_name(uint32_t t)
     case 28: return "F64";
     case 30: return "BF16";
     case 36: return "I2_S";
+    case 42: return "Q2_0";
     default: return "unknown";
     }
 }
@@ -439,6 +440,9 @@ static int tensor_nbytes(reader *r, const bn_gguf_tensor *t, uint64_t n, uint64_
                         (unsigned long long)t->ne[0]);
         *out = n / 4 + 32; /* codes, then the f32 scale and 28 padding bytes */
         return 0;
+    case 42: /* model-format §10.6 */
+        return fail(r, "unsupported tensor type 42 (Q2_0, the Ternary Bonsai weight format): not "
+                       "implemented yet; only F32 (0), F16 (1) and I2_S (36)");
     default:
         return fail(r, "unsupported tensor type %u (%s); only F32 (0), F16 (1) and I2_S (36)",
                     t->type, ggml_type_name(t->type));

@@ -6,6 +6,9 @@
 #include "bitnet.h"
 #include "gguf.h"
 
+/* Norm weights are f32 here: F32 tensors point into the mapping, F16 ones at copies made at
+ * load (norm_copies). */
+
 /* An I2_S ternary matrix used in place from the mapping (model-format §4). */
 typedef struct {
     const uint8_t *codes; /* [n_out][n_in/4] 2-bit codes, 32-byte blocks of 128 weights */
@@ -15,7 +18,12 @@ typedef struct {
 } bn_ternary;
 
 typedef struct {
-    const float *attn_norm;     /* [n_embd] F32 */
+    const float *attn_norm;   /* [n_embd] F32 */
+    const float *attn_q_norm; /* [head_dim] f32: per-head QK-norm, or NULL (§10.5.2) */
+    const float *attn_k_norm; /* [head_dim] f32, or NULL */
+    /* per-projection input norms (model-format §10.5.2), NULL without them: the input of
+     * that projection, each [its n_in] f32 */
+    const float *q_in, *k_in, *v_in, *o_in, *gate_in, *up_in, *down_in;
     bn_ternary wq;              /* n_in n_embd, n_out n_head*head_dim */
     bn_ternary wk;              /* n_in n_embd, n_out n_head_kv*head_dim */
     bn_ternary wv;              /* n_in n_embd, n_out n_head_kv*head_dim */
@@ -36,6 +44,9 @@ struct bn_model {
     const uint16_t *head;     /* [n_vocab][n_embd] F16: output.weight, or tok_embd if tied */
     const float *output_norm; /* [n_embd] F32 */
     bn_layer *layers;         /* [n_layer] */
+    /* f32 copies of F16 norm weights (model-format §10.1.1), made once at load */
+    float **norm_copies;
+    size_t n_norm_copies, cap_norm_copies;
 };
 
 #endif

@@ -1,11 +1,17 @@
-"""An independent numpy reference of the BitNet b1.58 forward pass, and of the Llama graph
-with I2_S projections (Falcon3-1.58bit and kin).
+"""An independent numpy reference of the BitNet b1.58 forward pass, of the Llama graph
+with I2_S projections (Falcon3-1.58bit and kin), and of the Qwen3 graph of the BitNet
+embedding model (BitNet-embedding-0.6B).
 
 Written from docs/spec/model-format.md only (model-format §1, §4 and §5; the Llama graph from
 the published math as model-format §10.4 states it (from the families fact sheet): no sub-norms,
 SiLU-gated FFN, RoPE on adjacent pairs, head_dim from rope.dimension_count), not from any
 engine code: its own GGUF reader (a plain struct walk), its own I2_S decoder, and the forward
-pass step by step as the spec lists it.
+pass step by step as the spec lists it. The Qwen3 embedding graph is written from the
+published math as the families fact sheet states it (model-families B.1 "Forward"): every
+projection P computes x -> RMSNorm(x) * P_norm_in -> per-token int8 -> ternary matmul ->
+* scale; per-head RMSNorm of q and k (attn_q_norm / attn_k_norm) before NeoX RoPE; SiLU gate;
+no sub-norms; the output is RMSNorm(x) * output_norm, pooled at the last token and
+L2-normalised.
 
 Precision: activations are float32 wherever the spec says F32 (so that the int8 activation
 quantization sees the same values an F32 engine sees, up to summation order); the ternary
@@ -189,6 +195,11 @@ class ReferenceWeights:
         """The Llama graph: no sub-norms, SiLU gate, adjacent-pair RoPE."""
         return self.arch == "llama"
 
+    @property
+    def is_qwen3(self) -> bool:
+        """The Qwen3 embedding graph: input norms, QK-norm, SiLU gate, NeoX RoPE."""
+        return self.arch == "qwen3"
+
 
 def load_reference(path: str | Path) -> ReferenceWeights:
     f = read_gguf(path)
@@ -207,7 +218,7 @@ def load_reference(path: str | Path) -> ReferenceWeights:
             tensors[name], scales[name] = decode_i2s(data, *shape)
     n_embd, n_head = md[f"{arch}.embedding_length"], md[f"{arch}.attention.head_count"]
     head_dim = n_embd // n_head
-    if arch == "llama":  # key_length when present, else rope.dimension_count, else E / H
+    if arch in ("llama", "qwen3"):  # key_length when present, else rope.dimension_count, else E / H
         head_dim = md.get(f"{arch}.attention.key_length",
                           md.get(f"{arch}.rope.dimension_count", head_dim))
     return ReferenceWeights(
@@ -249,6 +260,8 @@ def bitlinear(q: np.ndarray, s: np.ndarray, w: np.ndarray, scale: np.float32) ->
 
 #: The quantization points of a layer, in order.
 QUANT_POINTS = ("attn_in", "attn_out", "ffn_in", "ffn_down")
+#: The Qwen3 embedding graph quantizes each projection's own input.
+QWEN3_QUANT_POINTS = ("q_in", "k_in", "v_in", "attn_out", "gate_in", "up_in", "ffn_down")
 
 
 class Quantizer:
@@ -302,14 +315,18 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
             rope_pairing: Literal["neox", "interleaved"] | None = None,
-            quantizer: Quantizer | None = None, kv_f16: bool = False) -> np.ndarray:
+            quantizer: Quantizer | None = None, kv_f16: bool = False,
+            output: Literal["logits", "hidden"] = "logits",
+            skip_norm_in: bool = False) -> np.ndarray:
     """Logits (T, n_vocab) float32 for every position of one sequence starting at start_pos
-    (no cache: start_pos only shifts RoPE positions; use 0 for a full prompt).
+    (no cache: start_pos only shifts RoPE positions; use 0 for a full prompt), or with
+    output="hidden" the final-norm rows y (T, n_embd) the head would multiply.
     kv_f16 models an engine whose KV cache holds F16: k (after RoPE) and v rounded to F16.
-    rope_pairing None: the model's own (BitNet neox, Llama interleaved = adjacent pairs)."""
+    rope_pairing None: the model's own (BitNet and Qwen3 neox, Llama interleaved = adjacent
+    pairs). skip_norm_in: leave out the Qwen3 input norms (a wrong model, for tests)."""
     if rope_pairing is None:
         rope_pairing = "interleaved" if weights.is_llama else "neox"
-    llama = weights.is_llama
+    llama, qwen = weights.is_llama, weights.is_qwen3
     W, S = weights.tensors, weights.scales
     eps = weights.rms_eps
     T = len(tokens)
@@ -321,13 +338,28 @@ def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
 
     quant = quantizer or Quantizer()
 
+    def proj(layer: int, point: str, name: str, inp: np.ndarray) -> np.ndarray:
+        """One Qwen3 projection: its own input norm, its own quantization, the matmul."""
+        if not skip_norm_in:
+            inp = rms_norm(inp, W[name + "_norm_in.weight"], eps)
+        qi, si = quant(layer, point, inp)
+        return bitlinear(qi, si, W[name + ".weight"], S[name + ".weight"])
+
     for layer in range(weights.n_layer):
         b = f"blk.{layer}."
         h = rms_norm(x, W[b + "attn_norm.weight"], eps)
-        qh, sh = quant(layer, "attn_in", h)
-        q = bitlinear(qh, sh, W[b + "attn_q.weight"], S[b + "attn_q.weight"]).reshape(T, H, D)
-        k = bitlinear(qh, sh, W[b + "attn_k.weight"], S[b + "attn_k.weight"]).reshape(T, Hkv, D)
-        v = bitlinear(qh, sh, W[b + "attn_v.weight"], S[b + "attn_v.weight"]).reshape(T, Hkv, D)
+        if qwen:
+            q = proj(layer, "q_in", b + "attn_q", h).reshape(T, H, D)
+            k = proj(layer, "k_in", b + "attn_k", h).reshape(T, Hkv, D)
+            v = proj(layer, "v_in", b + "attn_v", h).reshape(T, Hkv, D)
+            q = rms_norm(q, W[b + "attn_q_norm.weight"], eps)  # per head, over D
+            k = rms_norm(k, W[b + "attn_k_norm.weight"], eps)
+        else:
+            qh, sh = quant(layer, "attn_in", h)
+            q = bitlinear(qh, sh, W[b + "attn_q.weight"], S[b + "attn_q.weight"])
+            k = bitlinear(qh, sh, W[b + "attn_k.weight"], S[b + "attn_k.weight"])
+            v = bitlinear(qh, sh, W[b + "attn_v.weight"], S[b + "attn_v.weight"])
+            q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
         q = rope(q, positions, weights.rope_base, rope_pairing)
         k = rope(k, positions, weights.rope_base, rope_pairing)
         if kv_f16:
@@ -344,24 +376,45 @@ def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
             p = p / p.sum(axis=-1, keepdims=True)
             heads[:, hh, :] = p @ v[:, kv, :]
         a = heads.reshape(T, H * D)
-        if not llama:
-            a = rms_norm(a, W[b + "attn_sub_norm.weight"], eps)
-        qa, sa = quant(layer, "attn_out", a)
-        x = x + bitlinear(qa, sa, W[b + "attn_output.weight"], S[b + "attn_output.weight"])
+        if qwen:
+            x = x + proj(layer, "attn_out", b + "attn_output", a)
+        else:
+            if not llama:
+                a = rms_norm(a, W[b + "attn_sub_norm.weight"], eps)
+            qa, sa = quant(layer, "attn_out", a)
+            x = x + bitlinear(qa, sa, W[b + "attn_output.weight"], S[b + "attn_output.weight"])
         h = rms_norm(x, W[b + "ffn_norm.weight"], eps)
-        qh, sh = quant(layer, "ffn_in", h)
-        g = bitlinear(qh, sh, W[b + "ffn_gate.weight"], S[b + "ffn_gate.weight"])
-        u = bitlinear(qh, sh, W[b + "ffn_up.weight"], S[b + "ffn_up.weight"])
-        if llama:
+        if qwen:
+            g = proj(layer, "gate_in", b + "ffn_gate", h)
+            u = proj(layer, "up_in", b + "ffn_up", h)
+        else:
+            qh, sh = quant(layer, "ffn_in", h)
+            g = bitlinear(qh, sh, W[b + "ffn_gate.weight"], S[b + "ffn_gate.weight"])
+            u = bitlinear(qh, sh, W[b + "ffn_up.weight"], S[b + "ffn_up.weight"])
+        if llama or qwen:
             f = silu(g) * u
         else:
             f = np.square(np.maximum(g, np.float32(0))) * u
             f = rms_norm(f, W[b + "ffn_sub_norm.weight"], eps)
-        qf, sf = quant(layer, "ffn_down", f)
-        x = x + bitlinear(qf, sf, W[b + "ffn_down.weight"], S[b + "ffn_down.weight"])
+        if qwen:
+            x = x + proj(layer, "ffn_down", b + "ffn_down", f)
+        else:
+            qf, sf = quant(layer, "ffn_down", f)
+            x = x + bitlinear(qf, sf, W[b + "ffn_down.weight"], S[b + "ffn_down.weight"])
     y = rms_norm(x, W["output_norm.weight"], eps)
+    if output == "hidden":
+        return y.astype(np.float32)
     head = W.get("output.weight", W["token_embd.weight"])
     return (y @ head.T).astype(np.float32)
+
+
+def pooled_embedding(y: np.ndarray, pooling: Literal["last", "mean", "cls"] = "last"
+                     ) -> np.ndarray:
+    """The embedding of a sequence's final-norm rows y (T, E): the last row (the model's
+    definition), or the mean or first one, L2-normalised (float64, returned as float32)."""
+    rows = y.astype(np.float64)
+    v = rows[-1] if pooling == "last" else rows[0] if pooling == "cls" else rows.mean(axis=0)
+    return (v / np.linalg.norm(v)).astype(np.float32)
 
 
 def rel_errors(got: np.ndarray, want: np.ndarray) -> np.ndarray:
@@ -375,6 +428,8 @@ class Match:
     raw_errors: np.ndarray  # per position, against the plain reference
     flips: list[tuple[int, str, int, int, float]]  # (layer, point, position, index, margin)
     failed_at: int | None = None
+    #: the accepted flips as Quantizer overrides, to rerun the reference with them
+    overrides: dict[tuple[int, str, int, int], int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -401,7 +456,7 @@ def match_engine(weights: ReferenceWeights, tokens: list[int], got: np.ndarray, 
             raw = err
         bad = np.nonzero(err >= tol)[0]
         if bad.size == 0:
-            return Match(err, raw, flips)
+            return Match(err, raw, flips, overrides=overrides)
         t = int(bad[0])
         if len(flips) >= max_flips:
             return Match(err, raw, flips, failed_at=t)

@@ -110,6 +110,9 @@ class HParams:
     tied_head: bool
     n_params: int
     file_size: int
+    #: the pooling the graph is defined with, numbered as ARCH.pooling_type (3 = last token
+    #: for the BitNet embedding graph), 0 for a decoder (model-format §10.5.4)
+    pooling: int = 0
 
 
 class _Closable:
@@ -154,6 +157,7 @@ class Model(_Closable):
             tied_head=bool(hp.tied_head),
             n_params=int(hp.n_params),
             file_size=int(hp.file_size),
+            pooling=int(hp.pooling),
         )
 
     @classmethod
