@@ -45,6 +45,21 @@ static const bn_arch ARCHS[] = {
      .pooling = 3,
      .default_rms_eps = 1e-6f,
      .default_rope_base = 1000000.0f},
+    /* Qwen3 graph with Q2_0 weights: PrismML's Ternary Bonsai (model-format §10.6) */
+    {.name = "qwen3",
+     .graph = "Qwen3 (Q2_0, Ternary Bonsai)",
+     .sub_norms = 0,
+     .qk_norm = 1,
+     .proj_in_norms = 0,
+     .norms_f16 = 0,
+     .activation = BN_ACT_SILU,
+     .rope_pairing = BN_ROPE_NEOX,
+     .head_dim_rule = BN_HEAD_DIM_FROM_KEYS,
+     .weight_format = BN_WFMT_Q2_0,
+     .head_optional = 1,
+     .pooling = 0,
+     .default_rms_eps = 1e-6f,
+     .default_rope_base = 1000000.0f},
 };
 
 /* The ggml tensor type of each weight format (model-format §10.1.5). */

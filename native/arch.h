@@ -20,11 +20,11 @@ typedef enum {
     BN_ROPE_ADJACENT = 1 /* (2i, 2i + 1): model-format §10.4.1 */
 } bn_rope_pairing;
 
-/* How a linear layer's weights are stored (model-format §10.1.5). Only I2_S is implemented;
- * the others name formats a description may ask for, which the loader refuses for now. */
+/* How a linear layer's weights are stored (model-format §10.1.5). I2_S and Q2_0 are
+ * implemented; the others name formats a description may ask for, refused for now. */
 typedef enum {
     BN_WFMT_I2_S = 0,  /* ggml type 36, per-tensor f32 scale (model-format §4) */
-    BN_WFMT_Q2_0 = 1,  /* ggml type 42, per-64 fp16 scale: not implemented */
+    BN_WFMT_Q2_0 = 1,  /* ggml type 42, per-64 fp16 scale (model-format §10.6) */
     BN_WFMT_TQ2_0 = 2, /* not implemented */
     BN_WFMT_TQ1_0 = 3  /* not implemented */
 } bn_weight_format;

@@ -191,6 +191,10 @@ int32_t bn_sampler_sample_masked(bn_sampler *s, const float *logits, const uint3
  * one. Returns 0, or -1 for bad arguments or out of memory. */
 int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
                       int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads);
+/* The same for a Q2_0 matrix (model-format §10.6): n_out rows of n_in/64 18-byte blocks
+ * (n_in % 64 == 0, n_in <= 2^22), activations quantized per token as for I2_S. */
+int bn_q2_0_matmul(const char *kernel, const uint8_t *blocks, int32_t n_in, int32_t n_out,
+                   const float *x, int32_t n_tok, float *y, int32_t n_threads);
 
 /* Memory read bandwidth in GB/s: the best of reps passes of n_threads threads, each reading
  * its share of an n_bytes buffer as `streams` interleaved sequential streams. <= 0 on failure.

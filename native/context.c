@@ -101,7 +101,8 @@ void bn_context_free(bn_context *ctx)
 static int check_matrix(const bn_ternary *w, int32_t n_in, int32_t n_out, const char *what,
                         int32_t layer, char *err, size_t errlen)
 {
-    if (!w->codes || w->n_in != n_in || w->n_out != n_out || n_in % 128 != 0) {
+    if (!w->codes || w->n_in != n_in || w->n_out != n_out ||
+        n_in % (w->fmt == BN_WFMT_Q2_0 ? 64 : 128) != 0) {
         bn_set_err(err, errlen, "layer %d %s: shape %d x %d, expected %d x %d", layer, what,
                    w->n_out, w->n_in, n_out, n_in);
         return -1;
@@ -144,7 +145,8 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
                    E, F, H, Hkv, D);
         return NULL;
     }
-    if (!m->tok_embd || !m->head || !m->output_norm || !m->layers) {
+    if ((!m->tok_embd && !m->tok_embd_q2.codes) || (!m->head && !m->head_q2.codes) ||
+        !m->output_norm || !m->layers) {
         bn_set_err(err, errlen, "model is missing tensors");
         return NULL;
     }

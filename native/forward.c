@@ -127,7 +127,10 @@ static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
                 rmsnorm(h, job->w_in, job->n, ctx->hp.rms_eps, hn);
                 h = hn;
             }
-            job->k->quantize(h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
+            /* Q2_0 reads the natural layout (model-format §10.6.2) */
+            (ctx->m->arch->weight_format == BN_WFMT_Q2_0 ? job->k->q2_0_quantize
+                                                         : job->k->quantize)(
+                h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
         }
 }
 
@@ -140,7 +143,7 @@ static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *
         norm_quant_worker(&job, 0, 1); /* not worth waking the pool */
     else
         bn_pool_run(ctx->pool, norm_quant_worker, &job);
-    if (k->prepare)
+    if (k->prepare && ctx->m->arch->weight_format == BN_WFMT_I2_S) /* Q2_0 reads qa itself */
         k->prepare(ctx->qa, n, n, T, ctx->qa_tiles);
 }
 
@@ -173,8 +176,8 @@ static void matmul_worker(void *arg, int32_t ith, int32_t nth)
             int64_t a = lo > base ? lo : base;
             int64_t b = hi < base + w->n_out ? hi : base + w->n_out;
             if (a < b)
-                job->k->ternary(w, (int32_t)(a - base), (int32_t)(b - base), job->a,
-                                job->parts[p].y, w->n_out);
+                (w->fmt == BN_WFMT_Q2_0 ? job->k->q2_0 : job->k->ternary)(
+                    w, (int32_t)(a - base), (int32_t)(b - base), job->a, job->parts[p].y, w->n_out);
             base += w->n_out;
         }
     }
@@ -404,6 +407,24 @@ static void silu_mul(float *restrict g, const float *restrict u, size_t n)
         g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* ------------------------------------------------------- model-format §10.6.3 Q2_0 embedding row
+ */
+
+/* out[0..n_in) = row r of a Q2_0 matrix, dequantized: (code - 1) * d, exact in f32. */
+static void q2_0_row(const bn_ternary *w, int32_t r, float *out)
+{
+    const int32_t nb = w->n_in / 64;
+    const uint8_t *row = w->codes + (size_t)r * (size_t)nb * BN_Q2_0_BLOCK;
+    for (int32_t g = 0; g < nb; g++) {
+        const uint8_t *b = row + (size_t)g * BN_Q2_0_BLOCK;
+        uint16_t h;
+        memcpy(&h, b, sizeof h);
+        const float d = bn_f16_to_f32(h);
+        for (int j = 0; j < 64; j++)
+            out[g * 64 + j] = (float)(((b[2 + j / 4] >> (2 * (j % 4))) & 3) - 1) * d;
+    }
+}
+
 /* ---------------------------------------------------------------- model-format §5.3 output head */
 
 /* logits = head (F16) . y for n_tok rows y (model-format §5.3), vocabulary rows shared out. */
@@ -442,9 +463,14 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     const bn_arch *arch = m->arch; /* which variant of a step (model-format §10.1) */
     const int adjacent = arch->rope_pairing == BN_ROPE_ADJACENT;
 
-    /* 1. (model-format §5.1) x = the token's row of token_embd, F16 -> F32 */
-    for (int32_t i = 0; i < T; i++)
-        bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
+    /* 1. (model-format §5.1) x = the token's row of token_embd, F16 -> F32; a Q2_0 row is
+     * dequantized, (code - 1) * d (§10.6.3) */
+    for (int32_t i = 0; i < T; i++) {
+        if (m->tok_embd)
+            bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
+        else
+            q2_0_row(&m->tok_embd_q2, ctx->tok_id[i], ctx->x + (size_t)i * E);
+    }
 
     /* 2. (model-format §5.2) every layer, for all T tokens at once */
     for (int32_t l = 0; l < hp->n_layer; l++) {
@@ -558,7 +584,14 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         rmsnorm(ctx->x + (size_t)i * E, m->output_norm, E, eps, ctx->ynorm + (size_t)n_out * E);
         n_out++;
     }
-    if (n_out > 0) {
+    if (n_out > 0 && !m->head) {
+        /* 3.2 (model-format §10.6.3) a Q2_0 head: the rows quantized per token as for any
+         * Q2_0 product */
+        float *y = ctx->logits + (size_t)first_row * hp->n_vocab;
+        norm_quantize(ctx, k, ctx->ynorm, NULL, NULL, E, n_out);
+        bn_qact ay = {ctx->qa, E, n_out, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
+        run_matmul(ctx, k, &ay, &m->head_q2, y, NULL, NULL, NULL, NULL);
+    } else if (n_out > 0) {
         float *y = ctx->logits + (size_t)first_row * hp->n_vocab;
         head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm, y, {0}};
         bn_queue_init(&hj.queue, hp->n_vocab, bn_pool_threads(ctx->pool), 4, 16);

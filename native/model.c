@@ -44,6 +44,7 @@ static const char *type_name(uint32_t t)
     case BN_TYPE_F32: return "F32";
     case BN_TYPE_F16: return "F16";
     case BN_TYPE_I2_S: return "I2_S";
+    case BN_TYPE_Q2_0: return "Q2_0";
     default: return "?";
     }
 }
@@ -123,7 +124,8 @@ static int read_architecture(loader *L)
         L->arch[len] = '\0';
         L->a = a;
         L->m->arch = a;
-        if (a->weight_format != BN_WFMT_I2_S) /* model-format §10.1.5 */
+        if (a->weight_format != BN_WFMT_I2_S &&
+            a->weight_format != BN_WFMT_Q2_0) /* model-format §10.1.5 */
             return lfail(L, "architecture '%s': its weight format is not implemented", L->arch);
         return 0;
     }
@@ -346,8 +348,26 @@ static const float *need_norm(loader *L, const char *name, int64_t n)
     return v;
 }
 
+/* A Q2_0 matrix (model-format §10.6.1): the reader checked ne[0] % 64 == 0 and that the
+ * n/64 blocks of 18 bytes fit before the next tensor; the scales are read as they are used
+ * (a non-finite one only makes that row's outputs non-finite). */
+static int need_q2_0(loader *L, const char *name, int32_t n_in, int32_t n_out, bn_ternary *out)
+{
+    const bn_gguf_tensor *t = need_tensor(L, name, BN_TYPE_Q2_0, n_in, n_out);
+    if (!t)
+        return -1;
+    out->codes = t->data;
+    out->scale = 0.0f;
+    out->n_in = n_in;
+    out->n_out = n_out;
+    out->fmt = BN_WFMT_Q2_0;
+    return 0;
+}
+
 static int need_ternary(loader *L, const char *name, int32_t n_in, int32_t n_out, bn_ternary *out)
 {
+    if (L->a->weight_format == BN_WFMT_Q2_0)
+        return need_q2_0(L, name, n_in, n_out, out);
     const bn_gguf_tensor *t = need_tensor(L, name, BN_TYPE_I2_S, n_in, n_out);
     if (!t)
         return -1;
@@ -361,6 +381,7 @@ static int need_ternary(loader *L, const char *name, int32_t n_in, int32_t n_out
     out->scale = scale;
     out->n_in = n_in;
     out->n_out = n_out;
+    out->fmt = BN_WFMT_I2_S;
     return 0;
 }
 
@@ -491,9 +512,16 @@ static int load_vocab(loader *L)
         return lfail(L, "tensor 'token_embd.weight' has %llu rows, too many",
                      (unsigned long long)emb->ne[1]);
     hp->n_vocab = (int32_t)emb->ne[1];
-    if (!need_tensor(L, "token_embd.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
-        return -1;
-    L->m->tok_embd = (const uint16_t *)(const void *)emb->data;
+    /* the Q2_0 graph's token_embd and head may be Q2_0 or F16 (model-format §10.6.3) */
+    const int q2 = L->a->weight_format == BN_WFMT_Q2_0;
+    if (q2 && emb->type == BN_TYPE_Q2_0) {
+        if (need_q2_0(L, "token_embd.weight", hp->n_embd, hp->n_vocab, &L->m->tok_embd_q2))
+            return -1;
+    } else {
+        if (!need_tensor(L, "token_embd.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
+            return -1;
+        L->m->tok_embd = (const uint16_t *)(const void *)emb->data;
+    }
 
     int32_t vocab_size = 0;
     int r = arch_int(L, "vocab_size", 0, &vocab_size);
@@ -517,12 +545,18 @@ static int load_vocab(loader *L)
 
     const bn_gguf_tensor *out = bn_gguf_tensor_find(L->m->file, "output.weight");
     if (out) {
-        if (!need_tensor(L, "output.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
-            return -1;
-        L->m->head = (const uint16_t *)(const void *)out->data;
+        if (q2 && out->type == BN_TYPE_Q2_0) {
+            if (need_q2_0(L, "output.weight", hp->n_embd, hp->n_vocab, &L->m->head_q2))
+                return -1;
+        } else {
+            if (!need_tensor(L, "output.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
+                return -1;
+            L->m->head = (const uint16_t *)(const void *)out->data;
+        }
         hp->tied_head = 0;
     } else {
         L->m->head = L->m->tok_embd;
+        L->m->head_q2 = L->m->tok_embd_q2;
         hp->tied_head = 1;
     }
     return 0;

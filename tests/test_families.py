@@ -263,3 +263,32 @@ def test_qwen3_graph_is_batch_and_thread_invariant(tmp_path: Path) -> None:
     on the hidden rows embeddings are made of."""
     path = gw.write_model(tmp_path / "q.gguf", gw.TINY_QWEN3_EMBED, 2)
     check_invariance(path, "hidden_all", 4, 29, 17)
+
+
+# ---- Ternary Bonsai (model-format §10.6) ---------------------------------------------------
+
+
+def test_bonsai_graph_is_batch_thread_and_kernel_invariant(tmp_path: Path) -> None:
+    """model-format §5.5 for the Q2_0 graph (Q2_0 embedding rows, projections and head), and
+    the same logits bit for bit from every kernel set this CPU has."""
+    path = gw.write_model(tmp_path / "b.gguf", gw.TINY_BONSAI, 5, tie_head=False)
+    check_invariance(path, "all", 6, 31, 19)
+    name = engine.kernel_name()
+    model = engine.Model.load(path)
+    out = {}
+    try:
+        assert model.hparams.architecture == "qwen3" and model.hparams.pooling == 0
+        for k in ("scalar", "avx2", "avx512vnni", "amx"):
+            try:
+                engine.select_kernel(k)
+            except ValueError:
+                continue
+            with engine.Context(model, 1, 64, 2) as ctx:
+                ctx.forward([engine.BatchEntry(0, list(range(3, 40)), "all")])
+                out[k] = np.stack([np.array(ctx.logits(0, t)) for t in range(37)])
+    finally:
+        engine.select_kernel(name)
+        model.close()
+    assert len(out) >= 2 and np.isfinite(out["scalar"]).all()
+    for k, v in out.items():
+        np.testing.assert_array_equal(v, out["scalar"], err_msg=k)

@@ -410,8 +410,7 @@ def tensor_cases(h: Header) -> Iterator[Case]:
             yield Case(f"t{i}-vocab-smaller", ("vocab_size",), put("<Q", t.ne_offs[1], 256))
             yield Case(f"t{i}-embd-smaller", (f"tensor '{nm}'", "shape"),
                        put("<Q", t.ne_offs[0], 64))
-        for v, name in ((2, "Q4_0"), (8, "Q8_0"), (30, "BF16"), (42, "Q2_0, the Ternary Bonsai"),
-                        (37, "unsupported tensor type"),
+        for v, name in ((2, "Q4_0"), (8, "Q8_0"), (30, "BF16"), (37, "unsupported tensor type"),
                         (0xFFFFFFFF, "unsupported tensor type")):
             yield Case(f"t{i}-type-{v:#x}", (f"tensor '{nm}'", name), put("<I", t.type_off, v))
         other = {0: 1, 1: 0, 36: 1}[t.ggml_type]
@@ -566,6 +565,7 @@ def writer_cases() -> Iterator[Case]:
     yield w("extra-f32", (), tensor_overrides={"extra.weight": np.ones(3, np.float32)})
     yield from llama_cases(w)
     yield from qwen3_cases(w)
+    yield from bonsai_cases(w)
 
 
 #: The Llama graph with I2_S projections (model-format §10.4) at MINI's size.
@@ -729,11 +729,49 @@ def qwen3_cases(w: Callable[..., Case]) -> Iterator[Case]:
     yield w("qwen3-q-f16", ("blk.0.attn_q.weight", "type F16", "expected I2_S"), Q,
             tensor_overrides={"blk.0.attn_q.weight": gw.RawTensor(bytes(2 * e * qd), (qd, e),
                                                                   f16)})
-    yield w("qwen3-q2_0", ("blk.0.attn_q.weight", "Q2_0", "not implemented"), Q,
+    # a Q2_0 attn_q picks the Bonsai description, which has no input norms
+    yield w("qwen3-q2_0-among-i2_s", ("attn_q_norm_in", "not part of", "Ternary Bonsai"), Q,
             tensor_overrides={"blk.0.attn_q.weight": gw.RawTensor(
                 bytes(qd * e // 64 * 18), (qd, e), 42)})
     yield w("qwen3-head-f32", ("output.weight", "type F32"), Q,
             tensor_overrides={"output.weight": np.zeros((512, e), np.float32)})
+
+
+#: Ternary Bonsai (Qwen3 with Q2_0 weights, model-format §10.6) at MINI's size.
+MINI_BONSAI = dataclasses.replace(MINI_QWEN3, pooling_type=None, weight_format="q2_0")
+
+
+def bonsai_cases(w: Callable[..., Case]) -> Iterator[Case]:
+    """Files of the Q2_0 graph: its Q2_0 tensors, F16 or Q2_0 embedding and head, F32 norms,
+    no input norms, and the older g128 layout of type 42 (model-format §10.6.1)."""
+    B, e, qd = MINI_BONSAI, MINI_BONSAI.n_embd, MINI_BONSAI.q_dim
+    q2 = gw.GGML_TYPE_Q2_0
+    yield w("bonsai-valid", (), B)
+    yield w("bonsai-valid-untied", (), B, tie_head=False)
+    yield w("bonsai-valid-f16-embd", (), B, tensor_overrides={
+        "token_embd.weight": np.full((512, e), 0.01, np.float16)})
+    yield w("bonsai-valid-f16-head", (), B, tie_head=False, tensor_overrides={
+        "output.weight": np.full((512, e), 0.01, np.float16)})
+    # the g128 variant: 34 bytes per 128 weights, less than Q2_0's 36
+    yield w("bonsai-g128", ("blk.0.attn_q.weight", "34-byte blocks of 128", "g64"), B,
+            tensor_overrides={"blk.0.attn_q.weight": gw.RawTensor(
+                bytes(qd * e // 128 * 34), (qd, e), q2)})
+    yield w("bonsai-q2_0-short", ("blk.1.ffn_down.weight", "overlaps"), B,
+            tensor_overrides={"blk.1.ffn_down.weight": gw.RawTensor(
+                bytes(e * MINI.n_ff // 64 * 18 - 64), (e, MINI.n_ff), q2)})
+    yield w("bonsai-q2_0-width-96", ("Q2_0", "multiple of 64"), B,
+            tensor_overrides={"extra.weight": gw.RawTensor(bytes(18 * 2), (1, 96), q2)})
+    yield w("bonsai-i2_s-among-q2_0", ("blk.1.attn_v.weight", "type I2_S", "expected Q2_0"), B,
+            tensor_overrides={"blk.1.attn_v.weight": gw.RawTensor(
+                bytes(B.kv_dim * e // 4 + 32), (B.kv_dim, e), gw.GGML_TYPE_I2_S)})
+    yield w("bonsai-norm-f16", ("blk.0.attn_q_norm.weight", "type F16", "expected F32"), B,
+            tensor_overrides={"blk.0.attn_q_norm.weight": np.ones(B.head_dim, np.float16)})
+    yield w("bonsai-input-norms", ("blk.0.attn_q_norm_in.weight", "not part of", "input norms"),
+            B, tensor_overrides={"blk.0.attn_q_norm_in.weight": np.ones(e, np.float32)})
+    yield w("bonsai-embd-f32", ("token_embd.weight", "type F32"), B, tensor_overrides={
+        "token_embd.weight": np.zeros((512, e), np.float32)})
+    yield w("bonsai-drop-k-norm", ("missing tensor", "blk.1.attn_k_norm.weight"), B,
+            drop_tensors=["blk.1.attn_k_norm.weight"])
 
 
 def gw_value_string():  # type: ignore[no-untyped-def]

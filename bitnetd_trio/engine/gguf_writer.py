@@ -39,7 +39,11 @@ from bitnetd_trio.engine.vocab import (
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_I2_S = 36
+GGML_TYPE_Q2_0 = 42
 FILE_TYPE_MOSTLY_I2_S = 40
+#: ggml's GGML_FTYPE_MOSTLY_Q2_0, which the fact sheet's reference writes (the value in real
+#: Bonsai files is not confirmed)
+FILE_TYPE_MOSTLY_Q2_0 = 28
 
 
 #: The placeholder template that bitnet.cpp's converter stores in the official file
@@ -105,6 +109,13 @@ class ModelShape:
     n_head_dim: int | None = None
     #: ARCH.pooling_type of a Qwen3 embedding file (model-format §10.5.4); None: not written
     pooling_type: int | None = None
+    #: the weight format of a Qwen3 file: "i2_s" (the BitNet embedding graph, §10.5) or
+    #: "q2_0" (Ternary Bonsai, §10.6: no input norms, F32 norms, Q2_0 weights)
+    weight_format: str = "i2_s"
+
+    @property
+    def is_bonsai(self) -> bool:
+        return self.is_qwen3 and self.weight_format == "q2_0"
 
     @property
     def is_llama(self) -> bool:
@@ -135,6 +146,9 @@ class ModelShape:
             raise ValueError(f"heads do not divide evenly: {self}")
         if self.n_head_dim is not None and not (self.is_llama or self.is_qwen3):
             raise ValueError("n_head_dim is for the Llama and Qwen3 graphs (BitNet: D = E / H)")
+        if self.weight_format not in ("i2_s", "q2_0") or (
+                self.weight_format == "q2_0" and not self.is_qwen3):
+            raise ValueError(f"weight format {self.weight_format!r}: Q2_0 is for qwen3 only")
         for name, k in (("n_embd", self.n_embd), ("n_ff", self.n_ff),
                         ("n_head * head_dim", self.q_dim)):
             if k % 128:
@@ -168,6 +182,12 @@ TINY_QWEN3_EMBED = ModelShape(n_vocab=TINY_VOCAB_SIZE, n_embd=256, n_head=4, n_h
                               pooling_type=POOLING_LAST)
 #: BitNet-embedding-0.6B's shape (model-families B.1; the context length is Qwen3-0.6B's
 #: 32768, not confirmed for this model).
+#: Ternary Bonsai (Qwen3 with Q2_0 weights, model-format §10.6) at TINY's width.
+TINY_BONSAI = dataclasses.replace(TINY_QWEN3_EMBED, pooling_type=None, weight_format="q2_0")
+#: Bonsai-8B's shape: the Qwen3-8B geometry, untied Q2_0 head (model-families C.1).
+BONSAI_8B = ModelShape(n_vocab=151936, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288,
+                       n_layer=36, n_ctx=40960, rope_base=1000000.0, rms_eps=1e-6,
+                       architecture="qwen3", n_head_dim=128, weight_format="q2_0")
 BITNET_EMBED_06B = ModelShape(n_vocab=151936, n_embd=1024, n_head=16, n_head_kv=8,
                               n_ff=3072, n_layer=28, n_ctx=32768, rope_base=1000000.0,
                               rms_eps=1e-6, architecture="qwen3", n_head_dim=128,
@@ -177,7 +197,8 @@ PRESETS: dict[str, ModelShape] = {"tiny": TINY, "smallest": SMALLEST, "full": FU
                                   "demo": DEMO, "tiny-llama": TINY_LLAMA,
                                   "falcon3-1b": FALCON3_1B, "falcon3-10b": FALCON3_10B,
                                   "tiny-qwen3-embed": TINY_QWEN3_EMBED,
-                                  "bitnet-embed-0.6b": BITNET_EMBED_06B}
+                                  "bitnet-embed-0.6b": BITNET_EMBED_06B,
+                                  "tiny-bonsai": TINY_BONSAI, "bonsai-8b": BONSAI_8B}
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,6 +230,29 @@ def unpack_i2s(data: bytes | np.ndarray, rows: int, cols: int) -> tuple[np.ndarr
     return t.astype(np.int8), scale
 
 
+def pack_q2_0(codes: np.ndarray, d: np.ndarray) -> bytes:
+    """Q2_0 (model-format §10.6.1): codes (rows, cols) in 0..3 and F16 scales d (rows,
+    cols/64) -> 18-byte blocks: d, then 16 bytes, weight j at bits 2*(j%4) of byte j/4."""
+    c = np.asarray(codes, dtype=np.uint8)
+    rows, cols = c.shape
+    if cols % 64 or c.max(initial=0) > 3:
+        raise ValueError("Q2_0 needs cols a multiple of 64 and codes 0..3")
+    c4 = c.reshape(rows, cols // 64, 16, 4)
+    qs = c4[..., 0] | (c4[..., 1] << 2) | (c4[..., 2] << 4) | (c4[..., 3] << 6)
+    dd = np.asarray(d, dtype=np.float16).reshape(rows, cols // 64, 1).view(np.uint8)
+    return np.concatenate([dd, qs.astype(np.uint8)], axis=2).tobytes()
+
+
+def unpack_q2_0(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of pack_q2_0: (codes uint8 (rows, cols), d float16 (rows, cols/64))."""
+    b = np.frombuffer(data, dtype=np.uint8, count=rows * cols // 64 * 18)
+    b = b.reshape(rows, cols // 64, 18)
+    d = b[..., :2].copy().view(np.float16).reshape(rows, cols // 64)
+    qs = b[..., 2:]
+    codes = np.stack([(qs >> (2 * k)) & 3 for k in range(4)], axis=-1).reshape(rows, cols)
+    return codes.astype(np.uint8), d
+
+
 def _valid_code_bytes() -> np.ndarray:
     """The 81 byte values whose four 2-bit fields are all in {0, 1, 2}."""
     return np.array([b for b in range(256) if all(((b >> s) & 3) != 3 for s in (0, 2, 4, 6))],
@@ -231,7 +275,8 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         n = int(np.prod(self.shape))
-        return {GGML_TYPE_F32: 4 * n, GGML_TYPE_F16: 2 * n}.get(self.ggml_type, n // 4 + 32)
+        return {GGML_TYPE_F32: 4 * n, GGML_TYPE_F16: 2 * n,
+                GGML_TYPE_Q2_0: n // 64 * 18}.get(self.ggml_type, n // 4 + 32)
 
 
 def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[TensorSpec]:
@@ -241,14 +286,18 @@ def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[Te
     e, f, kv, qd, d = shape.n_embd, shape.n_ff, shape.kv_dim, shape.q_dim, shape.head_dim
     if tie_head is None:
         tie_head = not shape.is_llama
-    qwen = shape.is_qwen3
-    norm_t = GGML_TYPE_F16 if qwen else GGML_TYPE_F32
-    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), GGML_TYPE_F16)]
+    qwen, bonsai = shape.is_qwen3, shape.is_bonsai
+    norm_t = GGML_TYPE_F16 if qwen and not bonsai else GGML_TYPE_F32
+    wt = GGML_TYPE_Q2_0 if bonsai else GGML_TYPE_I2_S
+    # Bonsai's token_embd and head are Q2_0 too (model-families C.1)
+    et = GGML_TYPE_Q2_0 if bonsai else GGML_TYPE_F16
+    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), et)]
 
     def proj(name: str, rows: int, cols: int) -> list[TensorSpec]:
         """A projection, after its input norm when the graph has them."""
-        out = [TensorSpec(name + "_norm_in.weight", (cols,), norm_t)] if qwen else []
-        return out + [TensorSpec(name + ".weight", (rows, cols), GGML_TYPE_I2_S)]
+        out = ([TensorSpec(name + "_norm_in.weight", (cols,), norm_t)]
+               if qwen and not bonsai else [])
+        return out + [TensorSpec(name + ".weight", (rows, cols), wt)]
 
     for i in range(shape.n_layer):
         b = f"blk.{i}."
@@ -267,7 +316,7 @@ def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[Te
         specs += proj(b + "ffn_down", e, f)
     specs.append(TensorSpec("output_norm.weight", (e,), norm_t))
     if not tie_head:
-        specs.append(TensorSpec("output.weight", (shape.n_vocab, e), GGML_TYPE_F16))
+        specs.append(TensorSpec("output.weight", (shape.n_vocab, e), et))
     return specs
 
 
@@ -299,6 +348,15 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray | tuple[bytes, np.float
         return _f16_normal(rng, spec.shape, 0.05)
     if spec.ggml_type == GGML_TYPE_F32:
         return rng.uniform(0.8, 1.2, size=spec.shape).astype(np.float32)
+    if spec.ggml_type == GGML_TYPE_Q2_0:
+        rows, k = spec.shape
+        # mostly ternary codes, a few 3s (+2, legal though never produced from ternary input)
+        codes = rng.choice(4, size=(rows, k), p=[0.33, 0.33, 0.32, 0.02]).astype(np.uint8)
+        if spec.name == "token_embd.weight" or spec.name == "output.weight":
+            d = rng.uniform(0.03, 0.08, size=(rows, k // 64))
+        else:  # as the I2_S scale below: outputs at the size of the inputs
+            d = rng.uniform(0.5, 1.5, size=(rows, k // 64)) * np.sqrt(1.5 / k)
+        return pack_q2_0(codes, d.astype(np.float16))
     n = int(np.prod(spec.shape))
     codes = _CODE_BYTES[rng.integers(0, len(_CODE_BYTES), size=n // 4, dtype=np.uint8)]
     # A ternary row with uniform codes has norm sqrt(2K/3); this scale (of order 1 times
@@ -323,6 +381,10 @@ def random_weights(shape: ModelShape, seed: int = 0, *, tie_head: bool | None = 
             t, _ = unpack_i2s(codes + scale.tobytes(), *spec.shape)
             out[spec.name] = t
             out[spec.name + ".scale"] = np.asarray(scale, dtype=np.float32)
+        elif spec.ggml_type == GGML_TYPE_Q2_0:
+            c, d = unpack_q2_0(data, *spec.shape)  # type: ignore[arg-type]
+            out[spec.name] = c.astype(np.int8) - 1
+            out[spec.name + ".d"] = d
         else:
             out[spec.name] = data  # type: ignore[assignment]
     return out
@@ -403,6 +465,8 @@ def _metadata(shape: ModelShape, vocab: Vocab, chat_template: str,
         pre = pre or "llama-bpe"
     elif shape.is_qwen3:
         keys, name = _QWEN3_KEYS, f"bitnet-embedding-test-{shape.n_embd}x{shape.n_layer}"
+        if shape.is_bonsai:
+            name = f"bonsai-q2_0-test-{shape.n_embd}x{shape.n_layer}"
         pad = vocab.eos_id
         pre = pre or "qwen2"
     else:
@@ -422,13 +486,14 @@ def _metadata(shape: ModelShape, vocab: Vocab, chat_template: str,
         "ARCH.attention.head_count": (shape.n_head, u32),
         "ARCH.attention.head_count_kv": (shape.n_head_kv, u32),
         "tokenizer.ggml.add_bos_token": (not shape.is_qwen3, T.BOOL),
-        "tokenizer.ggml.add_eos_token": (True, T.BOOL),
+        "tokenizer.ggml.add_eos_token": (not shape.is_bonsai, T.BOOL),
         "ARCH.attention.key_length": (shape.head_dim, u32),
         "ARCH.attention.value_length": (shape.head_dim, u32),
         "ARCH.pooling_type": (shape.pooling_type, u32),
         "ARCH.attention.layer_norm_rms_epsilon": (shape.rms_eps, f32),
         "ARCH.rope.freq_base": (shape.rope_base, f32),
-        "general.file_type": (FILE_TYPE_MOSTLY_I2_S, u32),
+        "general.file_type": (FILE_TYPE_MOSTLY_Q2_0 if shape.is_bonsai else FILE_TYPE_MOSTLY_I2_S,
+                              u32),
         "tokenizer.ggml.model": ("gpt2", T.STRING),
         "tokenizer.ggml.pre": (pre, T.STRING),
         "tokenizer.ggml.tokens": (vocab.tokens, (T.ARRAY, T.STRING)),
@@ -469,7 +534,7 @@ def _tensor_payload(spec: TensorSpec, override: Any, seed: int
         if spec.ggml_type == GGML_TYPE_I2_S:
             codes, scale = data  # type: ignore[misc]
             return spec.shape, GGML_TYPE_I2_S, codes + scale.tobytes() + bytes(28)
-        return spec.shape, spec.ggml_type, data
+        return spec.shape, spec.ggml_type, data  # arrays; Q2_0 bytes
     if isinstance(override, RawTensor):
         return tuple(override.shape), override.ggml_type, override.data
     if spec.ggml_type == GGML_TYPE_I2_S:
