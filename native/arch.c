@@ -29,22 +29,76 @@ static const bn_arch ARCHS[] = {
      .head_optional = 1,
      .default_rms_eps = 1e-5f,
      .default_rope_base = 10000.0f},
+    /* Qwen3 graph with I2_S projections and per-projection input norms: Microsoft's
+     * BitNet-embedding-0.6B (model-format §10.5) */
+    {.name = "qwen3",
+     .graph = "Qwen3 BitNet embedding (I2_S)",
+     .sub_norms = 0,
+     .qk_norm = 1,
+     .proj_in_norms = 1,
+     .norms_f16 = 1,
+     .activation = BN_ACT_SILU,
+     .rope_pairing = BN_ROPE_NEOX,
+     .head_dim_rule = BN_HEAD_DIM_FROM_KEYS,
+     .weight_format = BN_WFMT_I2_S,
+     .head_optional = 1,
+     .pooling = 3,
+     .default_rms_eps = 1e-6f,
+     .default_rope_base = 1000000.0f},
+    /* Qwen3 graph with Q2_0 weights: PrismML's Ternary Bonsai (model-format §10.6) */
+    {.name = "qwen3",
+     .graph = "Qwen3 (Q2_0, Ternary Bonsai)",
+     .sub_norms = 0,
+     .qk_norm = 1,
+     .proj_in_norms = 0,
+     .norms_f16 = 0,
+     .activation = BN_ACT_SILU,
+     .rope_pairing = BN_ROPE_NEOX,
+     .head_dim_rule = BN_HEAD_DIM_FROM_KEYS,
+     .weight_format = BN_WFMT_Q2_0,
+     .head_optional = 1,
+     .pooling = 0,
+     .default_rms_eps = 1e-6f,
+     .default_rope_base = 1000000.0f},
 };
 
-const bn_arch *bn_arch_find(const char *name, size_t len)
+/* The ggml tensor type of each weight format (model-format §10.1.5). */
+static int64_t format_type(uint8_t f)
 {
-    for (size_t i = 0; i < sizeof ARCHS / sizeof ARCHS[0]; i++)
-        for (int k = 0; k < 2; k++) {
-            const char *n = k ? ARCHS[i].alias : ARCHS[i].name;
-            if (n && strlen(n) == len && memcmp(n, name, len) == 0)
-                return &ARCHS[i];
-        }
-    return NULL;
+    switch (f) {
+    case BN_WFMT_I2_S: return 36;
+    case BN_WFMT_Q2_0: return 42;
+    default: return -2; /* never a file's type */
+    }
+}
+
+static int named(const bn_arch *a, const char *name, size_t len)
+{
+    for (int k = 0; k < 2; k++) {
+        const char *n = k ? a->alias : a->name;
+        if (n && strlen(n) == len && memcmp(n, name, len) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+const bn_arch *bn_arch_find(const char *name, size_t len, int64_t proj_type)
+{
+    const bn_arch *first = NULL;
+    for (size_t i = 0; i < sizeof ARCHS / sizeof ARCHS[0]; i++) {
+        if (!named(&ARCHS[i], name, len))
+            continue;
+        if (format_type(ARCHS[i].weight_format) == proj_type)
+            return &ARCHS[i];
+        if (!first)
+            first = &ARCHS[i];
+    }
+    return first;
 }
 
 const char *bn_arch_supported_list(void)
 {
-    return "'bitnet-b1.58', 'bitnet-25' or 'llama'";
+    return "'bitnet-b1.58', 'bitnet-25', 'llama' or 'qwen3'";
 }
 
 int32_t bn_arch_layer_tensors(const bn_arch *a)

@@ -20,11 +20,11 @@ typedef enum {
     BN_ROPE_ADJACENT = 1 /* (2i, 2i + 1): model-format §10.4.1 */
 } bn_rope_pairing;
 
-/* How a linear layer's weights are stored (model-format §10.1.5). Only I2_S is implemented;
- * the others name formats a description may ask for, which the loader refuses for now. */
+/* How a linear layer's weights are stored (model-format §10.1.5). I2_S and Q2_0 are
+ * implemented; the others name formats a description may ask for, refused for now. */
 typedef enum {
     BN_WFMT_I2_S = 0,  /* ggml type 36, per-tensor f32 scale (model-format §4) */
-    BN_WFMT_Q2_0 = 1,  /* ggml type 42, per-64 fp16 scale: not implemented */
+    BN_WFMT_Q2_0 = 1,  /* ggml type 42, per-64 fp16 scale (model-format §10.6) */
     BN_WFMT_TQ2_0 = 2, /* not implemented */
     BN_WFMT_TQ1_0 = 3  /* not implemented */
 } bn_weight_format;
@@ -41,20 +41,29 @@ typedef struct {
     const char *alias; /* another name of the same graph, or NULL */
     const char *graph; /* a short human name of the graph, for messages */
     uint8_t sub_norms; /* attn_sub_norm and ffn_sub_norm exist (model-format §5.2.6, §5.2.9) */
-    uint8_t qk_norm;   /* attn_q_norm / attn_k_norm exist: no architecture yet */
-    uint8_t proj_in_norms;   /* blk.N.<proj>_norm_in exist: no architecture yet */
+    uint8_t qk_norm;   /* attn_q_norm / attn_k_norm exist (model-format §10.5.2) */
+    uint8_t proj_in_norms;   /* blk.N.<proj>_norm_in exist, and each projection quantizes its
+                              * own normed copy of its input (model-format §10.5.2) */
+    uint8_t norms_f16;       /* every norm weight is F16 (converted to f32 once at load),
+                              * else F32 (model-format §10.1.1) */
     uint8_t activation;      /* bn_activation */
     uint8_t rope_pairing;    /* bn_rope_pairing */
     uint8_t head_dim_rule;   /* bn_head_dim_rule */
     uint8_t weight_format;   /* bn_weight_format of the seven projections */
     uint8_t head_optional;   /* the head is output.weight (F16) when present, else token_embd */
+    uint8_t pooling;         /* the pooling the graph is defined with, as llama.cpp numbers
+                              * ARCH.pooling_type (3 = last token); 0 for a decoder
+                              * (model-format §10.5.4) */
     float default_rms_eps;   /* when attention.layer_norm_rms_epsilon is absent */
     float default_rope_base; /* when rope.freq_base is absent */
 } bn_arch;
 
-/* The description of architecture `name` (len bytes, not NUL-terminated), or NULL. */
-const bn_arch *bn_arch_find(const char *name, size_t len);
-/* "'bitnet-b1.58', 'bitnet-25' or 'llama'": the supported names, for messages. */
+/* The description of architecture `name` (len bytes, not NUL-terminated), or NULL. One name
+ * may have several descriptions that differ in the weight format of the projections
+ * (model-format §10.2): proj_type is the ggml type of the file's blk.0.attn_q.weight (or -1
+ * when it has none), and the entry of that format is returned, else the name's first one. */
+const bn_arch *bn_arch_find(const char *name, size_t len, int64_t proj_type);
+/* "'bitnet-b1.58', 'bitnet-25', 'llama' or 'qwen3'": the supported names, for messages. */
 const char *bn_arch_supported_list(void);
 /* Tensors per layer of the graph (for the block_count plausibility check). */
 int32_t bn_arch_layer_tensors(const bn_arch *a);

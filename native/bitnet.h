@@ -39,7 +39,7 @@ enum {
 typedef struct bn_model bn_model;
 
 typedef struct {
-    char architecture[32]; /* "bitnet-b1.58", "bitnet-25" or "llama" (model-format §10.2) */
+    char architecture[32]; /* "bitnet-b1.58", "bitnet-25", "llama" or "qwen3" (§10.2) */
     int32_t n_vocab;       /* rows of token_embd */
     int32_t n_ctx_train;   /* ARCH.context_length */
     int32_t n_embd;        /* E */
@@ -53,6 +53,9 @@ typedef struct {
     int32_t tied_head; /* 1 when the head is token_embd, 0 when output.weight exists */
     uint64_t n_params; /* number of weights in all tensors */
     uint64_t file_size;
+    int32_t pooling; /* the pooling the graph is defined with, numbered as ARCH.pooling_type:
+                      * 3 (last token) for the BitNet embedding graph, 0 for a decoder
+                      * (model-format §10.5.4) */
 } bn_hparams;
 
 /* Load a GGUF v3 BitNet b1.58 file with mmap. Returns NULL on error (message in err).
@@ -200,6 +203,10 @@ int32_t bn_sampler_sample_probs(bn_sampler *s, const float *logits, const uint32
  * one. Returns 0, or -1 for bad arguments or out of memory. */
 int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
                       int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads);
+/* The same for a Q2_0 matrix (model-format §10.6): n_out rows of n_in/64 18-byte blocks
+ * (n_in % 64 == 0, n_in <= 2^22), activations quantized per token as for I2_S. */
+int bn_q2_0_matmul(const char *kernel, const uint8_t *blocks, int32_t n_in, int32_t n_out,
+                   const float *x, int32_t n_tok, float *y, int32_t n_threads);
 
 /* Memory read bandwidth in GB/s: the best of reps passes of n_threads threads, each reading
  * its share of an n_bytes buffer as `streams` interleaved sequential streams. <= 0 on failure.

@@ -72,6 +72,7 @@ void bn_context_free(bn_context *ctx)
     free(ctx->rope_sin);
     free(ctx->x);
     free(ctx->h);
+    free(ctx->h_in);
     free(ctx->q);
     free(ctx->k);
     free(ctx->v);
@@ -100,7 +101,8 @@ void bn_context_free(bn_context *ctx)
 static int check_matrix(const bn_ternary *w, int32_t n_in, int32_t n_out, const char *what,
                         int32_t layer, char *err, size_t errlen)
 {
-    if (!w->codes || w->n_in != n_in || w->n_out != n_out || n_in % 128 != 0) {
+    if (!w->codes || w->n_in != n_in || w->n_out != n_out ||
+        n_in % (w->fmt == BN_WFMT_Q2_0 ? 64 : 128) != 0) {
         bn_set_err(err, errlen, "layer %d %s: shape %d x %d, expected %d x %d", layer, what,
                    w->n_out, w->n_in, n_out, n_in);
         return -1;
@@ -143,7 +145,8 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
                    E, F, H, Hkv, D);
         return NULL;
     }
-    if (!m->tok_embd || !m->head || !m->output_norm || !m->layers) {
+    if ((!m->tok_embd && !m->tok_embd_q2.codes) || (!m->head && !m->head_q2.codes) ||
+        !m->output_norm || !m->layers) {
         bn_set_err(err, errlen, "model is missing tensors");
         return NULL;
     }
@@ -158,7 +161,10 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
             check_matrix(&L->w_down, F, E, "ffn_down", l, err, errlen))
             return NULL;
         if (!L->attn_norm || !L->ffn_norm ||
-            (m->arch->sub_norms && (!L->attn_sub_norm || !L->ffn_sub_norm))) {
+            (m->arch->sub_norms && (!L->attn_sub_norm || !L->ffn_sub_norm)) ||
+            (m->arch->qk_norm && (!L->attn_q_norm || !L->attn_k_norm)) ||
+            (m->arch->proj_in_norms && (!L->q_in || !L->k_in || !L->v_in || !L->o_in ||
+                                        !L->gate_in || !L->up_in || !L->down_in))) {
             bn_set_err(err, errlen, "layer %d: missing norm weights", l);
             return NULL;
         }
@@ -197,6 +203,8 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     ctx->rope_sin = alloc_array((size_t)n_ctx * (size_t)(D / 2), sizeof(float), &failed);
     ctx->x = alloc_array(T * (size_t)E, sizeof(float), &failed);
     ctx->h = alloc_array(T * (size_t)ctx->n_wide, sizeof(float), &failed);
+    if (m->arch->proj_in_norms)
+        ctx->h_in = alloc_array(T * (size_t)ctx->n_wide, sizeof(float), &failed);
     ctx->q = alloc_array(T * (size_t)ctx->q_dim, sizeof(float), &failed);
     ctx->k = alloc_array(T * (size_t)ctx->kv_dim, sizeof(float), &failed);
     ctx->v = alloc_array(T * (size_t)ctx->kv_dim, sizeof(float), &failed);

@@ -50,6 +50,8 @@ struct bn_context {
     float *x;                 /* [T][n_embd] f32: the residual stream */
     float *h;                 /* [T][n] f32, n = n_embd or n_ff: RMSNorm output, the input
                                * of the next BitLinear (n_wide wide when allocated) */
+    float *h_in;              /* [T][n] f32: a projection's input norm of h (n_wide wide;
+                               * only for graphs with input norms, model-format §10.5.2) */
     float *q;                 /* [T][n_head][head_dim] f32: queries (q_dim wide) */
     float *k;                 /* [T][n_head_kv][head_dim] f32: keys of this chunk */
     float *v;                 /* [T][n_head_kv][head_dim] f32: values of this chunk */

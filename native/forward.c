@@ -92,13 +92,16 @@ static void rmsnorm(const float *x, const float *w, int32_t n, float eps, float 
 
 /* RMSNorm of every token row of src (n wide) with weights w into ctx->h, then its int8
  * quantization into ctx->qa, qa_s, qa_sum (model-format §5.4.1-§5.4.2). w NULL: quantize
- * src itself, for graphs without a norm at that point (model-format §10.4.2). Per token, so
- * the result never depends on the split across threads. */
+ * src itself, for graphs without a norm at that point (model-format §10.4.2). w_in: a second
+ * RMSNorm, the projection's own input norm (model-format §10.5.2), applied to that result
+ * into ctx->h_in before the quantization; NULL for graphs without it. Per token, so the
+ * result never depends on the split across threads. */
 typedef struct {
     bn_context *ctx;
     const bn_kernel_set *k;
-    const float *src; /* [T][n] f32: rows to normalise */
-    const float *w;   /* [n] f32: the norm's weights, or NULL for no norm */
+    const float *src;  /* [T][n] f32: rows to normalise */
+    const float *w;    /* [n] f32: the norm's weights, or NULL for no norm */
+    const float *w_in; /* [n] f32: the projection's input norm, or NULL */
     int32_t n;
     bn_queue queue; /* over the T tokens */
 } norm_quant_job;
@@ -119,20 +122,28 @@ static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
                 rmsnorm(h, job->w, job->n, ctx->hp.rms_eps, hn);
                 h = hn;
             }
-            job->k->quantize(h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
+            if (job->w_in) {
+                float *hn = ctx->h_in + (size_t)i * n;
+                rmsnorm(h, job->w_in, job->n, ctx->hp.rms_eps, hn);
+                h = hn;
+            }
+            /* Q2_0 reads the natural layout (model-format §10.6.2) */
+            (ctx->m->arch->weight_format == BN_WFMT_Q2_0 ? job->k->q2_0_quantize
+                                                         : job->k->quantize)(
+                h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
         }
 }
 
 static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *src, const float *w,
-                          int32_t n, int32_t T)
+                          const float *w_in, int32_t n, int32_t T)
 {
-    norm_quant_job job = {ctx, k, src, w, n, {0}};
+    norm_quant_job job = {ctx, k, src, w, w_in, n, {0}};
     bn_queue_init(&job.queue, T, bn_pool_threads(ctx->pool), 1, 1);
     if (T == 1)
         norm_quant_worker(&job, 0, 1); /* not worth waking the pool */
     else
         bn_pool_run(ctx->pool, norm_quant_worker, &job);
-    if (k->prepare)
+    if (k->prepare && ctx->m->arch->weight_format == BN_WFMT_I2_S) /* Q2_0 reads qa itself */
         k->prepare(ctx->qa, n, n, T, ctx->qa_tiles);
 }
 
@@ -165,8 +176,8 @@ static void matmul_worker(void *arg, int32_t ith, int32_t nth)
             int64_t a = lo > base ? lo : base;
             int64_t b = hi < base + w->n_out ? hi : base + w->n_out;
             if (a < b)
-                job->k->ternary(w, (int32_t)(a - base), (int32_t)(b - base), job->a,
-                                job->parts[p].y, w->n_out);
+                (w->fmt == BN_WFMT_Q2_0 ? job->k->q2_0 : job->k->ternary)(
+                    w, (int32_t)(a - base), (int32_t)(b - base), job->a, job->parts[p].y, w->n_out);
             base += w->n_out;
         }
     }
@@ -396,6 +407,24 @@ static void silu_mul(float *restrict g, const float *restrict u, size_t n)
         g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* ------------------------------------------------------- model-format §10.6.3 Q2_0 embedding row
+ */
+
+/* out[0..n_in) = row r of a Q2_0 matrix, dequantized: (code - 1) * d, exact in f32. */
+static void q2_0_row(const bn_ternary *w, int32_t r, float *out)
+{
+    const int32_t nb = w->n_in / 64;
+    const uint8_t *row = w->codes + (size_t)r * (size_t)nb * BN_Q2_0_BLOCK;
+    for (int32_t g = 0; g < nb; g++) {
+        const uint8_t *b = row + (size_t)g * BN_Q2_0_BLOCK;
+        uint16_t h;
+        memcpy(&h, b, sizeof h);
+        const float d = bn_f16_to_f32(h);
+        for (int j = 0; j < 64; j++)
+            out[g * 64 + j] = (float)(((b[2 + j / 4] >> (2 * (j % 4))) & 3) - 1) * d;
+    }
+}
+
 /* ---------------------------------------------------------------- model-format §5.3 output head */
 
 /* logits = head (F16) . y for n_tok rows y (model-format §5.3), vocabulary rows shared out. */
@@ -434,21 +463,50 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     const bn_arch *arch = m->arch; /* which variant of a step (model-format §10.1) */
     const int adjacent = arch->rope_pairing == BN_ROPE_ADJACENT;
 
-    /* 1. (model-format §5.1) x = the token's row of token_embd, F16 -> F32 */
-    for (int32_t i = 0; i < T; i++)
-        bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
+    /* 1. (model-format §5.1) x = the token's row of token_embd, F16 -> F32; a Q2_0 row is
+     * dequantized, (code - 1) * d (§10.6.3) */
+    for (int32_t i = 0; i < T; i++) {
+        if (m->tok_embd)
+            bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
+        else
+            q2_0_row(&m->tok_embd_q2, ctx->tok_id[i], ctx->x + (size_t)i * E);
+    }
 
     /* 2. (model-format §5.2) every layer, for all T tokens at once */
     for (int32_t l = 0; l < hp->n_layer; l++) {
         const bn_layer *L = &m->layers[l];
 
         /* 2.1 (model-format §5.2.1) h = RMSNorm(x, attn_norm), quantized once for q, k and v
-         * (§5.4.1-§5.4.2) */
-        norm_quantize(ctx, k, ctx->x, L->attn_norm, E, T);
+         * (§5.4.1-§5.4.2); with input norms each projection quantizes its own
+         * RMSNorm(h, <proj>_norm_in) (§10.5.2) */
         bn_qact a = {ctx->qa, E, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
+        if (arch->proj_in_norms) {
+            /* 2.2 (model-format §5.2.2) q, k, v = BitLinear(...), one after the other */
+            norm_quantize(ctx, k, ctx->x, L->attn_norm, L->q_in, E, T);
+            run_matmul(ctx, k, &a, &L->wq, ctx->q, NULL, NULL, NULL, NULL);
+            norm_quantize(ctx, k, ctx->h, NULL, L->k_in, E, T);
+            run_matmul(ctx, k, &a, &L->wk, ctx->k, NULL, NULL, NULL, NULL);
+            norm_quantize(ctx, k, ctx->h, NULL, L->v_in, E, T);
+            run_matmul(ctx, k, &a, &L->wv, ctx->v, NULL, NULL, NULL, NULL);
+        } else {
+            norm_quantize(ctx, k, ctx->x, L->attn_norm, NULL, E, T);
+            /* 2.2 (model-format §5.2.2) q, k, v = BitLinear(h, attn_q / attn_k / attn_v) */
+            run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
+        }
 
-        /* 2.2 (model-format §5.2.2) q, k, v = BitLinear(h, attn_q / attn_k / attn_v) */
-        run_matmul(ctx, k, &a, &L->wq, ctx->q, &L->wk, ctx->k, &L->wv, ctx->v);
+        /* 2.2a (model-format §10.5.2) QK-norm: RMSNorm of every head of q and k over its D
+         * dimensions, before RoPE */
+        if (arch->qk_norm)
+            for (int32_t i = 0; i < T; i++) {
+                for (int32_t hd = 0; hd < hp->n_head; hd++) {
+                    float *v = ctx->q + (size_t)i * qd + (size_t)hd * D;
+                    rmsnorm(v, L->attn_q_norm, D, eps, v);
+                }
+                for (int32_t hd = 0; hd < hp->n_head_kv; hd++) {
+                    float *v = ctx->k + (size_t)i * kvd + (size_t)hd * D;
+                    rmsnorm(v, L->attn_k_norm, D, eps, v);
+                }
+            }
 
         /* 2.3 (model-format §5.2.3) RoPE on every head of q and k at the token's position,
          * pairs as the description says (§10.1.3) */
@@ -477,7 +535,7 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
 
         /* 2.6 (model-format §5.2.6) RMSNorm(att, attn_sub_norm), quantized; without
          * sub-norms att itself is quantized (§10.1.1) */
-        norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, qd, T);
+        norm_quantize(ctx, k, ctx->att, L->attn_sub_norm, L->o_in, qd, T);
         bn_qact ao = {ctx->qa, qd, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
 
         /* 2.7 (model-format §5.2.7) x = x + BitLinear(that, attn_output) */
@@ -485,9 +543,17 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         add_rows(ctx->x, ctx->tmp, (size_t)T * E);
 
         /* 2.8 (model-format §5.2.8) h = RMSNorm(x, ffn_norm), quantized once;
-         * g, u = BitLinear(h, ffn_gate / ffn_up) */
-        norm_quantize(ctx, k, ctx->x, L->ffn_norm, E, T);
-        run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
+         * g, u = BitLinear(h, ffn_gate / ffn_up); with input norms, one quantization each
+         * (§10.5.2) */
+        if (arch->proj_in_norms) {
+            norm_quantize(ctx, k, ctx->x, L->ffn_norm, L->gate_in, E, T);
+            run_matmul(ctx, k, &a, &L->w_gate, ctx->g, NULL, NULL, NULL, NULL);
+            norm_quantize(ctx, k, ctx->h, NULL, L->up_in, E, T);
+            run_matmul(ctx, k, &a, &L->w_up, ctx->u, NULL, NULL, NULL, NULL);
+        } else {
+            norm_quantize(ctx, k, ctx->x, L->ffn_norm, NULL, E, T);
+            run_matmul(ctx, k, &a, &L->w_gate, ctx->g, &L->w_up, ctx->u, NULL, NULL);
+        }
 
         /* 2.9 (model-format §5.2.9) f = max(g, 0)^2 * u (in g), or silu(g) * u (§10.1.2),
          * then RMSNorm(f, ffn_sub_norm) when the graph has it, quantized */
@@ -495,7 +561,7 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
             silu_mul(ctx->g, ctx->u, (size_t)T * F);
         else
             relu_sq_mul(ctx->g, ctx->u, (size_t)T * F);
-        norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, F, T);
+        norm_quantize(ctx, k, ctx->g, L->ffn_sub_norm, L->down_in, F, T);
         bn_qact af = {ctx->qa, F, T, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
 
         /* 2.10 (model-format §5.2.10) x = x + BitLinear(f, ffn_down) */
@@ -518,7 +584,14 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         rmsnorm(ctx->x + (size_t)i * E, m->output_norm, E, eps, ctx->ynorm + (size_t)n_out * E);
         n_out++;
     }
-    if (n_out > 0) {
+    if (n_out > 0 && !m->head) {
+        /* 3.2 (model-format §10.6.3) a Q2_0 head: the rows quantized per token as for any
+         * Q2_0 product */
+        float *y = ctx->logits + (size_t)first_row * hp->n_vocab;
+        norm_quantize(ctx, k, ctx->ynorm, NULL, NULL, E, n_out);
+        bn_qact ay = {ctx->qa, E, n_out, ctx->qa_s, ctx->qa_sum, ctx->qa_tiles};
+        run_matmul(ctx, k, &ay, &m->head_q2, y, NULL, NULL, NULL, NULL);
+    } else if (n_out > 0) {
         float *y = ctx->logits + (size_t)first_row * hp->n_vocab;
         head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm, y, {0}};
         bn_queue_init(&hj.queue, hp->n_vocab, bn_pool_threads(ctx->pool), 4, 16);

@@ -62,6 +62,8 @@ struct bn_gguf {
 /* ---- errors ---- */
 
 /* A file-supplied name made safe to print: printable ASCII only, cut at 80 bytes. */
+static int q2_0_room(const bn_gguf *g, uint64_t data_size, char *err, size_t errlen);
+
 static void printable(char *out, size_t outlen, const char *s, size_t len)
 {
     size_t j = 0;
@@ -109,6 +111,7 @@ static const char *ggml_type_name(uint32_t t)
     case 28: return "F64";
     case 30: return "BF16";
     case 36: return "I2_S";
+    case 42: return "Q2_0";
     default: return "unknown";
     }
 }
@@ -439,8 +442,16 @@ static int tensor_nbytes(reader *r, const bn_gguf_tensor *t, uint64_t n, uint64_
                         (unsigned long long)t->ne[0]);
         *out = n / 4 + 32; /* codes, then the f32 scale and 28 padding bytes */
         return 0;
+    case 42: /* Q2_0, model-format §10.6.1: 18-byte blocks of 64 weights along ne[0] */
+        if (t->ne[0] % 64 != 0)
+            return fail(r, "Q2_0 tensor ne[0] = %llu is not a multiple of 64",
+                        (unsigned long long)t->ne[0]);
+        *out = n / 64 * 18;
+        return 0;
     default:
-        return fail(r, "unsupported tensor type %u (%s); only F32 (0), F16 (1) and I2_S (36)",
+        return fail(r,
+                    "unsupported tensor type %u (%s); only F32 (0), F16 (1), I2_S (36) and "
+                    "Q2_0 (42)",
                     t->type, ggml_type_name(t->type));
     }
 }
@@ -627,7 +638,73 @@ static int parse(bn_gguf *g, char *err, size_t errlen)
         }
         t->data = g->base + data_off + t->offset;
     }
-    return 0;
+    return q2_0_room(g, data_size, err, errlen);
+}
+
+/* PrismML's earlier files use type 42 for Q2_0 with 128-weight blocks of 34 bytes, less data
+ * than the 64-weight blocks of 18 bytes of mainline Q2_0 (model-format §10.6.1). Nothing in
+ * the header tells them apart, so every Q2_0 tensor's data must fit before the next tensor's
+ * (or the end of the data section): a g128 file fails this, and is named. */
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int q2_0_room(const bn_gguf *g, uint64_t data_size, char *err, size_t errlen)
+{
+    uint64_t n42 = 0;
+    for (uint64_t i = 0; i < g->n_tensors; i++)
+        n42 += g->tensors[i].type == 42;
+    if (n42 == 0)
+        return 0;
+    uint64_t *offs = malloc((size_t)g->n_tensors * sizeof *offs);
+    if (!offs) {
+        bn_set_err(err, errlen, "out of memory");
+        return -1;
+    }
+    for (uint64_t i = 0; i < g->n_tensors; i++)
+        offs[i] = g->tensors[i].offset;
+    qsort(offs, (size_t)g->n_tensors, sizeof *offs, cmp_u64);
+    int rc = 0;
+    for (uint64_t i = 0; i < g->n_tensors && rc == 0; i++) {
+        const bn_gguf_tensor *t = &g->tensors[i];
+        if (t->type != 42)
+            continue;
+        uint64_t end = data_size; /* the next larger offset, else the end of the data */
+        size_t lo = 0, hi = (size_t)g->n_tensors;
+        while (lo < hi) {
+            size_t mid = lo + (hi - lo) / 2;
+            if (offs[mid] <= t->offset)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (lo < (size_t)g->n_tensors)
+            end = offs[lo];
+        if (t->nbytes <= end - t->offset)
+            continue;
+        char name[96];
+        printable(name, sizeof name, t->name, t->name_len);
+        uint64_t n = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
+        /* g128: the next tensor starts at the first aligned offset after 34-byte blocks */
+        const uint64_t g128 = n / 128 * 34, room = end - t->offset;
+        if (t->ne[0] % 128 == 0 && g128 <= room && room < g128 + g->alignment)
+            bn_set_err(err, errlen,
+                       "tensor '%s': type 42 data has room for %llu bytes, less than the %llu "
+                       "of Q2_0 (18-byte blocks of 64 weights): this looks like the older "
+                       "PrismML variant of type 42 (34-byte blocks of 128), which is not "
+                       "supported; use a mainline Q2_0 (g64) file",
+                       name, (unsigned long long)(end - t->offset), (unsigned long long)t->nbytes);
+        else
+            bn_set_err(err, errlen,
+                       "tensor '%s': Q2_0 data of %llu bytes overlaps the next tensor (room "
+                       "for %llu bytes)",
+                       name, (unsigned long long)t->nbytes, (unsigned long long)(end - t->offset));
+        rc = -1;
+    }
+    free(offs);
+    return rc;
 }
 
 /* ---- public reader API ---- */

@@ -11,6 +11,7 @@
  * refused (model-format §10.3).
  */
 #include "error.h"
+#include "kernels/kernels.h"
 #include "model.h"
 
 #include <math.h>
@@ -43,6 +44,7 @@ static const char *type_name(uint32_t t)
     case BN_TYPE_F32: return "F32";
     case BN_TYPE_F16: return "F16";
     case BN_TYPE_I2_S: return "I2_S";
+    case BN_TYPE_Q2_0: return "Q2_0";
     default: return "?";
     }
 }
@@ -113,13 +115,17 @@ static int read_architecture(loader *L)
     if (!s)
         return lfail(L, "key 'general.architecture' has type %s, expected string",
                      meta_type_name(bn_meta_type(L->m, idx)));
-    const bn_arch *a = bn_arch_find(s, len);
+    /* one architecture name can cover graphs that differ by the weight format of their
+     * projections (model-format §10.2): the type of the first one picks the description */
+    const bn_gguf_tensor *q0 = bn_gguf_tensor_find(L->m->file, "blk.0.attn_q.weight");
+    const bn_arch *a = bn_arch_find(s, len, q0 ? (int64_t)q0->type : -1);
     if (a) {
         memcpy(L->arch, s, len); /* len < sizeof L->arch: every table name is short */
         L->arch[len] = '\0';
         L->a = a;
         L->m->arch = a;
-        if (a->weight_format != BN_WFMT_I2_S) /* model-format §10.1.5 */
+        if (a->weight_format != BN_WFMT_I2_S &&
+            a->weight_format != BN_WFMT_Q2_0) /* model-format §10.1.5 */
             return lfail(L, "architecture '%s': its weight format is not implemented", L->arch);
         return 0;
     }
@@ -207,6 +213,7 @@ static int read_hparams(loader *L)
     bn_hparams *hp = &L->m->hp;
     const bn_arch *arch = L->a;
     memcpy(hp->architecture, L->arch, sizeof hp->architecture);
+    hp->pooling = arch->pooling;
     if (arch_int(L, "context_length", 1, &hp->n_ctx_train) < 0 ||
         arch_int(L, "embedding_length", 1, &hp->n_embd) < 0 ||
         arch_int(L, "block_count", 1, &hp->n_layer) < 0 ||
@@ -308,8 +315,59 @@ static const float *need_f32(loader *L, const char *name, int64_t n)
     return v;
 }
 
+/* A norm weight vector of the graph's norm type (model-format §10.1.1): F32 read in place,
+ * F16 converted once to an f32 copy the model owns (so the forward pass reads f32 either way
+ * and allocates nothing). Checked finite, as need_f32. */
+static const float *need_norm(loader *L, const char *name, int64_t n)
+{
+    if (!L->a->norms_f16)
+        return need_f32(L, name, n);
+    const bn_gguf_tensor *t = need_tensor(L, name, BN_TYPE_F16, n, 0);
+    if (!t)
+        return NULL;
+    bn_model *m = L->m;
+    if (m->n_norm_copies == m->cap_norm_copies) {
+        lfail(L, "tensor '%s': more norm tensors than the graph has", name);
+        return NULL;
+    }
+    float *v = malloc((size_t)n * sizeof *v); /* n is backed by the file's data */
+    if (!v) {
+        lfail(L, "out of memory");
+        return NULL;
+    }
+    m->norm_copies[m->n_norm_copies++] = v;
+    for (int64_t i = 0; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, t->data + 2 * i, sizeof h);
+        v[i] = bn_f16_to_f32(h);
+        if (!isfinite(v[i])) {
+            lfail(L, "tensor '%s' has a non-finite value at index %lld", name, (long long)i);
+            return NULL;
+        }
+    }
+    return v;
+}
+
+/* A Q2_0 matrix (model-format §10.6.1): the reader checked ne[0] % 64 == 0 and that the
+ * n/64 blocks of 18 bytes fit before the next tensor; the scales are read as they are used
+ * (a non-finite one only makes that row's outputs non-finite). */
+static int need_q2_0(loader *L, const char *name, int32_t n_in, int32_t n_out, bn_ternary *out)
+{
+    const bn_gguf_tensor *t = need_tensor(L, name, BN_TYPE_Q2_0, n_in, n_out);
+    if (!t)
+        return -1;
+    out->codes = t->data;
+    out->scale = 0.0f;
+    out->n_in = n_in;
+    out->n_out = n_out;
+    out->fmt = BN_WFMT_Q2_0;
+    return 0;
+}
+
 static int need_ternary(loader *L, const char *name, int32_t n_in, int32_t n_out, bn_ternary *out)
 {
+    if (L->a->weight_format == BN_WFMT_Q2_0)
+        return need_q2_0(L, name, n_in, n_out, out);
     const bn_gguf_tensor *t = need_tensor(L, name, BN_TYPE_I2_S, n_in, n_out);
     if (!t)
         return -1;
@@ -323,6 +381,7 @@ static int need_ternary(loader *L, const char *name, int32_t n_in, int32_t n_out
     out->scale = scale;
     out->n_in = n_in;
     out->n_out = n_out;
+    out->fmt = BN_WFMT_I2_S;
     return 0;
 }
 
@@ -365,38 +424,80 @@ static int refuse_foreign(loader *L, int32_t il)
     return 0;
 }
 
+/* Every per-layer tensor of the graph exists in layer 0, checked by name before the
+ * block_count plausibility check: a file that lacks a whole group (the input norms of
+ * model-format §10.5.2, say) is named for what it lacks, not for its tensor count. */
+static int first_layer_complete(loader *L)
+{
+    static const char *const BASE[] = {"attn_norm.weight", "attn_q.weight",      "attn_k.weight",
+                                       "attn_v.weight",    "attn_output.weight", "ffn_norm.weight",
+                                       "ffn_gate.weight",  "ffn_up.weight",      "ffn_down.weight"};
+    const size_t n_base = sizeof BASE / sizeof BASE[0];
+    const size_t n_opt = sizeof OPTIONAL_TENSORS / sizeof OPTIONAL_TENSORS[0];
+    char name[64];
+    for (size_t i = 0; i < n_base + n_opt; i++) {
+        const char *suffix = i < n_base ? BASE[i] : OPTIONAL_TENSORS[i - n_base].suffix;
+        if (i >= n_base) {
+            uint8_t has;
+            memcpy(&has, (const char *)L->a + OPTIONAL_TENSORS[i - n_base].flag, 1);
+            if (!has)
+                continue;
+        }
+        snprintf(name, sizeof name, "blk.0.%s", suffix);
+        if (!bn_gguf_tensor_find(L->m->file, name))
+            return lfail(L, "missing tensor '%s' (the %s graph has it in every layer)", name,
+                         L->a->graph);
+    }
+    return 0;
+}
+
 static int load_layer(loader *L, int32_t il, bn_layer *ly)
 {
     const bn_hparams *hp = &L->m->hp;
-    int32_t E = hp->n_embd, F = hp->n_ff;
+    int32_t E = hp->n_embd, F = hp->n_ff, D = hp->head_dim;
     int32_t q_dim = hp->n_head * hp->head_dim, kv_dim = hp->n_head_kv * hp->head_dim;
-    const int sub = L->a->sub_norms;
+    const int sub = L->a->sub_norms, qk = L->a->qk_norm, pin = L->a->proj_in_norms;
     if (refuse_foreign(L, il))
         return -1;
     char name[64];
 #define NAME(suffix) (snprintf(name, sizeof name, "blk.%d." suffix, il), name)
-    if (!(ly->attn_norm = need_f32(L, NAME("attn_norm.weight"), E)))
+/* the input norm of a projection (model-format §10.5.2), when the graph has them */
+#define NORM_IN(field, suffix, n)                                                                  \
+    if (pin && !(ly->field = need_norm(L, NAME(suffix "_norm_in.weight"), n)))                     \
         return -1;
+    if (!(ly->attn_norm = need_norm(L, NAME("attn_norm.weight"), E)))
+        return -1;
+    NORM_IN(q_in, "attn_q", E)
     if (need_ternary(L, NAME("attn_q.weight"), E, q_dim, &ly->wq))
         return -1;
+    NORM_IN(k_in, "attn_k", E)
     if (need_ternary(L, NAME("attn_k.weight"), E, kv_dim, &ly->wk))
         return -1;
+    NORM_IN(v_in, "attn_v", E)
     if (need_ternary(L, NAME("attn_v.weight"), E, kv_dim, &ly->wv))
         return -1;
-    if (sub && !(ly->attn_sub_norm = need_f32(L, NAME("attn_sub_norm.weight"), q_dim)))
+    if (qk && (!(ly->attn_q_norm = need_norm(L, NAME("attn_q_norm.weight"), D)) ||
+               !(ly->attn_k_norm = need_norm(L, NAME("attn_k_norm.weight"), D))))
         return -1;
+    if (sub && !(ly->attn_sub_norm = need_norm(L, NAME("attn_sub_norm.weight"), q_dim)))
+        return -1;
+    NORM_IN(o_in, "attn_output", q_dim)
     if (need_ternary(L, NAME("attn_output.weight"), q_dim, E, &ly->wo))
         return -1;
-    if (!(ly->ffn_norm = need_f32(L, NAME("ffn_norm.weight"), E)))
+    if (!(ly->ffn_norm = need_norm(L, NAME("ffn_norm.weight"), E)))
         return -1;
+    NORM_IN(gate_in, "ffn_gate", E)
     if (need_ternary(L, NAME("ffn_gate.weight"), E, F, &ly->w_gate))
         return -1;
+    NORM_IN(up_in, "ffn_up", E)
     if (need_ternary(L, NAME("ffn_up.weight"), E, F, &ly->w_up))
         return -1;
-    if (sub && !(ly->ffn_sub_norm = need_f32(L, NAME("ffn_sub_norm.weight"), F)))
+    if (sub && !(ly->ffn_sub_norm = need_norm(L, NAME("ffn_sub_norm.weight"), F)))
         return -1;
+    NORM_IN(down_in, "ffn_down", F)
     if (need_ternary(L, NAME("ffn_down.weight"), F, E, &ly->w_down))
         return -1;
+#undef NORM_IN
 #undef NAME
     return 0;
 }
@@ -411,9 +512,16 @@ static int load_vocab(loader *L)
         return lfail(L, "tensor 'token_embd.weight' has %llu rows, too many",
                      (unsigned long long)emb->ne[1]);
     hp->n_vocab = (int32_t)emb->ne[1];
-    if (!need_tensor(L, "token_embd.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
-        return -1;
-    L->m->tok_embd = (const uint16_t *)(const void *)emb->data;
+    /* the Q2_0 graph's token_embd and head may be Q2_0 or F16 (model-format §10.6.3) */
+    const int q2 = L->a->weight_format == BN_WFMT_Q2_0;
+    if (q2 && emb->type == BN_TYPE_Q2_0) {
+        if (need_q2_0(L, "token_embd.weight", hp->n_embd, hp->n_vocab, &L->m->tok_embd_q2))
+            return -1;
+    } else {
+        if (!need_tensor(L, "token_embd.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
+            return -1;
+        L->m->tok_embd = (const uint16_t *)(const void *)emb->data;
+    }
 
     int32_t vocab_size = 0;
     int r = arch_int(L, "vocab_size", 0, &vocab_size);
@@ -437,12 +545,18 @@ static int load_vocab(loader *L)
 
     const bn_gguf_tensor *out = bn_gguf_tensor_find(L->m->file, "output.weight");
     if (out) {
-        if (!need_tensor(L, "output.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
-            return -1;
-        L->m->head = (const uint16_t *)(const void *)out->data;
+        if (q2 && out->type == BN_TYPE_Q2_0) {
+            if (need_q2_0(L, "output.weight", hp->n_embd, hp->n_vocab, &L->m->head_q2))
+                return -1;
+        } else {
+            if (!need_tensor(L, "output.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
+                return -1;
+            L->m->head = (const uint16_t *)(const void *)out->data;
+        }
         hp->tied_head = 0;
     } else {
         L->m->head = L->m->tok_embd;
+        L->m->head_q2 = L->m->tok_embd_q2;
         hp->tied_head = 1;
     }
     return 0;
@@ -470,6 +584,8 @@ bn_model *bn_model_load(const char *path, char *err, size_t errlen)
     /* Each layer has a fixed number of tensors (11 for BitNet): a block_count the file
      * cannot back is rejected before the layer array is allocated. */
     const int32_t per_layer = bn_arch_layer_tensors(m->arch);
+    if (first_layer_complete(&L))
+        goto fail;
     if ((uint64_t)hp->n_layer > bn_gguf_tensor_count(m->file) / (uint64_t)per_layer) {
         lfail(&L, "%s.block_count %d needs %lld tensors, the file has %llu", L.arch, hp->n_layer,
               (long long)per_layer * hp->n_layer,
@@ -481,14 +597,19 @@ bn_model *bn_model_load(const char *path, char *err, size_t errlen)
         goto fail;
     }
     m->layers = calloc((size_t)hp->n_layer, sizeof *m->layers);
-    if (!m->layers) {
+    if (m->arch->norms_f16) {
+        /* every norm of the graph, plus output_norm */
+        m->cap_norm_copies = (size_t)hp->n_layer * (size_t)per_layer + 1;
+        m->norm_copies = calloc(m->cap_norm_copies, sizeof *m->norm_copies);
+    }
+    if (!m->layers || (m->arch->norms_f16 && !m->norm_copies)) {
         lfail(&L, "out of memory");
         goto fail;
     }
     for (int32_t il = 0; il < hp->n_layer; il++)
         if (load_layer(&L, il, &m->layers[il]))
             goto fail;
-    if (!(m->output_norm = need_f32(&L, "output_norm.weight", hp->n_embd)))
+    if (!(m->output_norm = need_norm(&L, "output_norm.weight", hp->n_embd)))
         goto fail;
 
     hp->file_size = bn_gguf_file_size(m->file);
@@ -508,6 +629,9 @@ void bn_model_free(bn_model *m)
     if (!m)
         return;
     free(m->layers);
+    for (size_t i = 0; i < m->n_norm_copies; i++)
+        free(m->norm_copies[i]);
+    free(m->norm_copies);
     bn_gguf_close(m->file);
     free(m);
 }

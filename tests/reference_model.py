@@ -1,11 +1,17 @@
-"""An independent numpy reference of the BitNet b1.58 forward pass, and of the Llama graph
-with I2_S projections (Falcon3-1.58bit and kin).
+"""An independent numpy reference of the BitNet b1.58 forward pass, of the Llama graph
+with I2_S projections (Falcon3-1.58bit and kin), and of the Qwen3 graph of the BitNet
+embedding model (BitNet-embedding-0.6B).
 
 Written from docs/spec/model-format.md only (model-format §1, §4 and §5; the Llama graph from
 the published math as model-format §10.4 states it (from the families fact sheet): no sub-norms,
 SiLU-gated FFN, RoPE on adjacent pairs, head_dim from rope.dimension_count), not from any
 engine code: its own GGUF reader (a plain struct walk), its own I2_S decoder, and the forward
-pass step by step as the spec lists it.
+pass step by step as the spec lists it. The Qwen3 embedding graph is written from the
+published math as the families fact sheet states it (model-families B.1 "Forward"): every
+projection P computes x -> RMSNorm(x) * P_norm_in -> per-token int8 -> ternary matmul ->
+* scale; per-head RMSNorm of q and k (attn_q_norm / attn_k_norm) before NeoX RoPE; SiLU gate;
+no sub-norms; the output is RMSNorm(x) * output_norm, pooled at the last token and
+L2-normalised.
 
 Precision: activations are float32 wherever the spec says F32 (so that the int8 activation
 quantization sees the same values an F32 engine sees, up to summation order); the ternary
@@ -30,7 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-F32, F16, I2_S = 0, 1, 36
+F32, F16, I2_S, Q2_0 = 0, 1, 36, 42
 
 # GGUF metadata value types (spec 1.2): struct format for the fixed-size ones.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -79,6 +85,8 @@ def tensor_nbytes(ne: tuple[int, ...], ggml_type: int) -> int:
         return 2 * n
     if ggml_type == I2_S:
         return n // 4 + 32
+    if ggml_type == Q2_0:
+        return n // 64 * 18
     raise GGUFFormatError(f"tensor type {ggml_type} not used by this model")
 
 
@@ -165,6 +173,20 @@ def decode_i2s(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.float3
     return block.reshape(rows, cols), scale
 
 
+def decode_q2_0(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Q2_0 bytes -> (ternary-or-+2 int8 (rows, cols) = code - 1, scales float32 (rows,
+    cols/64)), per the fact sheet (model-families C.1): 18-byte blocks of 64 weights, an fp16
+    d then 16 bytes, weight j of a block at bits 2*(j mod 4) of byte j div 4."""
+    blocks = np.frombuffer(data, dtype=np.uint8, count=rows * cols // 64 * 18)
+    blocks = blocks.reshape(rows, cols // 64, 18)
+    d = np.frombuffer(blocks[..., :2].tobytes(), dtype="<f2").reshape(rows, cols // 64)
+    qs = blocks[..., 2:]
+    vals = np.empty((rows, cols // 64, 64), dtype=np.int8)
+    for j in range(64):
+        vals[..., j] = ((qs[..., j // 4] >> (2 * (j % 4))) & 3).astype(np.int8) - 1
+    return vals.reshape(rows, cols), d.astype(np.float32)
+
+
 @dataclass
 class ReferenceWeights:
     arch: str
@@ -176,9 +198,11 @@ class ReferenceWeights:
     n_vocab: int
     rms_eps: float
     rope_base: float
-    tensors: dict[str, np.ndarray]  # F32/F16 as float32, I2_S as int8 ternary
+    tensors: dict[str, np.ndarray]  # F32/F16 as float32, I2_S and Q2_0 as int8 code - 1
     scales: dict[str, np.float32]
     head_dim: int = 0  # D; 0 means n_embd // n_head
+    #: per-64 scales of the Q2_0 tensors (rows, cols / 64) float32
+    group_scales: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -189,6 +213,22 @@ class ReferenceWeights:
         """The Llama graph: no sub-norms, SiLU gate, adjacent-pair RoPE."""
         return self.arch == "llama"
 
+    @property
+    def is_qwen3(self) -> bool:
+        """The Qwen3 embedding graph: input norms, QK-norm, SiLU gate, NeoX RoPE."""
+        return self.arch == "qwen3" and not self.is_bonsai
+
+    @property
+    def is_bonsai(self) -> bool:
+        """Ternary Bonsai: the Qwen3 graph with Q2_0 weights and no input norms."""
+        return self.arch == "qwen3" and "blk.0.attn_q.weight" in self.group_scales
+
+    def dequantized(self, name: str) -> np.ndarray:
+        """A Q2_0 matrix as float32 values (code - 1) * d."""
+        t, d = self.tensors[name], self.group_scales[name]
+        rows, cols = t.shape
+        return (t.reshape(rows, cols // 64, 64) * d[..., None]).reshape(rows, cols)
+
 
 def load_reference(path: str | Path) -> ReferenceWeights:
     f = read_gguf(path)
@@ -196,6 +236,7 @@ def load_reference(path: str | Path) -> ReferenceWeights:
     arch = md["general.architecture"]
     tensors: dict[str, np.ndarray] = {}
     scales: dict[str, np.float32] = {}
+    group_scales: dict[str, np.ndarray] = {}
     for name, info in f.tensors.items():
         data = f.tensor_bytes(name)
         shape = tuple(reversed(info.ne))  # numpy order (rows, cols)
@@ -205,9 +246,11 @@ def load_reference(path: str | Path) -> ReferenceWeights:
             tensors[name] = np.frombuffer(data, dtype=np.float16).reshape(shape).astype(np.float32)
         elif info.ggml_type == I2_S:
             tensors[name], scales[name] = decode_i2s(data, *shape)
+        elif info.ggml_type == Q2_0:
+            tensors[name], group_scales[name] = decode_q2_0(data, *shape)
     n_embd, n_head = md[f"{arch}.embedding_length"], md[f"{arch}.attention.head_count"]
     head_dim = n_embd // n_head
-    if arch == "llama":  # key_length when present, else rope.dimension_count, else E / H
+    if arch in ("llama", "qwen3"):  # key_length when present, else rope.dimension_count, else E / H
         head_dim = md.get(f"{arch}.attention.key_length",
                           md.get(f"{arch}.rope.dimension_count", head_dim))
     return ReferenceWeights(
@@ -223,6 +266,7 @@ def load_reference(path: str | Path) -> ReferenceWeights:
         rope_base=md[f"{arch}.rope.freq_base"],
         tensors=tensors,
         scales=scales,
+        group_scales=group_scales,
     )
 
 
@@ -249,6 +293,8 @@ def bitlinear(q: np.ndarray, s: np.ndarray, w: np.ndarray, scale: np.float32) ->
 
 #: The quantization points of a layer, in order.
 QUANT_POINTS = ("attn_in", "attn_out", "ffn_in", "ffn_down")
+#: The Qwen3 embedding graph quantizes each projection's own input.
+QWEN3_QUANT_POINTS = ("q_in", "k_in", "v_in", "attn_out", "gate_in", "up_in", "ffn_down")
 
 
 class Quantizer:
@@ -302,32 +348,77 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
             rope_pairing: Literal["neox", "interleaved"] | None = None,
-            quantizer: Quantizer | None = None, kv_f16: bool = False) -> np.ndarray:
+            quantizer: Quantizer | None = None, kv_f16: bool = False,
+            output: Literal["logits", "hidden"] = "logits",
+            skip_norm_in: bool = False, float_activations: bool = False) -> np.ndarray:
     """Logits (T, n_vocab) float32 for every position of one sequence starting at start_pos
-    (no cache: start_pos only shifts RoPE positions; use 0 for a full prompt).
+    (no cache: start_pos only shifts RoPE positions; use 0 for a full prompt), or with
+    output="hidden" the final-norm rows y (T, n_embd) the head would multiply.
     kv_f16 models an engine whose KV cache holds F16: k (after RoPE) and v rounded to F16.
-    rope_pairing None: the model's own (BitNet neox, Llama interleaved = adjacent pairs)."""
+    rope_pairing None: the model's own (BitNet and Qwen3 neox, Llama interleaved = adjacent
+    pairs). skip_norm_in: leave out the Qwen3 input norms (a wrong model, for tests).
+    Q2_0 weights (Bonsai): each product is sum over blocks g of (exact int sum of (code-1)*q
+    over the block) * d_g, divided by s (the engine's arithmetic, model-format §10.6.2, here
+    in float64); float_activations=True multiplies the float activations by the dequantized
+    weights instead (the model's own math, for the accuracy bar of model-families C.2)."""
     if rope_pairing is None:
         rope_pairing = "interleaved" if weights.is_llama else "neox"
-    llama = weights.is_llama
-    W, S = weights.tensors, weights.scales
+    llama, qwen = weights.is_llama, weights.is_qwen3
+    W, S, G = weights.tensors, weights.scales, weights.group_scales
     eps = weights.rms_eps
     T = len(tokens)
     H, Hkv, D = weights.n_head, weights.n_head_kv, weights.head_dim
     group = H // Hkv
     positions = np.arange(start_pos, start_pos + T)
-    x = W["token_embd.weight"][np.asarray(tokens)].astype(np.float32)
+    if "token_embd.weight" in G:
+        x = weights.dequantized("token_embd.weight")[np.asarray(tokens)]
+    else:
+        x = W["token_embd.weight"][np.asarray(tokens)].astype(np.float32)
     causal = np.triu(np.ones((T, T), dtype=bool), k=1)
 
     quant = quantizer or Quantizer()
 
+    def q2_matmul(layer: int, point: str, inp: np.ndarray, name: str) -> np.ndarray:
+        if float_activations:
+            return (inp.astype(np.float64) @ weights.dequantized(name).T.astype(np.float64)
+                    ).astype(np.float32)
+        qi, si = quant(layer, point, inp)
+        t, d = W[name], G[name]
+        rows, cols = t.shape
+        qg = qi.reshape(qi.shape[0], cols // 64, 64).astype(np.float64)
+        tg = t.reshape(rows, cols // 64, 64).astype(np.float64)
+        isum = np.einsum("tgk,rgk->trg", qg, tg)  # exact integers
+        return ((isum * d[None].astype(np.float64)).sum(axis=-1) / si.astype(np.float64)
+                ).astype(np.float32)
+
+    def proj(layer: int, point: str, name: str, inp: np.ndarray) -> np.ndarray:
+        """One Qwen3 projection: its own input norm, its own quantization, the matmul."""
+        if not skip_norm_in:
+            inp = rms_norm(inp, W[name + "_norm_in.weight"], eps)
+        qi, si = quant(layer, point, inp)
+        return bitlinear(qi, si, W[name + ".weight"], S[name + ".weight"])
+
     for layer in range(weights.n_layer):
         b = f"blk.{layer}."
         h = rms_norm(x, W[b + "attn_norm.weight"], eps)
-        qh, sh = quant(layer, "attn_in", h)
-        q = bitlinear(qh, sh, W[b + "attn_q.weight"], S[b + "attn_q.weight"]).reshape(T, H, D)
-        k = bitlinear(qh, sh, W[b + "attn_k.weight"], S[b + "attn_k.weight"]).reshape(T, Hkv, D)
-        v = bitlinear(qh, sh, W[b + "attn_v.weight"], S[b + "attn_v.weight"]).reshape(T, Hkv, D)
+        if weights.is_bonsai:
+            q = q2_matmul(layer, "attn_in", h, b + "attn_q.weight").reshape(T, H, D)
+            k = q2_matmul(layer, "attn_in", h, b + "attn_k.weight").reshape(T, Hkv, D)
+            v = q2_matmul(layer, "attn_in", h, b + "attn_v.weight").reshape(T, Hkv, D)
+            q = rms_norm(q, W[b + "attn_q_norm.weight"], eps)
+            k = rms_norm(k, W[b + "attn_k_norm.weight"], eps)
+        elif qwen:
+            q = proj(layer, "q_in", b + "attn_q", h).reshape(T, H, D)
+            k = proj(layer, "k_in", b + "attn_k", h).reshape(T, Hkv, D)
+            v = proj(layer, "v_in", b + "attn_v", h).reshape(T, Hkv, D)
+            q = rms_norm(q, W[b + "attn_q_norm.weight"], eps)  # per head, over D
+            k = rms_norm(k, W[b + "attn_k_norm.weight"], eps)
+        else:
+            qh, sh = quant(layer, "attn_in", h)
+            q = bitlinear(qh, sh, W[b + "attn_q.weight"], S[b + "attn_q.weight"])
+            k = bitlinear(qh, sh, W[b + "attn_k.weight"], S[b + "attn_k.weight"])
+            v = bitlinear(qh, sh, W[b + "attn_v.weight"], S[b + "attn_v.weight"])
+            q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
         q = rope(q, positions, weights.rope_base, rope_pairing)
         k = rope(k, positions, weights.rope_base, rope_pairing)
         if kv_f16:
@@ -344,24 +435,54 @@ def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
             p = p / p.sum(axis=-1, keepdims=True)
             heads[:, hh, :] = p @ v[:, kv, :]
         a = heads.reshape(T, H * D)
-        if not llama:
-            a = rms_norm(a, W[b + "attn_sub_norm.weight"], eps)
-        qa, sa = quant(layer, "attn_out", a)
-        x = x + bitlinear(qa, sa, W[b + "attn_output.weight"], S[b + "attn_output.weight"])
+        if weights.is_bonsai:
+            x = x + q2_matmul(layer, "attn_out", a, b + "attn_output.weight")
+        elif qwen:
+            x = x + proj(layer, "attn_out", b + "attn_output", a)
+        else:
+            if not llama:
+                a = rms_norm(a, W[b + "attn_sub_norm.weight"], eps)
+            qa, sa = quant(layer, "attn_out", a)
+            x = x + bitlinear(qa, sa, W[b + "attn_output.weight"], S[b + "attn_output.weight"])
         h = rms_norm(x, W[b + "ffn_norm.weight"], eps)
-        qh, sh = quant(layer, "ffn_in", h)
-        g = bitlinear(qh, sh, W[b + "ffn_gate.weight"], S[b + "ffn_gate.weight"])
-        u = bitlinear(qh, sh, W[b + "ffn_up.weight"], S[b + "ffn_up.weight"])
-        if llama:
+        if weights.is_bonsai:
+            g = q2_matmul(layer, "ffn_in", h, b + "ffn_gate.weight")
+            u = q2_matmul(layer, "ffn_in", h, b + "ffn_up.weight")
+        elif qwen:
+            g = proj(layer, "gate_in", b + "ffn_gate", h)
+            u = proj(layer, "up_in", b + "ffn_up", h)
+        else:
+            qh, sh = quant(layer, "ffn_in", h)
+            g = bitlinear(qh, sh, W[b + "ffn_gate.weight"], S[b + "ffn_gate.weight"])
+            u = bitlinear(qh, sh, W[b + "ffn_up.weight"], S[b + "ffn_up.weight"])
+        if llama or qwen or weights.is_bonsai:
             f = silu(g) * u
         else:
             f = np.square(np.maximum(g, np.float32(0))) * u
             f = rms_norm(f, W[b + "ffn_sub_norm.weight"], eps)
-        qf, sf = quant(layer, "ffn_down", f)
-        x = x + bitlinear(qf, sf, W[b + "ffn_down.weight"], S[b + "ffn_down.weight"])
+        if weights.is_bonsai:
+            x = x + q2_matmul(layer, "ffn_down", f, b + "ffn_down.weight")
+        elif qwen:
+            x = x + proj(layer, "ffn_down", b + "ffn_down", f)
+        else:
+            qf, sf = quant(layer, "ffn_down", f)
+            x = x + bitlinear(qf, sf, W[b + "ffn_down.weight"], S[b + "ffn_down.weight"])
     y = rms_norm(x, W["output_norm.weight"], eps)
-    head = W.get("output.weight", W["token_embd.weight"])
-    return (y @ head.T).astype(np.float32)
+    if output == "hidden":
+        return y.astype(np.float32)
+    head_name = "output.weight" if "output.weight" in W else "token_embd.weight"
+    if head_name in G:  # a Q2_0 head: y quantized per token too (model-format §10.6.3)
+        return q2_matmul(weights.n_layer, "head", y, head_name)
+    return (y @ W[head_name].T).astype(np.float32)
+
+
+def pooled_embedding(y: np.ndarray, pooling: Literal["last", "mean", "cls"] = "last"
+                     ) -> np.ndarray:
+    """The embedding of a sequence's final-norm rows y (T, E): the last row (the model's
+    definition), or the mean or first one, L2-normalised (float64, returned as float32)."""
+    rows = y.astype(np.float64)
+    v = rows[-1] if pooling == "last" else rows[0] if pooling == "cls" else rows.mean(axis=0)
+    return (v / np.linalg.norm(v)).astype(np.float32)
 
 
 def rel_errors(got: np.ndarray, want: np.ndarray) -> np.ndarray:
@@ -375,6 +496,8 @@ class Match:
     raw_errors: np.ndarray  # per position, against the plain reference
     flips: list[tuple[int, str, int, int, float]]  # (layer, point, position, index, margin)
     failed_at: int | None = None
+    #: the accepted flips as Quantizer overrides, to rerun the reference with them
+    overrides: dict[tuple[int, str, int, int], int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -401,7 +524,7 @@ def match_engine(weights: ReferenceWeights, tokens: list[int], got: np.ndarray, 
             raw = err
         bad = np.nonzero(err >= tol)[0]
         if bad.size == 0:
-            return Match(err, raw, flips)
+            return Match(err, raw, flips, overrides=overrides)
         t = int(bad[0])
         if len(flips) >= max_flips:
             return Match(err, raw, flips, failed_at=t)

@@ -233,3 +233,66 @@ async def test_pooling_from_the_gguf(tmp_path: Path) -> None:
         y = np.array(ctx.hidden(0, len(ids) - 1), np.float64)
     np.testing.assert_allclose(got, (y / np.linalg.norm(y)).astype(np.float32), atol=1e-6)
     assert not np.allclose(got, engine_mean_embedding(path, ids), atol=1e-3)
+
+
+# ---- the BitNet embedding model (model-format §10.5) -----------------------------------------
+
+
+def test_pooling_of_the_embedding_graph(caplog: pytest.LogCaptureFixture) -> None:
+    """A decoder follows ARCH.pooling_type (else mean); the BitNet embedding graph is defined
+    with last-token pooling: the key's CLS and LAST are honoured, its MEAN (the converter's
+    default, model-families B.2.7) is not, with a warning."""
+    from bitnetd_trio.engine.embedding import pooling_of_model
+
+    def get(value):  # type: ignore[no-untyped-def]
+        return lambda key: value if key == "qwen3.pooling_type" else None
+
+    assert [pooling_of_model(get(v), "qwen3") for v in (None, 1, 2, 3)] == [
+        "mean", "mean", "cls", "last"]
+    with caplog.at_level("WARNING"):
+        assert pooling_of_model(get(None), "qwen3", 3) == "last"
+        assert not caplog.records
+        assert pooling_of_model(get(3), "qwen3", 3) == "last"
+        assert pooling_of_model(get(2), "qwen3", 3) == "cls"
+        assert pooling_of_model(get(1), "qwen3", 3) == "last"
+        assert "qwen3.pooling_type is 1 (mean)" in caplog.text
+        assert pooling_of_model(get(True), "qwen3", 3) == "last"
+
+
+async def test_serves_the_bitnet_embedding_graph(tmp_path: Path) -> None:
+    """POST /v1/embeddings on a tiny Qwen3 embedding file (pooling_type MEAN, as the converter
+    writes by default): the text gets EOS appended (tokenizer.ggml.add_eos_token) and the
+    vector is the reference's last-token (EOS) final-norm row, L2-normalised."""
+    import reference_model as ref
+
+    from bitnetd_trio.engine.tokenizer import Tokenizer
+
+    shape = dataclasses.replace(gw.TINY_QWEN3_EMBED, pooling_type=gw.POOLING_MEAN)
+    path = gw.write_model(tmp_path / "embed.gguf", shape, 7)
+    texts = ["What is the capital of France?", "Paris 2026: 12 arrondissements"]
+    async with running_server(server_config(path, model_ctx_size=256)) as s, \
+            httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+        r = await c.post("/v1/embeddings", json={"input": texts})
+        assert r.status_code == 200, r.text
+        got = vectors(r.json())
+        ids_body = (await c.post("/v1/embeddings", json={"input": [[1, 2, 3]]})).json()
+    with engine.Model.load(path) as m:
+        assert m.hparams.pooling == 3 and m.hparams.head_dim == 128 and m.hparams.tied_head
+        tok = Tokenizer.from_model(m)
+    assert tok.pre == "qwen2" and tok.add_eos_default and tok.eos_id == 509
+    w = ref.load_reference(path)
+    n_tokens = 0
+    for text, vec in zip(texts, got):
+        ids = tok.encode(text, add_bos=tok.add_bos_default, add_eos=True, parse_special=False)
+        assert ids[-1] == 509 and 509 not in ids[:-1] and len(ids) > 3
+        n_tokens += len(ids)
+        want = ref.pooled_embedding(ref.forward(w, ids, output="hidden"))
+        assert vec.shape == (256,) and abs(float(np.linalg.norm(vec)) - 1) < 1e-5
+        np.testing.assert_allclose(vec, want, atol=2e-3)
+        assert float(vec @ want) > 1 - 1e-5
+        # not the mean of the rows, which the file's pooling_type asked for
+        mean = ref.pooled_embedding(ref.forward(w, ids, output="hidden"), "mean")
+        assert float(vec @ mean) < 0.95
+    assert r.json()["usage"]["prompt_tokens"] == n_tokens
+    # token-id inputs are used as given (no EOS appended)
+    assert ids_body["usage"]["prompt_tokens"] == 3

@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from conftest import running_server, server_config
 from tokenizers import Regex, decoders, models, pre_tokenizers
@@ -77,7 +78,7 @@ def test_pre_tokenizer_ids_match_tokenizers(pre: str | None, vocab_kind: str) ->
 
 def test_unknown_or_mistyped_pre_tokenizer_is_a_load_error() -> None:
     v = vocab_mod.tiny_vocab()
-    for pre in ("qwen2", "deepseek-llm", "", "LLAMA-BPE"):
+    for pre in ("qwen35", "deepseek-llm", "", "LLAMA-BPE", "QWEN2"):
         with pytest.raises(TokenizerError, match=f"tokenizer.ggml.pre is {pre!r}"):
             Tokenizer(v.tokens, v.merges, v.token_types, pre=pre)
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": v.tokens,
@@ -158,35 +159,136 @@ async def test_serves_a_llama_graph_file(falcon3_path: Path) -> None:
                 body["choices"][0]["message"]["content"]
 
 
-def test_llama_graph_is_batch_and_thread_invariant(falcon3_path: Path) -> None:
-    """model-format §5.5 holds for the Llama graph too (SiLU, no-norm quantization, adjacent
-    RoPE): a sequence's logits are bit-identical alone, batched with another sequence, split
-    into several calls, and at 1 or 2 threads."""
-    import numpy as np
-
-    rng = np.random.default_rng(3)
-    a = [int(t) for t in rng.integers(0, 512, size=37)]
-    b = [int(t) for t in rng.integers(0, 512, size=23)]
-    model = engine.Model.load(falcon3_path)
+def sequence_rows(model: engine.Model, a: list[int], b: list[int], mode: str, threads: int,
+                  batched: bool, split: int) -> np.ndarray:
+    """Sequence a's rows (logits for mode "all", hidden rows for "hidden_all") from a fresh
+    context: fed in two calls split at `split`, each beside sequence b when batched."""
+    ctx = engine.Context(model, 2, 128, threads)
     try:
-        def run(threads: int, batched: bool, split: int) -> np.ndarray:
-            ctx = engine.Context(model, 2, 128, threads)
-            try:
-                out = []
-                for part in (a[:split], a[split:]):
-                    ents = [engine.BatchEntry(0, part, "all", None)]
-                    if batched:
-                        ents.append(engine.BatchEntry(1, b, "all", None))
-                        ctx.reset(1)
-                    assert list(ctx.forward(ents)) == [0] * len(ents)
-                    out += [np.array(ctx.logits(0, t), copy=True) for t in range(len(part))]
-                return np.stack(out)
-            finally:
-                ctx.close()
+        out = []
+        for part in (a[:split], a[split:]):
+            ents = [engine.BatchEntry(0, part, mode, None)]
+            if batched:
+                ents.append(engine.BatchEntry(1, b, "all", None))
+                ctx.reset(1)
+            assert list(ctx.forward(ents)) == [0] * len(ents)
+            get = ctx.logits if mode == "all" else ctx.hidden
+            out += [np.array(get(0, t), copy=True) for t in range(len(part))]
+        return np.stack(out)
+    finally:
+        ctx.close()
 
-        base = run(1, False, 37 - 1)
+
+def check_invariance(path: Path, mode: str, seed: int, n_a: int, n_b: int) -> None:
+    """model-format §5.5: a sequence's rows are bit-identical alone, batched with another
+    sequence, split into several calls, and at 1 or 2 threads."""
+    rng = np.random.default_rng(seed)
+    a = [int(t) for t in rng.integers(0, 512, size=n_a)]
+    b = [int(t) for t in rng.integers(0, 512, size=n_b)]
+    model = engine.Model.load(path)
+    try:
+        base = sequence_rows(model, a, b, mode, 1, False, n_a - 1)
         assert np.isfinite(base).all()
-        for threads, batched, split in ((2, False, 36), (2, True, 20), (1, True, 5)):
-            assert np.array_equal(run(threads, batched, split), base), (threads, batched, split)
+        for threads, batched, split in ((2, False, n_a - 1), (2, True, 20), (1, True, 5)):
+            got = sequence_rows(model, a, b, mode, threads, batched, split)
+            assert np.array_equal(got, base), (threads, batched, split)
     finally:
         model.close()
+
+
+def test_llama_graph_is_batch_and_thread_invariant(falcon3_path: Path) -> None:
+    """model-format §5.5 holds for the Llama graph too (SiLU, no-norm quantization, adjacent
+    RoPE)."""
+    check_invariance(falcon3_path, "all", 3, 37, 23)
+
+
+# ---- the Qwen3 embedding family (model-format §10.5) ------------------------------------
+
+#: llama.cpp's QWEN2 split: the Llama-3 one with single digits (typed here, not imported).
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def test_qwen2_pre_tokenizer_and_eos() -> None:
+    v = vocab_mod.get_vocab("tiny-qwen3")
+    tok = Tokenizer(v.tokens, v.merges, v.token_types, bos_id=v.bos_id, eos_id=v.eos_id,
+                    add_bos=False, add_eos=True, pre="qwen2")
+    hf = hf_reference(v, QWEN2_REGEX)
+    for text in TEXTS:
+        ids = tok.encode(text, add_bos=False, parse_special=False)
+        assert ids == hf.encode(text, add_special_tokens=False).ids, text
+        assert tok.decode(ids) == text
+    # digits split one by one, unlike the Llama-3 split (groups of up to three)
+    llama = Tokenizer(v.tokens, v.merges, v.token_types, pre="llama-bpe")
+    text = "year 2026 and 12345"
+    assert tok.encode(text, add_bos=False, parse_special=False) != llama.encode(
+        text, add_bos=False, parse_special=False)
+    assert tok.add_eos_default and tok.piece(v.eos_id) == "<|endoftext|>"
+    ids = tok.encode("hello", add_bos=tok.add_bos_default, add_eos=tok.add_eos_default,
+                     parse_special=False)
+    assert ids[-1] == v.eos_id and ids[0] != v.bos_id
+    assert tok.encode("hello", add_bos=False, parse_special=False) == ids[:-1]
+
+
+def test_qwen3_embedding_file_metadata(tmp_path: Path) -> None:
+    """The writer's Qwen3 embedding layout (model-families B.1): the keys the converter
+    writes, the tokenizer from them, and the engine's view of the graph."""
+    from reference_model import read_gguf
+
+    path = gw.write_model(tmp_path / "q.gguf", gw.TINY_QWEN3_EMBED, 1)
+    f = read_gguf(path)
+    md = f.metadata
+    assert md["general.architecture"] == "qwen3" and md["general.file_type"] == 40
+    assert md["qwen3.attention.key_length"] == md["qwen3.attention.value_length"] == \
+        md["qwen3.rope.dimension_count"] == 128
+    assert md["qwen3.pooling_type"] == 3 and md["tokenizer.ggml.add_eos_token"] is True
+    assert md["tokenizer.ggml.pre"] == "qwen2" and "general.quantization_version" not in md
+    assert {f.tensors[n].ggml_type for n in f.tensors if n.endswith("norm.weight")
+            or n.endswith("norm_in.weight")} == {gw.GGML_TYPE_F16}
+    assert len(f.tensors) == 2 + 18 * 2 and "output.weight" not in f.tensors
+    model = engine.Model.load(path)
+    try:
+        hp = model.hparams
+        assert (hp.architecture, hp.head_dim, hp.pooling, hp.tied_head) == ("qwen3", 128, 3, True)
+        tok = Tokenizer.from_model(model)
+    finally:
+        model.close()
+    assert tok.pre == "qwen2" and tok.add_eos_default and not tok.add_bos_default
+
+
+def test_qwen3_graph_is_batch_and_thread_invariant(tmp_path: Path) -> None:
+    """model-format §5.5 for the embedding graph (one quantization per projection, QK-norm),
+    on the hidden rows embeddings are made of."""
+    path = gw.write_model(tmp_path / "q.gguf", gw.TINY_QWEN3_EMBED, 2)
+    check_invariance(path, "hidden_all", 4, 29, 17)
+
+
+# ---- Ternary Bonsai (model-format §10.6) ---------------------------------------------------
+
+
+def test_bonsai_graph_is_batch_thread_and_kernel_invariant(tmp_path: Path) -> None:
+    """model-format §5.5 for the Q2_0 graph (Q2_0 embedding rows, projections and head), and
+    the same logits bit for bit from every kernel set this CPU has."""
+    path = gw.write_model(tmp_path / "b.gguf", gw.TINY_BONSAI, 5, tie_head=False)
+    check_invariance(path, "all", 6, 31, 19)
+    name = engine.kernel_name()
+    model = engine.Model.load(path)
+    out = {}
+    try:
+        assert model.hparams.architecture == "qwen3" and model.hparams.pooling == 0
+        for k in ("scalar", "avx2", "avx512vnni", "amx"):
+            try:
+                engine.select_kernel(k)
+            except ValueError:
+                continue
+            with engine.Context(model, 1, 64, 2) as ctx:
+                ctx.forward([engine.BatchEntry(0, list(range(3, 40)), "all")])
+                out[k] = np.stack([np.array(ctx.logits(0, t)) for t in range(37)])
+    finally:
+        engine.select_kernel(name)
+        model.close()
+    assert len(out) >= 2 and np.isfinite(out["scalar"]).all()
+    for k, v in out.items():
+        np.testing.assert_array_equal(v, out["scalar"], err_msg=k)

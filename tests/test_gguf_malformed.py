@@ -473,8 +473,8 @@ def writer_cases() -> Iterator[Case]:
     yield w("valid-bitnet-25", (), dataclasses.replace(MINI, architecture="bitnet-25"))
     yield w("arch-bitnet", ("architecture 'bitnet'", "older"),
             dataclasses.replace(MINI, architecture="bitnet"))
-    yield w("arch-qwen3", ("unsupported architecture", "qwen3", "llama"),
-            dataclasses.replace(MINI, architecture="qwen3"))
+    yield w("arch-qwen2", ("unsupported architecture", "qwen2", "llama", "qwen3"),
+            dataclasses.replace(MINI, architecture="qwen2"))
     yield w("arch-u32", ("general.architecture", "type u32"),
             extra_metadata={"general.architecture": (7, V.UINT32)})
     yield w("arch-empty", ("unsupported architecture",), extra_metadata={
@@ -564,6 +564,8 @@ def writer_cases() -> Iterator[Case]:
         "extra.weight": gw.RawTensor(bytes(18 * 4), (128,), 2)})
     yield w("extra-f32", (), tensor_overrides={"extra.weight": np.ones(3, np.float32)})
     yield from llama_cases(w)
+    yield from qwen3_cases(w)
+    yield from bonsai_cases(w)
 
 
 #: The Llama graph with I2_S projections (model-format §10.4) at MINI's size.
@@ -659,6 +661,125 @@ def llama_cases(w: Callable[..., Case]) -> Iterator[Case]:
             tensor_overrides={"blk.0.ffn_norm.weight": np.ones(e, np.float16)})
 
 
+#: The Qwen3 embedding graph (model-format §10.5) at MINI's size, head_dim 128 != E / H.
+MINI_QWEN3 = dataclasses.replace(MINI, architecture="qwen3", rope_base=1e6, rms_eps=1e-6,
+                                 n_head_dim=128, pooling_type=gw.POOLING_LAST)
+
+
+def qwen3_cases(w: Callable[..., Case]) -> Iterator[Case]:
+    """Files of the BitNet embedding graph (architecture 'qwen3' with I2_S projections): its
+    keys, its F16 norms (QK-norms and the seven input norms of every layer), and the files of
+    other graphs under that name (model-format §10.3, §10.5.3)."""
+    Q, a = MINI_QWEN3, "qwen3"
+    e, f, qd, d = Q.n_embd, Q.n_ff, Q.q_dim, Q.head_dim
+    f16 = gw.GGML_TYPE_F16
+    yield w("qwen3-valid", (), Q)
+    yield w("qwen3-valid-untied", (), Q, tie_head=False)
+    yield w("qwen3-valid-no-pooling-key", (), dataclasses.replace(Q, pooling_type=None))
+    yield w("qwen3-valid-rope-dims-only", (), Q,
+            drop_keys=[f"{a}.attention.key_length", f"{a}.attention.value_length"])
+    # trap B.2.1: a Qwen3 I2_S file without the input norms would run, and compute another
+    # model; every one of the seven is required in every layer
+    for il, proj in [(0, "attn_q"), (1, "attn_k"), (0, "attn_v"), (1, "attn_output"),
+                     (0, "ffn_gate"), (1, "ffn_up"), (1, "ffn_down")]:
+        name = f"blk.{il}.{proj}_norm_in.weight"
+        yield w(f"qwen3-drop-{name}", ("missing tensor", name), Q, drop_tensors=[name])
+    no_norm_in = [f"blk.{il}.{p}_norm_in.weight" for il in range(Q.n_layer)
+                  for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                            "ffn_down")]
+    yield w("qwen3-no-input-norms", ("missing tensor", "blk.0.attn_q_norm_in.weight"), Q,
+            drop_tensors=no_norm_in)
+    for name in ("blk.0.attn_q_norm.weight", "blk.1.attn_k_norm.weight", "output_norm.weight",
+                 "blk.0.attn_norm.weight", "blk.1.ffn_norm.weight"):
+        yield w(f"qwen3-drop-{name}", ("missing tensor", name), Q, drop_tensors=[name])
+    # trap B.2.4: the norms are F16; F32 ones are another converter's file
+    for name, n in [("blk.0.attn_q_norm_in.weight", e), ("blk.1.attn_output_norm_in.weight", qd),
+                    ("blk.0.attn_k_norm.weight", d), ("blk.1.attn_norm.weight", e),
+                    ("output_norm.weight", e)]:
+        yield w(f"qwen3-f32-{name}", (name, "type F32", "expected F16"), Q,
+                tensor_overrides={name: np.ones(n, np.float32)})
+    # shapes: q/k-norm over D, attn_output's input norm over H*D, ffn_down's over F
+    for name, n, words in [("blk.0.attn_q_norm.weight", 2 * d, ()),
+                           ("blk.1.attn_output_norm_in.weight", e, ()),
+                           ("blk.0.ffn_down_norm_in.weight", e + 128, ()),
+                           ("blk.1.ffn_gate_norm_in.weight", f + 128, ())]:
+        yield w(f"qwen3-shape-{name}", (name, "shape") + words, Q,
+                tensor_overrides={name: np.ones(n, np.float16)})
+    for name, n in [("blk.1.attn_v_norm_in.weight", e), ("blk.0.attn_k_norm.weight", d)]:
+        bad = np.ones(n, np.float16)
+        bad[n - 1] = np.inf
+        yield w(f"qwen3-inf-{name}", (name, "non-finite"), Q, tensor_overrides={name: bad})
+    yield w("qwen3-nan-output-norm", ("output_norm.weight", "non-finite"), Q,
+            tensor_overrides={"output_norm.weight": np.full(e, np.nan, np.float16)})
+    # head dimension: value_length must agree; E / H = 64 does not fit the tensors
+    yield w("qwen3-value-length", ("value_length",), Q,
+            extra_metadata={f"{a}.attention.value_length": 64})
+    yield w("qwen3-head-dim-from-e-over-h", ("blk.0.attn_q.weight", "shape"), Q,
+            drop_keys=[f"{a}.attention.key_length", f"{a}.attention.value_length",
+                       f"{a}.rope.dimension_count"])
+    yield w("qwen3-key-length-type", ("key_length", "type"), Q,
+            extra_metadata={f"{a}.attention.key_length": ("128", gw_value_string())})
+    for s in ("embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+              "attention.head_count_kv", "context_length"):
+        yield w(f"qwen3-drop-{s}", ("missing key", f"{a}.{s}"), Q, drop_keys=[f"{a}.{s}"])
+    # other graphs under the name: sub-norms; F16 projections (a plain Qwen3 file); Q2_0
+    # projections (Ternary Bonsai, model-format §10.6: not implemented)
+    yield w("qwen3-foreign-sub-norm", ("blk.0.attn_sub_norm.weight", "not part of", "sub-norms"),
+            Q, tensor_overrides={"blk.0.attn_sub_norm.weight": np.ones(qd, np.float32)})
+    yield w("qwen3-q-f16", ("blk.0.attn_q.weight", "type F16", "expected I2_S"), Q,
+            tensor_overrides={"blk.0.attn_q.weight": gw.RawTensor(bytes(2 * e * qd), (qd, e),
+                                                                  f16)})
+    # a Q2_0 attn_q picks the Bonsai description, which has no input norms
+    yield w("qwen3-q2_0-among-i2_s", ("attn_q_norm_in", "not part of", "Ternary Bonsai"), Q,
+            tensor_overrides={"blk.0.attn_q.weight": gw.RawTensor(
+                bytes(qd * e // 64 * 18), (qd, e), 42)})
+    yield w("qwen3-head-f32", ("output.weight", "type F32"), Q,
+            tensor_overrides={"output.weight": np.zeros((512, e), np.float32)})
+
+
+#: Ternary Bonsai (Qwen3 with Q2_0 weights, model-format §10.6) at MINI's size.
+MINI_BONSAI = dataclasses.replace(MINI_QWEN3, pooling_type=None, weight_format="q2_0")
+
+
+def bonsai_cases(w: Callable[..., Case]) -> Iterator[Case]:
+    """Files of the Q2_0 graph: its Q2_0 tensors, F16 or Q2_0 embedding and head, F32 norms,
+    no input norms, and the older g128 layout of type 42 (model-format §10.6.1)."""
+    B, e, qd = MINI_BONSAI, MINI_BONSAI.n_embd, MINI_BONSAI.q_dim
+    q2 = gw.GGML_TYPE_Q2_0
+    yield w("bonsai-valid", (), B)
+    yield w("bonsai-valid-untied", (), B, tie_head=False)
+    yield w("bonsai-valid-f16-embd", (), B, tensor_overrides={
+        "token_embd.weight": np.full((512, e), 0.01, np.float16)})
+    yield w("bonsai-valid-f16-head", (), B, tie_head=False, tensor_overrides={
+        "output.weight": np.full((512, e), 0.01, np.float16)})
+    # the g128 variant: 34 bytes per 128 weights, less than Q2_0's 36
+    yield w("bonsai-g128", ("blk.0.attn_q.weight", "34-byte blocks of 128", "g64"), B,
+            tensor_overrides={"blk.0.attn_q.weight": gw.RawTensor(
+                bytes(qd * e // 128 * 34), (qd, e), q2)})
+    yield w("bonsai-q2_0-short", ("blk.1.ffn_down.weight", "overlaps"), B,
+            tensor_overrides={"blk.1.ffn_down.weight": gw.RawTensor(
+                bytes(e * MINI.n_ff // 64 * 18 - 64), (e, MINI.n_ff), q2)})
+    yield w("bonsai-q2_0-width-96", ("Q2_0", "multiple of 64"), B,
+            tensor_overrides={"extra.weight": gw.RawTensor(bytes(18 * 2), (1, 96), q2)})
+    yield w("bonsai-i2_s-among-q2_0", ("blk.1.attn_v.weight", "type I2_S", "expected Q2_0"), B,
+            tensor_overrides={"blk.1.attn_v.weight": gw.RawTensor(
+                bytes(B.kv_dim * e // 4 + 32), (B.kv_dim, e), gw.GGML_TYPE_I2_S)})
+    yield w("bonsai-norm-f16", ("blk.0.attn_q_norm.weight", "type F16", "expected F32"), B,
+            tensor_overrides={"blk.0.attn_q_norm.weight": np.ones(B.head_dim, np.float16)})
+    yield w("bonsai-input-norms", ("blk.0.attn_q_norm_in.weight", "not part of", "input norms"),
+            B, tensor_overrides={"blk.0.attn_q_norm_in.weight": np.ones(e, np.float32)})
+    yield w("bonsai-embd-f32", ("token_embd.weight", "type F32"), B, tensor_overrides={
+        "token_embd.weight": np.zeros((512, e), np.float32)})
+    yield w("bonsai-drop-k-norm", ("missing tensor", "blk.1.attn_k_norm.weight"), B,
+            drop_tensors=["blk.1.attn_k_norm.weight"])
+
+
+def gw_value_string():  # type: ignore[no-untyped-def]
+    from gguf import GGUFValueType as V
+
+    return V.STRING
+
+
 @lru_cache(maxsize=1)
 def corpus() -> tuple[Case, ...]:
     h = walk_header(base_bytes())
@@ -742,7 +863,7 @@ def test_malformed_file_is_refused(case: Case, load: Callable[[Path], str | None
 def test_corpus_is_large_and_mostly_malformed() -> None:
     cases = corpus()
     assert len(cases) >= 500
-    assert sum(c.valid for c in cases) < 40  # BitNet and Llama-graph valid variants
+    assert sum(c.valid for c in cases) < 45  # BitNet, Llama and Qwen3-graph valid variants
 
 
 def test_walk_finds_every_official_key_and_tensor() -> None:

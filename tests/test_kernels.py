@@ -235,3 +235,80 @@ def test_whole_model_same_logits_from_every_kernel(gqa_model_path) -> None:
         model.close()
     for k in AVAILABLE:
         np.testing.assert_array_equal(out["scalar"], out[k], err_msg=k)
+
+
+# ---- Q2_0 (model-format §10.6): 18-byte blocks of 64, low bits first, (code - 1) * d -------
+
+
+def q2_0_reference(codes: np.ndarray, d: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """model-format §10.6.2 in numpy: per-token int8 quantization as for I2_S, the exact
+    integer sum of (code - 1) * q per block of 64, then acc = acc + isum * d in float32 for
+    the blocks in order (no fused multiply-add), divided by s."""
+    x = x.astype(np.float32)
+    m = np.maximum(np.abs(x).max(axis=1), np.float32(1e-5)).astype(np.float32)
+    s = (np.float32(127.0) / m).astype(np.float32)
+    q = np.clip(np.rint(x * s[:, None]), -128, 127).astype(np.int64)
+    n_out, n_in = codes.shape
+    t = codes.astype(np.int64).reshape(n_out, n_in // 64, 64) - 1
+    isum = np.einsum("tgk,rgk->trg", q.reshape(-1, n_in // 64, 64), t)
+    dd = d.astype(np.float32)
+    acc = np.zeros((x.shape[0], n_out), np.float32)
+    for g in range(n_in // 64):
+        acc = (acc + (isum[:, :, g].astype(np.float32) * dd[None, :, g]).astype(np.float32)
+               ).astype(np.float32)
+    return (acc / s[:, None]).astype(np.float32)
+
+
+def q2_0_case(rng: np.random.Generator, n_in: int, n_out: int, n_tok: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    codes = rng.integers(0, 4, size=(n_out, n_in)).astype(np.uint8)
+    d = rng.uniform(-2, 2, size=(n_out, n_in // 64)).astype(np.float16)
+    d[rng.random(d.shape) < 0.1] = 0  # all-zero groups as the quantizer writes them
+    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    return codes, d, x
+
+
+def test_q2_0_layout_and_code_three() -> None:
+    """Weight j of a block sits at bits 2*(j%4) of byte j/4 (low bits first, unlike I2_S);
+    codes 0..3 mean -1, 0, +1, +2; each block has its own scale."""
+    from bitnetd_trio.engine.gguf_writer import pack_q2_0
+
+    codes = np.ones((4, 128), np.uint8)
+    codes[0, 5], codes[1, 70], codes[2, 127], codes[3, 0] = 3, 0, 2, 3
+    d = np.array([[0.5, 4.0]] * 4, np.float16)
+    blob = pack_q2_0(codes, d)
+    assert len(blob) == 4 * 2 * 18 and blob[2 + 1] == 0b01011101  # weights 4..7 = 1,3,1,1
+    for j, row, want in ((5, 0, 2 * 0.5), (70, 1, -1 * 4.0), (127, 2, 1 * 4.0), (0, 3, 2 * 0.5)):
+        x = np.zeros((1, 128), np.float32)
+        x[0, j] = 127.0  # s = 1: q is x exactly
+        for k in ("scalar", *AVAILABLE):
+            y = engine.q2_0_matmul(blob, 128, 4, x, kernel=k)
+            assert y[0, row] == np.float32(127 * want), (k, j, y[0])
+
+
+def test_q2_0_scalar_matches_numpy_formula() -> None:
+    from bitnetd_trio.engine.gguf_writer import pack_q2_0
+
+    rng = np.random.default_rng(5)
+    for n_in, n_out, n_tok in ((64, 3, 1), (192, 17, 4), (4096 + 64, 5, 2), (64 * 70, 9, 3)):
+        codes, d, x = q2_0_case(rng, n_in, n_out, n_tok)
+        got = engine.q2_0_matmul(pack_q2_0(codes, d), n_in, n_out, x, kernel="scalar")
+        np.testing.assert_array_equal(got, q2_0_reference(codes, d, x))
+
+
+@simd
+def test_q2_0_simd_identical_to_scalar(kernel: str) -> None:
+    from bitnetd_trio.engine.gguf_writer import pack_q2_0
+
+    rng = np.random.default_rng(6)
+    for _ in range(12):
+        n_in = 64 * int(rng.integers(1, 140))  # past one slice of 64 blocks
+        n_out, n_tok = int(rng.integers(1, 40)), int(rng.integers(1, 9))
+        codes, d, x = q2_0_case(rng, n_in, n_out, n_tok)
+        blob = pack_q2_0(codes, d)
+        want = engine.q2_0_matmul(blob, n_in, n_out, x, kernel="scalar")
+        got = engine.q2_0_matmul(blob, n_in, n_out, x, kernel=kernel,
+                                 n_threads=int(rng.integers(1, 4)))
+        np.testing.assert_array_equal(got, want, err_msg=f"{n_in}x{n_out} tokens {n_tok}")
+    with pytest.raises(ValueError):
+        engine.q2_0_matmul(b"\0" * 18, 96, 1, np.zeros((1, 96), np.float32))

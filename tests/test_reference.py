@@ -265,3 +265,154 @@ def test_llama_comparison_tells_rope_pairings_apart(engine,
     wrong = rel_errors(got, ref.forward(w, toks, rope_pairing="neox"))
     assert wrong[0] < 1e-5  # position 0 is not rotated at all
     assert wrong[1:].min() > 40 * TOLERANCE and np.median(wrong) > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------
+# The Qwen3 graph of the BitNet embedding model (model-format §10.5): per-projection input
+# norms (each projection quantizes its own normed copy), QK-norm before NeoX RoPE, SiLU gate,
+# head_dim from key_length (128 != E / H), F16 norms, tied head
+
+#: 8 query heads over 2 kv heads: the queries (1024) are four times n_embd (256)
+QWEN3_GQA = dataclasses.replace(gw.TINY_QWEN3_EMBED, n_head=8, n_head_kv=2)
+#: head_dim 64 = E / H, context 512
+QWEN3_D64 = dataclasses.replace(gw.TINY_QWEN3_EMBED, n_head_dim=64, n_ctx=512)
+
+
+@pytest.fixture(scope="module")
+def qwen3_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("qwen3")
+    return {
+        "tiny": gw.write_model(d / "tiny.gguf", gw.TINY_QWEN3_EMBED, 41),
+        "gqa": gw.write_model(d / "gqa.gguf", QWEN3_GQA, 42),
+        "d64": gw.write_model(d / "d64.gguf", QWEN3_D64, 43),
+        "untied": gw.write_model(d / "untied.gguf", gw.TINY_QWEN3_EMBED, 44, tie_head=False),
+    }
+
+
+def test_qwen3_reference_reads_the_graph(qwen3_models: dict[str, Path]) -> None:
+    w = ref.load_reference(qwen3_models["tiny"])
+    assert w.is_qwen3 and not w.is_llama and w.head_dim == 128 and w.n_embd == 256
+    assert "output.weight" not in w.tensors and "blk.0.attn_sub_norm.weight" not in w.tensors
+    assert w.tensors["blk.0.attn_q.weight"].shape == (512, 256)
+    assert w.tensors["blk.1.attn_output_norm_in.weight"].shape == (512,)
+    assert w.tensors["blk.0.ffn_down_norm_in.weight"].shape == (384,)
+    assert w.tensors["blk.0.attn_k_norm.weight"].shape == (128,)
+
+
+@pytest.mark.parametrize("which,n,chunks,n_ctx", [
+    ("tiny", 40, [40], 256),
+    ("tiny", 30, [17, 1, 1, 1, 3, 7], 256),
+    ("gqa", 48, [32, 1, 1, 14], 256),
+    ("untied", 33, [20, 1, 12], 256),
+    ("d64", 150, [100, 1, 1, 48], 512),
+])
+def test_qwen3_graph_against_reference(engine, qwen3_models: dict[str, Path], which: str,
+                                       n: int, chunks: list[int], n_ctx: int) -> None:
+    toks = tokens_for(gw.TINY.n_vocab, n, 50 + n)
+    check_against_reference(engine, qwen3_models[which], toks, chunks, n_ctx)
+
+
+def engine_hidden(engine, path: Path, toks: list[int], n_threads: int = 2) -> np.ndarray:
+    model = engine.Model.load(path)
+    ctx = engine.Context(model, 1, 256, n_threads)
+    try:
+        assert list(ctx.forward([engine.BatchEntry(0, toks, "hidden_all", None)])) == [0]
+        return np.stack([np.array(ctx.hidden(0, t), dtype=np.float32, copy=True)
+                         for t in range(len(toks))])
+    finally:
+        ctx.close()
+        model.close()
+
+
+def test_qwen3_embedding_against_reference_and_its_traps(engine,
+                                                         qwen3_models: dict[str, Path]) -> None:
+    """The engine's final-norm rows are the reference's, and its last-token L2-normalised
+    embedding is the reference's; leaving out the input norms (model-families B.2.1) or
+    mean pooling (B.2.2) gives vectors far off, so the comparison can tell them apart."""
+    path = qwen3_models["tiny"]
+    w = ref.load_reference(path)
+    toks = tokens_for(gw.TINY.n_vocab, 24, 9) + [509]  # ends with EOS, the pooled token
+    got = engine_hidden(engine, path, toks)
+    logits = engine_logits(engine, path, [toks], 256)
+    m = ref.match_engine(w, toks, logits, max_flips=flip_cap(len(toks)))
+    assert m.ok
+    want = ref.forward(w, toks, output="hidden", quantizer=ref.Quantizer(m.overrides))
+    assert rel_errors(got, want).max() < TOLERANCE
+    vec = ref.pooled_embedding(got)
+    good = ref.pooled_embedding(want)
+    assert float(vec @ good) > 1 - 1e-6
+    no_norm_in = ref.pooled_embedding(ref.forward(w, toks, output="hidden", skip_norm_in=True))
+    mean = ref.pooled_embedding(want, "mean")
+    assert float(vec @ no_norm_in) < 0.95 and float(vec @ mean) < 0.95
+    # and the logits too: the input norms are not a small correction
+    wrong = rel_errors(logits, ref.forward(w, toks, skip_norm_in=True))
+    assert np.median(wrong) > 100 * TOLERANCE
+
+
+def test_qwen3_comparison_tells_rope_pairings_apart(engine,
+                                                    qwen3_models: dict[str, Path]) -> None:
+    """The embedding converter does not permute Q/K: the Qwen3 graph rotates NeoX halves
+    (model-families B.1), and adjacent pairs are detected as wrong."""
+    path = qwen3_models["d64"]
+    w = ref.load_reference(path)
+    toks = tokens_for(gw.TINY.n_vocab, 100, 6)
+    got = engine_logits(engine, path, [toks], 512)
+    wrong = rel_errors(got, ref.forward(w, toks, rope_pairing="interleaved"))
+    assert wrong[0] < 1e-5
+    assert wrong[1:].min() > 10 * TOLERANCE and np.median(wrong) > 100 * TOLERANCE
+
+
+# ------------------------------------------------------------------------------------------
+# Ternary Bonsai (model-format §10.6): the Qwen3 graph without input norms, F32 norms, Q2_0
+# projections, Q2_0 token_embd (a dequantized row) and Q2_0 head (quantized like the rest)
+
+BONSAI_GQA = dataclasses.replace(gw.TINY_BONSAI, n_head=8, n_head_kv=2, n_head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def bonsai_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("bonsai")
+    return {
+        "tiny": gw.write_model(d / "tiny.gguf", gw.TINY_BONSAI, 61),
+        "untied": gw.write_model(d / "untied.gguf", gw.TINY_BONSAI, 62, tie_head=False),
+        "gqa": gw.write_model(d / "gqa.gguf", BONSAI_GQA, 63),
+    }
+
+
+@pytest.mark.parametrize("which,n,chunks", [
+    ("tiny", 40, [40]),
+    ("tiny", 30, [17, 1, 1, 1, 3, 7]),
+    ("untied", 33, [20, 1, 12]),
+    ("gqa", 48, [32, 1, 1, 14]),
+])
+def test_bonsai_graph_against_reference(engine, bonsai_models: dict[str, Path], which: str,
+                                        n: int, chunks: list[int]) -> None:
+    toks = tokens_for(gw.TINY.n_vocab, n, 70 + n)
+    check_against_reference(engine, bonsai_models[which], toks, chunks, 256)
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    mx = z.max(axis=-1, keepdims=True)
+    return z - mx - np.log(np.exp(z - mx).sum(axis=-1, keepdims=True))
+
+
+def test_bonsai_int8_activations_against_the_float_model(engine,
+                                                         bonsai_models: dict[str, Path]) -> None:
+    """The model is weight-only ternary (float activations); the engine quantizes them per
+    token (model-format §10.6.2). The fact sheet's bar on its reference file is max
+    |dlogprob| < 0.1, median < 0.02. These tiny random models are harsher (256-wide rows,
+    random weights): the median holds, the max is allowed 0.25. A wrong decode is far off."""
+    path = bonsai_models["untied"]
+    w = ref.load_reference(path)
+    toks = tokens_for(gw.TINY.n_vocab, 60, 8)
+    got = engine_logits(engine, path, [toks], 256)
+    d = np.abs(log_softmax(got) - log_softmax(ref.forward(w, toks, float_activations=True)))
+    assert np.median(d) < 0.02 and d.max() < 0.25, (np.median(d), d.max())
+    # code 3 (+2) misread as -2 in the first layer: rare codes, still far off
+    for name in [n for n in w.group_scales if n.startswith("blk.0.")]:
+        t = w.tensors[name].copy()
+        t[t == 2] = -2
+        w = dataclasses.replace(w, tensors={**w.tensors, name: t})
+    wrong = np.abs(log_softmax(got) - log_softmax(ref.forward(w, toks, float_activations=True)))
+    assert np.median(wrong) > 5 * np.median(d)

@@ -124,9 +124,8 @@ def _tokenize(engine: InferenceThread, r: EmbeddingRequest) -> list[list[int]]:
     n_ctx = engine.info.n_ctx
     prompts = []
     for i, item in enumerate(r.inputs):
-        ids = tok.encode(item, add_bos=tok.add_bos_default, parse_special=False) if isinstance(
-            item, str
-        ) else item
+        ids = tok.encode(item, add_bos=tok.add_bos_default, add_eos=tok.add_eos_default,
+                         parse_special=False) if isinstance(item, str) else item
         if not ids:
             raise invalid("input", f"item {i} has no tokens")
         if len(ids) > n_ctx:

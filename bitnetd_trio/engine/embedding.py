@@ -10,9 +10,12 @@ runs once over all rows in token order, the vector is too.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = ["POOLING_TYPES", "collect_rows", "pool", "pooling_of_model", "step_mode"]
 
@@ -20,14 +23,31 @@ __all__ = ["POOLING_TYPES", "collect_rows", "pool", "pooling_of_model", "step_mo
 POOLING_TYPES = {1: "mean", 2: "cls", 3: "last"}
 
 
-def pooling_of_model(get: Any, architecture: str) -> str:
-    """The pooling the model's GGUF asks for (`ARCH.pooling_type`), else "mean": a decoder
-    model has no pooling of its own, and the mean over its tokens is the usual choice.
-    `get(key)` reads a metadata value (None when absent)."""
+def pooling_of_model(get: Any, architecture: str, graph_pooling: int = 0) -> str:
+    """The pooling of the model's embeddings (model-format §10.5.4).
+
+    A decoder (graph_pooling 0): the GGUF's `ARCH.pooling_type`, else "mean" (a decoder has
+    no pooling of its own, and the mean over its tokens is the usual choice).
+
+    A graph defined with its own pooling (`HParams.pooling`, 3 = last token for the BitNet
+    embedding graph): the key's CLS or LAST is honoured, but MEAN is not: bitnet.cpp's
+    converter writes MEAN whenever the checkpoint has no pooling files, so in these files it
+    cannot be told from "unknown", and mean-pooling a last-token model computes another
+    vector (cosine about 0.67 on the reference). The graph's own pooling is used and a
+    warning logged. `get(key)` reads a metadata value (None when absent)."""
     value = get(f"{architecture}.pooling_type")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return POOLING_TYPES.get(value, "mean")
-    return "mean"
+    if isinstance(value, bool) or not isinstance(value, int):
+        value = None
+    own = POOLING_TYPES.get(graph_pooling)
+    if own is None:
+        return POOLING_TYPES.get(value, "mean") if value is not None else "mean"
+    if value in (2, 3):
+        return POOLING_TYPES[value]
+    if value is not None:
+        log.warning("%s.pooling_type is %d (%s); this graph is defined with %s pooling, which "
+                    "is used instead (model-format §10.5.4)", architecture, value,
+                    POOLING_TYPES.get(value, "unknown"), own)
+    return own
 
 
 def step_mode(pooling: str, n_fed: int, n: int, remaining: int) -> str:

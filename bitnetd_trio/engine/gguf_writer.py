@@ -1,6 +1,7 @@
-"""The project's one GGUF writer: BitNet b1.58 models in the official I2_S layout, and
+"""The project's one GGUF writer: BitNet b1.58 models in the official I2_S layout,
 Llama-graph I2_S models (Falcon3-1.58bit, Falcon-E, Llama3-8B-1.58) in the layout of
-bitnet.cpp's converter + llama-quantize.
+bitnet.cpp's converter + llama-quantize, and Qwen3-graph I2_S embedding models
+(BitNet-embedding-0.6B) in the layout of bitnet.cpp's embedding converter.
 
 Tests, benchmarks and the demo model all come from here. The layout (metadata keys, tensor
 names, shapes and types, I2_S packing) follows model-format §1-§4 and §8, and §10.4 for the
@@ -38,7 +39,11 @@ from bitnetd_trio.engine.vocab import (
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
 GGML_TYPE_I2_S = 36
+GGML_TYPE_Q2_0 = 42
 FILE_TYPE_MOSTLY_I2_S = 40
+#: ggml's GGML_FTYPE_MOSTLY_Q2_0, which the fact sheet's reference writes (the value in real
+#: Bonsai files is not confirmed)
+FILE_TYPE_MOSTLY_Q2_0 = 28
 
 
 #: The placeholder template that bitnet.cpp's converter stores in the official file
@@ -75,6 +80,10 @@ LLAMA3_CHAT_TEMPLATE = (
 
 #: Architectures whose graph is the Llama one (model-format §10.4).
 LLAMA_ARCHS = ("llama",)
+#: The Qwen3 graph with I2_S projections and input norms (model-format §10.5).
+QWEN3_ARCHS = ("qwen3",)
+#: llama.cpp's ARCH.pooling_type numbers (model-format §10.5.4)
+POOLING_MEAN, POOLING_CLS, POOLING_LAST = 1, 2, 3
 
 #: Bump when the demo model's content changes, so stale cached files are not reused.
 DEMO_MODEL_VERSION = "demo-v2"
@@ -94,13 +103,27 @@ class ModelShape:
     rope_base: float = 500000.0
     rms_eps: float = 1e-5
     architecture: str = "bitnet-b1.58"
-    #: the head dimension when it differs from n_embd / n_head (Llama graph only); written
-    #: as rope.dimension_count, as bitnet.cpp's converter does
+    #: the head dimension when it differs from n_embd / n_head (Llama and Qwen3 graphs);
+    #: written as rope.dimension_count (and for Qwen3 also as key_length / value_length), as
+    #: the converters do
     n_head_dim: int | None = None
+    #: ARCH.pooling_type of a Qwen3 embedding file (model-format §10.5.4); None: not written
+    pooling_type: int | None = None
+    #: the weight format of a Qwen3 file: "i2_s" (the BitNet embedding graph, §10.5) or
+    #: "q2_0" (Ternary Bonsai, §10.6: no input norms, F32 norms, Q2_0 weights)
+    weight_format: str = "i2_s"
+
+    @property
+    def is_bonsai(self) -> bool:
+        return self.is_qwen3 and self.weight_format == "q2_0"
 
     @property
     def is_llama(self) -> bool:
         return self.architecture in LLAMA_ARCHS
+
+    @property
+    def is_qwen3(self) -> bool:
+        return self.architecture in QWEN3_ARCHS
 
     @property
     def head_dim(self) -> int:
@@ -121,8 +144,11 @@ class ModelShape:
             raise ValueError(f"heads do not divide evenly: {self}")
         if self.n_head_dim is None and self.n_embd % self.n_head:
             raise ValueError(f"heads do not divide evenly: {self}")
-        if self.n_head_dim is not None and not self.is_llama:
-            raise ValueError("n_head_dim is for the Llama graph only (BitNet: D = E / H)")
+        if self.n_head_dim is not None and not (self.is_llama or self.is_qwen3):
+            raise ValueError("n_head_dim is for the Llama and Qwen3 graphs (BitNet: D = E / H)")
+        if self.weight_format not in ("i2_s", "q2_0") or (
+                self.weight_format == "q2_0" and not self.is_qwen3):
+            raise ValueError(f"weight format {self.weight_format!r}: Q2_0 is for qwen3 only")
         for name, k in (("n_embd", self.n_embd), ("n_ff", self.n_ff),
                         ("n_head * head_dim", self.q_dim)):
             if k % 128:
@@ -148,9 +174,31 @@ FALCON3_10B = ModelShape(n_vocab=131072, n_embd=3072, n_head=12, n_head_kv=4, n_
                          n_layer=40, n_ctx=32768, rope_base=1000042.0, rms_eps=1e-6,
                          architecture="llama", n_head_dim=256)
 
+#: The BitNet embedding graph (Qwen3, I2_S, input norms; model-format §10.5) at TINY's
+#: width, with a head dimension (128) that differs from E / H (64) as in the real model.
+TINY_QWEN3_EMBED = ModelShape(n_vocab=TINY_VOCAB_SIZE, n_embd=256, n_head=4, n_head_kv=2,
+                              n_ff=384, n_layer=2, n_ctx=256, rope_base=1000000.0,
+                              rms_eps=1e-6, architecture="qwen3", n_head_dim=128,
+                              pooling_type=POOLING_LAST)
+#: BitNet-embedding-0.6B's shape (model-families B.1; the context length is Qwen3-0.6B's
+#: 32768, not confirmed for this model).
+#: Ternary Bonsai (Qwen3 with Q2_0 weights, model-format §10.6) at TINY's width.
+TINY_BONSAI = dataclasses.replace(TINY_QWEN3_EMBED, pooling_type=None, weight_format="q2_0")
+#: Bonsai-8B's shape: the Qwen3-8B geometry, untied Q2_0 head (model-families C.1).
+BONSAI_8B = ModelShape(n_vocab=151936, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288,
+                       n_layer=36, n_ctx=40960, rope_base=1000000.0, rms_eps=1e-6,
+                       architecture="qwen3", n_head_dim=128, weight_format="q2_0")
+BITNET_EMBED_06B = ModelShape(n_vocab=151936, n_embd=1024, n_head=16, n_head_kv=8,
+                              n_ff=3072, n_layer=28, n_ctx=32768, rope_base=1000000.0,
+                              rms_eps=1e-6, architecture="qwen3", n_head_dim=128,
+                              pooling_type=POOLING_LAST)
+
 PRESETS: dict[str, ModelShape] = {"tiny": TINY, "smallest": SMALLEST, "full": FULL_2B4T,
                                   "demo": DEMO, "tiny-llama": TINY_LLAMA,
-                                  "falcon3-1b": FALCON3_1B, "falcon3-10b": FALCON3_10B}
+                                  "falcon3-1b": FALCON3_1B, "falcon3-10b": FALCON3_10B,
+                                  "tiny-qwen3-embed": TINY_QWEN3_EMBED,
+                                  "bitnet-embed-0.6b": BITNET_EMBED_06B,
+                                  "tiny-bonsai": TINY_BONSAI, "bonsai-8b": BONSAI_8B}
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +230,29 @@ def unpack_i2s(data: bytes | np.ndarray, rows: int, cols: int) -> tuple[np.ndarr
     return t.astype(np.int8), scale
 
 
+def pack_q2_0(codes: np.ndarray, d: np.ndarray) -> bytes:
+    """Q2_0 (model-format §10.6.1): codes (rows, cols) in 0..3 and F16 scales d (rows,
+    cols/64) -> 18-byte blocks: d, then 16 bytes, weight j at bits 2*(j%4) of byte j/4."""
+    c = np.asarray(codes, dtype=np.uint8)
+    rows, cols = c.shape
+    if cols % 64 or c.max(initial=0) > 3:
+        raise ValueError("Q2_0 needs cols a multiple of 64 and codes 0..3")
+    c4 = c.reshape(rows, cols // 64, 16, 4)
+    qs = c4[..., 0] | (c4[..., 1] << 2) | (c4[..., 2] << 4) | (c4[..., 3] << 6)
+    dd = np.asarray(d, dtype=np.float16).reshape(rows, cols // 64, 1).view(np.uint8)
+    return np.concatenate([dd, qs.astype(np.uint8)], axis=2).tobytes()
+
+
+def unpack_q2_0(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of pack_q2_0: (codes uint8 (rows, cols), d float16 (rows, cols/64))."""
+    b = np.frombuffer(data, dtype=np.uint8, count=rows * cols // 64 * 18)
+    b = b.reshape(rows, cols // 64, 18)
+    d = b[..., :2].copy().view(np.float16).reshape(rows, cols // 64)
+    qs = b[..., 2:]
+    codes = np.stack([(qs >> (2 * k)) & 3 for k in range(4)], axis=-1).reshape(rows, cols)
+    return codes.astype(np.uint8), d
+
+
 def _valid_code_bytes() -> np.ndarray:
     """The 81 byte values whose four 2-bit fields are all in {0, 1, 2}."""
     return np.array([b for b in range(256) if all(((b >> s) & 3) != 3 for s in (0, 2, 4, 6))],
@@ -204,39 +275,54 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         n = int(np.prod(self.shape))
-        return {GGML_TYPE_F32: 4 * n, GGML_TYPE_F16: 2 * n}.get(self.ggml_type, n // 4 + 32)
+        return {GGML_TYPE_F32: 4 * n, GGML_TYPE_F16: 2 * n,
+                GGML_TYPE_Q2_0: n // 64 * 18}.get(self.ggml_type, n // 4 + 32)
 
 
 def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[TensorSpec]:
     """Tensor names, numpy shapes and types of the official layout (model-format §3; the
-    Llama graph: §10.4.3, no sub-norms, untied head by default)."""
-    e, f, kv, qd = shape.n_embd, shape.n_ff, shape.kv_dim, shape.q_dim
+    Llama graph: §10.4.3, no sub-norms, untied head by default; the Qwen3 embedding graph:
+    §10.5.3, QK-norms and input norms, every norm F16, tied head by default)."""
+    e, f, kv, qd, d = shape.n_embd, shape.n_ff, shape.kv_dim, shape.q_dim, shape.head_dim
     if tie_head is None:
         tie_head = not shape.is_llama
-    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), GGML_TYPE_F16)]
+    qwen, bonsai = shape.is_qwen3, shape.is_bonsai
+    norm_t = GGML_TYPE_F16 if qwen and not bonsai else GGML_TYPE_F32
+    wt = GGML_TYPE_Q2_0 if bonsai else GGML_TYPE_I2_S
+    # Bonsai's token_embd and head are Q2_0 too (model-families C.1)
+    et = GGML_TYPE_Q2_0 if bonsai else GGML_TYPE_F16
+    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), et)]
+
+    def proj(name: str, rows: int, cols: int) -> list[TensorSpec]:
+        """A projection, after its input norm when the graph has them."""
+        out = ([TensorSpec(name + "_norm_in.weight", (cols,), norm_t)]
+               if qwen and not bonsai else [])
+        return out + [TensorSpec(name + ".weight", (rows, cols), wt)]
+
     for i in range(shape.n_layer):
         b = f"blk.{i}."
-        specs += [
-            TensorSpec(b + "attn_norm.weight", (e,), GGML_TYPE_F32),
-            TensorSpec(b + "attn_q.weight", (qd, e), GGML_TYPE_I2_S),
-            TensorSpec(b + "attn_k.weight", (kv, e), GGML_TYPE_I2_S),
-            TensorSpec(b + "attn_v.weight", (kv, e), GGML_TYPE_I2_S),
-        ]
-        if not shape.is_llama:
+        specs.append(TensorSpec(b + "attn_norm.weight", (e,), norm_t))
+        specs += proj(b + "attn_q", qd, e) + proj(b + "attn_k", kv, e) + proj(b + "attn_v", kv, e)
+        if qwen:
+            specs += [TensorSpec(b + "attn_q_norm.weight", (d,), norm_t),
+                      TensorSpec(b + "attn_k_norm.weight", (d,), norm_t)]
+        if not (shape.is_llama or qwen):
             specs.append(TensorSpec(b + "attn_sub_norm.weight", (qd,), GGML_TYPE_F32))
-        specs += [
-            TensorSpec(b + "attn_output.weight", (e, qd), GGML_TYPE_I2_S),
-            TensorSpec(b + "ffn_norm.weight", (e,), GGML_TYPE_F32),
-            TensorSpec(b + "ffn_gate.weight", (f, e), GGML_TYPE_I2_S),
-            TensorSpec(b + "ffn_up.weight", (f, e), GGML_TYPE_I2_S),
-        ]
-        if not shape.is_llama:
+        specs += proj(b + "attn_output", e, qd)
+        specs.append(TensorSpec(b + "ffn_norm.weight", (e,), norm_t))
+        specs += proj(b + "ffn_gate", f, e) + proj(b + "ffn_up", f, e)
+        if not (shape.is_llama or qwen):
             specs.append(TensorSpec(b + "ffn_sub_norm.weight", (f,), GGML_TYPE_F32))
-        specs.append(TensorSpec(b + "ffn_down.weight", (e, f), GGML_TYPE_I2_S))
-    specs.append(TensorSpec("output_norm.weight", (e,), GGML_TYPE_F32))
+        specs += proj(b + "ffn_down", e, f)
+    specs.append(TensorSpec("output_norm.weight", (e,), norm_t))
     if not tie_head:
-        specs.append(TensorSpec("output.weight", (shape.n_vocab, e), GGML_TYPE_F16))
+        specs.append(TensorSpec("output.weight", (shape.n_vocab, e), et))
     return specs
+
+
+def is_norm(name: str) -> bool:
+    """A norm weight vector (F32, or F16 in the Qwen3 embedding graph)."""
+    return name.endswith(("norm.weight", "norm_in.weight"))
 
 
 def _rng(seed: int, name: str) -> np.random.Generator:
@@ -256,10 +342,21 @@ def _f16_normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) ->
 def _generate(spec: TensorSpec, seed: int) -> np.ndarray | tuple[bytes, np.float32]:
     """One tensor's data: an array for F32/F16, (packed codes without scale, scale) for I2_S."""
     rng = _rng(seed, spec.name)
+    if spec.ggml_type == GGML_TYPE_F16 and is_norm(spec.name):
+        return rng.uniform(0.8, 1.2, size=spec.shape).astype(np.float16)
     if spec.ggml_type == GGML_TYPE_F16:
         return _f16_normal(rng, spec.shape, 0.05)
     if spec.ggml_type == GGML_TYPE_F32:
         return rng.uniform(0.8, 1.2, size=spec.shape).astype(np.float32)
+    if spec.ggml_type == GGML_TYPE_Q2_0:
+        rows, k = spec.shape
+        # mostly ternary codes, a few 3s (+2, legal though never produced from ternary input)
+        codes = rng.choice(4, size=(rows, k), p=[0.33, 0.33, 0.32, 0.02]).astype(np.uint8)
+        if spec.name == "token_embd.weight" or spec.name == "output.weight":
+            d = rng.uniform(0.03, 0.08, size=(rows, k // 64))
+        else:  # as the I2_S scale below: outputs at the size of the inputs
+            d = rng.uniform(0.5, 1.5, size=(rows, k // 64)) * np.sqrt(1.5 / k)
+        return pack_q2_0(codes, d.astype(np.float16))
     n = int(np.prod(spec.shape))
     codes = _CODE_BYTES[rng.integers(0, len(_CODE_BYTES), size=n // 4, dtype=np.uint8)]
     # A ternary row with uniform codes has norm sqrt(2K/3); this scale (of order 1 times
@@ -284,6 +381,10 @@ def random_weights(shape: ModelShape, seed: int = 0, *, tie_head: bool | None = 
             t, _ = unpack_i2s(codes + scale.tobytes(), *spec.shape)
             out[spec.name] = t
             out[spec.name + ".scale"] = np.asarray(scale, dtype=np.float32)
+        elif spec.ggml_type == GGML_TYPE_Q2_0:
+            c, d = unpack_q2_0(data, *spec.shape)  # type: ignore[arg-type]
+            out[spec.name] = c.astype(np.int8) - 1
+            out[spec.name + ".d"] = d
         else:
             out[spec.name] = data  # type: ignore[assignment]
     return out
@@ -334,6 +435,23 @@ _LLAMA_KEYS = (
 )
 
 
+#: The keys bitnet.cpp's embedding converter writes for the Qwen3 graph (model-format
+#: §10.5.3): the three head-dimension keys, pooling_type, the tokenizer with EOS forced to
+#: <|endoftext|> and add_eos_token; no general.quantization_version, no chat template. The
+#: exact order of the real file is not known.
+_QWEN3_KEYS = (
+    "general.architecture", "general.name", "ARCH.block_count", "ARCH.context_length",
+    "ARCH.embedding_length", "ARCH.feed_forward_length", "ARCH.attention.head_count",
+    "ARCH.attention.head_count_kv", "ARCH.vocab_size", "ARCH.rope.dimension_count",
+    "ARCH.attention.key_length", "ARCH.attention.value_length", "ARCH.rope.freq_base",
+    "ARCH.attention.layer_norm_rms_epsilon", "general.file_type", "ARCH.pooling_type",
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token",
+)
+
+
 def _metadata(shape: ModelShape, vocab: Vocab, chat_template: str,
               pre: str | None) -> list[tuple[str, Any, Any]]:
     """(key, value, type) in the official order of the shape's architecture; keys whose value
@@ -345,6 +463,12 @@ def _metadata(shape: ModelShape, vocab: Vocab, chat_template: str,
         keys, name = _LLAMA_KEYS, f"llama-i2s-test-{shape.n_embd}x{shape.n_layer}"
         pad = vocab.tokens.index("<|pad|>") if "<|pad|>" in vocab.tokens else vocab.eos_id
         pre = pre or "llama-bpe"
+    elif shape.is_qwen3:
+        keys, name = _QWEN3_KEYS, f"bitnet-embedding-test-{shape.n_embd}x{shape.n_layer}"
+        if shape.is_bonsai:
+            name = f"bonsai-q2_0-test-{shape.n_embd}x{shape.n_layer}"
+        pad = vocab.eos_id
+        pre = pre or "qwen2"
     else:
         keys = _BITNET_KEYS
         name = "bitnet2b" if shape == FULL_2B4T else f"bitnet-test-{shape.n_embd}x{shape.n_layer}"
@@ -361,10 +485,15 @@ def _metadata(shape: ModelShape, vocab: Vocab, chat_template: str,
         "ARCH.rope.dimension_count": (shape.head_dim, u32),
         "ARCH.attention.head_count": (shape.n_head, u32),
         "ARCH.attention.head_count_kv": (shape.n_head_kv, u32),
-        "tokenizer.ggml.add_bos_token": (True, T.BOOL),
+        "tokenizer.ggml.add_bos_token": (not shape.is_qwen3, T.BOOL),
+        "tokenizer.ggml.add_eos_token": (not shape.is_bonsai, T.BOOL),
+        "ARCH.attention.key_length": (shape.head_dim, u32),
+        "ARCH.attention.value_length": (shape.head_dim, u32),
+        "ARCH.pooling_type": (shape.pooling_type, u32),
         "ARCH.attention.layer_norm_rms_epsilon": (shape.rms_eps, f32),
         "ARCH.rope.freq_base": (shape.rope_base, f32),
-        "general.file_type": (FILE_TYPE_MOSTLY_I2_S, u32),
+        "general.file_type": (FILE_TYPE_MOSTLY_Q2_0 if shape.is_bonsai else FILE_TYPE_MOSTLY_I2_S,
+                              u32),
         "tokenizer.ggml.model": ("gpt2", T.STRING),
         "tokenizer.ggml.pre": (pre, T.STRING),
         "tokenizer.ggml.tokens": (vocab.tokens, (T.ARRAY, T.STRING)),
@@ -405,7 +534,7 @@ def _tensor_payload(spec: TensorSpec, override: Any, seed: int
         if spec.ggml_type == GGML_TYPE_I2_S:
             codes, scale = data  # type: ignore[misc]
             return spec.shape, GGML_TYPE_I2_S, codes + scale.tobytes() + bytes(28)
-        return spec.shape, spec.ggml_type, data
+        return spec.shape, spec.ggml_type, data  # arrays; Q2_0 bytes
     if isinstance(override, RawTensor):
         return tuple(override.shape), override.ggml_type, override.data
     if spec.ggml_type == GGML_TYPE_I2_S:
@@ -428,7 +557,7 @@ def write_model(
     shape: ModelShape = TINY,
     seed: int = 0,
     *,
-    vocab: Literal["tiny", "tiny-falcon3", "llama3"] = "tiny",
+    vocab: Literal["tiny", "tiny-falcon3", "tiny-qwen3", "llama3"] | None = None,
     tie_head: bool | None = None,
     chat_template: str | None = None,
     pre: str | None = None,
@@ -439,7 +568,9 @@ def write_model(
 ) -> Path:
     """Write a GGUF file in the official layout of its architecture and return its path.
 
-    tie_head: None for the architecture's official choice (BitNet tied, Llama untied).
+    vocab: None for the architecture's tiny one ('tiny-qwen3' for Qwen3, else 'tiny').
+    tie_head: None for the architecture's official choice (BitNet and Qwen3 tied, Llama
+    untied).
     pre: tokenizer.ggml.pre (the Llama graph writes 'llama-bpe' by default, or 'falcon3'
     with the tiny-falcon3 vocabulary; BitNet files have no such key unless given).
     chat_template: None for the official one (BitNet's placeholder; Falcon3's or a Llama-3
@@ -458,9 +589,13 @@ def write_model(
 
     shape.validate()
     path = Path(path)
+    if vocab is None:
+        vocab = "tiny-qwen3" if shape.is_qwen3 else "tiny"
     voc = get_vocab(vocab).padded(shape.n_vocab)
     if chat_template is not None:
         template = chat_template
+    elif shape.is_qwen3:
+        template = ""  # the embedding converter writes none
     elif not shape.is_llama:
         template = OFFICIAL_CHAT_TEMPLATE
     else:
@@ -549,9 +684,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="bitnetd-write-model",
         description="Write a random BitNet b1.58 model in the official GGUF (I2_S) layout.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--vocab", choices=("tiny", "tiny-falcon3", "llama3"), default=None,
+    parser.add_argument("--vocab", choices=("tiny", "tiny-falcon3", "tiny-qwen3", "llama3"),
+                        default=None,
                         help="tokenizer vocabulary (default: llama3 for full, tiny-falcon3 "
-                             "for the Llama-graph presets, else tiny)")
+                             "for the Llama-graph presets, tiny-qwen3 for the Qwen3 ones, "
+                             "else tiny)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--untied-head", action="store_true", default=None,
                         help="write a separate output.weight instead of tying the head "
@@ -562,6 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     vocab = args.vocab
     if vocab is None and shape.is_llama:
         vocab = "tiny-falcon3"
+    if vocab is None and shape.is_qwen3:
+        vocab = "tiny-qwen3"
     if vocab is None:
         vocab = "tiny"
         if shape.n_vocab >= LLAMA3_N_VOCAB:

@@ -318,7 +318,7 @@ class InferenceThread:
             kernel=engine.kernel_name(),
             is_demo=s.is_demo,
             loaded_at=time.time(),
-            pooling=pooling_of_model(model.metadata, hp.architecture),
+            pooling=pooling_of_model(model.metadata, hp.architecture, hp.pooling),
         )
         if self.metrics is not None:
             self.metrics.model_loaded.set(1)

@@ -39,6 +39,7 @@ __all__ = [
     "measure_read_bandwidth",
     "select_kernel",
     "ternary_matmul",
+    "q2_0_matmul",
 ]
 
 _ERRLEN = 512
@@ -110,6 +111,9 @@ class HParams:
     tied_head: bool
     n_params: int
     file_size: int
+    #: the pooling the graph is defined with, numbered as ARCH.pooling_type (3 = last token
+    #: for the BitNet embedding graph), 0 for a decoder (model-format §10.5.4)
+    pooling: int = 0
 
 
 class _Closable:
@@ -154,6 +158,7 @@ class Model(_Closable):
             tied_head=bool(hp.tied_head),
             n_params=int(hp.n_params),
             file_size=int(hp.file_size),
+            pooling=int(hp.pooling),
         )
 
     @classmethod
@@ -491,3 +496,28 @@ class BandwidthProbe:
         if self._ptr is not None:
             ffi.release(self._ptr)
             self._ptr = None
+
+
+def q2_0_matmul(
+    blocks: bytes | np.ndarray,
+    n_in: int,
+    n_out: int,
+    x: np.ndarray,
+    *,
+    kernel: str | None = None,
+    n_threads: int = 1,
+) -> np.ndarray:
+    """x (n_tok, n_in) times a Q2_0 matrix of n_out rows (model-format §10.6), activations
+    quantized per token: (n_tok, n_out) float32."""
+    data = np.frombuffer(blocks, dtype=np.uint8) if isinstance(blocks, bytes) else blocks
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    if n_in % 64 or data.size < n_out * n_in // 64 * 18:
+        raise ValueError("Q2_0 matrix too small or n_in not a multiple of 64")
+    xa = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_in)
+    y = np.empty((xa.shape[0], n_out), dtype=np.float32)
+    args = (ffi.from_buffer("float[]", xa), xa.shape[0],
+            ffi.from_buffer("float[]", y, require_writable=True), int(n_threads))
+    if lib.bn_q2_0_matmul(kernel.encode() if kernel else ffi.NULL,
+                          ffi.from_buffer("uint8_t[]", data), int(n_in), int(n_out), *args):
+        raise EngineError(f"bn_q2_0_matmul failed (kernel {kernel!r}, {n_in}x{n_out})")
+    return y

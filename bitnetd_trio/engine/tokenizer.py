@@ -42,6 +42,13 @@ LLAMA3_SPLIT_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+#: The Qwen2 split (llama.cpp's QWEN2 pre-tokenizer, which `qwen2` names): the Llama-3 one
+#: except that every digit is a pre-token of its own (model-format §10.5.5).
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 #: Split pattern per `tokenizer.ggml.pre` value (model-format §10.4.4); None is a file
 #: without the key (BitNet 2B-4T, trained with the Llama-3 split). llama.cpp maps `falcon3`
 #: (and a fix for bitnet.cpp's issue #622 maps `falcon_e`) to its Llama-3 pre-tokenizer.
@@ -53,6 +60,7 @@ PRE_TOKENIZER_PATTERNS: dict[str | None, str] = {
     "llama-v3": LLAMA3_SPLIT_PATTERN,
     "falcon3": LLAMA3_SPLIT_PATTERN,
     "falcon_e": LLAMA3_SPLIT_PATTERN,
+    "qwen2": QWEN2_SPLIT_PATTERN,
 }
 
 #: Characters per call into `tokenizers` (about 2 ms of GIL each; see the module docstring).
@@ -170,6 +178,7 @@ class Tokenizer:
         bos_id: int | None = None,
         eos_id: int | None = None,
         add_bos: bool = True,
+        add_eos: bool = False,
         pre: str | None = None,
     ) -> None:
         if pre not in PRE_TOKENIZER_PATTERNS:
@@ -242,6 +251,9 @@ class Tokenizer:
         self.eos_id = valid(eos_id) if eos_id is not None else self.find("<|end_of_text|>")
         self.eot_id = self.find("<|eot_id|>")
         self.add_bos_default = bool(add_bos)
+        #: tokenizer.ggml.add_eos_token: text inputs end with EOS (the BitNet embedding
+        #: model pools that EOS, model-format §10.5.5)
+        self.add_eos_default = bool(add_eos) and self.eos_id is not None
         stops = {self.find(t) for t in END_OF_GENERATION_TEXTS} | {self.eos_id, self.eot_id}
         stops.discard(None)
         self.stop_ids: frozenset[int] = frozenset(stops)  # type: ignore[arg-type]
@@ -275,6 +287,7 @@ class Tokenizer:
                 )
             ids[key] = value
         add_bos = _typed(get, "tokenizer.ggml.add_bos_token", bool, "a boolean")
+        add_eos = _typed(get, "tokenizer.ggml.add_eos_token", bool, "a boolean")
         pre = _typed(get, "tokenizer.ggml.pre", str, "a string")
         return cls(
             tokens,
@@ -283,6 +296,7 @@ class Tokenizer:
             bos_id=ids["tokenizer.ggml.bos_token_id"],
             eos_id=ids["tokenizer.ggml.eos_token_id"],
             add_bos=True if add_bos is None else add_bos,
+            add_eos=bool(add_eos),
             pre=pre,
         )
 
@@ -327,8 +341,16 @@ class Tokenizer:
 
     # ---- encode / decode ----
 
-    def encode(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
-        """Token ids of `text`; see the module docstring for `parse_special`."""
+    def encode(self, text: str, *, add_bos: bool, parse_special: bool,
+               add_eos: bool = False) -> list[int]:
+        """Token ids of `text`; see the module docstring for `parse_special`. add_eos appends
+        the EOS token (when the vocabulary has one)."""
+        ids = self._encode(text, add_bos=add_bos, parse_special=parse_special)
+        if add_eos and self.eos_id is not None:
+            ids.append(self.eos_id)
+        return ids
+
+    def _encode(self, text: str, *, add_bos: bool, parse_special: bool) -> list[int]:
         ids: list[int] = [self.bos_id] if add_bos and self.bos_id is not None else []
         if not text:
             return ids

@@ -258,6 +258,37 @@ def tiny_falcon3_vocab() -> Vocab:
                  bos_id=FALCON3_EOS_ID, eos_id=FALCON3_EOS_ID, eot_id=FALCON3_EOS_ID)
 
 
+#: Qwen's special tokens, at the end of the tiny Qwen3 vocabulary in Qwen's order
+#: (151643-151645 in the real one); `<|endoftext|>` is the EOS the BitNet embedding model's
+#: converter forces and appends (model-families B.1).
+QWEN3_SPECIALS_TAIL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+@lru_cache(maxsize=1)
+def tiny_qwen3_vocab() -> Vocab:
+    """The tiny vocabulary laid out as Qwen's: the byte tokens and merges of the tiny
+    vocabulary, then `<|endoftext|>` (EOS, also BOS and padding), `<|im_start|>` and
+    `<|im_end|>` (end of turn) as the last three of TINY_VOCAB_SIZE ids."""
+    tiny = tiny_vocab()
+    n_tiny = TINY_VOCAB_SIZE - TINY_N_SPECIALS
+    tail = QWEN3_SPECIALS_TAIL
+    body = [t for t in tiny.tokens[:n_tiny] if not t.startswith("<|unused_")]
+    body = body[: TINY_VOCAB_SIZE - len(tail)]
+    known = set(body)
+    merges = [m for m in tiny.merges
+              if (parts := m.split(" ")) and len(parts) == 2 and parts[0] in known
+              and parts[1] in known and parts[0] + parts[1] in known]
+    tokens, types = list(body), [1] * len(body)
+    while len(tokens) < TINY_VOCAB_SIZE - len(tail):
+        tokens.append(f"<|unused_{len(tokens)}|>")
+        types.append(1)
+    eos = len(tokens)
+    tokens += tail
+    types += [3] * len(tail)
+    return Vocab(tokens=tokens, token_types=types, merges=merges, bos_id=eos, eos_id=eos,
+                 eot_id=eos + 2)
+
+
 def _llama3_tokenizer_model() -> Path:
     try:
         import llama_models  # type: ignore[import-not-found]
@@ -328,6 +359,9 @@ def get_vocab(kind: str) -> Vocab:
         return tiny_vocab()
     if kind == "tiny-falcon3":
         return tiny_falcon3_vocab()
+    if kind == "tiny-qwen3":
+        return tiny_qwen3_vocab()
     if kind == "llama3":
         return llama3_vocab()
-    raise ValueError(f"unknown vocab {kind!r} (expected 'tiny', 'tiny-falcon3' or 'llama3')")
+    raise ValueError(f"unknown vocab {kind!r} (expected 'tiny', 'tiny-falcon3', 'tiny-qwen3' "
+                     f"or 'llama3')")

@@ -28,31 +28,39 @@ from bitnetd_trio.engine import native as engine
 
 def bytes_per_token(hp: engine.HParams, kv_positions: float) -> tuple[float, float, float]:
     """(ternary, head, kv) bytes streamed from memory for one decoded token."""
-    e, f, kvd = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim
-    per_layer = (e * e * 2 + e * kvd * 2 + e * f * 3) / 4 + 7 * 32
+    e, f, kvd, qd = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim, hp.n_head * hp.head_dim
+    per_layer = (e * qd * 2 + e * kvd * 2 + e * f * 3) / 4 + 7 * 32  # q and o are [E, H*D]
     ternary = per_layer * hp.n_layer
     head = hp.n_vocab * e * 2
     kv = 2 * hp.n_layer * kv_positions * kvd * 4  # K and V, F32
     return ternary, head, kv
 
 
-def synthetic_model(path: Path | None) -> Path:
-    """The full-size synthetic model at path (default: the cache), written once."""
+def synthetic_model(path: Path | None, preset: str = "full") -> Path:
+    """The full-size synthetic model of a writer preset at path (default: the cache), written
+    once. "full" is 2B-4T (with the Llama-3 vocabulary when available); the other presets
+    use their family's tiny vocabulary, padded."""
     from bitnetd_trio.engine import gguf_writer as gw
-    target = path or gw.cache_dir() / "bench-full-2b4t-seed0.gguf"
+    name = "bench-full-2b4t-seed0.gguf" if preset == "full" else f"bench-{preset}-seed0.gguf"
+    target = path or gw.cache_dir() / name
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    vocab = "tiny"
-    try:
-        gw.llama3_vocab()
-        vocab = "llama3"
-    except RuntimeError:
-        pass
+    shape = gw.PRESETS[preset]
+    vocab = None
+    if preset == "full":
+        vocab = "tiny"
+        try:
+            gw.llama3_vocab()
+            vocab = "llama3"
+        except RuntimeError:
+            pass
+    elif shape.is_llama:
+        vocab = "tiny-falcon3"
     print(f"writing the synthetic full-size model to {target} ...", flush=True)
     t0 = time.perf_counter()
     tmp = target.with_name(target.name + ".partial")
-    gw.write_model(tmp, gw.FULL_2B4T, 0, vocab=vocab)
+    gw.write_model(tmp, shape, 0, vocab=vocab)  # type: ignore[arg-type]
     tmp.replace(target)
     print(f"  written in {time.perf_counter() - t0:.1f} s", flush=True)
     return target
@@ -94,15 +102,16 @@ class DecodeVariant:
 def run_embeddings(model: engine.Model, args: argparse.Namespace) -> int:
     """Embeddings/s for inputs of args.embeddings tokens, as the daemon computes them: batches
     of --batch inputs fed as one step of hidden-state entries (model-format §5.3.1), mean
-    pooling and normalisation included."""
-    from bitnetd_trio.engine.embedding import pool
+    pooling (the model's, model-format §10.5.4) and normalisation included."""
+    from bitnetd_trio.engine.embedding import pool, pooling_of_model
 
     hp = model.hparams
+    pooling = pooling_of_model(model.metadata, hp.architecture, hp.pooling)
     n = args.embeddings
     batch = args.batch
     n_threads = args.threads or os.cpu_count() or 1
     print(
-        f"embeddings of {n} tokens, batches of {batch}, {n_threads} threads, "
+        f"embeddings of {n} tokens, batches of {batch}, {n_threads} threads, {pooling} pooling, "
         f"kernel {engine.kernel_name()} ({hp.n_layer} layers, n_embd {hp.n_embd})"
     )
     with engine.Context(model, batch, n, n_threads) as ctx:
@@ -117,7 +126,7 @@ def run_embeddings(model: engine.Model, args: argparse.Namespace) -> int:
                 ctx.reset(s)
             ctx.forward(entries)
             for i in range(batch):
-                pool([ctx.hidden(i, t) for t in range(n)], "mean")
+                pool([ctx.hidden(i, t) for t in range(n)], pooling)
             return batch / (time.perf_counter() - t0)
 
         one_batch(0)  # warm up: first touch of the mapping
@@ -132,7 +141,7 @@ def run_embeddings(model: engine.Model, args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.synthetic:
-        path = synthetic_model(args.model)
+        path = synthetic_model(args.model, args.preset)
     elif args.model is None:
         print("bitnetd-bench: give a model path or --synthetic", file=sys.stderr)
         return 2
@@ -264,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         "--synthetic",
         action="store_true",
         help="use (and write once) a full-size 2B-4T model with random weights",
+    )
+    p.add_argument(
+        "--preset",
+        default="full",
+        help="with --synthetic: the writer preset (full = 2B-4T; falcon3-1b, falcon3-10b, "
+        "bitnet-embed-0.6b, ...)",
     )
     p.add_argument("--threads", type=int, default=0, help="N threads (default: all CPUs)")
     p.add_argument("--prompt", type=int, default=128, help="prefill length")

@@ -150,19 +150,21 @@ static void matmul_worker(void *arg, int32_t ith, int32_t nth)
     matmul_job *job = arg;
     int64_t lo, hi;
     while (bn_queue_grab(&job->queue, &lo, &hi))
-        job->k->ternary(job->w, (int32_t)lo, (int32_t)hi, job->a, job->y, job->w->n_out);
+        (job->w->fmt == BN_WFMT_Q2_0 ? job->k->q2_0 : job->k->ternary)(
+            job->w, (int32_t)lo, (int32_t)hi, job->a, job->y, job->w->n_out);
 }
 
-int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
-                      int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads)
+static int weights_matmul(const char *kernel, const uint8_t *packed, float scale, uint8_t fmt,
+                          int32_t n_in, int32_t n_out, const float *x, int32_t n_tok, float *y,
+                          int32_t n_threads)
 {
     const bn_kernel_set *k = kernel ? bn_kernels_by_name(kernel) : bn_kernels();
     /* n_in <= 2^22 keeps every int32 accumulator exact for any codes and inputs (3 * 128 *
      * 2^22 < 2^31, also per lane of the masked AVX-512 planes), as bn_context_new's n_ff bound. */
-    if (!k || !packed || !x || !y || n_in <= 0 || n_in % 128 != 0 || n_out <= 0 || n_tok <= 0 ||
-        n_in > (1 << 22) || n_threads < 1)
+    if (!k || !packed || !x || !y || n_in <= 0 || n_in % (fmt == BN_WFMT_Q2_0 ? 64 : 128) != 0 ||
+        n_out <= 0 || n_tok <= 0 || n_in > (1 << 22) || n_threads < 1)
         return -1;
-    const int32_t stride = n_in; /* a multiple of 128 */
+    const int32_t stride = (n_in + 127) / 128 * 128; /* a multiple of 128 */
     int8_t *q = aligned_alloc(64, (size_t)n_tok * (size_t)stride);
     float *s = malloc((size_t)n_tok * sizeof *s);
     int32_t *qsum = malloc((size_t)n_tok * sizeof *qsum);
@@ -171,11 +173,12 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
     int rc = -1;
     if (q && s && qsum && tiles && pool) {
         for (int32_t t = 0; t < n_tok; t++)
-            k->quantize(x + (size_t)t * n_in, n_in, q + (size_t)t * stride, &s[t], &qsum[t]);
-        if (k->prepare && tiles)
+            (fmt == BN_WFMT_Q2_0 ? k->q2_0_quantize : k->quantize)(
+                x + (size_t)t * n_in, n_in, q + (size_t)t * stride, &s[t], &qsum[t]);
+        if (k->prepare && tiles && fmt == BN_WFMT_I2_S)
             k->prepare(q, stride, n_in, n_tok, tiles);
-        bn_ternary w = {packed, scale, n_in, n_out};
-        bn_qact a = {q, stride, n_tok, s, qsum, k->prepare ? tiles : NULL};
+        bn_ternary w = {packed, scale, n_in, n_out, fmt};
+        bn_qact a = {q, stride, n_tok, s, qsum, k->prepare && fmt == BN_WFMT_I2_S ? tiles : NULL};
         matmul_job job = {k, &w, &a, y, {0}};
         bn_queue_init(&job.queue, n_out, n_threads, 3, 4);
         bn_pool_run(pool, matmul_worker, &job);
@@ -187,4 +190,16 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
     free(s);
     free(q);
     return rc;
+}
+
+int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, int32_t n_in,
+                      int32_t n_out, const float *x, int32_t n_tok, float *y, int32_t n_threads)
+{
+    return weights_matmul(kernel, packed, scale, BN_WFMT_I2_S, n_in, n_out, x, n_tok, y, n_threads);
+}
+
+int bn_q2_0_matmul(const char *kernel, const uint8_t *blocks, int32_t n_in, int32_t n_out,
+                   const float *x, int32_t n_tok, float *y, int32_t n_threads)
+{
+    return weights_matmul(kernel, blocks, 0.0f, BN_WFMT_Q2_0, n_in, n_out, x, n_tok, y, n_threads);
 }

@@ -23,6 +23,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "../model.h"
 
@@ -55,6 +56,13 @@ typedef struct {
     /* y[t * y_stride + r] = BitLinear for rows r0 <= r < r1 of w, every token of a. */
     void (*ternary)(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
                     int64_t y_stride);
+    /* The same for a Q2_0 matrix (w->fmt == BN_WFMT_Q2_0), from the natural-layout
+     * activations a->q (a->tiles unused); the arithmetic of q2_0_dot_out. */
+    void (*q2_0)(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
+                 int64_t y_stride);
+    /* quantize's values in the natural layout (quantize may store them rearranged for its
+     * ternary kernel, as the AVX-512 sets do): the input of q2_0. */
+    void (*q2_0_quantize)(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum);
     /* y[t * y_stride + r] = dot(F16 row r of w, x + t * x_stride) for r0 <= r < r1;
      * n_in % 16 == 0. */
     void (*f16_matmul)(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1, const float *x,
@@ -87,6 +95,46 @@ extern const bn_kernel_set bn_kernels_amx;
 static inline float bitlinear_out(int32_t acc, int32_t qsum, float s, float scale)
 {
     return (float)(acc - qsum) / s * scale;
+}
+
+/* Q2_0 (model-format §10.6.1): a block of 64 weights is 18 bytes, an F16 scale d then 16
+ * bytes of 2-bit codes, weight j of the block at bits 2*(j%4) of byte 2 + j/4 (low bits
+ * first), value (code - 1) * d. */
+#define BN_Q2_0_BLOCK 18
+
+/* The exact int32 sums isum[g] = sum over block g of (code - 1) * q for n consecutive blocks
+ * of a Q2_0 row and the activations q of their 64 * n weights: one per kernel set. */
+typedef void (*q2_0_isums_fn)(const uint8_t *blocks, const int8_t *q, int32_t n, int32_t *isum);
+
+/* The Q2_0 product (model-format §10.6.2) of rows r0..r1 and every token: per row and token,
+ * acc = 0, then acc = acc + (float)isum[g] * d[g] for the blocks g in ascending order (two
+ * roundings each, no fused multiply-add), and the result acc / s. The sums come from `isums`,
+ * 64 blocks at a time; the float steps are this one function for every kernel set, so all
+ * compute the same bits. */
+static inline void q2_0_rows(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                             float *y, int64_t y_stride, q2_0_isums_fn isums)
+{
+    const int32_t nb = w->n_in / 64;
+    int32_t isum[64];
+    for (int32_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->codes + (size_t)r * (size_t)nb * BN_Q2_0_BLOCK;
+        for (int32_t t = 0; t < a->n_tok; t++) {
+            const int8_t *q = a->q + (size_t)t * a->stride;
+            float acc = 0.0f;
+            for (int32_t g0 = 0; g0 < nb; g0 += 64) {
+                const int32_t n = nb - g0 < 64 ? nb - g0 : 64;
+                const uint8_t *blocks = row + (size_t)g0 * BN_Q2_0_BLOCK;
+                isums(blocks, q + (size_t)g0 * 64, n, isum);
+                for (int32_t g = 0; g < n; g++) {
+                    uint16_t h;
+                    memcpy(&h, blocks + (size_t)g * BN_Q2_0_BLOCK, sizeof h);
+                    const float p = (float)isum[g] * bn_f16_to_f32(h);
+                    acc = acc + p;
+                }
+            }
+            y[t * y_stride + r] = acc / a->s[t];
+        }
+    }
 }
 
 /* Exact int32 dot product of one I2_S row (codes 0..2, not yet offset by -1) with n_in int8
@@ -143,6 +191,8 @@ AVX2_FN void bn_quantize_avx2(const float *x, int32_t n, int8_t *q, float *s_out
 AVX2_FN void bn_ternary_tile_avx2_1x1(const uint8_t *const *rows, const int8_t *const *acts,
                                       int32_t nb, int32_t *out);
 AVX2_FN void bn_f16_row_avx2(const uint16_t *src, int32_t n, float *dst);
+AVX2_FN void bn_q2_0_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
+                          int64_t y_stride);
 /* x86_avx512.c, shared with the AMX set */
 AVX512_FN void bn_quantize_avx512(const float *x, int32_t n, int8_t *q, float *s_out,
                                   int32_t *qsum);

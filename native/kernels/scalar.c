@@ -98,6 +98,25 @@ static void ternary_scalar(const bn_ternary *w, int32_t r0, int32_t r1, const bn
     }
 }
 
+/* Q2_0 block sums (model-format §10.6.2), one weight at a time. */
+static void q2_0_isums_scalar(const uint8_t *blocks, const int8_t *q, int32_t n, int32_t *isum)
+{
+    for (int32_t g = 0; g < n; g++) {
+        const uint8_t *qs = blocks + (size_t)g * BN_Q2_0_BLOCK + 2;
+        const int8_t *x = q + (size_t)g * 64;
+        int32_t sum = 0;
+        for (int j = 0; j < 64; j++)
+            sum += (((qs[j / 4] >> (2 * (j % 4))) & 3) - 1) * x[j];
+        isum[g] = sum;
+    }
+}
+
+static void q2_0_scalar(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
+                        int64_t y_stride)
+{
+    q2_0_rows(w, r0, r1, a, y, y_stride, q2_0_isums_scalar);
+}
+
 static void f16_matmul_scalar(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
                               const float *x, int32_t n_tok, int64_t x_stride, float *y,
                               int64_t y_stride)
@@ -116,5 +135,11 @@ static void f16_matmul_scalar(const uint16_t *w, int32_t n_in, int32_t r0, int32
 }
 
 const bn_kernel_set bn_kernels_scalar = {
-    "scalar", quantize_scalar, NULL, ternary_scalar, f16_matmul_scalar,
+    .name = "scalar",
+    .quantize = quantize_scalar,
+    .prepare = NULL,
+    .ternary = ternary_scalar,
+    .q2_0 = q2_0_scalar,
+    .q2_0_quantize = quantize_scalar,
+    .f16_matmul = f16_matmul_scalar,
 };

@@ -170,7 +170,13 @@ AMX_FN static void ternary_amx(const bn_ternary *w, int32_t r0, int32_t r1, cons
 }
 
 const bn_kernel_set bn_kernels_amx = {
-    "amx", bn_quantize_avx512, prepare_amx, ternary_amx, bn_f16_matmul_avx512,
+    .name = "amx",
+    .quantize = bn_quantize_avx512,
+    .prepare = prepare_amx,
+    .ternary = ternary_amx,
+    .q2_0 = bn_q2_0_avx2,
+    .q2_0_quantize = bn_quantize_avx2,
+    .f16_matmul = bn_f16_matmul_avx512,
 };
 
 #endif /* BN_HAVE_AMX */

@@ -222,8 +222,68 @@ AVX2_FN void bn_f16_row_avx2(const uint16_t *src, int32_t n, float *dst)
         dst[i] = bn_f16_to_f32(src[i]);
 }
 
+/* The 64 codes of a Q2_0 block's 16 code bytes qs, in weight order, as two vectors of bytes
+ * 0..3 (model-format §10.6.1): byte p of the 32 weights of half h is bits 2*(p%4) of qs[8h +
+ * p/4]. Each byte is first copied to its four places (pshufb), then shifted by 0, 2, 4 or 6
+ * as its place says (a 16-bit shift by at most 6 keeps a byte's own low bits) and masked. */
+AVX2_INLINE void q2_0_codes(const uint8_t *qs, __m256i *lo, __m256i *hi)
+{
+    const __m256i src = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)qs));
+    const __m256i idx_lo = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4,
+                                            4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
+    const __m256i idx_hi = _mm256_add_epi8(idx_lo, _mm256_set1_epi8(8));
+    const __m256i m1 = _mm256_set1_epi32((int32_t)0x0000FF00);
+    const __m256i m2 = _mm256_set1_epi32((int32_t)0x00FF0000);
+    const __m256i m3 = _mm256_set1_epi32((int32_t)0xFF000000);
+    const __m256i three = _mm256_set1_epi8(3);
+    __m256i v[2] = {_mm256_shuffle_epi8(src, idx_lo), _mm256_shuffle_epi8(src, idx_hi)};
+    for (int k = 0; k < 2; k++) {
+        __m256i r = _mm256_blendv_epi8(v[k], _mm256_srli_epi16(v[k], 2), m1);
+        r = _mm256_blendv_epi8(r, _mm256_srli_epi16(v[k], 4), m2);
+        r = _mm256_blendv_epi8(r, _mm256_srli_epi16(v[k], 6), m3);
+        v[k] = _mm256_and_si256(r, three);
+    }
+    *lo = v[0];
+    *hi = v[1];
+}
+
+/* Q2_0 block sums (model-format §10.6.2): per block sum(code * q) - sum(q) with byte
+ * products (maddubs: code 0..3 times int8, pairs summed in 16 bits, at most 768 in size). */
+AVX2_FN static void q2_0_isums_avx2(const uint8_t *blocks, const int8_t *q, int32_t n,
+                                    int32_t *isum)
+{
+    const __m256i ones8 = _mm256_set1_epi8(1);
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    for (int32_t g = 0; g < n; g++) {
+        __m256i c0, c1;
+        q2_0_codes(blocks + (size_t)g * BN_Q2_0_BLOCK + 2, &c0, &c1);
+        const int8_t *x = q + (size_t)g * 64;
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)x);
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
+        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(c0, x0), ones16),
+                                           _mm256_madd_epi16(_mm256_maddubs_epi16(c1, x1), ones16));
+        const __m256i sq =
+            _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x0), ones16),
+                             _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x1), ones16));
+        isum[g] = hsum_epi32(_mm256_sub_epi32(p, sq));
+    }
+}
+
+/* Q2_0 rows r0..r1 for every token; the float steps are q2_0_rows'. */
+AVX2_FN void bn_q2_0_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
+                          int64_t y_stride)
+{
+    q2_0_rows(w, r0, r1, a, y, y_stride, q2_0_isums_avx2);
+}
+
 const bn_kernel_set bn_kernels_avx2 = {
-    "avx2", bn_quantize_avx2, NULL, ternary_avx2, f16_matmul_avx2,
+    .name = "avx2",
+    .quantize = bn_quantize_avx2,
+    .prepare = NULL,
+    .ternary = ternary_avx2,
+    .q2_0 = bn_q2_0_avx2,
+    .q2_0_quantize = bn_quantize_avx2,
+    .f16_matmul = f16_matmul_avx2,
 };
 
 #endif /* BN_X86 */

@@ -305,7 +305,13 @@ AVX512_FN void bn_f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0,
 }
 
 const bn_kernel_set bn_kernels_avx512 = {
-    "avx512vnni", bn_quantize_avx512, NULL, bn_ternary_avx512, bn_f16_matmul_avx512,
+    .name = "avx512vnni",
+    .quantize = bn_quantize_avx512,
+    .prepare = NULL,
+    .ternary = bn_ternary_avx512,
+    .q2_0 = bn_q2_0_avx2,
+    .q2_0_quantize = bn_quantize_avx2,
+    .f16_matmul = bn_f16_matmul_avx512,
 };
 
 #endif /* BN_X86 */
