@@ -296,3 +296,66 @@ async def test_serves_the_bitnet_embedding_graph(tmp_path: Path) -> None:
     assert r.json()["usage"]["prompt_tokens"] == n_tokens
     # token-id inputs are used as given (no EOS appended)
     assert ids_body["usage"]["prompt_tokens"] == 3
+
+
+async def test_generation_on_an_embedding_model_is_a_400(tmp_path: Path) -> None:
+    """An embedding model (a graph with its own pooling) does not generate: every generating
+    route answers 400 naming the model, in its API's own error shape; /v1/models, /props and
+    /model_info say the model's kind; /v1/embeddings still serves."""
+    path = gw.write_model(tmp_path / "embed.gguf", gw.TINY_QWEN3_EMBED, 7)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    requests = [
+        ("/v1/chat/completions", {**chat, "stream": True}),
+        ("/v1/chat/completions", chat),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 4}),
+        ("/completion", {"prompt": "hi", "n_predict": 4}),
+        ("/generate", {"prompt": "hi"}),
+        ("/v1/responses", {"input": "hi"}),
+        ("/v1/messages", {**chat, "model": "embed"}),
+    ]
+    async with running_server(server_config(path, model_ctx_size=256)) as s, \
+            httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+        for route, body in requests:
+            r = await c.post(route, json=body)
+            assert r.status_code == 400, (route, r.text)
+            if route == "/v1/messages":
+                assert r.json()["type"] == "error"
+                err = r.json()["error"]
+                assert err["type"] == "invalid_request_error"
+            else:
+                err = r.json()["error"]
+                assert err["param"] == "model" and err["code"] == "model_not_supported"
+            assert "'embed.gguf' is an embedding model" in err["message"], route
+        card = (await c.get("/v1/models")).json()["data"][0]
+        assert card["meta"]["kind"] == "embedding"
+        assert (await c.get("/props")).json()["model_kind"] == "embedding"
+        assert (await c.get("/model_info")).json()["kind"] == "embedding"
+        r = await c.post("/v1/embeddings", json={"input": "still an embedding model"})
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 256
+
+
+async def test_instruction_prefixes_query_inputs(tmp_path: Path) -> None:
+    """`instruction` turns each text input into Qwen3-Embedding's query form
+    `Instruct: {task}\\nQuery:{text}` (http-api §1.8): the same vector and token count as the
+    prefixed text sent plainly; a bad instruction is a 400 naming it."""
+    from bitnetd_trio.api.embeddings import query_text
+
+    assert query_text("Find it", "Paris") == "Instruct: Find it\nQuery:Paris"
+    path = gw.write_model(tmp_path / "embed.gguf", gw.TINY_QWEN3_EMBED, 7)
+    task = "Given a web search query, retrieve relevant passages that answer the query"
+    queries = ["What is the capital of France?", "gravity"]
+    async with running_server(server_config(path, model_ctx_size=256)) as s, \
+            httpx.AsyncClient(base_url=s.url, timeout=60) as c:
+        with_field = await c.post("/v1/embeddings", json={"input": queries, "instruction": task})
+        assert with_field.status_code == 200, with_field.text
+        by_hand = await c.post("/v1/embeddings", json={
+            "input": [f"Instruct: {task}\nQuery:{q}" for q in queries]})
+        plain = await c.post("/v1/embeddings", json={"input": queries})
+        assert np.array_equal(vectors(with_field.json()), vectors(by_hand.json()))
+        assert with_field.json()["usage"] == by_hand.json()["usage"]
+        assert not np.allclose(vectors(with_field.json()), vectors(plain.json()), atol=1e-3)
+        for bad in (3, "", " ", "x" * 5000):
+            r = await c.post("/v1/embeddings", json={"input": "q", "instruction": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "instruction", bad
+        r = await c.post("/v1/embeddings", json={"input": [1, 2, 3], "instruction": task})
+        assert r.status_code == 400 and "token-id inputs" in r.json()["error"]["message"]

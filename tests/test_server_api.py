@@ -44,6 +44,7 @@ async def test_health_models_and_model_by_id(server: RunningServer) -> None:
         assert card["object"] == "model" and card["owned_by"] and card["created"] > 0
         assert card["meta"]["n_ctx_train"] == 16384 and card["meta"]["demo"] is False
         assert card["meta"]["n_params"] > 0 and card["meta"]["size"] > 0
+        assert card["meta"]["kind"] == "generation"
         r = await c.get(f"/v1/models/{card['id']}")
         assert r.status_code == 200 and r.json()["id"] == card["id"]
         r = await c.get("/v1/models/nope")

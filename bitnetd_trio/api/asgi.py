@@ -79,6 +79,14 @@ def _generation_handler(dialect: Dialect) -> Handler:
 
     async def handle(app: App, req: Request) -> None:
         engine = app.require_engine()
+        if engine.info.kind == "embedding":
+            raise ApiError(
+                400,
+                f"the model '{served_model_id(engine)}' is an embedding model: it does not "
+                f"generate text; use POST /v1/embeddings",
+                param="model",
+                code="model_not_supported",
+            )
         defaults = app.schema_defaults(engine)
         g = await app.cpu.run(len(req.body), _parse_generation, dialect, req, defaults)
         await app.generations.serve(req, dialect, g, engine, app.config, app.cpu)

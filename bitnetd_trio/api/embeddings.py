@@ -28,7 +28,13 @@ from bitnetd_trio.api.serving import ServingApp
 from bitnetd_trio.engine.inference import InferenceThread, Job, QueueFull, Update
 from bitnetd_trio.engine.sampling import SamplingParams
 
-__all__ = ["MAX_INPUTS", "EmbeddingRequest", "embeddings", "parse_embedding_request"]
+__all__ = [
+    "MAX_INPUTS",
+    "EmbeddingRequest",
+    "embeddings",
+    "parse_embedding_request",
+    "query_text",
+]
 
 #: Most inputs one request may carry (OpenAI's own limit).
 MAX_INPUTS = 2048
@@ -41,6 +47,18 @@ class EmbeddingRequest:
     inputs: list[str | list[int]]
     model: str | None
     base64: bool
+    instruction: str | None = None  # the task of query inputs (`query_text`)
+
+
+#: Most characters of an `instruction`.
+MAX_INSTRUCTION_CHARS = 4096
+
+
+def query_text(instruction: str, text: str) -> str:
+    """A query as Qwen3-Embedding's model card builds it, `Instruct: {task}\nQuery:{query}`
+    (no space after `Query:`). BitNet-embedding-0.6B is a Qwen3-Embedding-style model whose own
+    query format is not published; this is the format of its base family (http-api §1.8)."""
+    return f"Instruct: {instruction}\nQuery:{text}"
 
 
 def _token_list(v: list, param: str, n_vocab: int) -> list[int]:
@@ -116,7 +134,20 @@ def parse_embedding_request(
     if user is not None and not isinstance(user, str):
         raise invalid("user", f"must be a string, got {json_type(user)}")
     inputs = _inputs(body.get("input"), n_vocab)
-    return EmbeddingRequest(inputs, model or None, fmt == "base64")
+    instruction = body.get("instruction")
+    if instruction is not None:
+        if not isinstance(instruction, str):
+            raise invalid("instruction", f"must be a string, got {json_type(instruction)}")
+        if not instruction.strip():
+            raise invalid("instruction", "must not be empty")
+        if len(instruction) > MAX_INSTRUCTION_CHARS:
+            raise invalid("instruction",
+                          f"must be at most {MAX_INSTRUCTION_CHARS} characters long")
+        if any(not isinstance(item, str) for item in inputs):
+            raise invalid("instruction", "applies to text inputs only; token-id inputs must "
+                          "carry their instruction's tokens themselves")
+        inputs = [query_text(instruction, item) for item in inputs]  # type: ignore[arg-type]
+    return EmbeddingRequest(inputs, model or None, fmt == "base64", instruction)
 
 
 def _tokenize(engine: InferenceThread, r: EmbeddingRequest) -> list[list[int]]:

@@ -84,6 +84,8 @@ def _model_card(app: ServingApp, model_id: str, engine: InferenceThread) -> dict
         # Other names requests may use for this model (http-api §1.3).
         "aliases": model_aliases(engine, app.config.model.alias),
         "meta": {
+            # "embedding" (POST /v1/embeddings only) or "generation" (http-api §1.3)
+            "kind": info.kind,
             "architecture": info.hparams.architecture,
             "n_ctx_train": info.hparams.n_ctx_train,
             "n_ctx": info.n_ctx,
@@ -247,6 +249,7 @@ async def props(app: ServingApp, req: Request) -> None:
             "eos_token": _piece_or_none(engine, engine.tokenizer.eos_id),
             "build_info": f"bitnetd-trio {__version__} ({info.kernel})",
             "demo_model": info.is_demo,
+            "model_kind": info.kind,  # "embedding" or "generation", as /v1/models' meta.kind
             "modalities": {"vision": False, "audio": False},
             "constraints": supported_kinds(),  # response_format, tools, grammar, json_schema
         },
@@ -283,6 +286,7 @@ async def model_info(app: ServingApp, req: Request) -> None:
             "model": served_model_id(engine),
             "model_path": shown_model_path(engine, app.config.model.expose_path),
             "architecture": info.hparams.architecture,
+            "kind": info.kind,
             "n_params": info.hparams.n_params,
             "file_size": info.hparams.file_size,
             "context_size": info.n_ctx,

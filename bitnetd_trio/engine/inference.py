@@ -81,6 +81,13 @@ class ModelInfo:
     loaded_at: float  # unix time
     pooling: str = "mean"  # how /v1/embeddings pools the hidden states (engine/embedding.py)
 
+    @property
+    def kind(self) -> str:
+        """"embedding" for a graph defined with its own pooling (the BitNet embedding model:
+        no head, /v1/embeddings only), else "generation" (a decoder, which also serves
+        /v1/embeddings)."""
+        return "embedding" if self.hparams.pooling else "generation"
+
 
 class InferenceThread:
     """Owns Model, Context and Tokenizer on one thread; continuous batching over slots.
