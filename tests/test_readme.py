@@ -39,3 +39,26 @@ def test_listen_option_the_readme_documents():
         capture_output=True, text=True, timeout=60, check=True, cwd=REPO,
     ).stdout
     assert "--listen" in out
+
+
+def test_model_family_downloads_parse():
+    """Every `hf download` line of "Model families" uses flags `hf download` has, and names a
+    repository as owner/name."""
+    block = _block_after("## Model families")
+    lines = [line for line in block.splitlines() if line.startswith("hf download ")]
+    assert len(lines) >= 8
+    assert shutil.which("hf"), "hf (huggingface_hub) is not installed"
+    help_text = subprocess.run(
+        ["hf", "download", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert help_text.returncode == 0, help_text.stderr
+    for line in lines:
+        repo = line.split()[2]
+        assert re.fullmatch(r"[\w.-]+/[\w.-]+", repo), line
+        for flag in re.findall(r"--[a-z-]+", line):
+            assert flag in help_text.stdout, (line, flag)
+    section = README[README.index("## Model families"):README.index("## How it works")]
+    for family in ("BitNet-b1.58-2B-4T", "Falcon3-{1,3,7,10}B-Instruct-1.58bit",
+                   "Falcon-E-{1B,3B}-Instruct", "Llama3-8B-1.58-100B-tokens",
+                   "BitNet-embedding-0.6B", "Ternary Bonsai 1.7B / 4B / 8B"):
+        assert family in section, family
