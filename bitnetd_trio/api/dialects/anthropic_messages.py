@@ -31,6 +31,7 @@ from bitnetd_trio.api.schema import (
     MAX_STOP_CHARS,
     GenerationRequest,
     SchemaDefaults,
+    parse_min_tokens,
     parse_sampling,
     parse_seed,
     resolve_model,
@@ -287,6 +288,9 @@ def parse_messages_request(
         model=resolve_model(model, defaults) if model else None,
         messages=messages,
         max_tokens=max_tokens,
+        # llama.cpp's extras, read as on the OpenAI endpoints (http-api §4.1)
+        min_tokens=parse_min_tokens(f, max_tokens),
+        ignore_eos=f.bool("ignore_eos"),
         sampling=parse_sampling(f, defaults, logit_bias={}, seed=parse_seed(f)),
         stop=_stop_sequences(d),
         stream=f.bool("stream"),
