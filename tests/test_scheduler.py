@@ -17,13 +17,8 @@ import pytest
 
 from bitnetd_trio.engine.jobs import EngineSettings, Job, Update, queue_has_room
 from bitnetd_trio.engine.sampling import SamplingError, SamplingParams
-from bitnetd_trio.engine.scheduler import (
-    EngineHooks,
-    Scheduler,
-    StepCost,
-    StepEntry,
-    StepPlan,
-)
+from bitnetd_trio.engine.scheduler import Scheduler
+from bitnetd_trio.engine.steps import EngineHooks, StepCost, StepEntry, StepPlan
 
 N_VOCAB = 16
 EOS = 15  # the model's only stop token

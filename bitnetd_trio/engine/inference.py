@@ -49,7 +49,8 @@ from bitnetd_trio.engine.jobs import (
 from bitnetd_trio.engine.model_file import ModelFileWatch, exit_model_file_changed
 from bitnetd_trio.engine.sampling import Sampler
 from bitnetd_trio.engine.sampling import logprobs as compute_logprobs
-from bitnetd_trio.engine.scheduler import EngineHooks, Scheduler, final_update
+from bitnetd_trio.engine.scheduler import Scheduler, final_update
+from bitnetd_trio.engine.steps import EngineHooks
 from bitnetd_trio.engine.tokenizer import Tokenizer
 
 log = logging.getLogger("bitnetd.inference")
