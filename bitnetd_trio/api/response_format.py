@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,24 +152,97 @@ def check_schema(schema: Any, param: str, max_depth: int, n_ctx: int) -> None:
 
 # ---- compilation ----
 
-_compilers: weakref.WeakKeyDictionary[Any, C.ConstraintCompiler] = weakref.WeakKeyDictionary()
+#: Compiled grammars kept per tokenizer, and the schema/grammar text they may hold together.
+CACHE_ENTRIES = 64
+CACHE_BYTES = 16 << 20
 
 
-def _compiler(tokenizer: Any) -> C.ConstraintCompiler:
-    """llguidance's view of `tokenizer`, made on first use (a request without a constraint
-    never pays for it) and kept as long as the tokenizer lives."""
-    comp = _compilers.get(tokenizer)
-    if comp is None:
-        comp = C.ConstraintCompiler(tokenizer)
-        _compilers[tokenizer] = comp
-    return comp
+class CompileCache:
+    """Compiled constraints by what was compiled (format, text, limits, context size), least
+    recently used first out. Clients send the same schema again and again (one per tool set,
+    one per pydantic model): a hit costs a matcher copy (microseconds) instead of a compile
+    in a worker thread, so a burst of identical requests reaches the engine together, as
+    unconstrained ones do. Only successful compiles are kept; thread-safe."""
+
+    def __init__(self, entries: int = CACHE_ENTRIES, max_bytes: int = CACHE_BYTES) -> None:
+        self.entries = entries
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple, C.Constraint] = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> C.Constraint | None:
+        """A fresh copy of the constraint compiled for `key`, or None."""
+        with self._lock:
+            c = self._items.get(key)
+            if c is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+        return c.copy()  # the kept one is never advanced: copies only read it
+
+    def put(self, key: tuple, c: C.Constraint) -> None:
+        size = len(key[1])
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = c.copy()
+            self._bytes += size
+            while len(self._items) > self.entries or self._bytes > self.max_bytes:
+                old, _ = self._items.popitem(last=False)
+                self._bytes -= len(old[1])
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _Compilers:
+    """llguidance's view of one tokenizer (made on first use: a request without a
+    constraint never pays for it) and its cache of compiled grammars."""
+
+    def __init__(self) -> None:
+        self.cache = CompileCache()
+        self._lock = threading.Lock()
+        self._compiler: C.ConstraintCompiler | None = None
+
+    def compiler(self, tokenizer: Any) -> C.ConstraintCompiler:
+        with self._lock:
+            if self._compiler is None:
+                self._compiler = C.ConstraintCompiler(tokenizer)
+            return self._compiler
+
+
+_compilers: weakref.WeakKeyDictionary[Any, _Compilers] = weakref.WeakKeyDictionary()
+
+
+def compilers_of(tokenizer: Any) -> _Compilers:
+    """The compiler and cache of `tokenizer`, kept as long as the tokenizer lives."""
+    entry = _compilers.get(tokenizer)
+    if entry is None:
+        entry = _compilers.setdefault(tokenizer, _Compilers())
+    return entry
+
+
+def _cache_key(spec: ConstraintSpec, limits: C.ConstraintLimits, n_ctx: int) -> tuple:
+    # the text second: CompileCache counts its size
+    return (spec.fmt, spec.source, limits, n_ctx)
 
 
 def _compile_sync(spec: ConstraintSpec, tokenizer: Any, limits: C.ConstraintLimits,
                   n_ctx: int) -> C.Constraint:
+    entry = compilers_of(tokenizer)
+    key = _cache_key(spec, limits, n_ctx)
+    # Requests with the same grammar that queued behind the one compiling it get its result.
+    hit = entry.cache.get(key)
+    if hit is not None:
+        return hit
     if spec.schema is not None:
         check_schema(spec.schema, spec.param, limits.max_depth, n_ctx)
-    comp = _compiler(tokenizer)
+    comp = entry.compiler(tokenizer)
     try:
         if spec.fmt == "json_schema":
             grammar = comp.json_schema_grammar(json.loads(spec.source))
@@ -175,11 +250,13 @@ def _compile_sync(spec: ConstraintSpec, tokenizer: Any, limits: C.ConstraintLimi
             grammar = comp.gbnf_grammar(spec.source)
         else:
             grammar = comp.lark_grammar(spec.source)
-        return comp.compile(grammar, limits)
+        c = comp.compile(grammar, limits)
     except C.ConstraintError as exc:
         raise ApiError(400, f"invalid '{spec.param}': {exc}", param=spec.param) from None
     except ValueError as exc:  # the schema is not a valid JSON schema object
         raise ApiError(400, f"invalid '{spec.param}': {exc}", param=spec.param) from None
+    entry.cache.put(key, c)
+    return c
 
 
 _compile_limiter = trio.CapacityLimiter(1)  # one compile at a time: the cores are the engine's
@@ -188,15 +265,19 @@ _compile_limiter = trio.CapacityLimiter(1)  # one compile at a time: the cores a
 async def compile_constraint(spec: ConstraintSpec | None, engine: Any, config: Any
                              ) -> C.Constraint | None:
     """The engine constraint of `spec` (None for none); ApiError 400 naming the field when
-    the schema or grammar is refused. Runs in a worker thread: never on the Trio thread, and
-    never on the inference thread."""
+    the schema or grammar is refused. A grammar compiled before is a copy from the cache, made
+    on the Trio thread (microseconds); a new one is compiled in a worker thread: never on
+    the Trio thread, and never on the inference thread."""
     if spec is None:
         return None
     if not C.available():
         raise ApiError(400, "constrained output is not available on this server "
                             "(llguidance is not installed)", param=spec.param)
     limits = constraint_limits(config)
+    n_ctx = engine.info.n_ctx
+    hit = compilers_of(engine.tokenizer).cache.get(_cache_key(spec, limits, n_ctx))
+    if hit is not None:
+        return hit
     return await trio.to_thread.run_sync(
-        _compile_sync, spec, engine.tokenizer, limits, engine.info.n_ctx,
-        limiter=_compile_limiter,
+        _compile_sync, spec, engine.tokenizer, limits, n_ctx, limiter=_compile_limiter,
     )

@@ -16,10 +16,11 @@ figures; it asserts nothing.
 
 With `--constrained`, the comparison is instead, in the same daemon and run: streams whose
 output is constrained by a `json_schema` response_format (one long string field, so the
-grammar never ends early) against unconstrained streams, 1 and 8 (`--clients`) at a time:
-the per-token cost of constrained decoding (target >= 0.95). Use `--model` with a file of the
-real vocabulary (`bitnetd-write-model --preset full --vocab llama3`): the mask's cost grows
-with the vocabulary.
+grammar never ends early) against unconstrained streams, at each `--clients` concurrency
+(e.g. `--clients 1,8`), in interleaved rounds (`--runs`): the per-token cost of constrained
+decoding as the median of the per-round ratios (target >= 0.95). Use `--model` with a file of
+the real vocabulary (`bitnetd-write-model --preset full --vocab llama3`): the mask's cost
+grows with the vocabulary.
 """
 
 from __future__ import annotations
@@ -341,35 +342,53 @@ async def measure(
 async def measure_constrained(
     url: str, prompt: list[int], n_tokens: int, bias: dict[int, float], clients: list[int],
     runs: int,
-) -> dict[str, list[float]]:
-    """Unconstrained and json_schema-constrained streams, alternating in the same daemon."""
-    out: dict[str, list[float]] = {}
+) -> dict[int, list[tuple[float, float]]]:
+    """Unconstrained and json_schema-constrained streams in the same daemon, interleaved at
+    the finest grain: every round runs, for each concurrency n, four runs of n streams back
+    to back, free-constrained-constrained-free (constrained-free-free-constrained in every
+    other round), so a drift in the machine's speed within a round cancels out and favours
+    neither side. Returns per n the (free, constrained) tokens/s of each round (the mean of
+    its two runs of each): for n = 1 the decode rate between the first and the last streamed
+    token, for n > 1 the aggregate (all tokens / wall time, prompts included)."""
+    out: dict[int, list[tuple[float, float]]] = {}
     await stream_once(url, prompt, 8, bias)  # warm-up, and the grammar compiler's first use
     await stream_once(url, prompt, 8, bias, constrained=True)
-    for _ in range(runs):
-        for constrained in (False, True):
-            r = await stream_once(url, prompt, n_tokens, bias, constrained)
-            out.setdefault(f"1 stream decode {constrained}", []).append(r.decode_rate)
+
+    async def rate(n: int, constrained: bool) -> float:
+        if n == 1:
+            return (await stream_once(url, prompt, n_tokens, bias, constrained)).decode_rate
+        return await stream_many(url, prompt, n_tokens, bias, n, constrained)
+
+    for r in range(runs):
         for n in clients:
-            for constrained in (False, True):
-                rate = await stream_many(url, prompt, n_tokens, bias, n, constrained)
-                out.setdefault(f"{n} streams aggregate {constrained}", []).append(rate)
+            order = (True, False, False, True) if r % 2 else (False, True, True, False)
+            got: dict[bool, list[float]] = {False: [], True: []}
+            for constrained in order:
+                got[constrained].append(await rate(n, constrained))
+            free, con = statistics.fmean(got[False]), statistics.fmean(got[True])
+            out.setdefault(n, []).append((free, con))
+            print(f"  round {r + 1}: {n} stream{'s' if n > 1 else ''}: free {free:.1f}, "
+                  f"json_schema {con:.1f} tokens/s, ratio {con / free:.3f}", flush=True)
     return out
 
 
-def report_constrained(figs: dict[str, list[float]], clients: list[int], runs: int) -> None:
+def report_constrained(figs: dict[int, list[tuple[float, float]]], runs: int) -> None:
     med = statistics.median
     print()
-    print(f"{'':34}{'free':>10}{'json_schema':>13}{'ratio':>7}   "
-          f"{'best free':>10}{'best schema':>12}{'ratio':>7}")
-    labels = ["1 stream decode"] + [f"{n} streams aggregate" for n in clients]
-    for label in labels:
-        free, con = figs[f"{label} False"], figs[f"{label} True"]
-        print(f"{label + ' tokens/s':34}{med(free):10.1f}{med(con):13.1f}"
-              f"{med(con) / med(free):7.3f}   {max(free):10.1f}{max(con):12.1f}"
-              f"{max(con) / max(free):7.3f}")
-    print(f"\n{runs} alternating free/constrained runs; decode: between first and last "
-          "streamed token; aggregate: all tokens / wall time, prompts included.")
+    print(f"{'':30}{'free':>8}{'json_schema':>13}{'ratio':>8}   per-round ratios")
+    for n, pairs in figs.items():
+        label = "1 stream decode" if n == 1 else f"{n} streams aggregate"
+        free = [f for f, _ in pairs]
+        con = [c for _, c in pairs]
+        ratios = sorted(c / f for f, c in pairs)
+        shown = " ".join(f"{x:.2f}" for x in ratios)
+        print(f"{label + ' tokens/s':30}{med(free):8.1f}{med(con):13.1f}{med(ratios):8.3f}"
+              f"   [{shown}]")
+    print(f"\n{runs} interleaved rounds (each ABBA: free, json_schema, json_schema, free, or "
+          "the reverse); medians;\nratio: median of the per-round ratios json_schema / free "
+          "(target >= 0.95).\n1 stream: decode tokens/s "
+          "between the first and the last streamed token; n streams: all tokens / wall time, "
+          "prompts included.")
 
 
 def report(f: Figures, clients: list[int], runs: int) -> None:
@@ -450,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.constrained:
         figs = with_daemon(measure_constrained, prompt, args.tokens, bias, clients, args.runs)
-        report_constrained(figs, clients, args.runs)
+        report_constrained(figs, args.runs)
         return 0
     raw = RawEngine(model_path, n_ctx, args.threads, max(clients))
     try:
