@@ -44,6 +44,9 @@ from bitnetd_trio.engine.model_shapes import (
     LLAMA3_CHAT_TEMPLATE,
     LLAMA_ARCHS,
     OFFICIAL_CHAT_TEMPLATE,
+    POOLING_CLS,
+    POOLING_LAST,
+    POOLING_MEAN,
     PRESETS,
     QWEN3_ARCHS,
     SMALLEST,
@@ -70,6 +73,9 @@ from bitnetd_trio.engine.vocab import (
 # The writer's public face: its own functions, and the shapes and vocabularies it writes
 # (defined in model_shapes.py and vocab.py), so that callers need one import.
 __all__ = [
+    "POOLING_CLS",
+    "POOLING_LAST",
+    "POOLING_MEAN",
     "BITNET_EMBED_06B",
     "BONSAI_8B",
     "DEMO",
