@@ -262,6 +262,43 @@ async def test_drain_delay_says_not_ready_while_still_serving(tmp_path, model_a)
             nursery.cancel_scope.cancel()
 
 
+async def test_a_signal_after_drain_delay_ends_generations_at_once(tmp_path, model_long):
+    """After [server] drain_delay has run out and the drain began, another SIGTERM is a second
+    signal: running generations end now (not after drain_timeout), cleanly."""
+    conf = write_config(tmp_path / "b.conf", model=model_long,
+                        sections={"server": {"drain_delay": "0.5", "drain_timeout": "600"}})
+    async with trio.open_nursery() as nursery:
+        d, notify, _ = await start_notified(tmp_path, conf, nursery)
+        try:
+            seen = [0]
+            result: list = []
+            async with httpx.AsyncClient(timeout=120) as client:
+
+                async def one() -> None:
+                    result.append(await stream_completion(
+                        client, d.base_url(), max_tokens=100000,
+                        on_chunk=lambda n: seen.__setitem__(0, n)))
+
+                async with trio.open_nursery() as streams:
+                    streams.start_soon(one)
+                    with trio.fail_after(60):
+                        while seen[0] < 3:
+                            await trio.sleep(0.01)
+                    d.signal(signal.SIGTERM)
+                    with trio.fail_after(30):
+                        while "draining: no new connections" not in d.stderr:
+                            await trio.sleep(0.05)
+                    assert not result
+                    d.signal(signal.SIGTERM)
+            (r,) = result
+            assert r.done and r.finish_reasons == ["length"]
+            assert await d.wait(60) == 0, d.stderr
+            assert "second stop signal" in d.stderr
+        finally:
+            d.kill()
+            nursery.cancel_scope.cancel()
+
+
 # ---- SIGHUP reload with a model swap -------------------------------------------------------
 
 

@@ -304,14 +304,16 @@ class Daemon:
             self._delayed_drain = trio.CancelScope()
             self._nursery.start_soon(self._drain_after, delay, self._delayed_drain)
             return
-        if self._delayed_drain is not None and not self._delayed_drain.cancel_called:
-            self._delayed_drain.cancel()  # a second signal during the delay: drain now
+        if self._delayed_drain is not None:  # a second signal during the delay: drain now
+            self._delayed_drain.cancel()
+            self._delayed_drain = None
             count = 1
         self._drain(count)
 
     async def _drain_after(self, delay: float, scope: trio.CancelScope) -> None:
         with scope:
             await trio.sleep(delay)
+            self._delayed_drain = None  # from here on, a further signal is a second one
             self._drain(1)
 
     def _drain(self, count: int) -> None:
