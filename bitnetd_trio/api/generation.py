@@ -32,6 +32,7 @@ from bitnetd_trio.api.sse import SSE_KEEPALIVE
 from bitnetd_trio.api.tools import constraint_of
 from bitnetd_trio.config import Config
 from bitnetd_trio.engine.inference import InferenceThread, Job, QueueFull, Update
+from bitnetd_trio.engine.reasoning import prompt_opens_think
 
 log = logging.getLogger("bitnetd.app")
 
@@ -221,6 +222,8 @@ class GenerationFlow:
             choices=[Choice(job.index) for job in jobs],
             token_bytes=engine.tokenizer.token_bytes,
         )
+        if dialect.name == "chat" and g.messages is not None and engine.chat_template.thinks:
+            reply.reasoning = "open" if prompt_opens_think(texts[0]) else "closed"
         try:
             engine.submit(jobs)
         except QueueFull as exc:

@@ -212,7 +212,7 @@ async def apply_template(app: ServingApp, req: Request) -> None:
 def _apply_template(app: ServingApp, req: Request) -> dict:
     engine = app.require_engine()
     a = parse_apply_template(req.json())
-    prompt = render_chat(engine, a.messages, a.add_generation_prompt)
+    prompt = render_chat(engine, a.messages, a.add_generation_prompt, a.template_kwargs)
     return {"prompt": prompt}
 
 

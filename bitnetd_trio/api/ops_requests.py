@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bitnetd_trio.api.json_body import Fields, invalid, json_type
-from bitnetd_trio.api.schema import parse_messages, parse_token_id
+from bitnetd_trio.api.schema import parse_messages, parse_template_kwargs, parse_token_id
 
 __all__ = [
     "ApplyTemplateRequest",
@@ -35,6 +35,7 @@ class DetokenizeRequest:
 class ApplyTemplateRequest:
     messages: list[dict]
     add_generation_prompt: bool = True
+    template_kwargs: dict | None = None  # chat_template_kwargs (and reasoning_effort)
 
 
 def parse_tokenize(d: dict) -> TokenizeRequest:
@@ -78,4 +79,5 @@ def parse_apply_template(d: dict) -> ApplyTemplateRequest:
     return ApplyTemplateRequest(
         messages=parse_messages(d),
         add_generation_prompt=f.bool("add_generation_prompt", True),
+        template_kwargs=parse_template_kwargs(d),
     )

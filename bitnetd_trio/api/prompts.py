@@ -28,19 +28,29 @@ def _template_errors_are_client_errors() -> Iterator[None]:
 
 
 def render_chat(
-    engine: InferenceThread, messages: list[dict], add_generation_prompt: bool = True
+    engine: InferenceThread,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    extra: dict | None = None,
 ) -> str:
     """The prompt text the model's chat template makes of `messages` (for display: never
-    tokenize it with special tokens parsed)."""
+    tokenize it with special tokens parsed). `extra`: chat_template_kwargs."""
     with _template_errors_are_client_errors():
-        return engine.chat_template.render(messages, add_generation_prompt=add_generation_prompt)
+        return engine.chat_template.render(
+            messages, add_generation_prompt=add_generation_prompt, extra=extra
+        )
 
 
 def _chat_tokens(
-    engine: InferenceThread, messages: list[dict], tools: list[dict] | None = None
+    engine: InferenceThread,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    extra: dict | None = None,
 ) -> list[int]:
     with _template_errors_are_client_errors():
-        return engine.chat_template.render_tokens(messages, engine.tokenizer, tools=tools)
+        return engine.chat_template.render_tokens(
+            messages, engine.tokenizer, tools=tools, extra=extra
+        )
 
 
 def prepare_prompts(
@@ -50,7 +60,8 @@ def prepare_prompts(
     an empty prompt or one that leaves no room in the context."""
     tok = engine.tokenizer
     if g.messages is not None:
-        ids = _chat_tokens(engine, g.messages, g.tools.tools if g.tools is not None else None)
+        tools = g.tools.tools if g.tools is not None else None
+        ids = _chat_tokens(engine, g.messages, tools, g.template_kwargs)
         prompts, texts, param = [ids], [tok.decode(ids)], "messages"
     else:
         prompts, texts, param = [], [], "prompt"

@@ -103,6 +103,9 @@ class Reply:
     prompt_texts: list[str]
     choices: list[Choice]  # n per prompt, in prompt order
     token_bytes: Callable[[int], bytes]  # the tokenizer's, for logprobs
+    # chat with a template that marks thinking (engine/reasoning.py): "open" when the prompt
+    # ends inside a think block, "closed" otherwise; None: no reasoning is split out
+    reasoning: str | None = None
 
     def prompt_index(self, choice: Choice) -> int:
         """Which prompt a choice continues."""

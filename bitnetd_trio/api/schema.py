@@ -182,6 +182,9 @@ class GenerationRequest:
     # constrained decoding: response_format, grammar, json_schema or the tools' grammar
     constraint: ConstraintSpec | None = None
     tools: ToolRequest | None = None  # chat: the tools and tool_choice
+    # chat: extra variables for a Jinja chat template (`chat_template_kwargs`, and
+    # `reasoning_effort: "none"` as enable_thinking false)
+    template_kwargs: dict[str, Any] | None = None
 
 
 # ---- shared pieces ------------------------------------------------------------------------------
@@ -514,3 +517,36 @@ def parse_openai_common(f: Fields, defaults: SchemaDefaults, max_tokens: int | N
         "user": f.str("user"),
         "cache_prompt": f.bool("cache_prompt", True),
     }
+
+
+#: Template variables a request may not set through chat_template_kwargs (the server sets them).
+RESERVED_TEMPLATE_VARS = frozenset(
+    {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
+)
+#: OpenAI's reasoning_effort values.
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
+def parse_template_kwargs(d: dict) -> dict[str, Any] | None:
+    """`chat_template_kwargs` (an object: extra variables for a Jinja chat template, as vLLM
+    and llama.cpp take them) and `reasoning_effort` ("none" sets enable_thinking false unless
+    the kwargs set it themselves; the other efforts change nothing)."""
+    kwargs = d.get("chat_template_kwargs")
+    out: dict[str, Any] = {}
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise invalid("chat_template_kwargs", f"must be an object, not {json_type(kwargs)}")
+        for k in kwargs:
+            if k in RESERVED_TEMPLATE_VARS:
+                raise invalid(f"chat_template_kwargs.{k}", "is set by the server")
+        out.update(kwargs)
+    effort = d.get("reasoning_effort")
+    if effort is not None:
+        if effort not in REASONING_EFFORTS:
+            raise invalid(
+                "reasoning_effort",
+                f"must be one of {', '.join(REASONING_EFFORTS)}, not {quoted(effort)}",
+            )
+        if effort == "none":
+            out.setdefault("enable_thinking", False)
+    return out or None

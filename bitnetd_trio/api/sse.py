@@ -111,6 +111,19 @@ class ChatChunks(_Chunks):
             ]
         )
 
+    def reasoning(self, index: int, text: str, logprobs: list[dict] | None = None) -> dict:
+        """A thinking delta (`reasoning_content`, as vLLM and llama.cpp stream it)."""
+        return self._chunk(
+            [
+                {
+                    "index": index,
+                    "delta": {"reasoning_content": text},
+                    "logprobs": chat_logprobs(logprobs) if logprobs is not None else None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+
     def tool_call(self, index: int, call: int, *, call_id: str | None = None,
                   name: str | None = None, arguments: str = "") -> dict:
         """A tool call delta as OpenAI streams it: the call's index, id, type and name first

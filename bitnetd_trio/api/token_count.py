@@ -25,7 +25,9 @@ def conversation_tokens(engine: InferenceThread, g: GenerationRequest) -> int:
     tools = g.tools.tools if g.tools is not None else None
     try:
         return len(
-            engine.chat_template.render_tokens(g.messages or [], engine.tokenizer, tools=tools)
+            engine.chat_template.render_tokens(
+                g.messages or [], engine.tokenizer, tools=tools, extra=g.template_kwargs
+            )
         )
     except ChatTemplateError as exc:
         raise ApiError(

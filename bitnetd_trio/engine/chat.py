@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import jinja2
 
 from bitnetd_trio.engine import template_worker
+from bitnetd_trio.engine.reasoning import template_thinks
 from bitnetd_trio.engine.template_sandbox import ChatTemplateError, compile_template
 from bitnetd_trio.engine.tool_syntax import syntax_for
 
@@ -223,6 +224,11 @@ class ChatTemplate:
         """'bitnet' (the trained format) or 'jinja'."""
         return "bitnet" if self._template is None else "jinja"
 
+    @property
+    def thinks(self) -> bool:
+        """A Jinja template that marks thinking with `<think>` (engine/reasoning.py)."""
+        return self._template is not None and template_thinks(self.source)
+
     @classmethod
     def from_model(cls, metadata_template: str | None, override: str | None,
                    bos_token: str | None, eos_token: str | None) -> ChatTemplate:
@@ -253,10 +259,11 @@ class ChatTemplate:
     # ---- rendering ----
 
     def render(self, messages: Iterable[Mapping[str, Any]],
-               add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+               add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               extra: Mapping[str, Any] | None = None) -> str:
         """The prompt as one string (do not tokenize it with parse_special=True)."""
         return "".join(
-            t for t, _ in self._segments(messages, add_generation_prompt, None, tools)
+            t for t, _ in self._segments(messages, add_generation_prompt, None, tools, extra)
         )
 
     def render_segments(self, messages: Iterable[Mapping[str, Any]],
@@ -270,7 +277,8 @@ class ChatTemplate:
 
     def render_tokens(self, messages: Iterable[Mapping[str, Any]], tokenizer: _TokenizerLike,
                       add_generation_prompt: bool = True,
-                      tools: list[dict] | None = None) -> list[int]:
+                      tools: list[dict] | None = None,
+                      extra: Mapping[str, Any] | None = None) -> list[int]:
         """The prompt's token ids: control tokens written by the template become their ids,
         control-token text inside content stays plain text. Everything between two template
         control tokens is BPE-encoded as one piece, template text and content together, so
@@ -286,7 +294,8 @@ class ChatTemplate:
                 ids.extend(tokenizer.encode("".join(text), add_bos=False, parse_special=False))
                 text.clear()
 
-        for seg, is_template in self._segments(messages, add_generation_prompt, control, tools):
+        for seg, is_template in self._segments(messages, add_generation_prompt, control, tools,
+                                               extra):
             if not is_template or control is None:
                 text.append(seg)
                 continue
@@ -304,16 +313,20 @@ class ChatTemplate:
 
     def _segments(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool,
                   control_regex: re.Pattern[str] | None,
-                  tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+                  tools: list[dict] | None = None,
+                  extra: Mapping[str, Any] | None = None) -> list[tuple[str, bool]]:
         """`tools`: OpenAI tool definitions. The trained format gets them, and assistant
         tool calls, written in this server's tool syntax (engine/tool_syntax.py); a Jinja
-        template gets `tools` and the messages' `tool_calls` as they are."""
+        template gets `tools` and the messages' `tool_calls` as they are. `extra`: more
+        variables for a Jinja template (`chat_template_kwargs`, e.g. enable_thinking); they
+        never replace messages, tools, add_generation_prompt or the special tokens, and the
+        trained format ignores them."""
         msgs = _normalized(messages)
         if self._template is None:
             if tools or any(m.get("tool_calls") for m in msgs):
                 msgs = syntax_for(None).render_messages(msgs, tools)
             return self._bitnet_segments(msgs, add_generation_prompt)
-        return self._jinja_segments(msgs, add_generation_prompt, control_regex, tools)
+        return self._jinja_segments(msgs, add_generation_prompt, control_regex, tools, extra)
 
     def _bitnet_segments(self, msgs: list[dict[str, Any]],
                          add_generation_prompt: bool) -> list[tuple[str, bool]]:
@@ -332,10 +345,12 @@ class ChatTemplate:
 
     def _jinja_segments(self, msgs: list[dict[str, Any]], add_generation_prompt: bool,
                         control_regex: re.Pattern[str] | None,
-                        tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+                        tools: list[dict] | None = None,
+                        extra: Mapping[str, Any] | None = None) -> list[tuple[str, bool]]:
         assert self._template is not None
         protector = _Protector(control_regex)
-        context = {
+        context = {k: protector.protect(v) for k, v in (extra or {}).items()}
+        context |= {
             "messages": protector.protect(msgs),
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self.bos_token,

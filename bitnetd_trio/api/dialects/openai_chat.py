@@ -1,7 +1,9 @@
 """POST /v1/chat/completions (http-api §1.1): `chat.completion` bodies and
 `chat.completion.chunk` streams with a role delta first; chat logprobs (`logprobs.content`);
 tool calls (http-api §1.7) read out of the text with the chat template's tool syntax, as
-`message.tool_calls` or streamed `delta.tool_calls`, finish_reason "tool_calls"."""
+`message.tool_calls` or streamed `delta.tool_calls`, finish_reason "tool_calls"; thinking
+(templates that mark it with `<think>`, engine/reasoning.py) as `message.reasoning_content` or
+streamed `delta.reasoning_content`, apart from the content."""
 
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ from bitnetd_trio.api.schema import (
     parse_model,
     parse_n,
     parse_openai_common,
+    parse_template_kwargs,
 )
 from bitnetd_trio.api.sse import ChatChunks, sse_event
 from bitnetd_trio.api.tools import call_id, message_tool_calls, parse_tools
+from bitnetd_trio.engine.reasoning import ThinkSplitter, split_reasoning
 from bitnetd_trio.engine.tool_syntax import ToolCallParser, parse_tool_calls
 
 __all__ = ["OpenAIChat", "parse_chat_completion"]
@@ -63,6 +67,10 @@ class OpenAIChat(Dialect):
             text = "".join(c.text)
             # `refusal` is required by OpenAI's schema (nullable); this server never refuses.
             message: dict = {"role": "assistant", "content": text, "refusal": None}
+            if reply.reasoning is not None:
+                reasoning, text = split_reasoning(text, opened=reply.reasoning == "open")
+                message["content"] = text
+                message["reasoning_content"] = reasoning
             calls = []
             if tools:
                 content, calls = parse_tool_calls(text, reply.request.tools.syntax)
@@ -93,6 +101,10 @@ class _ChatStream(OpenAIStream):
         if _reads_tool_calls(reply):
             syntax = reply.request.tools.syntax
             self.parsers = {c.index: ToolCallParser(syntax) for c in reply.choices}
+        self.splitters: dict[int, ThinkSplitter] = {}
+        if reply.reasoning is not None:
+            opened = reply.reasoning == "open"
+            self.splitters = {c.index: ThinkSplitter(opened) for c in reply.choices}
 
     def opening(self) -> bytes:
         # Every choice starts with its role delta, before any content (http-api §1.5).
@@ -102,10 +114,30 @@ class _ChatStream(OpenAIStream):
         lps = None
         if self.reply.request.logprobs:
             lps = chat_content(piece.tokens, self.reply.token_bytes)
+        splitter = self.splitters.get(choice.index)
+        if splitter is None:
+            return self._content(choice, piece.text, lps)
+        return self._split_events(choice, splitter.feed(piece.text), lps)
+
+    def _content(self, choice: Choice, text: str, lps: list | None) -> bytes:
         parser = self.parsers.get(choice.index)
         if parser is None:
-            return sse_event(self.chat.content(choice.index, piece.text, lps))
-        return self._tool_events(choice, parser.feed(piece.text), lps)
+            return sse_event(self.chat.content(choice.index, text, lps))
+        return self._tool_events(choice, parser.feed(text), lps)
+
+    def _split_events(self, choice: Choice, events: list[tuple], lps: list | None) -> bytes:
+        """Reasoning and content out of the think splitter; the piece's logprobs go with the
+        first delta (on an empty content delta when the splitter held everything back)."""
+        out = bytearray()
+        for kind, text in events:
+            if kind == "reasoning":
+                out += sse_event(self.chat.reasoning(choice.index, text, lps))
+            else:
+                out += self._content(choice, text, lps)
+            lps = None
+        if lps:
+            out += sse_event(self.chat.content(choice.index, "", lps))
+        return bytes(out)
 
     def _tool_events(self, choice: Choice, events: list[tuple], lps: list | None) -> bytes:
         out = bytearray()
@@ -125,9 +157,15 @@ class _ChatStream(OpenAIStream):
 
     def finish(self, choice: Choice, last: Piece) -> bytes:
         parser = self.parsers.get(choice.index)
-        if parser is None:
+        splitter = self.splitters.get(choice.index)
+        if parser is None and splitter is None:
             return super().finish(choice, last)
-        out = self.piece(choice, last) + self._tool_events(choice, parser.finish(), None)
+        out = self.piece(choice, last)
+        if splitter is not None:
+            out += self._split_events(choice, splitter.finish(), None)
+        if parser is None:
+            return out + sse_event(self.chat.finish(choice.index, finish_reason(choice)))
+        out += self._tool_events(choice, parser.finish(), None)
         reason = _chat_finish_reason(choice, bool(parser.calls))
         return out + sse_event(self.chat.finish(choice.index, reason))
 
@@ -168,5 +206,6 @@ def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> Ge
         top_logprobs=top_logprobs,
         constraint=constraint,
         tools=tools,
+        template_kwargs=parse_template_kwargs(d),
         **parse_openai_common(f, defaults, max_tokens, MAX_STOP),
     )
