@@ -186,9 +186,16 @@ async def test_drain_and_restart_behind_balancer(balancer: str, tmp_path: Path) 
         async def drain_and_restart() -> None:
             await trio.sleep(DRAIN_AT)
             victim = daemons[0]
+            # Signal while the victim has a stream running (least-connections balancing can
+            # leave one replica idle for a moment): the drain must have something to finish.
             async with httpx.AsyncClient() as c:
-                m = (await c.get(victim.base_url() + "/metrics")).text
-            running = re.search(r"^bitnetd_requests_running (\S+)$", m, flags=re.M)
+                with trio.move_on_after(10):
+                    while True:
+                        m = (await c.get(victim.base_url() + "/metrics")).text
+                        running = re.search(r"^bitnetd_requests_running (\S+)$", m, flags=re.M)
+                        if running and float(running.group(1)) >= 1:
+                            break
+                        await trio.sleep(0.01)
             figures["running_at_sigterm"] = float(running.group(1)) if running else -1
             t0 = trio.current_time()
             victim.signal(signal.SIGTERM)
