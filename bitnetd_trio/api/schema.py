@@ -223,29 +223,33 @@ def parse_model(f: Fields, defaults: SchemaDefaults) -> str | None:
     return None if model is None else resolve_model(model, defaults)
 
 
-def parse_stop(f: Fields, limit: int) -> list[str]:
-    v = f.d.get("stop")
+def parse_stop(f: Fields, limit: int, name: str = "stop", *, allow_string: bool = True
+               ) -> list[str]:
+    """Stop strings: up to `limit` non-empty strings of at most MAX_STOP_CHARS each, under
+    the field `name` (OpenAI's `stop` also takes one bare string; Anthropic's
+    `stop_sequences` does not)."""
+    v = f.d.get(name)
     if v is None:
         return []
-    if isinstance(v, str):
-        if not v:
-            raise invalid("stop", "must not be an empty string")
-        if len(v) > MAX_STOP_CHARS:
-            raise invalid("stop", f"must be at most {MAX_STOP_CHARS} characters, got {len(v)}")
-        return [v]
-    if not isinstance(v, list):
-        raise invalid("stop", f"must be a string or an array of strings, got {json_type(v)}")
+    if isinstance(v, str) and allow_string:
+        v = [v]
+        where = lambda i: name  # noqa: E731 - a bare string is the field itself
+    else:
+        where = lambda i: f"{name}[{i}]"  # noqa: E731
+        if not isinstance(v, list):
+            kinds = "a string or an array of strings" if allow_string else "an array of strings"
+            raise invalid(name, f"must be {kinds}, got {json_type(v)}")
     if len(v) > limit:
-        raise invalid("stop", f"may hold at most {limit} strings, got {len(v)}")
+        raise invalid(name, f"may hold at most {limit} strings, got {len(v)}")
     out = []
     for i, s in enumerate(v):
         if not isinstance(s, str):
-            raise invalid(f"stop[{i}]", f"must be a string, got {json_type(s)}")
+            raise invalid(where(i), f"must be a string, got {json_type(s)}")
         if not s:
-            raise invalid(f"stop[{i}]", "must not be an empty string")
+            raise invalid(where(i), "must not be an empty string")
         if len(s) > MAX_STOP_CHARS:
             raise invalid(
-                f"stop[{i}]", f"must be at most {MAX_STOP_CHARS} characters, got {len(s)}"
+                where(i), f"must be at most {MAX_STOP_CHARS} characters, got {len(s)}"
             )
         out.append(s)
     return out

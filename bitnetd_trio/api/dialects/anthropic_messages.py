@@ -28,12 +28,12 @@ from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import (
     INT32_MAX,
     LLAMA_MAX_STOP,
-    MAX_STOP_CHARS,
     GenerationRequest,
     SchemaDefaults,
     parse_min_tokens,
     parse_sampling,
     parse_seed,
+    parse_stop,
     resolve_model,
 )
 from bitnetd_trio.api.sse import sse_named_event
@@ -239,25 +239,6 @@ def _conversation(d: dict) -> list[dict]:
     return out
 
 
-def _stop_sequences(d: dict) -> list[str]:
-    v = d.get("stop_sequences")
-    if v is None:
-        return []
-    if not isinstance(v, list):
-        raise invalid("stop_sequences", f"must be an array of strings, got {json_type(v)}")
-    if len(v) > LLAMA_MAX_STOP:
-        raise invalid("stop_sequences", f"may hold at most {LLAMA_MAX_STOP} strings, got {len(v)}")
-    out = []
-    for i, s in enumerate(v):
-        where = f"stop_sequences[{i}]"
-        if not isinstance(s, str) or not s:
-            raise invalid(where, f"must be a non-empty string, got {json_type(s)}")
-        if len(s) > MAX_STOP_CHARS:
-            raise invalid(where, f"must be at most {MAX_STOP_CHARS} characters, got {len(s)}")
-        out.append(s)
-    return out
-
-
 def parse_messages_request(
     d: dict, defaults: SchemaDefaults, *, counting: bool = False
 ) -> GenerationRequest:
@@ -292,7 +273,7 @@ def parse_messages_request(
         min_tokens=parse_min_tokens(f, max_tokens),
         ignore_eos=f.bool("ignore_eos"),
         sampling=parse_sampling(f, defaults, logit_bias={}, seed=parse_seed(f)),
-        stop=_stop_sequences(d),
+        stop=parse_stop(f, LLAMA_MAX_STOP, "stop_sequences", allow_string=False),
         stream=f.bool("stream"),
         tools=tools,
     )
