@@ -47,6 +47,7 @@ from bitnetd_trio.engine.model_shapes import (
     POOLING_CLS,
     POOLING_LAST,
     POOLING_MEAN,
+    PRESET_PRE_TOKENIZER,
     PRESETS,
     QWEN3_ARCHS,
     SMALLEST,
@@ -95,6 +96,7 @@ __all__ = [
     "LLAMA_ARCHS",
     "ModelShape",
     "OFFICIAL_CHAT_TEMPLATE",
+    "PRESET_PRE_TOKENIZER",
     "PRESETS",
     "QWEN3_ARCHS",
     "RawTensor",
@@ -572,7 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         write_model(args.out, shape, args.seed, vocab=vocab,
-                    tie_head=None if args.untied_head is None else False)
+                    tie_head=None if args.untied_head is None else False,
+                    pre=PRESET_PRE_TOKENIZER.get(args.preset))
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"bitnetd-write-model: error: {exc}", file=sys.stderr)
         return 1

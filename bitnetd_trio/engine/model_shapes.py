@@ -156,14 +156,21 @@ TINY_QWEN3_EMBED = ModelShape(n_vocab=TINY_VOCAB_SIZE, n_embd=256, n_head=4, n_h
                               n_ff=384, n_layer=2, n_ctx=256, rope_base=1000000.0,
                               rms_eps=1e-6, architecture="qwen3", n_head_dim=128,
                               pooling_type=POOLING_LAST)
-#: BitNet-embedding-0.6B's shape (model-families B.1; the context length is Qwen3-0.6B's
-#: 32768, not confirmed for this model).
+#: Falcon-E-3B-Instruct's shape. Its config.json was not found in any source we could read;
+#: this geometry is a third party's (E 2048, 32 layers, 16 heads / 2 KV heads, FF 13312), and
+#: with a 32768-token vocabulary (F16 embedding and head) it adds up to the 999 MB the I2_S
+#: file is reported to weigh. RoPE base and context length are placeholders.
+FALCON_E_3B = ModelShape(n_vocab=32768, n_embd=2048, n_head=16, n_head_kv=2, n_ff=13312,
+                         n_layer=32, n_ctx=2048, rope_base=1000042.0, rms_eps=1e-6,
+                         architecture="llama")
 #: Ternary Bonsai (Qwen3 with Q2_0 weights, model-format §10.6) at TINY's width.
 TINY_BONSAI = dataclasses.replace(TINY_QWEN3_EMBED, pooling_type=None, weight_format="q2_0")
 #: Bonsai-8B's shape: the Qwen3-8B geometry, untied Q2_0 head (model-families C.1).
 BONSAI_8B = ModelShape(n_vocab=151936, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288,
                        n_layer=36, n_ctx=40960, rope_base=1000000.0, rms_eps=1e-6,
                        architecture="qwen3", n_head_dim=128, weight_format="q2_0")
+#: BitNet-embedding-0.6B's shape (model-families B.1; the context length is Qwen3-0.6B's
+#: 32768, not confirmed for this model).
 BITNET_EMBED_06B = ModelShape(n_vocab=151936, n_embd=1024, n_head=16, n_head_kv=8,
                               n_ff=3072, n_layer=28, n_ctx=32768, rope_base=1000000.0,
                               rms_eps=1e-6, architecture="qwen3", n_head_dim=128,
@@ -172,9 +179,13 @@ BITNET_EMBED_06B = ModelShape(n_vocab=151936, n_embd=1024, n_head=16, n_head_kv=
 PRESETS: dict[str, ModelShape] = {"tiny": TINY, "smallest": SMALLEST, "full": FULL_2B4T,
                                   "demo": DEMO, "tiny-llama": TINY_LLAMA,
                                   "falcon3-1b": FALCON3_1B, "falcon3-10b": FALCON3_10B,
+                                  "falcon-e-3b": FALCON_E_3B,
                                   "tiny-qwen3-embed": TINY_QWEN3_EMBED,
                                   "bitnet-embed-0.6b": BITNET_EMBED_06B,
                                   "tiny-bonsai": TINY_BONSAI, "bonsai-8b": BONSAI_8B}
+#: tokenizer.ggml.pre of the presets whose official files name one other than their
+#: vocabulary's default (model-families A.2)
+PRESET_PRE_TOKENIZER: dict[str, str] = {"falcon-e-3b": "falcon_e"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -60,7 +60,8 @@ def synthetic_model(path: Path | None, preset: str = "full") -> Path:
     print(f"writing the synthetic full-size model to {target} ...", flush=True)
     t0 = time.perf_counter()
     tmp = target.with_name(target.name + ".partial")
-    gw.write_model(tmp, shape, 0, vocab=vocab)  # type: ignore[arg-type]
+    gw.write_model(tmp, shape, 0, vocab=vocab,  # type: ignore[arg-type]
+                   pre=gw.PRESET_PRE_TOKENIZER.get(preset))
     tmp.replace(target)
     print(f"  written in {time.perf_counter() - t0:.1f} s", flush=True)
     return target
@@ -139,7 +140,11 @@ def run_embeddings(model: engine.Model, args: argparse.Namespace) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, summary: dict | None = None) -> int:
+    """Measure and print; the medians also go into summary when one is given (for
+    bitnetd_trio.tools.families_bench)."""
+    if args.kernel:
+        engine.select_kernel(args.kernel)
     if args.synthetic:
         path = synthetic_model(args.model, args.preset)
     elif args.model is None:
@@ -242,6 +247,23 @@ def run(args: argparse.Namespace) -> int:
     for b in batches:
         ratio = med([x / s for x, s in zip(results[f"{tn}b{b}"], single)])
         print(f"  batch {b} / batch 1           {ratio:8.2f}x")
+    if summary is not None:
+        summary.update(
+            path=str(path),
+            kernel=engine.kernel_name(),
+            threads=n_threads,
+            bytes_per_token=per_token,
+            bandwidth=med(bw),
+            limit=med(limit),
+            decode_1=med(results["t1b1"]),
+            decode_n=med(single),
+            share_n=med([s / lim for s, lim in zip(single, limit)]),
+            share_1=med(
+                [s * per_token / (b * 1e9) for s, b in zip(results["t1b1"], results["bw1"])]
+            ),
+            batches={b: med(results[f"{tn}b{b}"]) for b in batches},
+            prefill=med(prefill) if prefill else None,
+        )
     # Rounds in which the other CPUs were free: N threads read clearly faster than one.
     quiet = [i for i in range(args.rounds) if bw[i] >= 1.5 * results["bw1"][i]]
     if n_threads > 1 and quiet:
@@ -261,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bitnetd-bench", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "model",
@@ -297,9 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch", type=int, default=8, help="inputs per step with --embeddings")
     p.add_argument("--kernel", help="force a kernel set (scalar, avx2, avx512vnni, amx)")
-    args = p.parse_args(argv)
-    if args.kernel:
-        engine.select_kernel(args.kernel)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     return run(args)
 
 
