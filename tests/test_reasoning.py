@@ -17,9 +17,9 @@ from conftest import running_server, server_config
 from bitnetd_trio.engine import gguf_writer as gw
 from bitnetd_trio.engine.reasoning import (
     ThinkSplitter,
-    prompt_opens_think,
     split_reasoning,
     template_thinks,
+    think_mode,
 )
 
 TEXTS = [
@@ -58,8 +58,9 @@ def test_any_chunking_gives_the_whole_text_split(text: str, opened: bool,
 def test_detection() -> None:
     assert template_thinks("{{ '<think>' }}") and not template_thinks("{{ x }}")
     assert not template_thinks(None)
-    assert prompt_opens_think("Assistant: <think>\n") and not prompt_opens_think(
-        "Assistant: <think>\n\n</think>\n\n")
+    assert think_mode("Assistant: <think>\n") == "open"
+    assert think_mode("Assistant: <think>\n\n</think>\n\n") == "off"
+    assert think_mode("Assistant: ") == "closed"
 
 
 THINK_TEMPLATE = (

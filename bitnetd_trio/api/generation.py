@@ -32,7 +32,7 @@ from bitnetd_trio.api.sse import SSE_KEEPALIVE
 from bitnetd_trio.api.tools import constraint_of
 from bitnetd_trio.config import Config
 from bitnetd_trio.engine.inference import InferenceThread, Job, QueueFull, Update
-from bitnetd_trio.engine.reasoning import prompt_opens_think
+from bitnetd_trio.engine.reasoning import think_mode
 
 log = logging.getLogger("bitnetd.app")
 
@@ -148,10 +148,17 @@ class GenerationFlow:
         async def prepare_and_answer() -> None:
             nonlocal gen
             prompts, texts = await cpu.run(work_size, prepare_prompts, g, engine)
-            constraint = await compile_constraint(constraint_of(g, engine), engine, config)
+            # Where the prompt leaves a thinking model (engine/reasoning.py): the replies split
+            # its think block off, and a tool grammar lets it think before it calls.
+            thinking = None
+            if g.messages is not None and engine.chat_template.thinks:
+                thinking = think_mode(texts[0])
+            constraint = await compile_constraint(
+                constraint_of(g, engine, thinking), engine, config
+            )
             if self.draining:  # the drain began while the prompts were prepared
                 raise ApiError.unavailable("the server is shutting down", retry_after=5)
-            gen = self._submit(dialect, g, engine, prompts, texts, config, constraint)
+            gen = self._submit(dialect, g, engine, prompts, texts, config, constraint, thinking)
             self.active.add(gen)
             respond = self._stream if g.stream else self._respond_whole
             with gen.receiver:
@@ -180,6 +187,7 @@ class GenerationFlow:
         texts: list[str],
         config: Config,
         constraint: object = None,  # engine/constraints.Constraint: each job gets a copy
+        thinking: str | None = None,  # engine/reasoning.think_mode of the prompt
     ) -> Generation:
         send_ch, recv_ch = trio.open_memory_channel[Update](math.inf)
         max_tokens = g.max_tokens
@@ -219,11 +227,10 @@ class GenerationFlow:
             fingerprint=f"bitnetd-trio-{__version__}-{engine.info.kernel}",
             prompts=prompts,
             prompt_texts=texts,
-            choices=[Choice(job.index) for job in jobs],
+            choices=[Choice(job.index, thinking=thinking) for job in jobs],
             token_bytes=engine.tokenizer.token_bytes,
+            reasoning=thinking,
         )
-        if dialect.name == "chat" and g.messages is not None and engine.chat_template.thinks:
-            reply.reasoning = "open" if prompt_opens_think(texts[0]) else "closed"
         try:
             engine.submit(jobs)
         except QueueFull as exc:

@@ -224,3 +224,10 @@ class Fields:
     def str(self, name: str, default: Any = None) -> Any:
         v = self.d.get(name)
         return default if v is None else as_str(v, name)
+
+    def object(self, name: str) -> dict | None:
+        """An optional JSON object (a field with fields of its own)."""
+        v = self.d.get(name)
+        if v is not None and not isinstance(v, dict):
+            raise invalid(name, f"must be an object, got {json_type(v)}")
+        return v

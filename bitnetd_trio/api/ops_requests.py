@@ -6,7 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bitnetd_trio.api.json_body import Fields, invalid, json_type
-from bitnetd_trio.api.schema import parse_messages, parse_template_kwargs, parse_token_id
+from bitnetd_trio.api.schema import (
+    parse_messages,
+    parse_reasoning_effort,
+    parse_template_kwargs,
+    parse_token_id,
+)
 
 __all__ = [
     "ApplyTemplateRequest",
@@ -79,5 +84,7 @@ def parse_apply_template(d: dict) -> ApplyTemplateRequest:
     return ApplyTemplateRequest(
         messages=parse_messages(d),
         add_generation_prompt=f.bool("add_generation_prompt", True),
-        template_kwargs=parse_template_kwargs(d),
+        template_kwargs=parse_template_kwargs(
+            d, parse_reasoning_effort(d.get("reasoning_effort"))
+        ),
     )

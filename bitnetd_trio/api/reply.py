@@ -8,12 +8,13 @@ the engine's thread, so dialects are tested on hand-made replies.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from bitnetd_trio.api.schema import GenerationRequest
 from bitnetd_trio.api.sse import usage_object
 from bitnetd_trio.engine.inference import TokenResult, Update
 from bitnetd_trio.engine.jobs import PromptProgress
+from bitnetd_trio.engine.reasoning import ThinkSplitter
 
 __all__ = ["Choice", "Piece", "Reply"]
 
@@ -63,9 +64,19 @@ class Choice:
     n_cached: int = 0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
+    # the prompt's think mode (engine/reasoning.think_mode) when the template thinks: the
+    # choice then counts its reasoning tokens, those generated until the think block closed
+    thinking: InitVar[str | None] = None
+    reasoning_tokens: int = 0
+    _think: ThinkSplitter | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self, thinking: str | None) -> None:
+        if thinking is not None:
+            self._think = ThinkSplitter(opened=thinking == "open")
 
     def apply(self, upd: Update) -> None:
         """Add an engine update for this choice."""
+        self._count_reasoning(upd)
         if upd.text:
             self.text.append(upd.text)
         if upd.tokens:
@@ -85,6 +96,17 @@ class Choice:
             self.stopping_word = upd.stopping_word
             self.error = upd.error
 
+    def _count_reasoning(self, upd: Update) -> None:
+        # An update during which the block was open counts whole: the token that wrote
+        # `</think>` is reasoning; text held back by a stop string's partial match can move
+        # the count by the tokens held.
+        s = self._think
+        if s is None or s.closed:
+            return
+        s.feed(upd.text)
+        if s.saw_block:
+            self.reasoning_tokens = max(self.reasoning_tokens, upd.n_generated)
+
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
@@ -103,8 +125,8 @@ class Reply:
     prompt_texts: list[str]
     choices: list[Choice]  # n per prompt, in prompt order
     token_bytes: Callable[[int], bytes]  # the tokenizer's, for logprobs
-    # chat with a template that marks thinking (engine/reasoning.py): "open" when the prompt
-    # ends inside a think block, "closed" otherwise; None: no reasoning is split out
+    # a conversation rendered with a template that marks thinking: the prompt's think mode
+    # (engine/reasoning.think_mode: "open", "closed" or "off"); None: no reasoning is split out
     reasoning: str | None = None
 
     def prompt_index(self, choice: Choice) -> int:

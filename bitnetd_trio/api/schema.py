@@ -71,10 +71,12 @@ __all__ = [
     "parse_n",
     "parse_openai_common",
     "parse_prompts",
+    "parse_reasoning_effort",
     "parse_sampling",
     "parse_seed",
     "parse_stop",
     "parse_stream_options",
+    "parse_template_kwargs",
     "parse_token_id",
     "resolve_model",
 ]
@@ -182,8 +184,8 @@ class GenerationRequest:
     # constrained decoding: response_format, grammar, json_schema or the tools' grammar
     constraint: ConstraintSpec | None = None
     tools: ToolRequest | None = None  # chat: the tools and tool_choice
-    # chat: extra variables for a Jinja chat template (`chat_template_kwargs`, and
-    # `reasoning_effort: "none"` as enable_thinking false)
+    # extra variables for a Jinja chat template (`chat_template_kwargs`, and enable_thinking
+    # from chat's `reasoning_effort`, Responses' `reasoning` or Anthropic's `thinking`)
     template_kwargs: dict[str, Any] | None = None
 
 
@@ -458,6 +460,11 @@ def parse_messages(d: dict) -> list[dict]:
         calls = parse_message_tool_calls(msg, where)
         if calls:
             m["tool_calls"] = calls
+        reasoning = msg.get("reasoning_content")
+        if reasoning is not None and role == "assistant":
+            # a past turn's thinking, for templates that write it back (Qwen3-style ones
+            # keep it for the turns of an unfinished tool loop)
+            m["reasoning_content"] = as_str(reasoning, f"{where}.reasoning_content")
         if role == "tool":
             m.update(tool_message_fields(msg, where))
         out.append(m)
@@ -527,14 +534,24 @@ def parse_openai_common(f: Fields, defaults: SchemaDefaults, max_tokens: int | N
 RESERVED_TEMPLATE_VARS = frozenset(
     {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 )
-#: OpenAI's reasoning_effort values.
+#: OpenAI's reasoning effort values (chat's `reasoning_effort`, Responses' `reasoning.effort`).
 REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 
 
-def parse_template_kwargs(d: dict) -> dict[str, Any] | None:
+def parse_reasoning_effort(v: Any, param: str = "reasoning_effort") -> bool | None:
+    """An OpenAI reasoning effort as enable_thinking: False for "none" (thinking off), None
+    (the template's default) for the others, which have no counterpart in a template."""
+    if v is None:
+        return None
+    if v not in REASONING_EFFORTS:
+        raise invalid(param, f"must be one of {', '.join(REASONING_EFFORTS)}, not {quoted(v)}")
+    return False if v == "none" else None
+
+
+def parse_template_kwargs(d: dict, enable_thinking: bool | None = None) -> dict[str, Any] | None:
     """`chat_template_kwargs` (an object: extra variables for a Jinja chat template, as vLLM
-    and llama.cpp take them) and `reasoning_effort` ("none" sets enable_thinking false unless
-    the kwargs set it themselves; the other efforts change nothing)."""
+    and llama.cpp take them), plus `enable_thinking` when the dialect's own field set it
+    (OpenAI's reasoning effort, Anthropic's `thinking`) and the kwargs do not."""
     kwargs = d.get("chat_template_kwargs")
     out: dict[str, Any] = {}
     if kwargs is not None:
@@ -544,13 +561,6 @@ def parse_template_kwargs(d: dict) -> dict[str, Any] | None:
             if k in RESERVED_TEMPLATE_VARS:
                 raise invalid(f"chat_template_kwargs.{k}", "is set by the server")
         out.update(kwargs)
-    effort = d.get("reasoning_effort")
-    if effort is not None:
-        if effort not in REASONING_EFFORTS:
-            raise invalid(
-                "reasoning_effort",
-                f"must be one of {', '.join(REASONING_EFFORTS)}, not {quoted(effort)}",
-            )
-        if effort == "none":
-            out.setdefault("enable_thinking", False)
+    if enable_thinking is not None:
+        out.setdefault("enable_thinking", enable_thinking)
     return out or None

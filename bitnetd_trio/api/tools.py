@@ -18,6 +18,7 @@ from typing import Any
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.json_body import invalid, json_type
 from bitnetd_trio.api.response_format import ConstraintSpec
+from bitnetd_trio.engine.reasoning import THINK_CLOSE, THINK_OPEN
 from bitnetd_trio.engine.tool_syntax import BITNET_TOOLS, ToolSyntax, syntax_for
 
 __all__ = [
@@ -54,10 +55,13 @@ class ToolRequest:
     def calls_possible(self) -> bool:
         return bool(self.tools) and self.choice != "none"
 
-    def grammar(self, syntax: ToolSyntax) -> str:
+    def grammar(self, syntax: ToolSyntax, thinking: str | None = None) -> str:
         """The Lark grammar of the allowed answers: calls matching one function's parameter
         schema (required / named), or, with "auto", free text that does not start like a
-        call, or calls."""
+        call, or calls. `thinking` (engine/reasoning.think_mode, None for a template that
+        does not think): "closed" lets the answer start with a think block, "open" makes it
+        start with the rest of the block the prompt opened, so a thinking model still
+        thinks before it calls; "off" (the prompt closed the block) goes straight on."""
         funcs = [t["function"] for t in self.tools]
         if self.choice == "function":
             funcs = [f for f in funcs if f["name"] == self.name]
@@ -78,18 +82,32 @@ class ToolRequest:
             lines.append("calls: call (" + _lark_literal(syntax.separator) + " call)*")
         else:
             lines.append("calls: call")
+        answer = "calls"
         if self.choice == "auto":
             first = re.escape(syntax.open[0])
-            lines.insert(0, "start: (calls | TEXT)?")
+            answer = "(calls | TEXT)?"
             lines.append(f"TEXT: /[^{first}][\\s\\S]*/")
-        else:
-            lines.insert(0, "start: calls")
+        lines.insert(0, "start: " + _THINK_START.get(thinking, "") + answer)
+        if thinking in ("open", "closed"):
+            lines += _THINK_RULES
         return "\n".join(lines + rules) + "\n"
 
-    def spec(self, syntax: ToolSyntax) -> ConstraintSpec | None:
+    def spec(self, syntax: ToolSyntax, thinking: str | None = None) -> ConstraintSpec | None:
         if not self.calls_possible:
             return None
-        return ConstraintSpec("tools", self.grammar(syntax), "lark", "tools")
+        return ConstraintSpec("tools", self.grammar(syntax, thinking), "lark", "tools")
+
+
+# A think block before the answer (engine/reasoning.py), as Qwen3-style templates write it:
+# `<think>`, the thinking, `</think>`, a blank line. The thinking is a lazy lexeme ending at
+# the first `</think>`: as a greedy lexeme followed by a `</think>` lexeme, llguidance would
+# keep "</think" inside the thinking and then refuse the ">".
+_THINK_START = {"closed": "think? ", "open": "think_rest "}
+_THINK_RULES = [
+    "think: " + json.dumps(THINK_OPEN) + " think_rest",
+    'think_rest: think_text "\\n\\n"',
+    "think_text[lazy]: /[\\s\\S]*" + re.escape(THINK_CLOSE).replace("/", "\\/") + "/",
+]
 
 
 def _lark_literal(s: str) -> str:
@@ -252,12 +270,13 @@ def tool_syntax(engine: Any) -> ToolSyntax:
     return syntax_for(engine.chat_template.source)
 
 
-def constraint_of(g: Any, engine: Any) -> ConstraintSpec | None:
+def constraint_of(g: Any, engine: Any, thinking: str | None = None) -> ConstraintSpec | None:
     """What a request constrains its output to: its response_format / grammar / json_schema,
-    or the grammar of its tools (in the syntax of `engine`'s chat template)."""
+    or the grammar of its tools (in the syntax of `engine`'s chat template; `thinking`: the
+    prompt's think mode, engine/reasoning.think_mode, for a template that thinks)."""
     if g.constraint is not None:
         return g.constraint
     if g.tools is not None:
         g.tools.syntax = tool_syntax(engine)  # the replies read calls in the same syntax
-        return g.tools.spec(g.tools.syntax)
+        return g.tools.spec(g.tools.syntax, thinking)
     return None

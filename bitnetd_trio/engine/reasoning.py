@@ -15,6 +15,11 @@ incrementally, piece by piece as a stream delivers it, into ("reasoning", text) 
   `</think>` and right after `</think>` is dropped (Qwen3 writes `<think>\\n...\\n</think>\\n\\n`);
 - everything after the block is content; text that does not start with a block is all
   content, tags included; a block that never closes (the token limit) is all reasoning.
+
+`think_mode(prompt)` says where the rendered prompt leaves the model: "open" (inside a block
+the generation prompt opened), "off" (after a block the prompt already closed: thinking
+turned off with enable_thinking false) or "closed" (the model may open one). Constrained
+decoding of tool calls lets a thinking model write its block first by it (api/tools.py).
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ __all__ = [
     "THINK_CLOSE",
     "THINK_OPEN",
     "ThinkSplitter",
-    "prompt_opens_think",
     "split_reasoning",
     "template_thinks",
+    "think_mode",
 ]
 
 THINK_OPEN = "<think>"
@@ -37,11 +42,13 @@ def template_thinks(source: str | None) -> bool:
     return bool(source) and THINK_OPEN in source
 
 
-def prompt_opens_think(prompt_text: str) -> bool:
-    """True when the rendered prompt ends inside an open think block (the generation prompt
-    wrote `<think>` for the model)."""
+def think_mode(prompt_text: str) -> str:
+    """Where a rendered prompt leaves the model: "open", "off" or "closed" (see the module
+    docstring)."""
     head = prompt_text.rstrip()
-    return head.endswith(THINK_OPEN)
+    if head.endswith(THINK_OPEN):
+        return "open"
+    return "off" if head.endswith(THINK_CLOSE) else "closed"
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -64,6 +71,11 @@ class ThinkSplitter:
         self._buf = ""
         self.reasoning = ""
         self.saw_block = opened
+
+    @property
+    def closed(self) -> bool:
+        """A block was opened and has ended."""
+        return self.saw_block and self._state in ("after", "content")
 
     def feed(self, text: str) -> list[tuple[str, str]]:
         self._buf += text

@@ -8,22 +8,35 @@ definitions become the OpenAI-shaped `ToolRequest` whose grammar constrains the 
 the calls read back out of the text become `tool_use` content blocks (streamed as
 `input_json_delta` fragments). Past `tool_use` blocks become the assistant turn's
 `tool_calls`, `tool_result` blocks `tool` turns, which the chat template renders.
+
+Thinking (http-api §4.1): with a template that marks it with `<think>` (engine/reasoning.py)
+the think block becomes a `thinking` content block before the text and tool_use blocks
+(streamed as `thinking_delta`s, then a `signature_delta`); the request's `thinking` maps onto
+the template's enable_thinking, and past `thinking` blocks onto the turn's reasoning_content.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from typing import Any
 
 from bitnetd_trio.api.dialects.base import (
+    AnswerReader,
     CallEvents,
     Dialect,
     DialectStream,
-    tool_call_parser,
 )
 from bitnetd_trio.api.errors import ApiError
-from bitnetd_trio.api.json_body import Fields, as_str, invalid, json_type, object_array
+from bitnetd_trio.api.json_body import (
+    Fields,
+    as_int,
+    as_str,
+    invalid,
+    json_type,
+    object_array,
+)
 from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import (
     INT32_MAX,
@@ -34,6 +47,7 @@ from bitnetd_trio.api.schema import (
     parse_sampling,
     parse_seed,
     parse_stop,
+    parse_template_kwargs,
     resolve_model,
 )
 from bitnetd_trio.api.sse import sse_named_event
@@ -128,6 +142,36 @@ def parse_anthropic_tools(d: dict, max_size: int) -> ToolRequest | None:
     return ToolRequest(tools=out, choice=choice or "auto", name=name, parallel=parallel)
 
 
+_THINKING_TYPES = ("enabled", "disabled", "adaptive")
+
+
+def _thinking(d: dict, max_tokens: int | None) -> bool | None:
+    """`thinking` as the template's enable_thinking: "disabled" False, "enabled" True,
+    "adaptive" and absent None (the template's default: Qwen3-style templates think).
+    `budget_tokens` is checked as Anthropic checks it (below max_tokens) but not enforced: a
+    think block ends when the model closes it, or at max_tokens."""
+    v = Fields(d).object("thinking")
+    if v is None:
+        return None
+    kind = v.get("type")
+    if kind not in _THINKING_TYPES:
+        shown = f"'{kind[:40]}'" if isinstance(kind, str) else json_type(kind)
+        raise invalid("thinking.type",
+                      f"must be one of {', '.join(_THINKING_TYPES)}, got {shown}")
+    if kind == "enabled":
+        budget = v.get("budget_tokens")
+        if budget is None:
+            raise invalid("thinking.budget_tokens", "is required for type 'enabled'")
+        budget = as_int(budget, "thinking.budget_tokens", 1, INT32_MAX)
+        if max_tokens is not None and budget >= max_tokens:
+            raise invalid("thinking.budget_tokens",
+                          f"({budget}) must be less than max_tokens ({max_tokens})")
+    display = v.get("display")
+    if display not in (None, "summarized", "omitted"):
+        raise invalid("thinking.display", "must be 'summarized' or 'omitted'")
+    return {"enabled": True, "disabled": False}.get(kind)
+
+
 def _block_list_text(blocks: Any, param: str, allowed: tuple[str, ...]) -> list[tuple[str, Any]]:
     """The (type, block) pairs of a content array, each checked to be an object of an
     allowed type."""
@@ -192,10 +236,15 @@ def _tool_result_text(block: dict, where: str) -> str:
     return f"error: {text}" if is_error else text
 
 
+_ASSISTANT_BLOCKS = ("text", "tool_use", "thinking", "redacted_thinking")
+
+
 def _conversation(d: dict) -> list[dict]:
     """`messages` as chat turns: text blocks joined with newlines; a `tool_result` block
     becomes a `tool` turn of its own (in order), `tool_use` blocks the assistant turn's
-    `tool_calls` (the chat template writes them in its tool syntax)."""
+    `tool_calls` (the chat template writes them in its tool syntax), `thinking` blocks its
+    `reasoning_content` (the template decides whether to write it back; signatures are not
+    checked); `redacted_thinking` blocks hold no text and are dropped."""
     items = object_array(d.get("messages"), "messages", "message")
     out: list[dict] = []
     for where, msg in items:
@@ -209,25 +258,32 @@ def _conversation(d: dict) -> list[dict]:
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
-        allowed = ("text", "tool_use") if role == "assistant" else ("text", "tool_result")
+        allowed = _ASSISTANT_BLOCKS if role == "assistant" else ("text", "tool_result")
         texts: list[str] = []
         calls: list[dict] = []
+        thoughts: list[str] = []
         for j, (kind, block) in enumerate(_block_list_text(content, f"{where}.content", allowed)):
             part = f"{where}.content[{j}]"
             if kind == "text":
                 texts.append(as_str(block.get("text"), f"{part}.text"))
             elif kind == "tool_use":
                 calls.append(_tool_call(block, part))
+            elif kind == "thinking":
+                thoughts.append(as_str(block.get("thinking"), f"{part}.thinking"))
+            elif kind == "redacted_thinking":
+                continue
             else:  # a tool's result is a turn of its own, after the text before it
                 if texts:
                     out.append({"role": role, "content": join_text_parts(texts)})
                     texts = []
                 out.append({"role": "tool", "content": _tool_result_text(block, part),
                             "tool_call_id": block["tool_use_id"]})
-        if texts or calls or not content:
+        if texts or calls or thoughts or not content:
             turn: dict = {"role": role, "content": join_text_parts(texts)}
             if calls:
                 turn["tool_calls"] = calls
+            if thoughts:
+                turn["reasoning_content"] = join_text_parts(thoughts)
             out.append(turn)
     if items[-1][1].get("role") == "assistant":
         # Anthropic continues a final assistant turn ("prefill"); the chat template would
@@ -276,6 +332,7 @@ def parse_messages_request(
         stop=parse_stop(f, LLAMA_MAX_STOP, "stop_sequences", allow_string=False),
         stream=f.bool("stream"),
         tools=tools,
+        template_kwargs=parse_template_kwargs(d, _thinking(d, max_tokens)),
     )
 
 
@@ -327,9 +384,17 @@ def tool_use_id() -> str:
     return "toolu_" + uuid.uuid4().hex[:24]
 
 
+def thinking_signature(thinking: str) -> str:
+    """The `signature` of a thinking block. Anthropic's proves that Claude wrote the block;
+    this server checks none it gets back, and gives a digest of the text so that clients that
+    need a non-empty signature have one and a stream and a whole answer of the same text
+    agree."""
+    return "sha256:" + hashlib.sha256(thinking.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 class _Blocks(CallEvents):
-    """The content blocks of an answer that may call tools, built from the tool-call
-    reader's events (CallEvents): text becomes `text` blocks, each call a `tool_use` block
+    """The content blocks of an answer, built from an AnswerReader's events (CallEvents):
+    thinking becomes a `thinking` block, text `text` blocks, each call a `tool_use` block
     whose `input` is its arguments."""
 
     def __init__(self) -> None:
@@ -338,13 +403,23 @@ class _Blocks(CallEvents):
         self._open: dict | None = None
         self._args = ""
 
+    def reasoning(self, text: str) -> list[dict]:
+        return self._add("thinking", text)
+
     def text(self, text: str) -> list[dict]:
+        return self._add("text", text)
+
+    def _add(self, kind: str, text: str) -> list[dict]:
+        """`text` onto the open `kind` block ("text" or "thinking"), opening one if needed."""
         out: list[dict] = []
-        if self._open is None or self._open["type"] != "text":
+        if self._open is None or self._open["type"] != kind:
             out += self._close()
-            out.append(self._start({"type": "text", "text": ""}))
-        self._open["text"] += text  # type: ignore[index]
-        out.append(self._delta({"type": "text_delta", "text": text}))
+            block = {"type": kind, kind: ""}
+            if kind == "thinking":
+                block["signature"] = ""
+            out.append(self._start(block))
+        self._open[kind] += text  # type: ignore[index]
+        out.append(self._delta({"type": f"{kind}_delta", kind: text}))
         return out
 
     def call(self, name: str) -> list[dict]:
@@ -378,7 +453,13 @@ class _Blocks(CallEvents):
     def _close(self) -> list[dict]:
         if self._open is None:
             return []
-        if self._open["type"] == "tool_use":
+        out = []
+        if self._open["type"] == "thinking":
+            # Anthropic sends the signature just before the block's content_block_stop
+            signature = thinking_signature(self._open["thinking"])
+            self._open["signature"] = signature
+            out.append(self._delta({"type": "signature_delta", "signature": signature}))
+        elif self._open["type"] == "tool_use":
             try:
                 args = json.loads(self._args)
             except ValueError:  # cut short by max_tokens: what the client got is partial
@@ -386,7 +467,7 @@ class _Blocks(CallEvents):
             self._open["input"] = args if isinstance(args, dict) else {}
             self._args = ""
         self._open = None
-        return [{"type": "content_block_stop", "index": len(self.content) - 1}]
+        return out + [{"type": "content_block_stop", "index": len(self.content) - 1}]
 
 
 def _named(events: list[dict]) -> bytes:
@@ -407,11 +488,11 @@ class AnthropicMessages(Dialect):
 
     def whole(self, reply: Reply) -> dict:
         c = reply.choices[0]
-        parser = tool_call_parser(reply)
-        if parser is None:
+        reader = AnswerReader(reply)
+        if reader.plain:
             return _message(reply, c, [{"type": "text", "text": "".join(c.text)}], final=True)
         blocks = _Blocks()
-        blocks.apply(parser.feed("".join(c.text)) + parser.finish())
+        blocks.apply(reader.read("".join(c.text)))
         blocks.finish()
         return _message(reply, c, blocks.content, final=True, called=bool(blocks.calls))
 
@@ -422,12 +503,12 @@ class AnthropicMessages(Dialect):
 class _MessagesStream(DialectStream):
     """message_start, content_block_start (one text block), ping, content_block_delta per
     piece, content_block_stop, message_delta (stop_reason, usage), message_stop. When the
-    request may call tools: message_start, ping, then the blocks as the text turns out to be
-    text or calls (`_Blocks`)."""
+    request may call tools or the template thinks: message_start, ping, then the blocks as
+    the text turns out to be thinking, text or calls (`_Blocks`)."""
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply)
-        self.parser = tool_call_parser(reply)
+        self.reader = AnswerReader(reply)
         self.blocks = _Blocks()
 
     def opening(self) -> bytes:
@@ -436,7 +517,7 @@ class _MessagesStream(DialectStream):
             "message_start",
             {"type": "message_start", "message": _message(self.reply, c, [], final=False)},
         )
-        if self.parser is not None:
+        if not self.reader.plain:
             return start + sse_named_event("ping", {"type": "ping"})
         return (
             start
@@ -452,8 +533,8 @@ class _MessagesStream(DialectStream):
         )
 
     def shape_piece(self, choice: Choice, piece: Piece) -> bytes:
-        if self.parser is not None:
-            return _named(self.blocks.apply(self.parser.feed(piece.text)))
+        if not self.reader.plain:
+            return _named(self.blocks.apply(self.reader.feed(piece.text)))
         return sse_named_event(
             "content_block_delta",
             {
@@ -466,8 +547,8 @@ class _MessagesStream(DialectStream):
     def finish(self, choice: Choice, last: Piece) -> bytes:
         usage = _usage(self.reply, choice, final=True)
         out = self.piece(choice, last)
-        if self.parser is not None:
-            out += _named(self.blocks.apply(self.parser.finish()) + self.blocks.finish())
+        if not self.reader.plain:
+            out += _named(self.blocks.apply(self.reader.finish()) + self.blocks.finish())
         else:
             out += sse_named_event("content_block_stop",
                                    {"type": "content_block_stop", "index": 0})

@@ -15,9 +15,10 @@ from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.reply import Choice, Piece, Reply
 from bitnetd_trio.api.schema import GenerationRequest, SchemaDefaults
 from bitnetd_trio.api.sse import sse_event
+from bitnetd_trio.engine.reasoning import ThinkSplitter
 from bitnetd_trio.engine.tool_syntax import ToolCallParser
 
-__all__ = ["CallEvents", "Dialect", "DialectStream", "tool_call_parser"]
+__all__ = ["AnswerReader", "CallEvents", "Dialect", "DialectStream", "tool_call_parser"]
 
 
 def tool_call_parser(reply: Reply) -> ToolCallParser | None:
@@ -30,16 +31,69 @@ def tool_call_parser(reply: Reply) -> ToolCallParser | None:
     return ToolCallParser(tools.syntax)
 
 
+class AnswerReader:
+    """Reads one choice's generated text, piece by piece as a stream delivers it, into
+    events: ("reasoning", text) out of the think block of a template that marks thinking
+    (engine/reasoning.py), then ("content", text), and, when the request may call tools,
+    ("call", index, name) and ("arguments", index, fragment) read from the content after the
+    block (http-api §1.7). Without either, every piece of text is one content event."""
+
+    def __init__(self, reply: Reply) -> None:
+        self.splitter = None
+        if reply.reasoning is not None:
+            self.splitter = ThinkSplitter(opened=reply.reasoning == "open")
+        self.parser = tool_call_parser(reply)
+
+    @property
+    def plain(self) -> bool:
+        """Nothing is read out of the text: it is all content, as generated."""
+        return self.splitter is None and self.parser is None
+
+    @property
+    def calls(self) -> list[list[str]]:
+        """[name, arguments] of every call read so far."""
+        return self.parser.calls if self.parser is not None else []
+
+    @property
+    def reasoning(self) -> str | None:
+        """The think block's text so far; None when there was none."""
+        s = self.splitter
+        return s.reasoning if s is not None and s.saw_block else None
+
+    def feed(self, text: str) -> list[tuple]:
+        return self._read(self.splitter.feed(text) if self.splitter else [("content", text)])
+
+    def finish(self) -> list[tuple]:
+        """Whatever is still held back, at the end of the text."""
+        out = self._read(self.splitter.finish()) if self.splitter is not None else []
+        return out + (self.parser.finish() if self.parser is not None else [])
+
+    def read(self, text: str) -> list[tuple]:
+        """The events of a whole text."""
+        return self.feed(text) + self.finish()
+
+    def _read(self, events: list[tuple[str, str]]) -> list[tuple]:
+        out: list[tuple] = []
+        for kind, text in events:
+            if kind == "content" and self.parser is not None:
+                out += self.parser.feed(text)
+            elif text:
+                out.append((kind, text))
+        return out
+
+
 class CallEvents(ABC):
-    """The output of an answer that may call tools, built from the tool-call reader's events
-    (("content", text), ("call", index, name), ("arguments", index, fragment)); each step
+    """The output of an answer, built from an `AnswerReader`'s events (("reasoning", text),
+    ("content", text), ("call", index, name), ("arguments", index, fragment)); each step
     returns the stream events it implies (dialect-shaped dicts), so a whole answer and a
     stream of the same text are built alike."""
 
     def apply(self, events: list[tuple]) -> list[dict]:
         out: list[dict] = []
         for ev in events:
-            if ev[0] == "content":
+            if ev[0] == "reasoning":
+                out += self.reasoning(ev[1])
+            elif ev[0] == "content":
                 if ev[1]:
                     out += self.text(ev[1])
             elif ev[0] == "call":
@@ -47,6 +101,10 @@ class CallEvents(ABC):
             else:
                 out += self.arguments(ev[2])
         return out
+
+    @abstractmethod
+    def reasoning(self, text: str) -> list[dict]:
+        """Thinking (never empty)."""
 
     @abstractmethod
     def text(self, text: str) -> list[dict]:

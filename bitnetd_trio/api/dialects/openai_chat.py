@@ -7,7 +7,7 @@ streamed `delta.reasoning_content`, apart from the content."""
 
 from __future__ import annotations
 
-from bitnetd_trio.api.dialects.base import Dialect
+from bitnetd_trio.api.dialects.base import AnswerReader, Dialect
 from bitnetd_trio.api.dialects.openai_common import (
     OpenAIStream,
     chunk_identity,
@@ -29,19 +29,13 @@ from bitnetd_trio.api.schema import (
     parse_model,
     parse_n,
     parse_openai_common,
+    parse_reasoning_effort,
     parse_template_kwargs,
 )
 from bitnetd_trio.api.sse import ChatChunks, sse_event
 from bitnetd_trio.api.tools import call_id, message_tool_calls, parse_tools
-from bitnetd_trio.engine.reasoning import ThinkSplitter, split_reasoning
-from bitnetd_trio.engine.tool_syntax import ToolCallParser, parse_tool_calls
 
 __all__ = ["OpenAIChat", "parse_chat_completion"]
-
-
-def _reads_tool_calls(reply: Reply) -> bool:
-    tools = reply.request.tools
-    return tools is not None and tools.calls_possible
 
 
 def _chat_finish_reason(choice: Choice, called: bool) -> str:
@@ -61,22 +55,18 @@ class OpenAIChat(Dialect):
 
     def whole(self, reply: Reply) -> dict:
         logprobs = reply.request.logprobs
-        tools = _reads_tool_calls(reply)
         choices = []
         for c in reply.choices:
-            text = "".join(c.text)
+            reader = AnswerReader(reply)
+            events = reader.read("".join(c.text))
+            content = "".join(e[1] for e in events if e[0] == "content")
             # `refusal` is required by OpenAI's schema (nullable); this server never refuses.
-            message: dict = {"role": "assistant", "content": text, "refusal": None}
-            if reply.reasoning is not None:
-                reasoning, text = split_reasoning(text, opened=reply.reasoning == "open")
-                message["content"] = text
-                message["reasoning_content"] = reasoning
-            calls = []
-            if tools:
-                content, calls = parse_tool_calls(text, reply.request.tools.syntax)
-                if calls:
-                    message["content"] = content or None
-                    message["tool_calls"] = message_tool_calls(calls)
+            message: dict = {"role": "assistant", "content": content, "refusal": None}
+            if reader.splitter is not None:
+                message["reasoning_content"] = reader.reasoning
+            if reader.calls:
+                message["content"] = content or None
+                message["tool_calls"] = message_tool_calls(reader.calls)
             choices.append(
                 {
                     "index": c.index,
@@ -84,7 +74,7 @@ class OpenAIChat(Dialect):
                     "logprobs": chat_logprobs(chat_content(c.tokens, reply.token_bytes))
                     if logprobs
                     else None,
-                    "finish_reason": _chat_finish_reason(c, bool(calls)),
+                    "finish_reason": _chat_finish_reason(c, bool(reader.calls)),
                 }
             )
         return whole_body(reply, "chat.completion", choices)
@@ -97,14 +87,9 @@ class _ChatStream(OpenAIStream):
     def __init__(self, reply: Reply) -> None:
         self.chat = ChatChunks(*chunk_identity(reply))
         super().__init__(reply, self.chat)
-        self.parsers: dict[int, ToolCallParser] = {}
-        if _reads_tool_calls(reply):
-            syntax = reply.request.tools.syntax
-            self.parsers = {c.index: ToolCallParser(syntax) for c in reply.choices}
-        self.splitters: dict[int, ThinkSplitter] = {}
-        if reply.reasoning is not None:
-            opened = reply.reasoning == "open"
-            self.splitters = {c.index: ThinkSplitter(opened) for c in reply.choices}
+        readers = {c.index: AnswerReader(reply) for c in reply.choices}
+        # plain text goes out as generated (OpenAIStream); thinking and tool calls are read
+        self.readers = {i: r for i, r in readers.items() if not r.plain}
 
     def opening(self) -> bytes:
         # Every choice starts with its role delta, before any content (http-api §1.5).
@@ -114,59 +99,38 @@ class _ChatStream(OpenAIStream):
         lps = None
         if self.reply.request.logprobs:
             lps = chat_content(piece.tokens, self.reply.token_bytes)
-        splitter = self.splitters.get(choice.index)
-        if splitter is None:
-            return self._content(choice, piece.text, lps)
-        return self._split_events(choice, splitter.feed(piece.text), lps)
+        reader = self.readers.get(choice.index)
+        if reader is None:
+            return sse_event(self.chat.content(choice.index, piece.text, lps))
+        return self._events(choice, reader.feed(piece.text), lps)
 
-    def _content(self, choice: Choice, text: str, lps: list | None) -> bytes:
-        parser = self.parsers.get(choice.index)
-        if parser is None:
-            return sse_event(self.chat.content(choice.index, text, lps))
-        return self._tool_events(choice, parser.feed(text), lps)
-
-    def _split_events(self, choice: Choice, events: list[tuple], lps: list | None) -> bytes:
-        """Reasoning and content out of the think splitter; the piece's logprobs go with the
-        first delta (on an empty content delta when the splitter held everything back)."""
+    def _events(self, choice: Choice, events: list[tuple], lps: list | None) -> bytes:
+        """Deltas of the reader's events; the piece's logprobs go with the first reasoning or
+        content delta (on an empty content delta when the piece's text was held back or
+        went into tool calls)."""
         out = bytearray()
-        for kind, text in events:
-            if kind == "reasoning":
-                out += sse_event(self.chat.reasoning(choice.index, text, lps))
-            else:
-                out += self._content(choice, text, lps)
-            lps = None
-        if lps:
-            out += sse_event(self.chat.content(choice.index, "", lps))
-        return bytes(out)
-
-    def _tool_events(self, choice: Choice, events: list[tuple], lps: list | None) -> bytes:
-        out = bytearray()
+        i = choice.index
         for ev in events:
-            if ev[0] == "content":
-                out += sse_event(self.chat.content(choice.index, ev[1], lps))
+            if ev[0] == "reasoning":
+                out += sse_event(self.chat.reasoning(i, ev[1], lps))
+                lps = None
+            elif ev[0] == "content":
+                out += sse_event(self.chat.content(i, ev[1], lps))
                 lps = None
             elif ev[0] == "call":
-                out += sse_event(
-                    self.chat.tool_call(choice.index, ev[1], call_id=call_id(), name=ev[2])
-                )
+                out += sse_event(self.chat.tool_call(i, ev[1], call_id=call_id(), name=ev[2]))
             else:
-                out += sse_event(self.chat.tool_call(choice.index, ev[1], arguments=ev[2]))
-        if lps:  # logprobs of tokens that went into tool calls: on an empty content delta
-            out += sse_event(self.chat.content(choice.index, "", lps))
+                out += sse_event(self.chat.tool_call(i, ev[1], arguments=ev[2]))
+        if lps:
+            out += sse_event(self.chat.content(i, "", lps))
         return bytes(out)
 
     def finish(self, choice: Choice, last: Piece) -> bytes:
-        parser = self.parsers.get(choice.index)
-        splitter = self.splitters.get(choice.index)
-        if parser is None and splitter is None:
+        reader = self.readers.get(choice.index)
+        if reader is None:
             return super().finish(choice, last)
-        out = self.piece(choice, last)
-        if splitter is not None:
-            out += self._split_events(choice, splitter.finish(), None)
-        if parser is None:
-            return out + sse_event(self.chat.finish(choice.index, finish_reason(choice)))
-        out += self._tool_events(choice, parser.finish(), None)
-        reason = _chat_finish_reason(choice, bool(parser.calls))
+        out = self.piece(choice, last) + self._events(choice, reader.finish(), None)
+        reason = _chat_finish_reason(choice, bool(reader.calls))
         return out + sse_event(self.chat.finish(choice.index, reason))
 
 
@@ -206,6 +170,8 @@ def parse_chat_completion(d: dict, defaults: SchemaDefaults | None = None) -> Ge
         top_logprobs=top_logprobs,
         constraint=constraint,
         tools=tools,
-        template_kwargs=parse_template_kwargs(d),
+        template_kwargs=parse_template_kwargs(
+            d, parse_reasoning_effort(d.get("reasoning_effort"))
+        ),
         **parse_openai_common(f, defaults, max_tokens, MAX_STOP),
     )

@@ -8,6 +8,12 @@ Stateless: `previous_response_id`, `conversation`, `store: true` and `background
 out of the text become `function_call` output items (streamed with
 `response.function_call_arguments.delta` events); `text.format` json_schema / json_object
 constrains the text as chat's `response_format` does (http-api §1.6).
+
+Thinking (http-api §5.1): with a template that marks it with `<think>` (engine/reasoning.py)
+the think block becomes a `reasoning` output item (its text as `reasoning_text` content,
+streamed with `response.reasoning_text.delta`) before the message and function_call items;
+`reasoning.effort` "none" turns thinking off as chat's `reasoning_effort` does, and
+`reasoning` input items become the next assistant turn's reasoning_content.
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ import uuid
 from typing import Any
 
 from bitnetd_trio.api.dialects.base import (
+    AnswerReader,
     CallEvents,
     Dialect,
     DialectStream,
-    tool_call_parser,
 )
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.json_body import Fields, as_str, invalid, json_type, object_array
@@ -31,8 +37,10 @@ from bitnetd_trio.api.schema import (
     GenerationRequest,
     SchemaDefaults,
     parse_logit_bias,
+    parse_reasoning_effort,
     parse_sampling,
     parse_seed,
+    parse_template_kwargs,
     resolve_model,
 )
 from bitnetd_trio.api.sse import sse_named_event
@@ -111,11 +119,9 @@ def parse_text_format(d: dict, max_size: int) -> tuple[ConstraintSpec | None, di
     """`text.format`: text, json_object or json_schema (`name`, `schema`, `strict`,
     `description`) as a constraint, and the format as the response echoes it."""
     plain = {"type": "text"}
-    text = d.get("text")
+    text = Fields(d).object("text")
     if text is None:
         return None, plain
-    if not isinstance(text, dict):
-        raise invalid("text", f"must be an object, got {json_type(text)}")
     fmt = text.get("format")
     if fmt is None:
         return None, plain
@@ -148,6 +154,24 @@ def parse_text_format(d: dict, max_size: int) -> tuple[ConstraintSpec | None, di
     return spec, echo
 
 
+_SUMMARIES = ("auto", "concise", "detailed")
+
+
+def parse_reasoning(d: dict) -> tuple[bool | None, dict | None]:
+    """`reasoning` (`effort`, `summary`) as the template's enable_thinking (effort "none":
+    False) and as the response echoes it (None when absent). No summaries are written: the
+    reasoning item's `summary` stays empty whatever `summary` asks."""
+    v = Fields(d).object("reasoning")
+    if v is None:
+        return None, None
+    effort = v.get("effort")
+    enable = parse_reasoning_effort(effort, "reasoning.effort")
+    summary = v.get("summary")
+    if summary is not None and summary not in _SUMMARIES:
+        raise invalid("reasoning.summary", f"must be one of {', '.join(_SUMMARIES)}")
+    return enable, {"effort": effort, "summary": summary}
+
+
 def _content_text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
@@ -176,16 +200,49 @@ def _arguments(item: dict, where: str) -> str:
     return args
 
 
+def _reasoning_text(item: dict, where: str) -> str:
+    """The text of a past `reasoning` item: its `reasoning_text` content (its summary when it
+    has none; `encrypted_content` is not this server's and is ignored)."""
+    parts = item.get("content") or []
+    kind, key = "reasoning_text", "content"
+    if not parts:
+        parts, kind, key = item.get("summary") or [], "summary_text", "summary"
+    if not isinstance(parts, list):
+        raise invalid(f"{where}.{key}", f"must be an array, got {json_type(parts)}")
+    texts = []
+    for j, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") != kind:
+            raise invalid(f"{where}.{key}[{j}]", f"must be a {kind} part")
+        texts.append(as_str(part.get("text"), f"{where}.{key}[{j}].text"))
+    return join_text_parts(texts)
+
+
+def _assistant_turn(out: list[dict], reasoning: list[str]) -> dict:
+    """The assistant turn a past output item belongs to: the last turn if it is one that has
+    no content after its calls, else a new one, which takes the reasoning items before it."""
+    last = out[-1] if out else None
+    if last is None or last["role"] != "assistant" or reasoning:
+        last = {"role": "assistant", "content": ""}
+        out.append(last)
+    if reasoning:
+        last["reasoning_content"] = join_text_parts(reasoning)
+        reasoning.clear()
+    return last
+
+
 def _input_messages(d: dict) -> list[dict]:
     """`input` as chat turns. Past `function_call` items become the `tool_calls` of an
     assistant turn (the one just before, or a new one), a `function_call_output` a `tool`
-    turn; the chat template writes them in its tool syntax."""
+    turn; the chat template writes them in its tool syntax. A `reasoning` item becomes the
+    `reasoning_content` of the assistant turn after it (the template decides whether to
+    write it back)."""
     v = d.get("input")
     if v is None:
         raise invalid("input", "is required")
     if isinstance(v, str):
         return [{"role": "user", "content": v}]
-    out = []
+    out: list[dict] = []
+    reasoning: list[str] = []  # reasoning items waiting for their assistant turn
     for where, item in object_array(v, "input", "input item"):
         kind = item.get("type", "message")
         if kind == "message":
@@ -195,7 +252,18 @@ def _input_messages(d: dict) -> list[dict]:
                 raise invalid(f"{where}.role",
                               f"must be one of {', '.join(sorted(_ROLES))}, got {shown}")
             text = _content_text(item.get("content"), f"{where}.content")
-            out.append({"role": "system" if role == "developer" else role, "content": text})
+            if role == "assistant":
+                turn = _assistant_turn(out, reasoning)
+                if turn["content"] or turn.get("tool_calls"):  # a turn of its own
+                    turn = {"role": "assistant", "content": ""}
+                    out.append(turn)
+                turn["content"] = text
+            else:
+                out.append({"role": "system" if role == "developer" else role, "content": text})
+        elif kind == "reasoning":
+            text = _reasoning_text(item, where)
+            if text:
+                reasoning.append(text)
         elif kind == "function_call":
             call = {
                 "id": as_str(item.get("call_id"), f"{where}.call_id"),
@@ -203,9 +271,7 @@ def _input_messages(d: dict) -> list[dict]:
                 "function": {"name": as_str(item.get("name"), f"{where}.name"),
                              "arguments": _arguments(item, where)},
             }
-            if not (out and out[-1]["role"] == "assistant"):
-                out.append({"role": "assistant", "content": ""})
-            out[-1].setdefault("tool_calls", []).append(call)
+            _assistant_turn(out, reasoning).setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
             cid = as_str(item.get("call_id"), f"{where}.call_id")
             output = item.get("output")
@@ -214,8 +280,10 @@ def _input_messages(d: dict) -> list[dict]:
         else:
             shown = f"'{kind[:40]}'" if isinstance(kind, str) else json_type(kind)
             raise invalid(f"{where}.type", f"input items of type {shown} are not supported "
-                                           f"(only message, function_call, "
+                                           f"(only message, reasoning, function_call, "
                                            f"function_call_output)")
+    if not out:
+        raise invalid("input", "holds no messages (reasoning items alone are no conversation)")
     return out
 
 
@@ -245,6 +313,7 @@ def parse_responses_request(
     stream = f.bool("stream")
     if counting:
         stream = False
+    enable_thinking, reasoning = parse_reasoning(d)
     return GenerationRequest(
         endpoint="responses",
         model=resolve_model(model, defaults) if model else None,
@@ -263,9 +332,11 @@ def parse_responses_request(
             "tools": tools_echo,
             "parallel_tool_calls": tools.parallel if tools is not None else True,
             "text_format": text_format,
+            "reasoning": reasoning,
         },
         constraint=constraint,
         tools=tools,
+        template_kwargs=parse_template_kwargs(d, enable_thinking),
     )
 
 
@@ -287,13 +358,19 @@ def _usage(reply: Reply) -> dict:
         "input_tokens": u["prompt_tokens"],
         "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
         "output_tokens": u["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {
+            "reasoning_tokens": sum(c.reasoning_tokens for c in reply.choices)
+        },
         "total_tokens": u["total_tokens"],
     }
 
 
 def _text_part(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _reasoning_part(text: str) -> dict:
+    return {"type": "reasoning_text", "text": text}
 
 
 def response_object(reply: Reply, status: str, output: list[dict], usage: dict | None) -> dict:
@@ -314,7 +391,7 @@ def response_object(reply: Reply, status: str, output: list[dict], usage: dict |
         "output": output,
         "parallel_tool_calls": opts.get("parallel_tool_calls", True),
         "previous_response_id": None,
-        "reasoning": None,
+        "reasoning": opts.get("reasoning"),
         "store": False,
         "temperature": g.sampling.temperature,
         "text": {"format": opts.get("text_format", {"type": "text"})},
@@ -329,9 +406,9 @@ def response_object(reply: Reply, status: str, output: list[dict], usage: dict |
 
 
 class _Output(CallEvents):
-    """The output items of one answer, built from text and tool-call events (CallEvents;
-    stream events without sequence numbers): text goes into `message` items, each call is a
-    `function_call` item."""
+    """The output items of one answer, built from an AnswerReader's events (CallEvents;
+    stream events without sequence numbers): thinking goes into a `reasoning` item, text
+    into `message` items, each call is a `function_call` item."""
 
     def __init__(self, reply: Reply) -> None:
         self.reply = reply
@@ -347,6 +424,18 @@ class _Output(CallEvents):
                            "status": "in_progress", "content": []})
         out.append({"type": "response.content_part.added", **self._where(),
                     "part": _text_part("")})
+        return out
+
+    def reasoning(self, text: str) -> list[dict]:
+        out: list[dict] = []
+        if self._open is None or self._open["type"] != "reasoning":
+            out += self.close("completed")
+            out += self._start({"id": "rs_" + uuid.uuid4().hex[:24], "type": "reasoning",
+                                "status": "in_progress", "summary": [], "content": []})
+            out.append({"type": "response.content_part.added", **self._where(),
+                        "part": _reasoning_part("")})
+        self._text += text
+        out.append({"type": "response.reasoning_text.delta", **self._where(), "delta": text})
         return out
 
     def text(self, text: str) -> list[dict]:
@@ -394,11 +483,16 @@ class _Output(CallEvents):
                  "output_index": index, "arguments": text},
                 {"type": "response.output_item.done", "output_index": index, "item": dict(item)},
             ]
-        part = _text_part(text)
-        item["content"] = [part]
         where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        if item["type"] == "reasoning":
+            part = _reasoning_part(text)
+            done = {"type": "response.reasoning_text.done", **where, "text": text}
+        else:
+            part = _text_part(text)
+            done = {"type": "response.output_text.done", **where, "text": text, "logprobs": []}
+        item["content"] = [part]
         return [
-            {"type": "response.output_text.done", **where, "text": text, "logprobs": []},
+            done,
             {"type": "response.content_part.done", **where, "part": part},
             {"type": "response.output_item.done", "output_index": index, "item": dict(item)},
         ]
@@ -428,13 +522,7 @@ class OpenAIResponses(Dialect):
         c = reply.choices[0]
         status = _status(c)
         output = _Output(reply)
-        text = "".join(c.text)
-        parser = tool_call_parser(reply)
-        if parser is None:
-            output.open_message()
-            output.apply([("content", text)])
-        else:
-            output.apply(parser.feed(text) + parser.finish())
+        output.apply(AnswerReader(reply).read("".join(c.text)))
         output.finish(status)
         return response_object(reply, status, output.items, _usage(reply))
 
@@ -447,14 +535,16 @@ class _ResponsesStream(DialectStream):
     response.content_part.added, response.output_text.delta per piece, then
     response.output_text.done, response.content_part.done, response.output_item.done and
     response.completed (response.incomplete when cut short), numbered from 0. When the
-    request may call tools, the items open as the text turns out to be text or calls: a
-    call's item is streamed with response.function_call_arguments.delta / .done."""
+    request may call tools or the template thinks, the items open as the text turns out to
+    be thinking, text or calls: a reasoning item is streamed with
+    response.reasoning_text.delta / .done, a call's item with
+    response.function_call_arguments.delta / .done."""
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(reply)
         self.sequence_number = 0
         self.output = _Output(reply)
-        self.parser = tool_call_parser(reply)
+        self.reader = AnswerReader(reply)
 
     def _event(self, kind: str, fields: dict) -> bytes:
         event = {"type": kind, "sequence_number": self.sequence_number, **fields}
@@ -469,19 +559,15 @@ class _ResponsesStream(DialectStream):
         out = self._event("response.created", {"response": started}) + self._event(
             "response.in_progress", {"response": started}
         )
-        if self.parser is None:
+        if self.reader.plain:  # one message item, open from the start
             out += self._events(self.output.open_message())
         return out
 
     def shape_piece(self, choice: Choice, piece: Piece) -> bytes:
-        if self.parser is None:
-            return self._events(self.output.apply([("content", piece.text)]))
-        return self._events(self.output.apply(self.parser.feed(piece.text)))
+        return self._events(self.output.apply(self.reader.feed(piece.text)))
 
     def finish(self, choice: Choice, last: Piece) -> bytes:
-        out = self.piece(choice, last)
-        if self.parser is not None:
-            out += self._events(self.output.apply(self.parser.finish()))
+        out = self.piece(choice, last) + self._events(self.output.apply(self.reader.finish()))
         return out + self._events(self.output.finish(_status(choice)))
 
     def closing(self) -> bytes:
