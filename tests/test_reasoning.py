@@ -100,6 +100,9 @@ async def test_thinking_template_splits_reasoning(tmp_path: Path) -> None:
             assert r.status_code == 200, r.text
             msg = r.json()["choices"][0]["message"]
             assert msg["reasoning_content"] == "abc" and msg["content"] == "xyz"
+            usage = r.json()["usage"]
+            assert 0 < usage["completion_tokens_details"]["reasoning_tokens"] \
+                < usage["completion_tokens"]
 
             deltas = await _stream(c, {"messages": MESSAGES, **FORCED})
             assert "".join(d.get("reasoning_content", "") for d in deltas) == "abc"
@@ -136,6 +139,7 @@ async def test_template_without_think_is_unaffected(tmp_path: Path) -> None:
             assert r.status_code == 200, r.text
             msg = r.json()["choices"][0]["message"]
             assert "reasoning_content" not in msg
+            assert "completion_tokens_details" not in r.json()["usage"]
             assert msg["content"] == "<think>abc</think>xyz"
             deltas = await _stream(c, {"messages": MESSAGES, **FORCED})
             assert not any("reasoning_content" in d for d in deltas)

@@ -5,11 +5,14 @@ own error shape, never a 5xx."""
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import openai
 import pytest
 from conftest import RunningServer, running_server, server_config
+from openai.types.responses import Response
 
 USER = [{"role": "user", "content": "Say something."}]
 
@@ -176,6 +179,13 @@ async def test_openai_sdk_responses_whole_and_streamed(server: RunningServer) ->
         model="m", input="Say something.", instructions="You are terse."
     )
     assert counted.input_tokens == whole.usage.input_tokens
+
+    # The whole body passes the SDK's model strictly (every required field, usage details
+    # included), not only its lenient parsing.
+    raw = await c.responses.with_raw_response.create(model="m", input="Hi", max_output_tokens=3)
+    body = Response.model_validate(json.loads(raw.http_response.content), strict=True)
+    details = body.usage.input_tokens_details
+    assert details.cache_write_tokens + details.cached_tokens == body.usage.input_tokens
 
 
 async def test_openai_sdk_responses_refusals(server: RunningServer) -> None:

@@ -152,4 +152,9 @@ class Reply:
         # each prompt counts once however many choices share it (n > 1)
         n = max(1, self.request.n)
         cached = sum(c.n_cached for c in self.choices if c.index % n == 0)
-        return usage_object(prompt_tokens, completion_tokens, cached)
+        usage = usage_object(prompt_tokens, completion_tokens, cached)
+        if self.reasoning is not None:  # a template that marks thinking (http-api §1.1)
+            usage["completion_tokens_details"] = {
+                "reasoning_tokens": sum(c.reasoning_tokens for c in self.choices)
+            }
+        return usage

@@ -356,7 +356,12 @@ def _usage(reply: Reply) -> dict:
     u = reply.usage()
     return {
         "input_tokens": u["prompt_tokens"],
-        "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+        # written: the prompt tokens this request prefilled, which stay in the slot's KV
+        # cache for a later request with the same prefix (http-api §5.1)
+        "input_tokens_details": {
+            "cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+            "cache_write_tokens": u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"],
+        },
         "output_tokens": u["completion_tokens"],
         "output_tokens_details": {
             "reasoning_tokens": sum(c.reasoning_tokens for c in reply.choices)
