@@ -255,7 +255,8 @@ def test_responses_whole_body() -> None:
     assert body["output"] == [{
         "id": "msg_abc", "type": "message", "role": "assistant", "status": "completed",
         "content": [{"type": "output_text", "text": "Hi", "annotations": [], "logprobs": []}]}]
-    assert body["usage"] == {"input_tokens": 2, "input_tokens_details": {"cached_tokens": 1},
+    assert body["usage"] == {"input_tokens": 2,
+                             "input_tokens_details": {"cached_tokens": 1, "cache_write_tokens": 1},
                              "output_tokens": 1, "output_tokens_details": {"reasoning_tokens": 0},
                              "total_tokens": 3}
     assert (body["instructions"], body["temperature"], body["store"]) == ("x", 0.3, False)

@@ -32,6 +32,7 @@ from bitnetd_trio.api.dialects.anthropic_messages import (
 from bitnetd_trio.api.dialects.openai_chat import OpenAIChat
 from bitnetd_trio.api.dialects.openai_responses import OpenAIResponses, parse_responses_request
 from bitnetd_trio.api.reply import Piece
+from bitnetd_trio.api.response_format import after_thinking, gbnf_spec, json_schema_spec
 from bitnetd_trio.api.tools import ToolRequest
 from bitnetd_trio.engine import gguf_writer as gw
 from bitnetd_trio.engine.constraints import ConstraintCompiler
@@ -208,9 +209,13 @@ def compiler() -> ConstraintCompiler:
 
 
 def _accepts(compiler: ConstraintCompiler, grammar: str, text: str) -> bool | None:
-    """True: the grammar takes `text` and may end there; None: takes it, cannot end; False:
-    refuses a token of it."""
-    c = compiler.compile(compiler.lark_grammar(grammar))
+    """True: the Lark grammar takes `text` and may end there; None: takes it, cannot end;
+    False: refuses a token of it."""
+    return _accepts_grammar(compiler, compiler.lark_grammar(grammar), text)
+
+
+def _accepts_grammar(compiler: ConstraintCompiler, grammar: str, text: str) -> bool | None:
+    c = compiler.compile(grammar)
     for t in compiler.lltok.tokenize_str(text):
         bits = np.unpackbits(c.mask.view(np.uint8), bitorder="little")
         if not bits[t]:
@@ -245,6 +250,34 @@ def test_tool_grammar_lets_a_thinking_model_think_first(
         expected: bool | None) -> None:
     tools = ToolRequest(tools=CHAT_TOOLS, choice=choice, parallel=False)
     assert _accepts(compiler, tools.grammar(BITNET_TOOLS, thinking), text) is expected
+
+
+@pytest.mark.parametrize(("thinking", "text", "expected"), [
+    # response_format json_schema: the block may (closed) or must (open) come before the JSON
+    ("closed", '<think>\nlet me see\n</think>\n\n{"city":"Oslo"}', True),
+    ("closed", '{"city":"Oslo"}', True),
+    ("closed", '<think>x</think>\n\n{"city":"Rome"}', False),
+    ("open", 'so, Oslo.\n</think>\n\n{"city":"Oslo"}', True),
+    ("open", '{"city":"Oslo"}', None),  # still in the block: JSON there is thinking
+    ("off", '{"city":"Oslo"}', True),
+    ("off", '<think>x</think>\n\n{"city":"Oslo"}', False),
+    (None, '{"city":"Oslo"}', True),
+])
+def test_json_constraint_lets_a_thinking_model_think_first(
+        compiler: ConstraintCompiler, thinking: str | None, text: str,
+        expected: bool | None) -> None:
+    spec = json_schema_spec(CITY, "response_format", 1 << 20)
+    spec = after_thinking(spec, thinking)
+    if thinking in ("closed", "open"):
+        assert spec.fmt == "lark"
+        grammar = compiler.lark_grammar(spec.source)
+    else:
+        assert spec.fmt == "json_schema"
+        grammar = compiler.json_schema_grammar(json.loads(spec.source))
+    assert _accepts_grammar(compiler, grammar, text) is expected
+    # a request's own grammar describes the whole answer: never changed
+    own = gbnf_spec('root ::= "x"', "grammar", 100)
+    assert after_thinking(own, thinking) is own
 
 
 # ---- a server with a Qwen3-like template -------------------------------------------------------
@@ -448,3 +481,23 @@ async def test_required_call_lets_the_model_think_first(served: RunningServer) -
                 tool_choice={"type": "any"}, extra_body={"seed": 4, **OPEN})
             assert [b.type for b in msg.content] == ["thinking"]
             assert "<tool_call>" not in msg.content[0].thinking
+
+
+async def test_json_response_format_with_a_thinking_template(served: RunningServer) -> None:
+    """response_format json_schema and a template that thinks: with thinking off the JSON
+    comes at once; when the prompt opened the block the answer starts inside it (the JSON is
+    not forced into the thinking, where it would be read as reasoning)."""
+    c = oai(served)
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    r = await c.chat.completions.create(model="m", messages=ASK, response_format=fmt,
+                                        max_tokens=60, reasoning_effort="none",
+                                        extra_body={"seed": 1})
+    m = r.choices[0].message
+    assert m.reasoning_content is None and r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(m.content), CITY)
+
+    r = await c.chat.completions.create(model="m", messages=ASK, response_format=fmt,
+                                        max_tokens=10, extra_body={"seed": 4, **OPEN})
+    m = r.choices[0].message
+    assert m.reasoning_content and not m.reasoning_content.startswith('{"city"')
+    assert not m.content and r.choices[0].finish_reason == "length"

@@ -424,3 +424,51 @@ def test_chat_template_of_the_wrong_type_falls_back_with_a_warning(caplog):
         tmpl = ChatTemplate.from_model(7, None, "<|begin_of_text|>", "<|end_of_text|>")
     assert tmpl.kind == "bitnet"
     assert "tokenizer.chat_template" in caplog.text
+
+
+# ---- user-defined tokens (token_type 4) ----------------------------------------------------------
+
+USER_DEFINED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "✓ok"]
+
+
+@pytest.fixture(scope="module")
+def with_user_defined() -> Tokenizer:
+    """The tiny Qwen3 vocabulary with five unused slots made user-defined tokens, as Qwen3's
+    GGUF files carry `<think>` and `<tool_call>` (one of them not ASCII, stored as written)."""
+    v = vocabs.tiny_qwen3_vocab()
+    tokens, types = list(v.tokens), list(v.token_types)
+    for i, text in zip(range(502, 507), USER_DEFINED, strict=True):
+        tokens[i], types[i] = text, 4
+    return Tokenizer(tokens, v.merges, types, bos_id=v.bos_id, eos_id=v.eos_id, pre="qwen2")
+
+
+@pytest.mark.parametrize("parse_special", [False, True])
+def test_user_defined_tokens_are_matched_whole_in_any_text(
+        with_user_defined: Tokenizer, parse_special: bool) -> None:
+    tok = with_user_defined
+    text = "a<think>\nhm</think>\n\n<tool_call>\n{}\n</tool_call> ✓ok<|im_end|>"
+    ids = tok.encode(text, add_bos=False, parse_special=parse_special)
+    for i, t in zip(range(502, 507), USER_DEFINED, strict=True):
+        assert ids.count(i) == 1, t
+    assert tok.decode(ids) == text  # stored as written: the bytes come back exactly
+    assert tok.token_bytes(506) == "✓ok".encode()
+    # control tokens keep their rule: cut only for the template's own text
+    assert (tok.find("<|im_end|>") in ids) is parse_special
+    # text without them encodes as before
+    plain = "hello world, <thin k> 12"
+    assert tok.encode(plain, add_bos=False, parse_special=parse_special) == \
+        vocabs_tokenizer_without_user_defined().encode(plain, add_bos=False,
+                                                        parse_special=parse_special)
+
+
+def vocabs_tokenizer_without_user_defined() -> Tokenizer:
+    v = vocabs.tiny_qwen3_vocab()
+    return Tokenizer(v.tokens, v.merges, v.token_types, bos_id=v.bos_id, eos_id=v.eos_id,
+                     pre="qwen2")
+
+
+def test_user_defined_tokens_are_text_when_decoding(with_user_defined: Tokenizer) -> None:
+    tok = with_user_defined
+    ids = tok.encode("<think>x</think>", add_bos=False, parse_special=False)
+    assert tok.decode(ids, skip_special=True) == "<think>x</think>"
+    assert not tok.is_control(502) and tok.find("</think>") == 503

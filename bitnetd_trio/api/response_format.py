@@ -10,8 +10,10 @@ answer a bad constraint with a 400 naming the field.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import threading
 import weakref
 from collections import OrderedDict
@@ -23,9 +25,13 @@ import trio
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.json_body import invalid, json_type
 from bitnetd_trio.engine import constraints as C
+from bitnetd_trio.engine.reasoning import THINK_CLOSE, THINK_OPEN
 
 __all__ = [
+    "THINK_RULES",
+    "THINK_START",
     "ConstraintSpec",
+    "after_thinking",
     "compile_constraint",
     "constraint_limits",
     "gbnf_spec",
@@ -46,6 +52,37 @@ class ConstraintSpec:
     fmt: str  # "json_schema" | "lark" | "gbnf"
     param: str  # the request field that carried it (for errors)
     schema: Any = None  # the JSON schema, for the depth and satisfiability checks
+
+
+# A think block before the answer (engine/reasoning.py), as Qwen3-style templates write it:
+# `<think>`, the thinking, `</think>`, a blank line. The thinking is a lazy lexeme ending at
+# the first `</think>`: as a greedy lexeme followed by a `</think>` lexeme, llguidance would
+# keep "</think" inside the thinking and then refuse the ">". THINK_START is the start of a
+# Lark `start:` rule by the prompt's think mode (engine/reasoning.think_mode): "closed" lets
+# the answer open a block first, "open" makes it finish the block the prompt opened.
+THINK_START = {"closed": "think? ", "open": "think_rest "}
+THINK_RULES = [
+    "think: " + json.dumps(THINK_OPEN) + " think_rest",
+    'think_rest: think_text "\\n\\n"',
+    "think_text[lazy]: /[\\s\\S]*" + re.escape(THINK_CLOSE).replace("/", "\\/") + "/",
+]
+
+
+def after_thinking(spec: ConstraintSpec, thinking: str | None) -> ConstraintSpec:
+    """A JSON constraint (response_format, json_schema) for a model whose template thinks:
+    the think block first (THINK_START), then the JSON, as vLLM and llama.cpp leave reasoning
+    unconstrained. Without thinking ("off", None) and for a request's own grammar (which
+    describes the whole answer) the spec is unchanged."""
+    if thinking not in THINK_START or spec.fmt != "json_schema":
+        return spec
+    schema = json.loads(spec.source)
+    if schema is False:
+        return spec  # nothing matches: refused as it is
+    schema = {} if schema is True else dict(schema)
+    schema["x-guidance"] = {"whitespace_flexible": False}  # as json_schema_grammar compiles it
+    lines = ["start: " + THINK_START[thinking] + "answer",
+             "answer: %json " + json.dumps(schema, ensure_ascii=False)] + THINK_RULES
+    return dataclasses.replace(spec, source="\n".join(lines) + "\n", fmt="lark")
 
 
 def constraint_limits(config: Any) -> C.ConstraintLimits:

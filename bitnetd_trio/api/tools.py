@@ -17,8 +17,12 @@ from typing import Any
 
 from bitnetd_trio.api.errors import ApiError
 from bitnetd_trio.api.json_body import invalid, json_type
-from bitnetd_trio.api.response_format import ConstraintSpec
-from bitnetd_trio.engine.reasoning import THINK_CLOSE, THINK_OPEN
+from bitnetd_trio.api.response_format import (
+    THINK_RULES,
+    THINK_START,
+    ConstraintSpec,
+    after_thinking,
+)
 from bitnetd_trio.engine.tool_syntax import BITNET_TOOLS, ToolSyntax, syntax_for
 
 __all__ = [
@@ -87,27 +91,15 @@ class ToolRequest:
             first = re.escape(syntax.open[0])
             answer = "(calls | TEXT)?"
             lines.append(f"TEXT: /[^{first}][\\s\\S]*/")
-        lines.insert(0, "start: " + _THINK_START.get(thinking, "") + answer)
+        lines.insert(0, "start: " + THINK_START.get(thinking, "") + answer)
         if thinking in ("open", "closed"):
-            lines += _THINK_RULES
+            lines += THINK_RULES
         return "\n".join(lines + rules) + "\n"
 
     def spec(self, syntax: ToolSyntax, thinking: str | None = None) -> ConstraintSpec | None:
         if not self.calls_possible:
             return None
         return ConstraintSpec("tools", self.grammar(syntax, thinking), "lark", "tools")
-
-
-# A think block before the answer (engine/reasoning.py), as Qwen3-style templates write it:
-# `<think>`, the thinking, `</think>`, a blank line. The thinking is a lazy lexeme ending at
-# the first `</think>`: as a greedy lexeme followed by a `</think>` lexeme, llguidance would
-# keep "</think" inside the thinking and then refuse the ">".
-_THINK_START = {"closed": "think? ", "open": "think_rest "}
-_THINK_RULES = [
-    "think: " + json.dumps(THINK_OPEN) + " think_rest",
-    'think_rest: think_text "\\n\\n"',
-    "think_text[lazy]: /[\\s\\S]*" + re.escape(THINK_CLOSE).replace("/", "\\/") + "/",
-]
 
 
 def _lark_literal(s: str) -> str:
@@ -275,7 +267,7 @@ def constraint_of(g: Any, engine: Any, thinking: str | None = None) -> Constrain
     or the grammar of its tools (in the syntax of `engine`'s chat template; `thinking`: the
     prompt's think mode, engine/reasoning.think_mode, for a template that thinks)."""
     if g.constraint is not None:
-        return g.constraint
+        return after_thinking(g.constraint, thinking)
     if g.tools is not None:
         g.tools.syntax = tool_syntax(engine)  # the replies read calls in the same syntax
         return g.tools.spec(g.tools.syntax, thinking)

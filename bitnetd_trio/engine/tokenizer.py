@@ -10,6 +10,10 @@ keep their ids; whether their text in the input becomes those ids is decided per
 - `parse_special=False` (user content): everything is BPE-encoded, so "<|eot_id|>" typed by a
   user is a handful of ordinary tokens and can never end a turn.
 
+User-defined tokens (token_type 4: added tokens that are text, such as Qwen3's `<think>` and
+`<tool_call>`) are matched whole in every text, with either setting, as llama.cpp and Hugging
+Face tokenizers do; their strings are stored as written (not byte-level mapped).
+
 The cut is done here rather than by registering the control tokens with `tokenizers` as
 special tokens, because that library can only switch special-token parsing for a whole
 tokenizer object at a time (not per call, and not thread-safely).
@@ -78,6 +82,10 @@ _PRETOKEN_START = re.compile(r"(?<=\S) ")
 
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
+#: Added tokens that are text, not control (Qwen3's `<think>`, `</think>`, `<tool_call>`):
+#: their string is stored as written, not byte-level mapped, and they are matched whole in
+#: any text, as llama.cpp and Hugging Face tokenizers match added tokens (model-format §6).
+TOKEN_TYPE_USER_DEFINED = 4
 
 #: Control tokens that end a generation when the vocabulary has them (besides EOS).
 END_OF_GENERATION_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
@@ -200,7 +208,8 @@ class Tokenizer:
         self._types = types
         self._tokens = list(tokens)
         self._token_bytes = [
-            t.encode("utf-8", "surrogatepass") if ty == TOKEN_TYPE_CONTROL
+            t.encode("utf-8", "surrogatepass")
+            if ty in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED)
             else token_string_to_bytes(t)
             for t, ty in zip(self._tokens, types)
         ]
@@ -235,14 +244,18 @@ class Tokenizer:
         self._hf = hf
 
         self._control_ids: dict[str, int] = {}
+        self._user_ids: dict[str, int] = {}
         for i, (t, ty) in enumerate(zip(self._tokens, types)):
             if ty == TOKEN_TYPE_CONTROL and t:
                 self._control_ids.setdefault(t, i)
-        # Longest first, so a control token that is a prefix of another never wins wrongly.
-        alternatives = sorted(self._control_ids, key=len, reverse=True)
-        self._control_re = (
-            re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
-        )
+            elif ty == TOKEN_TYPE_USER_DEFINED and t:
+                self._user_ids.setdefault(t, i)
+        # Cuts of the text before BPE: control and user-defined tokens with parse_special,
+        # user-defined ones always. Longest first, so a token that is a prefix of another
+        # never wins wrongly.
+        self._control_re = _alternatives(self._control_ids)
+        self._user_re = _alternatives(self._user_ids)
+        self._special_re = _alternatives({**self._user_ids, **self._control_ids})
 
         def valid(i: int | None) -> int | None:
             return i if i is not None and 0 <= i < n else None
@@ -354,12 +367,14 @@ class Tokenizer:
         ids: list[int] = [self.bos_id] if add_bos and self.bos_id is not None else []
         if not text:
             return ids
-        if not parse_special or self._control_re is None:
+        cuts = self._special_re if parse_special else self._user_re
+        if cuts is None:
             ids.extend(self._bpe(text))
             return ids
-        for i, part in enumerate(self._control_re.split(text)):
-            if i % 2:  # the capture group: a control token
-                ids.append(self._control_ids[part])
+        for i, part in enumerate(cuts.split(text)):
+            if i % 2:  # the capture group: a control or user-defined token
+                found = self._control_ids.get(part) if parse_special else None
+                ids.append(found if found is not None else self._user_ids[part])
             elif part:
                 ids.extend(self._bpe(part))
         return ids
@@ -385,6 +400,14 @@ class Tokenizer:
 
     def stream_decoder(self, *, skip_special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special=skip_special)
+
+
+def _alternatives(texts: Iterable[str]) -> re.Pattern[str] | None:
+    """A pattern matching any of `texts` (one capture group, longest first); None if none."""
+    alternatives = sorted(texts, key=len, reverse=True)
+    if not alternatives:
+        return None
+    return re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
 
 
 def _kind(value: Any) -> str:
