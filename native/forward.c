@@ -127,7 +127,7 @@ static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
                 rmsnorm(h, job->w_in, job->n, ctx->hp.rms_eps, hn);
                 h = hn;
             }
-            /* Q2_0 reads the natural layout (model-format §10.6.2) */
+            /* Q2_0 reads the layout of q2_0_quantize (model-format §10.6.2) */
             (ctx->m->arch->weight_format == BN_WFMT_Q2_0 ? job->k->q2_0_quantize
                                                          : job->k->quantize)(
                 h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);

@@ -240,10 +240,19 @@ def test_whole_model_same_logits_from_every_kernel(gqa_model_path) -> None:
 # ---- Q2_0 (model-format §10.6): 18-byte blocks of 64, low bits first, (code - 1) * d -------
 
 
+def sum16(p: np.ndarray) -> np.ndarray:
+    """The fixed tree over the 16 partial sums in the last axis (kernels.h), in float32."""
+    s8 = (p[..., :8] + p[..., 8:]).astype(np.float32)
+    s4 = (s8[..., :4] + s8[..., 4:]).astype(np.float32)
+    return ((s4[..., 0] + s4[..., 2]) + (s4[..., 1] + s4[..., 3])).astype(np.float32)
+
+
 def q2_0_reference(codes: np.ndarray, d: np.ndarray, x: np.ndarray) -> np.ndarray:
     """model-format §10.6.2 in numpy: per-token int8 quantization as for I2_S, the exact
-    integer sum of (code - 1) * q per block of 64, then acc = acc + isum * d in float32 for
-    the blocks in order (no fused multiply-add), divided by s."""
+    integer sum of (code - 1) * q per block of 64, then 16 float32 partial sums, block g into
+    lane g % 16 with a fused multiply-add, the fixed tree, divided by s. The fused step is
+    computed in float64 and rounded once: every value is a multiple of 2^-24 (F16 scales times
+    integers, and float32 roundings of such sums), so below 2^28 float64 holds it exactly."""
     x = x.astype(np.float32)
     m = np.maximum(np.abs(x).max(axis=1), np.float32(1e-5)).astype(np.float32)
     s = (np.float32(127.0) / m).astype(np.float32)
@@ -251,12 +260,13 @@ def q2_0_reference(codes: np.ndarray, d: np.ndarray, x: np.ndarray) -> np.ndarra
     n_out, n_in = codes.shape
     t = codes.astype(np.int64).reshape(n_out, n_in // 64, 64) - 1
     isum = np.einsum("tgk,rgk->trg", q.reshape(-1, n_in // 64, 64), t)
-    dd = d.astype(np.float32)
-    acc = np.zeros((x.shape[0], n_out), np.float32)
+    dd = d.astype(np.float64)
+    p = np.zeros((x.shape[0], n_out, 16), np.float32)
     for g in range(n_in // 64):
-        acc = (acc + (isum[:, :, g].astype(np.float32) * dd[None, :, g]).astype(np.float32)
-               ).astype(np.float32)
-    return (acc / s[:, None]).astype(np.float32)
+        exact = isum[:, :, g].astype(np.float64) * dd[None, :, g] + p[:, :, g % 16]
+        assert np.all(np.abs(exact) < 2.0**28)
+        p[:, :, g % 16] = exact.astype(np.float32)
+    return (sum16(p) / s[:, None]).astype(np.float32)
 
 
 def q2_0_case(rng: np.random.Generator, n_in: int, n_out: int, n_tok: int
@@ -312,3 +322,25 @@ def test_q2_0_simd_identical_to_scalar(kernel: str) -> None:
         np.testing.assert_array_equal(got, want, err_msg=f"{n_in}x{n_out} tokens {n_tok}")
     with pytest.raises(ValueError):
         engine.q2_0_matmul(b"\0" * 18, 96, 1, np.zeros((1, 96), np.float32))
+
+
+@simd
+def test_q2_0_chunks_streams_and_token_groups(kernel: str) -> None:
+    """The AVX-512 layout's paths: full chunks of 16 blocks with and without a partial last
+    chunk, 4-row streams plus leftover rows (up to 4 tokens), L2 row blocks and 4-token passes
+    (more tokens), token groups split by the block-sum buffer (wide inputs, many tokens), and
+    inputs past 2^19 that keep the natural layout."""
+    from bitnetd_trio.engine.gguf_writer import pack_q2_0
+
+    rng = np.random.default_rng(7)
+    cases = ((1024, 9, 1), (1024 + 64 * 5, 23, 3), (4096, 70, 4), (2048 + 64 * 15, 31, 6),
+             (3072, 300, 13), (40960, 6, 20), (64 * 8193, 3, 2))
+    for n_in, n_out, n_tok in cases:
+        codes, d, x = q2_0_case(rng, n_in, n_out, n_tok)
+        blob = pack_q2_0(codes, d)
+        want = engine.q2_0_matmul(blob, n_in, n_out, x, kernel="scalar")
+        if n_in <= 4096:
+            np.testing.assert_array_equal(want, q2_0_reference(codes, d, x))
+        for n_threads in (1, 2, 3):
+            got = engine.q2_0_matmul(blob, n_in, n_out, x, kernel=kernel, n_threads=n_threads)
+            np.testing.assert_array_equal(got, want, err_msg=f"{n_in}x{n_out} tokens {n_tok}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -26,14 +27,72 @@ from pathlib import Path
 from bitnetd_trio.engine import native as engine
 
 
-def bytes_per_token(hp: engine.HParams, kv_positions: float) -> tuple[float, float, float]:
-    """(ternary, head, kv) bytes streamed from memory for one decoded token."""
-    e, f, kvd, qd = hp.n_embd, hp.n_ff, hp.n_head_kv * hp.head_dim, hp.n_head * hp.head_dim
-    per_layer = (e * qd * 2 + e * kvd * 2 + e * f * 3) / 4 + 7 * 32  # q and o are [E, H*D]
-    ternary = per_layer * hp.n_layer
-    head = hp.n_vocab * e * 2
-    kv = 2 * hp.n_layer * kv_positions * kvd * 4  # K and V, F32
-    return ternary, head, kv
+def tensor_sizes(path: Path) -> dict[str, int]:
+    """Bytes of every tensor of a GGUF file (model-format §1), from its tensor directory: the
+    distance to the next tensor's data (or the end of the file), so any weight format counts
+    as stored, I2_S's trailing scale and Q2_0's per-block scales included; alignment padding
+    (under general.alignment bytes per tensor) is counted too."""
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    string, array = 8, 9
+
+    with open(path, "rb") as f:
+
+        def u(fmt: str) -> int:
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def skip(vtype: int) -> None:
+            if vtype in scalar:
+                f.seek(scalar[vtype], os.SEEK_CUR)
+            elif vtype == string:
+                f.seek(u("<Q"), os.SEEK_CUR)
+            elif vtype == array:
+                etype, count = u("<I"), u("<Q")
+                if etype in scalar:
+                    f.seek(scalar[etype] * count, os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip(etype)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file")
+        u("<I")  # version
+        n_tensors, n_kv = u("<Q"), u("<Q")
+        align = 32
+        for _ in range(n_kv):
+            key = f.read(u("<Q")).decode("utf-8", "replace")
+            vtype = u("<I")
+            if key == "general.alignment" and vtype == 4:
+                align = u("<I")
+            else:
+                skip(vtype)
+        offsets: dict[str, int] = {}
+        for _ in range(n_tensors):
+            name = f.read(u("<Q")).decode("utf-8", "replace")
+            f.seek(8 * u("<I"), os.SEEK_CUR)  # dimensions
+            u("<I")  # type
+            offsets[name] = u("<Q")
+        data_start = (f.tell() + align - 1) // align * align
+    end = os.path.getsize(path) - data_start
+    order = sorted(offsets, key=offsets.__getitem__)
+    ends = [offsets[n] for n in order[1:]] + [end]
+    return {n: e - offsets[n] for n, e in zip(order, ends, strict=True)}
+
+
+def bytes_per_token(
+    hp: engine.HParams, sizes: dict[str, int], kv_positions: float
+) -> tuple[float, float, float]:
+    """(weights, head, kv) bytes streamed from memory for one decoded token: every layer
+    tensor and the output norm as stored (sizes: tensor_sizes), one row of token_embd, the
+    whole head (output.weight, or token_embd when tied), and K and V (F32) up to the
+    position."""
+    embd = sizes.get("token_embd.weight", 0)
+    head = sizes.get("output.weight", embd)
+    weights = sum(b for n, b in sizes.items() if n not in ("token_embd.weight", "output.weight"))
+    weights += embd / max(hp.n_vocab, 1)
+    kv = 2 * hp.n_layer * kv_positions * hp.n_head_kv * hp.head_dim * 4
+    return weights, head, kv
 
 
 def synthetic_model(path: Path | None, preset: str = "full") -> Path:
@@ -166,15 +225,16 @@ def run(args: argparse.Namespace, summary: dict | None = None) -> int:
     n_threads = args.threads or os.cpu_count() or 1
     batches = sorted({int(b) for b in args.batches.split(",")} - {1})
     n_ctx = max(args.prompt, args.start + 1)
-    per_token = sum(bytes_per_token(hp, args.start + 1))
-    ternary, head, _ = bytes_per_token(hp, 0)
+    sizes = tensor_sizes(path)
+    per_token = sum(bytes_per_token(hp, sizes, args.start + 1))
+    weights, head, _ = bytes_per_token(hp, sizes, 0)
     print(
         f"model {path} ({hp.n_layer} layers, n_embd {hp.n_embd}, vocab {hp.n_vocab}), "
         f"kernel {engine.kernel_name()}, threads 1 and {n_threads}"
     )
     print(
-        f"bytes per decoded token: ternary {ternary / 1e6:.1f} MB + head {head / 1e6:.1f} MB "
-        f"+ KV {(per_token - ternary - head) / 1e6:.2f} MB = {per_token / 1e9:.3f} GB"
+        f"bytes per decoded token: weights {weights / 1e6:.1f} MB + head {head / 1e6:.1f} MB "
+        f"+ KV {(per_token - weights - head) / 1e6:.2f} MB = {per_token / 1e9:.3f} GB"
     )
 
     slots = 1 + sum(batches)

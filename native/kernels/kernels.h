@@ -7,6 +7,7 @@
  *   the float epilogue is the same scalar expression everywhere (bitlinear_out);
  * - the F16 head uses one canonical float order: 16 partial sums, lane l taking elements
  *   l, l+16, l+32, ... with fused multiply-adds, then the fixed tree of sum16 (scalar.c);
+ * - Q2_0 sums exact int32 block sums the same way, block g into lane g % 16 (Q2_0_LANES);
  * - quantization rounds half to even (the default rounding mode) and clamps to -128..127.
  * The order never depends on the row range, the thread count or the other tokens in a batch.
  *
@@ -56,12 +57,12 @@ typedef struct {
     /* y[t * y_stride + r] = BitLinear for rows r0 <= r < r1 of w, every token of a. */
     void (*ternary)(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
                     int64_t y_stride);
-    /* The same for a Q2_0 matrix (w->fmt == BN_WFMT_Q2_0), from the natural-layout
-     * activations a->q (a->tiles unused); the arithmetic of q2_0_dot_out. */
+    /* The same for a Q2_0 matrix (w->fmt == BN_WFMT_Q2_0), from the activations a->q as
+     * q2_0_quantize stores them (a->tiles unused); the float order of Q2_0_LANES. */
     void (*q2_0)(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
                  int64_t y_stride);
-    /* quantize's values in the natural layout (quantize may store them rearranged for its
-     * ternary kernel, as the AVX-512 sets do): the input of q2_0. */
+    /* quantize's values in the layout the set's q2_0 reads: natural for scalar and AVX2,
+     * chunks of 16 blocks rearranged for the AVX-512 sets (x86_avx512.c). */
     void (*q2_0_quantize)(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum);
     /* y[t * y_stride + r] = dot(F16 row r of w, x + t * x_stride) for r0 <= r < r1;
      * n_in % 16 == 0. */
@@ -103,39 +104,21 @@ static inline float bitlinear_out(int32_t acc, int32_t qsum, float s, float scal
 #define BN_Q2_0_BLOCK 18
 
 /* The exact int32 sums isum[g] = sum over block g of (code - 1) * q for n consecutive blocks
- * of a Q2_0 row and the activations q of their 64 * n weights: one per kernel set. */
+ * of a Q2_0 row and the natural-layout activations q of their 64 * n weights. */
 typedef void (*q2_0_isums_fn)(const uint8_t *blocks, const int8_t *q, int32_t n, int32_t *isum);
 
-/* The Q2_0 product (model-format §10.6.2) of rows r0..r1 and every token: per row and token,
- * acc = 0, then acc = acc + (float)isum[g] * d[g] for the blocks g in ascending order (two
- * roundings each, no fused multiply-add), and the result acc / s. The sums come from `isums`,
- * 64 blocks at a time; the float steps are this one function for every kernel set, so all
- * compute the same bits. */
-static inline void q2_0_rows(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
-                             float *y, int64_t y_stride, q2_0_isums_fn isums)
-{
-    const int32_t nb = w->n_in / 64;
-    int32_t isum[64];
-    for (int32_t r = r0; r < r1; r++) {
-        const uint8_t *row = w->codes + (size_t)r * (size_t)nb * BN_Q2_0_BLOCK;
-        for (int32_t t = 0; t < a->n_tok; t++) {
-            const int8_t *q = a->q + (size_t)t * a->stride;
-            float acc = 0.0f;
-            for (int32_t g0 = 0; g0 < nb; g0 += 64) {
-                const int32_t n = nb - g0 < 64 ? nb - g0 : 64;
-                const uint8_t *blocks = row + (size_t)g0 * BN_Q2_0_BLOCK;
-                isums(blocks, q + (size_t)g0 * 64, n, isum);
-                for (int32_t g = 0; g < n; g++) {
-                    uint16_t h;
-                    memcpy(&h, blocks + (size_t)g * BN_Q2_0_BLOCK, sizeof h);
-                    const float p = (float)isum[g] * bn_f16_to_f32(h);
-                    acc = acc + p;
-                }
-            }
-            y[t * y_stride + r] = acc / a->s[t];
-        }
-    }
-}
+/* The Q2_0 product (model-format §10.6.2) sums a row's blocks into Q2_0_LANES float partial
+ * sums, block g into lane g % Q2_0_LANES in ascending g, each step one fused multiply-add
+ * (float)isum[g] * d[g] + p; then sum16's tree (scalar.c) and the division by s. Sixteen
+ * lanes: one AVX-512 register of lanes, two AVX2 ones, and sixteen independent chains where
+ * the single chain of the first definition kept decode at a fifth of the memory speed. The
+ * order depends on nothing but the row, so every kernel set and thread count agrees. */
+#define Q2_0_LANES 16
+
+/* The AVX-512 sets' Q2_0 activations (x86_avx512.c) come in chunks of 16 blocks (1024
+ * values) rearranged for their kernel, up to this input width (their block sums then fit a
+ * fixed stack buffer); wider inputs keep the natural layout and the AVX2 kernel. */
+#define Q2_0_MAX_TILED (1 << 19)
 
 /* Exact int32 dot product of one I2_S row (codes 0..2, not yet offset by -1) with n_in int8
  * activations in the natural layout (scalar.c; the AMX kernel's odd last block). */
@@ -193,11 +176,18 @@ AVX2_FN void bn_ternary_tile_avx2_1x1(const uint8_t *const *rows, const int8_t *
 AVX2_FN void bn_f16_row_avx2(const uint16_t *src, int32_t n, float *dst);
 AVX2_FN void bn_q2_0_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
                           int64_t y_stride);
+/* The Q2_0 block sums of n blocks (natural-layout activations), for the AVX-512 tail. */
+AVX2_FN void bn_q2_0_isums_avx2(const uint8_t *blocks, const int8_t *q, int32_t n, int32_t *isum);
 /* x86_avx512.c, shared with the AMX set */
 AVX512_FN void bn_quantize_avx512(const float *x, int32_t n, int8_t *q, float *s_out,
                                   int32_t *qsum);
 AVX512_FN void bn_ternary_avx512(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
                                  float *y, int64_t y_stride);
+/* Q2_0: activations in chunks of 16 blocks, and the kernel reading them (x86_avx512.c). */
+AVX512_FN void bn_q2_0_quantize_avx512(const float *x, int32_t n, int8_t *q, float *s_out,
+                                       int32_t *qsum);
+AVX512_FN void bn_q2_0_avx512(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                              float *y, int64_t y_stride);
 AVX512_FN void bn_f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
                                     const float *x, int32_t n_tok, int64_t x_stride, float *y,
                                     int64_t y_stride);

@@ -111,10 +111,28 @@ static void q2_0_isums_scalar(const uint8_t *blocks, const int8_t *q, int32_t n,
     }
 }
 
+/* The reference order of model-format §10.6.2: block g into lane g % 16 with a fused
+ * multiply-add, then sum16. */
 static void q2_0_scalar(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
                         int64_t y_stride)
 {
-    q2_0_rows(w, r0, r1, a, y, y_stride, q2_0_isums_scalar);
+    const int32_t nb = w->n_in / 64;
+    for (int32_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->codes + (size_t)r * (size_t)nb * BN_Q2_0_BLOCK;
+        for (int32_t t = 0; t < a->n_tok; t++) {
+            const int8_t *q = a->q + (size_t)t * a->stride;
+            float p[Q2_0_LANES] = {0};
+            for (int32_t g = 0; g < nb; g++) {
+                const uint8_t *block = row + (size_t)g * BN_Q2_0_BLOCK;
+                int32_t isum;
+                q2_0_isums_scalar(block, q + (size_t)g * 64, 1, &isum);
+                uint16_t h;
+                memcpy(&h, block, sizeof h);
+                p[g % Q2_0_LANES] = fmaf((float)isum, bn_f16_to_f32(h), p[g % Q2_0_LANES]);
+            }
+            y[t * y_stride + r] = sum16(p) / a->s[t];
+        }
+    }
 }
 
 static void f16_matmul_scalar(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,

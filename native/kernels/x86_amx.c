@@ -174,8 +174,8 @@ const bn_kernel_set bn_kernels_amx = {
     .quantize = bn_quantize_avx512,
     .prepare = prepare_amx,
     .ternary = ternary_amx,
-    .q2_0 = bn_q2_0_avx2,
-    .q2_0_quantize = bn_quantize_avx2,
+    .q2_0 = bn_q2_0_avx512,
+    .q2_0_quantize = bn_q2_0_quantize_avx512,
     .f16_matmul = bn_f16_matmul_avx512,
 };
 

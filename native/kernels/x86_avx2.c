@@ -2,6 +2,8 @@
  * partial sums widened to int32 often enough never to overflow, the F16 head with 8-lane FMA
  * accumulators, and the vector F16 row conversion.
  */
+#include <string.h>
+
 #include "kernels.h"
 
 #ifdef BN_X86
@@ -247,33 +249,78 @@ AVX2_INLINE void q2_0_codes(const uint8_t *qs, __m256i *lo, __m256i *hi)
     *hi = v[1];
 }
 
-/* Q2_0 block sums (model-format §10.6.2): per block sum(code * q) - sum(q) with byte
- * products (maddubs: code 0..3 times int8, pairs summed in 16 bits, at most 768 in size). */
-AVX2_FN static void q2_0_isums_avx2(const uint8_t *blocks, const int8_t *q, int32_t n,
-                                    int32_t *isum)
+/* sum(code * q) - sum(q) over one block (model-format §10.6.2), from its decoded codes, with
+ * byte products (maddubs: code 0..3 times int8, pairs summed in 16 bits, at most 768 in
+ * size). */
+AVX2_INLINE int32_t q2_0_block_isum(__m256i c0, __m256i c1, const int8_t *x)
 {
     const __m256i ones8 = _mm256_set1_epi8(1);
     const __m256i ones16 = _mm256_set1_epi16(1);
+    const __m256i x0 = _mm256_loadu_si256((const __m256i *)x);
+    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
+    const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(c0, x0), ones16),
+                                       _mm256_madd_epi16(_mm256_maddubs_epi16(c1, x1), ones16));
+    const __m256i sq = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x0), ones16),
+                                        _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x1), ones16));
+    return hsum_epi32(_mm256_sub_epi32(p, sq));
+}
+
+AVX2_FN void bn_q2_0_isums_avx2(const uint8_t *blocks, const int8_t *q, int32_t n, int32_t *isum)
+{
     for (int32_t g = 0; g < n; g++) {
         __m256i c0, c1;
         q2_0_codes(blocks + (size_t)g * BN_Q2_0_BLOCK + 2, &c0, &c1);
-        const int8_t *x = q + (size_t)g * 64;
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)x);
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
-        const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(c0, x0), ones16),
-                                           _mm256_madd_epi16(_mm256_maddubs_epi16(c1, x1), ones16));
-        const __m256i sq =
-            _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x0), ones16),
-                             _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, x1), ones16));
-        isum[g] = hsum_epi32(_mm256_sub_epi32(p, sq));
+        isum[g] = q2_0_block_isum(c0, c1, q + (size_t)g * 64);
     }
 }
 
-/* Q2_0 rows r0..r1 for every token; the float steps are q2_0_rows'. */
+/* Tokens are taken up to Q2_0_TOK at a time, so each block's codes are decoded once for all
+ * of them (batched decode, prefill). */
+#define Q2_0_TOK 4
+
+/* Q2_0 rows r0..r1 for every token in the order of model-format §10.6.2: lanes 0-7 of the
+ * float partial sums in lo, 8-15 in hi, one chunk of 16 blocks per step. A short last chunk
+ * leaves its missing lanes' isum and d at zero: fma(0, 0, p) is p exactly (p is never -0,
+ * since it starts at +0 and a sum is -0 only if both addends are), as if skipped. */
 AVX2_FN void bn_q2_0_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
                           int64_t y_stride)
 {
-    q2_0_rows(w, r0, r1, a, y, y_stride, q2_0_isums_avx2);
+    const int32_t nb = w->n_in / 64;
+    for (int32_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->codes + (size_t)r * (size_t)nb * BN_Q2_0_BLOCK;
+        for (int32_t t0 = 0; t0 < a->n_tok; t0 += Q2_0_TOK) {
+            const int nt = a->n_tok - t0 < Q2_0_TOK ? a->n_tok - t0 : Q2_0_TOK;
+            __m256 lo[Q2_0_TOK], hi[Q2_0_TOK];
+            for (int j = 0; j < nt; j++)
+                lo[j] = hi[j] = _mm256_setzero_ps();
+            for (int32_t g0 = 0; g0 < nb; g0 += Q2_0_LANES) {
+                const int32_t n = nb - g0 < Q2_0_LANES ? nb - g0 : Q2_0_LANES;
+                int32_t isum[Q2_0_TOK][Q2_0_LANES] = {{0}};
+                uint16_t dh[Q2_0_LANES] = {0};
+                for (int32_t g = 0; g < n; g++) {
+                    const uint8_t *blk = row + (size_t)(g0 + g) * BN_Q2_0_BLOCK;
+                    memcpy(&dh[g], blk, sizeof dh[g]);
+                    __m256i c0, c1;
+                    q2_0_codes(blk + 2, &c0, &c1);
+                    for (int j = 0; j < nt; j++)
+                        isum[j][g] = q2_0_block_isum(
+                            c0, c1, a->q + (size_t)(t0 + j) * a->stride + (size_t)(g0 + g) * 64);
+                }
+                const __m256 dlo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
+                const __m256 dhi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + 8)));
+                for (int j = 0; j < nt; j++) {
+                    const __m256 ilo =
+                        _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)isum[j]));
+                    const __m256 ihi =
+                        _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(isum[j] + 8)));
+                    lo[j] = _mm256_fmadd_ps(ilo, dlo, lo[j]);
+                    hi[j] = _mm256_fmadd_ps(ihi, dhi, hi[j]);
+                }
+            }
+            for (int j = 0; j < nt; j++)
+                y[(t0 + j) * y_stride + r] = reduce16_avx2(lo[j], hi[j]) / a->s[t0 + j];
+        }
+    }
 }
 
 const bn_kernel_set bn_kernels_avx2 = {

@@ -5,6 +5,8 @@
  * a matching "paired" layout (for blocks 2p and 2p+1: plane 0 of both, plane 1 of both, ...),
  * so each plane is one 64-byte load. An odd last block keeps the natural layout and runs
  * with 256-bit instructions. The results are the same exact integers as every other kernel. */
+#include <string.h>
+
 #include "kernels.h"
 
 #ifdef BN_X86
@@ -304,13 +306,257 @@ AVX512_FN void bn_f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0,
     }
 }
 
+/* ------------------------------------------------------------------ Q2_0 (model-format §10.6)
+ *
+ * One register lane per block: a chunk of 16 blocks gives 16 block sums in one vector, which
+ * are the 16 float lanes of model-format §10.6.2 with no horizontal step. Byte p of a block's
+ * codes holds its weights 4p..4p+3 (at bits 0, 2, 4, 6), so dword m (code bytes 4m..4m+3) is
+ * weights 16m..16m+15; the codes of 16 blocks are transposed so that W[m] lane i is dword m of
+ * block i. Plane k of W[m] (bits 2k of each byte, masked in place: the code times 4^k) then
+ * multiplies, in vpdpbusd, the activations of weights 16m + 4b + k (b = byte in lane) of every
+ * block: q2_0_quantize stores each chunk's 1024 activations as 16 vectors in that order,
+ * vector 4m + k, lane i, byte b = activation 64i + 16m + 4b + k of the chunk. The last partial
+ * chunk (fewer than 16 blocks) keeps the natural layout. */
+
+#define Q2_0_CHUNK 1024                       /* activations per chunk of 16 blocks */
+#define Q2_0_CHUNK_BYTES (16 * BN_Q2_0_BLOCK) /* its codes and scales */
+
+AVX512_FN void bn_q2_0_quantize_avx512(const float *x, int32_t n, int8_t *q, float *s_out,
+                                       int32_t *qsum)
+{
+    bn_quantize_avx2(x, n, q, s_out, qsum);
+    if (n > Q2_0_MAX_TILED)
+        return;
+    /* within each 16 bytes (one m of a block): byte 4b + k goes to 4k + b */
+    const __m512i tr4 =
+        _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    for (int32_t c = 0; c + Q2_0_CHUNK <= n; c += Q2_0_CHUNK) {
+        int8_t *chunk = q + c;
+        int32_t blk[16][16]; /* [block][dword 4m + k] */
+        for (int i = 0; i < 16; i++)
+            _mm512_storeu_si512(
+                (void *)blk[i],
+                _mm512_shuffle_epi8(_mm512_loadu_si512((const void *)(chunk + 64 * i)), tr4));
+        int32_t out[16][16]; /* [vector 4m + k][block] */
+        for (int j = 0; j < 16; j++)
+            for (int i = 0; i < 16; i++)
+                out[j][i] = blk[i][j];
+        memcpy(chunk, out, sizeof out);
+    }
+}
+
+/* The codes of the 16 blocks at blk, transposed (W[m] lane i = code bytes 4m..4m+3 of block
+ * i), and their scales as floats. Reads bytes 0..287 of blk only. */
+AVX512_INLINE void q2_0_chunk(const uint8_t *blk, __m512i W[4], __m512 *d)
+{
+    /* z[r], 128-bit lane j: the 16 code bytes of block 4j + r */
+    __m512i z[4];
+    for (int r = 0; r < 4; r++) {
+        const uint8_t *b = blk + (size_t)r * BN_Q2_0_BLOCK + 2;
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)b));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 4 * BN_Q2_0_BLOCK)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 8 * BN_Q2_0_BLOCK)), 2);
+        z[r] = _mm512_inserti32x4(v, _mm_loadu_si128((const __m128i *)(b + 12 * BN_Q2_0_BLOCK)), 3);
+    }
+    /* a 4 x 4 dword transpose in every 128-bit lane */
+    const __m512i lo01 = _mm512_unpacklo_epi32(z[0], z[1]),
+                  hi01 = _mm512_unpackhi_epi32(z[0], z[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi32(z[2], z[3]),
+                  hi23 = _mm512_unpackhi_epi32(z[2], z[3]);
+    W[0] = _mm512_unpacklo_epi64(lo01, lo23);
+    W[1] = _mm512_unpackhi_epi64(lo01, lo23);
+    W[2] = _mm512_unpacklo_epi64(hi01, hi23);
+    W[3] = _mm512_unpackhi_epi64(hi01, hi23);
+    /* scale i at byte 18i, word 9i: blocks 0-7 in bytes 0..127, blocks 8-15 in 144..271 */
+    const __m512i idx =
+        _mm512_setr_epi32(0x00090000, 0x001b0012, 0x002d0024, 0x003f0036, 0x00090000, 0x001b0012,
+                          0x002d0024, 0x003f0036, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i a = _mm512_permutex2var_epi16(_mm512_loadu_si512((const void *)blk), idx,
+                                                _mm512_loadu_si512((const void *)(blk + 64)));
+    const __m512i b = _mm512_permutex2var_epi16(_mm512_loadu_si512((const void *)(blk + 144)), idx,
+                                                _mm512_loadu_si512((const void *)(blk + 208)));
+    *d = _mm512_cvtph_ps(
+        _mm256_mask_mov_epi16(_mm512_castsi512_si256(a), 0xFF00, _mm512_castsi512_si256(b)));
+}
+
+/* Per block, sum(q) over the chunk's 64 activations of each block (lanes as the codes). */
+AVX512_INLINE __m512i q2_0_chunk_qsums(const int8_t *act)
+{
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i s = _mm512_setzero_si512();
+    for (int j = 0; j < 16; j++)
+        s = _mm512_dpbusd_epi32(s, ones, _mm512_loadu_si512((const void *)(act + 64 * j)));
+    return s;
+}
+
+/* NR rows (from distant parts of the range) and NT tokens over nch full chunks: p[i * NT + t]
+ * += the chunks' lanes of §10.6.2 for row i and token t. */
+AVX512_INLINE void q2_0_tile(const uint8_t *const *rows, const int nr, int32_t nch,
+                             const int8_t *const *acts, const __m512i *const *qsums, const int nt,
+                             size_t next_row, __m512 *p)
+{
+    const __m512i mk[4] = {_mm512_set1_epi8(0x03), _mm512_set1_epi8(0x0C), _mm512_set1_epi8(0x30),
+                           _mm512_set1_epi8((char)0xC0)};
+    for (int32_t c = 0; c < nch; c++) {
+        for (int i = 0; i < nr; i++) {
+            const uint8_t *blk = rows[i] + (size_t)c * Q2_0_CHUNK_BYTES;
+            /* the same chunk of the stream's next row, its 4.5 lines, into L2 only
+             * (measured: a quarter less time per decoded token than into L1, where the
+             * prefetches competed with the loads in use) */
+            for (size_t l = 0; l < Q2_0_CHUNK_BYTES; l += 64)
+                _mm_prefetch((const char *)((uintptr_t)blk + next_row + l), _MM_HINT_T1);
+            __m512i W[4];
+            __m512 d;
+            q2_0_chunk(blk, W, &d);
+            __m512i tot[4];
+            for (int t = 0; t < nt; t++)
+                tot[t] = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++) {
+                __m512i acc[4];
+                for (int t = 0; t < nt; t++)
+                    acc[t] = _mm512_setzero_si512();
+                for (int m = 0; m < 4; m++) {
+                    const __m512i plane = _mm512_and_si512(W[m], mk[k]);
+                    for (int t = 0; t < nt; t++)
+                        acc[t] = _mm512_dpbusd_epi32(
+                            acc[t], plane,
+                            _mm512_loadu_si512((const void *)(acts[t] + (size_t)c * Q2_0_CHUNK +
+                                                              64 * (4 * m + k))));
+                }
+                /* every product of plane k is a multiple of 4^k: the shift is exact */
+                for (int t = 0; t < nt; t++)
+                    tot[t] = _mm512_add_epi32(tot[t], _mm512_srai_epi32(acc[t], 2 * k));
+            }
+            for (int t = 0; t < nt; t++) {
+                const __m512i isum = _mm512_sub_epi32(tot[t], qsums[t][c]);
+                p[i * nt + t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, p[i * nt + t]);
+            }
+        }
+    }
+}
+
+#define Q2_0_TILE512(NR, NT)                                                                       \
+    AVX512_FN static void q2_0_tile_##NR##x##NT(                                                   \
+        const uint8_t *const *rows, int32_t nch, const int8_t *const *acts,                        \
+        const __m512i *const *qsums, size_t next_row, __m512 *p)                                   \
+    {                                                                                              \
+        q2_0_tile(rows, NR, nch, acts, qsums, NT, next_row, p);                                    \
+    }
+Q2_0_TILE512(1, 1)
+Q2_0_TILE512(1, 2)
+Q2_0_TILE512(1, 3)
+Q2_0_TILE512(1, 4)
+Q2_0_TILE512(4, 1)
+Q2_0_TILE512(4, 2)
+Q2_0_TILE512(4, 3)
+Q2_0_TILE512(4, 4)
+
+typedef void (*q2_0_tile_fn)(const uint8_t *const *, int32_t, const int8_t *const *,
+                             const __m512i *const *, size_t, __m512 *);
+static const q2_0_tile_fn q2_0_tiles[2][4] = {
+    {q2_0_tile_1x1, q2_0_tile_1x2, q2_0_tile_1x3, q2_0_tile_1x4},
+    {q2_0_tile_4x1, q2_0_tile_4x2, q2_0_tile_4x3, q2_0_tile_4x4},
+};
+
+/* Bytes of per-block activation sums kept for a group of tokens. */
+#define Q2_0_QSUM_BYTES 32768
+
+/* The blocks of the last partial chunk (natural layout) into lanes 0..rem-1 of p[t], then
+ * y = (the tree of the lanes) / s, for one row and nt tokens. */
+AVX512_FN static void q2_0_finish(const uint8_t *row, int32_t nch, int32_t rem,
+                                  const int8_t *const *acts, const float *s, int nt, __m512 *p,
+                                  float *y, int64_t y_stride)
+{
+    if (rem) {
+        const uint8_t *blk = row + (size_t)nch * Q2_0_CHUNK_BYTES;
+        float d[16] = {0};
+        for (int32_t g = 0; g < rem; g++) {
+            uint16_t h;
+            memcpy(&h, blk + (size_t)g * BN_Q2_0_BLOCK, sizeof h);
+            d[g] = bn_f16_to_f32(h);
+        }
+        const __m512 dv = _mm512_loadu_ps(d);
+        for (int t = 0; t < nt; t++) {
+            int32_t isum[16] = {0};
+            bn_q2_0_isums_avx2(blk, acts[t] + (size_t)nch * Q2_0_CHUNK, rem, isum);
+            p[t] = _mm512_mask3_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512((const void *)isum)),
+                                         dv, p[t], (__mmask16)((1u << rem) - 1));
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        y[t * y_stride] =
+            reduce16_avx2(_mm512_castps512_ps256(p[t]),
+                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p[t]), 1))) /
+            s[t];
+}
+
+AVX512_FN void bn_q2_0_avx512(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                              float *y, int64_t y_stride)
+{
+    if (w->n_in > Q2_0_MAX_TILED) { /* natural layout (bn_q2_0_quantize_avx512) */
+        bn_q2_0_avx2(w, r0, r1, a, y, y_stride);
+        return;
+    }
+    const int32_t nb = w->n_in / 64, nch = nb / 16, rem = nb % 16;
+    const size_t row_bytes = (size_t)nb * BN_Q2_0_BLOCK;
+    /* Tokens in groups whose block sums fit the buffer. Up to 4 tokens (memory bound), 4 rows
+     * at a time from STREAMS parts of the range: one sequential stream fell far short of the
+     * memory's speed. More tokens (compute bound): rows in blocks of about 256 KiB that stay
+     * in L2 while each 4 tokens of the group pass over them, so every activation load comes
+     * from L1 (a row at a time over all tokens ran at half the speed from L2). */
+    const int32_t rows_block =
+        a->n_tok <= 4 ? r1 - r0 : (int32_t)((256 << 10) / row_bytes) + STREAMS;
+    __m512i qsum_buf[Q2_0_QSUM_BYTES / 64];
+    const int32_t group = nch ? (int32_t)(Q2_0_QSUM_BYTES / 64 / nch) : a->n_tok;
+    for (int32_t g0 = 0; g0 < a->n_tok; g0 += group) {
+        const int32_t gn = a->n_tok - g0 < group ? a->n_tok - g0 : group;
+        for (int32_t t = 0; t < gn; t++)
+            for (int32_t c = 0; c < nch; c++)
+                qsum_buf[t * nch + c] =
+                    q2_0_chunk_qsums(a->q + (size_t)(g0 + t) * a->stride + (size_t)c * Q2_0_CHUNK);
+        for (int32_t rb = r0; rb < r1; rb += rows_block) {
+            const int32_t re = r1 - rb < rows_block ? r1 : rb + rows_block;
+            /* memory bound (up to 4 tokens): 4 rows at a time, rb + k * len + i for k <
+             * STREAMS, then the rest; compute bound: one row at a time */
+            const int32_t len = (re - rb) / STREAMS;
+            const int32_t nstream = a->n_tok <= 4 ? len : 0;
+            for (int32_t t0 = g0; t0 < g0 + gn; t0 += 4) {
+                const int nt = g0 + gn - t0 < 4 ? g0 + gn - t0 : 4;
+                const int8_t *acts[4];
+                const __m512i *qs[4];
+                for (int j = 0; j < nt; j++) {
+                    acts[j] = a->q + (size_t)(t0 + j) * a->stride;
+                    qs[j] = qsum_buf + (size_t)(t0 - g0 + j) * nch;
+                }
+                for (int32_t i = 0; i < nstream + (re - rb - STREAMS * nstream); i++) {
+                    const int nr = i < nstream ? STREAMS : 1;
+                    const uint8_t *rows[STREAMS];
+                    int32_t rr[STREAMS];
+                    __m512 p[STREAMS * 4];
+                    for (int k = 0; k < nr; k++) {
+                        rr[k] = nr > 1 ? rb + k * len + i : rb + STREAMS * nstream + (i - nstream);
+                        rows[k] = w->codes + (size_t)rr[k] * row_bytes;
+                    }
+                    for (int k = 0; k < nr * nt; k++)
+                        p[k] = _mm512_setzero_ps();
+                    if (nch)
+                        q2_0_tiles[nr > 1][nt - 1](rows, nch, acts, qs, row_bytes, p);
+                    for (int k = 0; k < nr; k++)
+                        q2_0_finish(rows[k], nch, rem, acts, a->s + t0, nt, p + k * nt,
+                                    y + t0 * y_stride + rr[k], y_stride);
+                }
+            }
+        }
+    }
+}
+
 const bn_kernel_set bn_kernels_avx512 = {
     .name = "avx512vnni",
     .quantize = bn_quantize_avx512,
     .prepare = NULL,
     .ternary = bn_ternary_avx512,
-    .q2_0 = bn_q2_0_avx2,
-    .q2_0_quantize = bn_quantize_avx2,
+    .q2_0 = bn_q2_0_avx512,
+    .q2_0_quantize = bn_q2_0_quantize_avx512,
     .f16_matmul = bn_f16_matmul_avx512,
 };
 
