@@ -146,7 +146,7 @@ def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[Te
     §10.5.3, QK-norms and input norms, every norm F16, tied head by default)."""
     e, f, kv, qd, d = shape.n_embd, shape.n_ff, shape.kv_dim, shape.q_dim, shape.head_dim
     if tie_head is None:
-        tie_head = not shape.is_llama
+        tie_head = shape.tie_head if shape.tie_head is not None else not shape.is_llama
     qwen, bonsai = shape.is_qwen3, shape.is_bonsai
     norm_t = GGML_TYPE_F16 if qwen and not bonsai else GGML_TYPE_F32
     wt = GGML_TYPE_Q2_0 if bonsai else GGML_TYPE_I2_S

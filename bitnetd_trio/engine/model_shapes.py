@@ -88,6 +88,9 @@ class ModelShape:
     #: the weight format of a Qwen3 file: "i2_s" (the BitNet embedding graph, §10.5) or
     #: "q2_0" (Ternary Bonsai, §10.6: no input norms, F32 norms, Q2_0 weights)
     weight_format: str = "i2_s"
+    #: whether the head is token_embd (no output.weight); None: the architecture's official
+    #: choice (BitNet and Qwen3 tied, Llama untied). Bonsai-8B has its own head, 1.7B not.
+    tie_head: bool | None = None
 
     @property
     def is_bonsai(self) -> bool:
@@ -168,7 +171,8 @@ TINY_BONSAI = dataclasses.replace(TINY_QWEN3_EMBED, pooling_type=None, weight_fo
 #: Bonsai-8B's shape: the Qwen3-8B geometry, untied Q2_0 head (model-families C.1).
 BONSAI_8B = ModelShape(n_vocab=151936, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288,
                        n_layer=36, n_ctx=40960, rope_base=1000000.0, rms_eps=1e-6,
-                       architecture="qwen3", n_head_dim=128, weight_format="q2_0")
+                       architecture="qwen3", n_head_dim=128, weight_format="q2_0",
+                       tie_head=False)
 #: BitNet-embedding-0.6B's shape (model-families B.1; the context length is Qwen3-0.6B's
 #: 32768, not confirmed for this model).
 BITNET_EMBED_06B = ModelShape(n_vocab=151936, n_embd=1024, n_head=16, n_head_kv=8,
