@@ -468,6 +468,8 @@ LLAMA_GQA = dataclasses.replace(gw.TINY_LLAMA, n_head=8, n_head_kv=2, n_head_dim
 def test_llama_i2s_against_transformers_bitlinear(tmp_path: Path, shape: gw.ModelShape,
                                                    seed: int, tie: bool, n: int,
                                                    chunks: list[int]) -> None:
+    """Every position's logits, the engine fed in chunks (prefill, then single-token steps)
+    and transformers in one pass, by the tolerance rule."""
     path = gw.write_model(tmp_path / "m.gguf", shape, seed, tie_head=tie)
     model = load_hf(transformers.LlamaForCausalLM, llama_checkpoint(path, tmp_path / "hf"))
     hooks = Hooks()
@@ -519,11 +521,11 @@ def test_qwen3_embedding_against_transformers_autobitlinear(
     hooks = Hooks()
     hook_autobitlinear(model, hooks, monkeypatch)
     # the pooled token is the EOS the tokenizer appends (model-format §10.5.5)
-    eos = native.Model.load(path)
+    loaded = native.Model.load(path)
     try:
-        eos_id = eos.metadata("tokenizer.ggml.eos_token_id")
+        eos_id = loaded.metadata("tokenizer.ggml.eos_token_id")
     finally:
-        eos.close()
+        loaded.close()
     toks = tokens_for(shape.n_vocab, n - 1, seed) + [eos_id]
     got = engine_hidden(native, path, toks)
     m = match_hf(model, hooks, toks, got)
