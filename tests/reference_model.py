@@ -30,6 +30,7 @@ itself is never relaxed.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -310,12 +311,18 @@ class Quantizer:
 
     def __call__(self, layer: int, point: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q, s = quantize_activations(x)
+        self.adjust(layer, point, q, x * s)
+        return q, s
+
+    def adjust(self, layer: int, point: str, q: np.ndarray, scaled: np.ndarray) -> None:
+        """Record `scaled` (x*s, the values rounded into q) and apply the overrides to q in
+        place; separate from __call__ so that another implementation's quantization (the
+        Hugging Face one of test_hf_reference.py) can be traced and flipped the same way."""
         if self.trace is not None:
-            self.trace[(layer, point)] = x * s
+            self.trace[(layer, point)] = scaled
         for (lay, pt, pos, idx), value in self.overrides.items():
             if lay == layer and pt == point and pos < q.shape[0]:
                 q[pos, idx] = value
-        return q, s
 
 
 def rope(x: np.ndarray, positions: np.ndarray, base: float,
@@ -514,12 +521,26 @@ def match_engine(weights: ReferenceWeights, tokens: list[int], got: np.ndarray, 
     whose scaled value is within tau of a rounding boundary and whose opposite rounding makes
     every position <= t agree within tol; accept it and go on. Fails when no such near-tie
     explains the disagreement or when more than max_flips would be needed."""
+    def run(n: int, quantizer: Quantizer) -> np.ndarray:
+        return forward(weights, tokens[:n], quantizer=quantizer, kv_f16=kv_f16)
+
+    return match_rows(run, got, tol=tol, tau=tau, max_flips=max_flips,
+                      max_candidates=max_candidates, max_pair_candidates=max_pair_candidates)
+
+
+def match_rows(run: Callable[[int, Quantizer], np.ndarray], got: np.ndarray, *,
+               tol: float = 1e-3, tau: float = 1e-3, max_flips: int = 8,
+               max_candidates: int = 48, max_pair_candidates: int = 10) -> Match:
+    """match_engine against any implementation that quantizes through a Quantizer:
+    run(n, quantizer) returns its rows for the first n tokens of the sequence (n = len(got)
+    for all of them)."""
+    n_all = len(got)
     overrides: dict[tuple[int, str, int, int], int] = {}
     flips: list[tuple[int, str, int, int, float]] = []
     raw: np.ndarray | None = None
     while True:
         quant = Quantizer(overrides, trace=True)
-        err = rel_errors(got, forward(weights, tokens, quantizer=quant, kv_f16=kv_f16))
+        err = rel_errors(got, run(n_all, quant))
         if raw is None:
             raw = err
         bad = np.nonzero(err >= tol)[0]
@@ -547,9 +568,7 @@ def match_engine(weights: ReferenceWeights, tokens: list[int], got: np.ndarray, 
         for margin_value, _, key, alt in candidates[:max_candidates]:
             trial = dict(overrides)
             trial[key] = alt
-            e = rel_errors(got[: t + 1],
-                           forward(weights, tokens[: t + 1], quantizer=Quantizer(trial),
-                                   kv_f16=kv_f16))
+            e = rel_errors(got[: t + 1], run(t + 1, Quantizer(trial)))
             if e.max() < tol:
                 accepted = (key, alt, margin_value)
                 break
@@ -565,9 +584,7 @@ def match_engine(weights: ReferenceWeights, tokens: list[int], got: np.ndarray, 
                 for m2, _, key2, alt2 in best[i + 1:]:
                     trial = dict(overrides)
                     trial[key1], trial[key2] = alt1, alt2
-                    e = rel_errors(got[: t + 1], forward(weights, tokens[: t + 1],
-                                                         quantizer=Quantizer(trial),
-                                                         kv_f16=kv_f16))
+                    e = rel_errors(got[: t + 1], run(t + 1, Quantizer(trial)))
                     if e.max() < tol:
                         overrides.update(trial)
                         flips += [(*key1, m1), (*key2, m2)]

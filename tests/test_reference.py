@@ -137,23 +137,30 @@ def engine_logits(engine, path: Path, chunks: list[list[int]], n_ctx: int,
         model.close()
 
 
-def check_against_reference(engine, path: Path, tokens: list[int],
-                            chunk_sizes: list[int], n_ctx: int) -> ref.Match:
-    w = ref.load_reference(path)
-    chunks, i = [], 0
-    for size in chunk_sizes:
-        chunks.append(tokens[i:i + size])
-        i += size
-    assert i == len(tokens)
-    got = engine_logits(engine, path, chunks, n_ctx)
-    assert got.shape == (len(tokens), w.n_vocab)
-    m = ref.match_engine(w, tokens, got, tol=TOLERANCE, max_flips=flip_cap(len(tokens)))
+def chunked(tokens: list[int], sizes: list[int]) -> list[list[int]]:
+    """tokens cut into consecutive chunks of these sizes (which must add up to all)."""
+    assert sum(sizes) == len(tokens)
+    return [tokens[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+
+
+def assert_matched(m: ref.Match) -> None:
+    """The tolerance rule: every position within TOLERANCE once the accepted tie flips are
+    in; else say where it fails and what was tried."""
     t = m.failed_at
     assert m.ok, (
         f"position {t}: relative error {m.errors[t]:.3g} (tolerance {TOLERANCE}) that no "
         f"rounding tie explains; plain errors: max {m.raw_errors.max():.3g}, first >= tol at "
         f"{int(np.argmax(m.raw_errors >= TOLERANCE))}; tie flips accepted: {m.flips}")
     assert m.errors.max() < TOLERANCE
+
+
+def check_against_reference(engine, path: Path, tokens: list[int],
+                            chunk_sizes: list[int], n_ctx: int) -> ref.Match:
+    w = ref.load_reference(path)
+    got = engine_logits(engine, path, chunked(tokens, chunk_sizes), n_ctx)
+    assert got.shape == (len(tokens), w.n_vocab)
+    m = ref.match_engine(w, tokens, got, tol=TOLERANCE, max_flips=flip_cap(len(tokens)))
+    assert_matched(m)
     print(f"{path.name}: {len(tokens)} tokens, plain max error {m.raw_errors.max():.3g}, "
           f"after {len(m.flips)} tie flips {m.errors.max():.3g}")
     return m
