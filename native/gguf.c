@@ -62,7 +62,7 @@ struct bn_gguf {
 /* ---- errors ---- */
 
 /* A file-supplied name made safe to print: printable ASCII only, cut at 80 bytes. */
-static int q2_0_room(const bn_gguf *g, uint64_t data_size, char *err, size_t errlen);
+static int q2_0_room(bn_gguf *g, uint64_t data_size, char *err, size_t errlen);
 
 static void printable(char *out, size_t outlen, const char *s, size_t len)
 {
@@ -496,6 +496,7 @@ static int parse_tensor_info(reader *r, bn_gguf *g, uint64_t i)
         return -1;
     if (read_u64(r, &t->offset, "offset"))
         return -1;
+    t->q2_0_g128 = 0; /* decided by q2_0_room once every offset is known */
     return tensor_nbytes(r, t, n, &t->nbytes);
 }
 
@@ -628,7 +629,8 @@ static int parse(bn_gguf *g, char *err, size_t errlen)
                        (unsigned long long)t->offset, (unsigned long long)g->alignment);
             return -1;
         }
-        if (t->offset > data_size || t->nbytes > data_size - t->offset) {
+        /* type 42's size depends on its layout: q2_0_room checks it against its room */
+        if (t->offset > data_size || (t->type != 42 && t->nbytes > data_size - t->offset)) {
             bn_set_err(err, errlen,
                        "tensor '%s': data at offset %llu, %llu bytes, lies outside the "
                        "file (data section holds %llu bytes; truncated file?)",
@@ -641,67 +643,101 @@ static int parse(bn_gguf *g, char *err, size_t errlen)
     return q2_0_room(g, data_size, err, errlen);
 }
 
-/* PrismML's earlier files use type 42 for Q2_0 with 128-weight blocks of 34 bytes, less data
- * than the 64-weight blocks of 18 bytes of mainline Q2_0 (model-format §10.6.1). Nothing in
- * the header tells them apart, so every Q2_0 tensor's data must fit before the next tensor's
- * (or the end of the data section): a g128 file fails this, and is named. */
+/* Type 42 has two layouts (model-format §10.6.1): mainline Q2_0, 18-byte blocks of 64
+ * weights, and PrismML's, 34-byte blocks of 128 (the files its model cards list). Nothing in
+ * the header tells them apart; the tensor offsets do. A tensor's room is the distance to the
+ * next larger tensor offset (or the end of the data section), and a writer starts the next
+ * tensor at the first aligned offset after the data. So a tensor whose room is too small for
+ * its g64 data but exactly its g128 data padded to the alignment marks a g128 file; every
+ * type-42 tensor of that file must then have exactly that room (a file mixing both layouts
+ * is refused, naming a tensor), and in a g64 file every one must fit its g64 data. */
 static int cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
     return x < y ? -1 : x > y;
 }
 
-static int q2_0_room(const bn_gguf *g, uint64_t data_size, char *err, size_t errlen)
+/* The room of tensor t: the bytes up to the next larger offset in sorted offs[n], else up to
+ * the end of the data section. */
+static uint64_t tensor_room(const bn_gguf_tensor *t, const uint64_t *offs, size_t n,
+                            uint64_t data_size)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (offs[mid] <= t->offset)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return (lo < n ? offs[lo] : data_size) - t->offset;
+}
+
+/* Bytes of t's data in the g128 layout; 0 when its rows are not whole 128-weight blocks. */
+static uint64_t g128_nbytes(const bn_gguf_tensor *t)
+{
+    if (t->ne[0] % 128 != 0)
+        return 0;
+    return t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3] / 128 * 34;
+}
+
+static int g128_exact(const bn_gguf *g, const bn_gguf_tensor *t, uint64_t room)
+{
+    const uint64_t n = g128_nbytes(t);
+    return n > 0 && n <= room && room < n + g->alignment;
+}
+
+static int q2_0_room(bn_gguf *g, uint64_t data_size, char *err, size_t errlen)
 {
     uint64_t n42 = 0;
     for (uint64_t i = 0; i < g->n_tensors; i++)
         n42 += g->tensors[i].type == 42;
     if (n42 == 0)
         return 0;
-    uint64_t *offs = malloc((size_t)g->n_tensors * sizeof *offs);
+    const size_t n = (size_t)g->n_tensors;
+    uint64_t *offs = malloc(n * sizeof *offs);
     if (!offs) {
         bn_set_err(err, errlen, "out of memory");
         return -1;
     }
-    for (uint64_t i = 0; i < g->n_tensors; i++)
+    for (size_t i = 0; i < n; i++)
         offs[i] = g->tensors[i].offset;
-    qsort(offs, (size_t)g->n_tensors, sizeof *offs, cmp_u64);
-    int rc = 0;
-    for (uint64_t i = 0; i < g->n_tensors && rc == 0; i++) {
+    qsort(offs, n, sizeof *offs, cmp_u64);
+
+    const bn_gguf_tensor *marker = NULL; /* a tensor that only the g128 layout explains */
+    for (size_t i = 0; i < n && !marker; i++) {
         const bn_gguf_tensor *t = &g->tensors[i];
+        const uint64_t room = tensor_room(t, offs, n, data_size);
+        if (t->type == 42 && t->nbytes > room && g128_exact(g, t, room))
+            marker = t;
+    }
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        bn_gguf_tensor *t = &g->tensors[i];
         if (t->type != 42)
             continue;
-        uint64_t end = data_size; /* the next larger offset, else the end of the data */
-        size_t lo = 0, hi = (size_t)g->n_tensors;
-        while (lo < hi) {
-            size_t mid = lo + (hi - lo) / 2;
-            if (offs[mid] <= t->offset)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        if (lo < (size_t)g->n_tensors)
-            end = offs[lo];
-        if (t->nbytes <= end - t->offset)
-            continue;
+        const uint64_t room = tensor_room(t, offs, n, data_size);
         char name[96];
         printable(name, sizeof name, t->name, t->name_len);
-        uint64_t n = t->ne[0] * t->ne[1] * t->ne[2] * t->ne[3];
-        /* g128: the next tensor starts at the first aligned offset after 34-byte blocks */
-        const uint64_t g128 = n / 128 * 34, room = end - t->offset;
-        if (t->ne[0] % 128 == 0 && g128 <= room && room < g128 + g->alignment)
+        if (marker && g128_exact(g, t, room)) {
+            t->q2_0_g128 = 1;
+            t->nbytes = g128_nbytes(t);
+        } else if (marker) {
+            char other[96];
+            printable(other, sizeof other, marker->name, marker->name_len);
             bn_set_err(err, errlen,
-                       "tensor '%s': type 42 data has room for %llu bytes, less than the %llu "
-                       "of Q2_0 (18-byte blocks of 64 weights): this looks like the older "
-                       "PrismML variant of type 42 (34-byte blocks of 128), which is not "
-                       "supported; use a mainline Q2_0 (g64) file",
-                       name, (unsigned long long)(end - t->offset), (unsigned long long)t->nbytes);
-        else
+                       "tensor '%s': type 42 data of %llu bytes is not in PrismML's layout "
+                       "(34-byte blocks of 128 weights: %llu bytes) that '%s' has; a file "
+                       "must use one layout of type 42",
+                       name, (unsigned long long)room, (unsigned long long)g128_nbytes(t), other);
+            rc = -1;
+        } else if (t->nbytes > room) {
             bn_set_err(err, errlen,
                        "tensor '%s': Q2_0 data of %llu bytes overlaps the next tensor (room "
                        "for %llu bytes)",
-                       name, (unsigned long long)t->nbytes, (unsigned long long)(end - t->offset));
-        rc = -1;
+                       name, (unsigned long long)t->nbytes, (unsigned long long)room);
+            rc = -1;
+        }
     }
     free(offs);
     return rc;

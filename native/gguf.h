@@ -16,6 +16,9 @@ typedef struct {
     uint64_t offset;     /* relative to the data section, checked */
     uint64_t nbytes;     /* size of the data per the type rules, checked inside the file */
     const uint8_t *data; /* pointer into the mapping */
+    /* type 42 in PrismML's layout: 34-byte blocks of 128 weights (model-format §10.6.1);
+     * nbytes is then that layout's size, and the loader repacks the data into Q2_0 */
+    int q2_0_g128;
 } bn_gguf_tensor;
 
 typedef struct bn_gguf bn_gguf;

@@ -348,15 +348,58 @@ static const float *need_norm(loader *L, const char *name, int64_t n)
     return v;
 }
 
+/* PrismML's layout of type 42 (model-format §10.6.1) as Q2_0: each 34-byte block of 128
+ * weights (scale d, 32 code bytes, weight j at bits 2*(j%4) of byte j/4) is two Q2_0 blocks
+ * with the same d, the first 16 code bytes and the last 16. Blocks run along the rows in both
+ * layouts, so the repack is one pass in file order; it is exact, so the kernels see the same
+ * weights they would in a mainline file. */
+static const uint8_t *repack_g128(loader *L, const bn_gguf_tensor *t)
+{
+    bn_model *m = L->m;
+    if (!m->repacked) {
+        /* the graph's type-42 tensors: 7 projections per layer, token_embd and output */
+        m->cap_repacked = (size_t)m->hp.n_layer * 7 + 2;
+        m->repacked = calloc(m->cap_repacked, sizeof *m->repacked);
+        if (!m->repacked) {
+            lfail(L, "out of memory");
+            return NULL;
+        }
+    }
+    if (m->n_repacked == m->cap_repacked) {
+        lfail(L, "more Q2_0 tensors than the graph has");
+        return NULL;
+    }
+    const uint64_t n_blocks = t->nbytes / 34; /* the reader checked nbytes = n / 128 * 34 */
+    uint8_t *out = malloc((size_t)n_blocks * 2 * BN_Q2_0_BLOCK);
+    if (!out) {
+        lfail(L, "out of memory repacking a Q2_0 tensor of %llu bytes",
+              (unsigned long long)t->nbytes);
+        return NULL;
+    }
+    m->repacked[m->n_repacked++] = out;
+    for (uint64_t b = 0; b < n_blocks; b++) {
+        const uint8_t *src = t->data + b * 34;
+        uint8_t *dst = out + b * 2 * BN_Q2_0_BLOCK;
+        memcpy(dst, src, 2);
+        memcpy(dst + 2, src + 2, 16);
+        memcpy(dst + BN_Q2_0_BLOCK, src, 2);
+        memcpy(dst + BN_Q2_0_BLOCK + 2, src + 18, 16);
+    }
+    return out;
+}
+
 /* A Q2_0 matrix (model-format §10.6.1): the reader checked ne[0] % 64 == 0 and that the
- * n/64 blocks of 18 bytes fit before the next tensor; the scales are read as they are used
- * (a non-finite one only makes that row's outputs non-finite). */
+ * n/64 blocks of 18 bytes fit before the next tensor (or, in PrismML's layout, its 34-byte
+ * blocks of 128, repacked here); the scales are read as they are used (a non-finite one only
+ * makes that row's outputs non-finite). */
 static int need_q2_0(loader *L, const char *name, int32_t n_in, int32_t n_out, bn_ternary *out)
 {
     const bn_gguf_tensor *t = need_tensor(L, name, BN_TYPE_Q2_0, n_in, n_out);
     if (!t)
         return -1;
-    out->codes = t->data;
+    out->codes = t->q2_0_g128 ? repack_g128(L, t) : t->data;
+    if (!out->codes)
+        return -1;
     out->scale = 0.0f;
     out->n_in = n_in;
     out->n_out = n_out;
@@ -632,6 +675,9 @@ void bn_model_free(bn_model *m)
     for (size_t i = 0; i < m->n_norm_copies; i++)
         free(m->norm_copies[i]);
     free(m->norm_copies);
+    for (size_t i = 0; i < m->n_repacked; i++)
+        free(m->repacked[i]);
+    free(m->repacked);
     bn_gguf_close(m->file);
     free(m);
 }

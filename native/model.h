@@ -54,6 +54,9 @@ struct bn_model {
     /* f32 copies of F16 norm weights (model-format §10.1.1), made once at load */
     float **norm_copies;
     size_t n_norm_copies, cap_norm_copies;
+    /* Q2_0 data repacked at load from PrismML's 34-byte blocks of 128 (model-format §10.6.1) */
+    uint8_t **repacked;
+    size_t n_repacked, cap_repacked;
 };
 
 #endif

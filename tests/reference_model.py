@@ -56,6 +56,7 @@ class TensorInfo:
     ggml_type: int
     offset: int  # relative to the data section
     nbytes: int
+    q2_0_block: int = 64  # type 42: 64 (mainline) or 128 (PrismML's 34-byte blocks)
 
 
 @dataclass
@@ -153,12 +154,32 @@ def read_gguf(path: str | Path, *, check_sizes: bool = True) -> GGUFFile:
         order.append(name)
     align = int(metadata.get("general.alignment", 32))
     data_start = (cur.pos + align - 1) // align * align
+    _q2_0_layout(tensors, len(raw) - data_start, align)
     for info in tensors.values():
         if check_sizes and (info.offset % align
                             or data_start + info.offset + info.nbytes > len(raw)):
             raise GGUFFormatError(f"tensor {info.name}: bad offset or size")
     return GGUFFile(Path(path), version, metadata, types, array_types, tensors, order,
                     data_start, raw)
+
+
+def _q2_0_layout(tensors: dict[str, TensorInfo], data_size: int, align: int) -> None:
+    """Type 42's layout from the offsets (model-format §10.6.1): a tensor whose data cannot
+    hold 18-byte blocks of 64 before the next tensor, but holds PrismML's 34-byte blocks of 128
+    exactly (up to the alignment padding), marks the whole file as that layout."""
+    offsets = sorted(info.offset for info in tensors.values())
+
+    def room(info: TensorInfo) -> int:
+        later = [o for o in offsets if o > info.offset]
+        return (later[0] if later else data_size) - info.offset
+
+    def g128(info: TensorInfo) -> int:
+        return int(np.prod(info.ne)) // 128 * 34 if info.ne[0] % 128 == 0 else 0
+
+    q2 = [i for i in tensors.values() if i.ggml_type == Q2_0]
+    if any(i.nbytes > room(i) and 0 < g128(i) <= room(i) < g128(i) + align for i in q2):
+        for info in q2:
+            info.q2_0_block, info.nbytes = 128, g128(info)
 
 
 def decode_i2s(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.float32]:
@@ -174,18 +195,22 @@ def decode_i2s(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.float3
     return block.reshape(rows, cols), scale
 
 
-def decode_q2_0(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_q2_0(data: bytes, rows: int, cols: int, block: int = 64
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Q2_0 bytes -> (ternary-or-+2 int8 (rows, cols) = code - 1, scales float32 (rows,
-    cols/64)), per the fact sheet (model-families C.1): 18-byte blocks of 64 weights, an fp16
-    d then 16 bytes, weight j of a block at bits 2*(j mod 4) of byte j div 4."""
-    blocks = np.frombuffer(data, dtype=np.uint8, count=rows * cols // 64 * 18)
-    blocks = blocks.reshape(rows, cols // 64, 18)
-    d = np.frombuffer(blocks[..., :2].tobytes(), dtype="<f2").reshape(rows, cols // 64)
+    cols/64)), per the fact sheet (model-families C.1): blocks of `block` weights, an fp16 d
+    then block/4 bytes, weight j of a block at bits 2*(j mod 4) of byte j div 4. block 64 is
+    mainline Q2_0 (18 bytes); 128 is PrismML's layout (34 bytes), whose d is then the scale of
+    both halves of 64."""
+    size = 2 + block // 4
+    blocks = np.frombuffer(data, dtype=np.uint8, count=rows * cols // block * size)
+    blocks = blocks.reshape(rows, cols // block, size)
+    d = np.frombuffer(blocks[..., :2].tobytes(), dtype="<f2").reshape(rows, cols // block)
     qs = blocks[..., 2:]
-    vals = np.empty((rows, cols // 64, 64), dtype=np.int8)
-    for j in range(64):
+    vals = np.empty((rows, cols // block, block), dtype=np.int8)
+    for j in range(block):
         vals[..., j] = ((qs[..., j // 4] >> (2 * (j % 4))) & 3).astype(np.int8) - 1
-    return vals.reshape(rows, cols), d.astype(np.float32)
+    return vals.reshape(rows, cols), np.repeat(d.astype(np.float32), block // 64, axis=1)
 
 
 @dataclass
@@ -248,7 +273,7 @@ def load_reference(path: str | Path) -> ReferenceWeights:
         elif info.ggml_type == I2_S:
             tensors[name], scales[name] = decode_i2s(data, *shape)
         elif info.ggml_type == Q2_0:
-            tensors[name], group_scales[name] = decode_q2_0(data, *shape)
+            tensors[name], group_scales[name] = decode_q2_0(data, *shape, info.q2_0_block)
     n_embd, n_head = md[f"{arch}.embedding_length"], md[f"{arch}.attention.head_count"]
     head_dim = n_embd // n_head
     if arch in ("llama", "qwen3"):  # key_length when present, else rope.dimension_count, else E / H

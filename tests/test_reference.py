@@ -383,6 +383,10 @@ def bonsai_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "tiny": gw.write_model(d / "tiny.gguf", gw.TINY_BONSAI, 61),
         "untied": gw.write_model(d / "untied.gguf", gw.TINY_BONSAI, 62, tie_head=False),
         "gqa": gw.write_model(d / "gqa.gguf", BONSAI_GQA, 63),
+        # PrismML's layout of type 42 (34-byte blocks of 128), which the loader repacks
+        "g128": gw.write_model(d / "g128.gguf",
+                               dataclasses.replace(gw.TINY_BONSAI, q2_0_block=128), 64,
+                               tie_head=False),
     }
 
 
@@ -391,6 +395,7 @@ def bonsai_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ("tiny", 30, [17, 1, 1, 1, 3, 7]),
     ("untied", 33, [20, 1, 12]),
     ("gqa", 48, [32, 1, 1, 14]),
+    ("g128", 36, [30, 1, 5]),
 ])
 def test_bonsai_graph_against_reference(engine, bonsai_models: dict[str, Path], which: str,
                                         n: int, chunks: list[int]) -> None:

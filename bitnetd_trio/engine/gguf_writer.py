@@ -132,12 +132,14 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]  # numpy order: (rows, cols) = (ne1, ne0)
     ggml_type: int
+    q2_0_block: int = 64  # type 42's layout: 64 (mainline) or 128 (PrismML's)
 
     @property
     def nbytes(self) -> int:
         n = int(np.prod(self.shape))
+        q2 = n // 64 * 18 if self.q2_0_block == 64 else n // 128 * 34
         return {GGML_TYPE_F32: 4 * n, GGML_TYPE_F16: 2 * n,
-                GGML_TYPE_Q2_0: n // 64 * 18}.get(self.ggml_type, n // 4 + 32)
+                GGML_TYPE_Q2_0: q2}.get(self.ggml_type, n // 4 + 32)
 
 
 def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[TensorSpec]:
@@ -152,13 +154,14 @@ def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[Te
     wt = GGML_TYPE_Q2_0 if bonsai else GGML_TYPE_I2_S
     # Bonsai's token_embd and head are Q2_0 too (model-families C.1)
     et = GGML_TYPE_Q2_0 if bonsai else GGML_TYPE_F16
-    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), et)]
+    blk = shape.q2_0_block
+    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), et, blk)]
 
     def proj(name: str, rows: int, cols: int) -> list[TensorSpec]:
         """A projection, after its input norm when the graph has them."""
         out = ([TensorSpec(name + "_norm_in.weight", (cols,), norm_t)]
                if qwen and not bonsai else [])
-        return out + [TensorSpec(name + ".weight", (rows, cols), wt)]
+        return out + [TensorSpec(name + ".weight", (rows, cols), wt, blk)]
 
     for i in range(shape.n_layer):
         b = f"blk.{i}."
@@ -177,7 +180,7 @@ def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[Te
         specs += proj(b + "ffn_down", e, f)
     specs.append(TensorSpec("output_norm.weight", (e,), norm_t))
     if not tie_head:
-        specs.append(TensorSpec("output.weight", (shape.n_vocab, e), et))
+        specs.append(TensorSpec("output.weight", (shape.n_vocab, e), et, blk))
     return specs
 
 
@@ -213,11 +216,12 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray | tuple[bytes, np.float
         rows, k = spec.shape
         # mostly ternary codes, a few 3s (+2, legal though never produced from ternary input)
         codes = rng.choice(4, size=(rows, k), p=[0.33, 0.33, 0.32, 0.02]).astype(np.uint8)
+        g = spec.q2_0_block
         if spec.name == "token_embd.weight" or spec.name == "output.weight":
-            d = rng.uniform(0.03, 0.08, size=(rows, k // 64))
+            d = rng.uniform(0.03, 0.08, size=(rows, k // g))
         else:  # as the I2_S scale below: outputs at the size of the inputs
-            d = rng.uniform(0.5, 1.5, size=(rows, k // 64)) * np.sqrt(1.5 / k)
-        return pack_q2_0(codes, d.astype(np.float16))
+            d = rng.uniform(0.5, 1.5, size=(rows, k // g)) * np.sqrt(1.5 / k)
+        return pack_q2_0(codes, d.astype(np.float16), g)
     n = int(np.prod(spec.shape))
     codes = I2S_CODE_BYTES[rng.integers(0, len(I2S_CODE_BYTES), size=n // 4, dtype=np.uint8)]
     # A ternary row with uniform codes has norm sqrt(2K/3); this scale (of order 1 times
@@ -243,6 +247,8 @@ def random_weights(shape: ModelShape, seed: int = 0, *, tie_head: bool | None = 
             out[spec.name] = t
             out[spec.name + ".scale"] = np.asarray(scale, dtype=np.float32)
         elif spec.ggml_type == GGML_TYPE_Q2_0:
+            if spec.q2_0_block != 64:
+                raise ValueError("random_weights reads mainline (g64) Q2_0 only")
             c, d = unpack_q2_0(data, *spec.shape)  # type: ignore[arg-type]
             out[spec.name] = c.astype(np.int8) - 1
             out[spec.name + ".d"] = d

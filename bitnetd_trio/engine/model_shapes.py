@@ -91,6 +91,9 @@ class ModelShape:
     #: whether the head is token_embd (no output.weight); None: the architecture's official
     #: choice (BitNet and Qwen3 tied, Llama untied). Bonsai-8B has its own head, 1.7B not.
     tie_head: bool | None = None
+    #: weights per block of a Q2_0 file's type-42 tensors: 64 (mainline, 18-byte blocks) or
+    #: 128 (PrismML's layout, 34-byte blocks, the files its model cards list; §10.6.1)
+    q2_0_block: int = 64
 
     @property
     def is_bonsai(self) -> bool:
@@ -128,6 +131,11 @@ class ModelShape:
         if self.weight_format not in ("i2_s", "q2_0") or (
                 self.weight_format == "q2_0" and not self.is_qwen3):
             raise ValueError(f"weight format {self.weight_format!r}: Q2_0 is for qwen3 only")
+        if self.q2_0_block not in (64, 128) or (self.q2_0_block == 128 and (
+                not self.is_bonsai or self.n_embd % 128 or self.n_ff % 128
+                or self.q_dim % 128)):
+            raise ValueError(f"q2_0_block {self.q2_0_block}: 64, or 128 for a Q2_0 model "
+                             "whose widths are multiples of 128")
         for name, k in (("n_embd", self.n_embd), ("n_ff", self.n_ff),
                         ("n_head * head_dim", self.q_dim)):
             if k % 128:
@@ -221,16 +229,17 @@ def unpack_i2s(data: bytes | np.ndarray, rows: int, cols: int) -> tuple[np.ndarr
     return t.astype(np.int8), scale
 
 
-def pack_q2_0(codes: np.ndarray, d: np.ndarray) -> bytes:
+def pack_q2_0(codes: np.ndarray, d: np.ndarray, block: int = 64) -> bytes:
     """Q2_0 (model-format §10.6.1): codes (rows, cols) in 0..3 and F16 scales d (rows,
-    cols/64) -> 18-byte blocks: d, then 16 bytes, weight j at bits 2*(j%4) of byte j/4."""
+    cols/block) -> blocks of 2 + block/4 bytes: d, then the codes, weight j at bits 2*(j%4)
+    of byte j/4. block 64 is mainline Q2_0 (18 bytes), 128 PrismML's layout (34 bytes)."""
     c = np.asarray(codes, dtype=np.uint8)
     rows, cols = c.shape
-    if cols % 64 or c.max(initial=0) > 3:
-        raise ValueError("Q2_0 needs cols a multiple of 64 and codes 0..3")
-    c4 = c.reshape(rows, cols // 64, 16, 4)
+    if block not in (64, 128) or cols % block or c.max(initial=0) > 3:
+        raise ValueError(f"Q2_0 needs cols a multiple of the block ({block}) and codes 0..3")
+    c4 = c.reshape(rows, cols // block, block // 4, 4)
     qs = c4[..., 0] | (c4[..., 1] << 2) | (c4[..., 2] << 4) | (c4[..., 3] << 6)
-    dd = np.asarray(d, dtype=np.float16).reshape(rows, cols // 64, 1).view(np.uint8)
+    dd = np.asarray(d, dtype=np.float16).reshape(rows, cols // block, 1).view(np.uint8)
     return np.concatenate([dd, qs.astype(np.uint8)], axis=2).tobytes()
 
 
