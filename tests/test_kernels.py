@@ -330,13 +330,23 @@ def test_q2_0_chunks_streams_and_token_groups(kernel: str) -> None:
     chunk, 4-row streams plus leftover rows (up to 4 tokens), L2 row blocks and 4-token passes
     (more tokens), token groups split by the block-sum buffer (wide inputs, many tokens), and
     inputs past 2^19 that keep the natural layout."""
-    from bitnetd_trio.engine.gguf_writer import pack_q2_0
-
-    rng = np.random.default_rng(7)
     cases = ((1024, 9, 1), (1024 + 64 * 5, 23, 3), (4096, 70, 4), (2048 + 64 * 15, 31, 6),
              (3072, 300, 13), (40960, 6, 20), (64 * 8193, 3, 2))
-    for n_in, n_out, n_tok in cases:
+    check_q2_0_cases(kernel, np.random.default_rng(7), cases)
+
+
+def check_q2_0_cases(kernel: str, rng: np.random.Generator,
+                     cases: tuple[tuple[int, int, int], ...], extreme: int = -1) -> None:
+    """kernel == scalar (== the numpy formula up to 4096 inputs) at 1-3 threads for each
+    (n_in, n_out, n_tok); case number `extreme` gets code 3 in its first rows and half its
+    inputs at the largest magnitude."""
+    from bitnetd_trio.engine.gguf_writer import pack_q2_0
+
+    for i, (n_in, n_out, n_tok) in enumerate(cases):
         codes, d, x = q2_0_case(rng, n_in, n_out, n_tok)
+        if i == extreme:
+            codes[:2] = 3
+            x[:, : n_in // 2] = -1e3
         blob = pack_q2_0(codes, d)
         want = engine.q2_0_matmul(blob, n_in, n_out, x, kernel="scalar")
         if n_in <= 4096:
@@ -344,3 +354,15 @@ def test_q2_0_chunks_streams_and_token_groups(kernel: str) -> None:
         for n_threads in (1, 2, 3):
             got = engine.q2_0_matmul(blob, n_in, n_out, x, kernel=kernel, n_threads=n_threads)
             np.testing.assert_array_equal(got, want, err_msg=f"{n_in}x{n_out} tokens {n_tok}")
+
+
+@simd
+def test_q2_0_prefill_tiles(kernel: str) -> None:
+    """Prefill shapes (12 tokens and more: the AMX set's tile path, model-format §10.6.2):
+    token groups of 16 with a partial last one, row groups of 16 with leftover rows, inputs
+    of fewer than 16 blocks (lanes without blocks stay +0), a partial last chunk, several
+    token super-groups (wide inputs), activations at -127 against code 3, 1-3 threads."""
+    cases = ((64, 5, 16), (64 * 15, 33, 17), (1024, 16, 31), (1024 + 64 * 5, 47, 33),
+             (192, 1, 20), (4096, 70, 64), (2048 + 64 * 15, 31, 100), (40960, 18, 40),
+             (1024, 20, 12), (64 * 17, 9, 15))
+    check_q2_0_cases(kernel, np.random.default_rng(8), cases, extreme=3)
