@@ -1030,3 +1030,20 @@ def test_sanitizer_run_includes_forward(sanitizer_build: SanitizerBuild) -> None
         pytest.skip("native/forward.c not written yet")
     assert not sanitizer_build.skipped, sanitizer_build.skipped
     assert sanitizer_build.forward and sanitizer_build.sampler, sanitizer_build.objects
+
+
+def test_sanitizer_kernels_match_scalar(sanitizer_build: SanitizerBuild) -> None:
+    """Every kernel set the CPU has, built with ASan+UBSan, computes the I2_S and Q2_0
+    products of tests/c/kernel_harness.c bit for bit as the scalar set, over shapes that reach
+    their decode, token-group and prefill-tile paths and their tails, at 1 to 3 threads (the
+    corpus run only multiplies a few tokens at a time)."""
+    d = sanitizer_build.exe.parent
+    objects = [str(d / (Path(name).stem + ".o")) for name in sanitizer_build.objects]
+    exe = d / "kernel_harness"
+    r = _run(["gcc", *SAN_FLAGS, f"-I{NATIVE}", str(HARNESS.parent / "kernel_harness.c"),
+              *objects, "-o", str(exe), "-lm"])
+    assert r.returncode == 0, f"kernel harness does not link: {r.stderr[:2000]}"
+    r = _run([str(exe)], env={**os.environ, **SAN_ENV}, timeout=600)
+    _assert_clean(r)
+    assert r.stdout.splitlines()[-1] == "0 differences", r.stdout[-2000:]
+    assert r.stdout.startswith("kernel sets:"), r.stdout[:200]
