@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 from bitnetd_trio.engine import gguf_writer as gw
+from bitnetd_trio.engine import native as engine
 
 ROOT = Path(__file__).resolve().parent.parent
 NATIVE = ROOT / "native"
@@ -1012,6 +1013,24 @@ def test_sanitizer_fuzz(sanitizer_build: SanitizerBuild, tmp_path: Path) -> None
     assert m, r.stdout
     done, loaded, rejected = map(int, m.groups())
     assert done >= 500 and rejected > done // 4 and loaded > 0
+
+
+def test_sanitizer_q2_0_kernels(sanitizer_build: SanitizerBuild) -> None:
+    """Every SIMD kernel set this CPU has against the scalar one on Q2_0 products of many
+    shapes (chunks, row streams, token groups, thread counts; load_harness --q2-kernels),
+    under ASan+UBSan: bit-identical, and no read past the exact-size weights."""
+    if not sanitizer_build.forward:
+        pytest.skip("the kernels are not built yet")
+    r = _run([str(sanitizer_build.exe), "--q2-kernels"], env={**os.environ, **SAN_ENV},
+             timeout=600)
+    _assert_clean(r)
+    ran = dict(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("Q2_0 "))
+    for kernel in ("avx2", "avx512vnni", "amx"):
+        try:  # the sets this CPU has must all have run
+            engine.q2_0_matmul(b"\0" * 18, 64, 1, np.zeros((1, 64), np.float32), kernel=kernel)
+        except engine.EngineError:
+            continue
+        assert int(ran.get(kernel, 0)) == 24, (kernel, r.stdout)
 
 
 def test_sanitizer_run_includes_forward(sanitizer_build: SanitizerBuild) -> None:

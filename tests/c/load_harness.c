@@ -6,6 +6,9 @@
  *       and loaded; prints a summary line. Three mutations in four land in the first
  *       HEADER_BYTES bytes (default: an eighth of the file), where the parsing happens, half
  *       of those in the tensor infos [INFOS_START, HEADER_BYTES).
+ *   load_harness --q2-kernels
+ *       every SIMD kernel set this CPU has against the scalar one on Q2_0 products of many
+ *       shapes (bn_q2_0_matmul); prints "Q2_0 NAME CASES" per set run.
  *
  * On a successful load every metadata value is read through bn_meta_* (every string of every
  * string array included) and, when built with -DHARNESS_FORWARD (forward.c present), a few
@@ -437,8 +440,71 @@ static int fuzz(uint64_t seed, long count, double budget_ms, const char *base, c
     return 0;
 }
 
+#ifdef HARNESS_FORWARD
+/* Q2_0 products (model-format §10.6.2) from every SIMD kernel set against the scalar one, bit
+ * for bit, over shapes that reach each path of the SIMD kernels: a partial chunk of 16 blocks
+ * alone and after full ones, 4-row streams and leftover rows, 1 to 4 tokens, more tokens over
+ * several L2 row blocks, token groups split by the block-sum buffer, inputs past 2^19 (natural
+ * layout), 1 to 3 threads. The weights are allocated at their exact size, so that reading past
+ * the matrix is caught. */
+static int q2_kernels(void)
+{
+    static const int32_t shapes[][3] = {{64, 3, 1},     {1024, 9, 1},        {1344, 23, 3},
+                                        {4096, 70, 4},  {2048 + 960, 31, 6}, {1024, 1000, 6},
+                                        {40960, 6, 20}, {64 * 8193, 3, 2}};
+    static const char *const names[] = {"avx2", "avx512vnni", "amx"};
+    int cases[3] = {0, 0, 0};
+    rng_state = 20261201;
+    for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++) {
+        const int32_t n_in = shapes[c][0], n_out = shapes[c][1], n_tok = shapes[c][2];
+        const size_t nb = (size_t)n_out * (size_t)(n_in / 64);
+        uint8_t *w = malloc(nb * 18);
+        float *x = malloc(sizeof *x * (size_t)n_in * (size_t)n_tok);
+        float *want = malloc(sizeof *want * (size_t)n_out * (size_t)n_tok);
+        float *got = malloc(sizeof *got * (size_t)n_out * (size_t)n_tok);
+        if (!w || !x || !want || !got) {
+            fprintf(stderr, "out of memory\n");
+            return 1;
+        }
+        for (size_t i = 0; i < nb * 18; i++)
+            w[i] = (uint8_t)rng();
+        for (size_t b = 0; b < nb; b++)
+            w[b * 18 + 1] &= 0x3F; /* finite F16 scales (either sign) */
+        for (size_t i = 0; i < (size_t)n_in * (size_t)n_tok; i++)
+            x[i] = (float)((int64_t)(rng() % 20001) - 10000) / 1000.0f;
+        if (bn_q2_0_matmul("scalar", w, n_in, n_out, x, n_tok, want, 1) != 0)
+            broken("q2-kernels", "the scalar Q2_0 product failed");
+        for (int k = 0; k < 3; k++)
+            for (int32_t threads = 1; threads <= 3; threads++) {
+                if (bn_q2_0_matmul(names[k], w, n_in, n_out, x, n_tok, got, threads) != 0)
+                    break; /* a set this CPU lacks */
+                if (memcmp(want, got, sizeof *got * (size_t)n_out * (size_t)n_tok) != 0) {
+                    fprintf(stderr,
+                            "CONTRACT q2-kernels: %s differs from scalar at %dx%d, %d "
+                            "tokens, %d threads\n",
+                            names[k], (int)n_in, (int)n_out, (int)n_tok, (int)threads);
+                    g_broken = 1;
+                }
+                cases[k]++;
+            }
+        free(got);
+        free(want);
+        free(x);
+        free(w);
+    }
+    for (int k = 0; k < 3; k++)
+        if (cases[k])
+            printf("Q2_0 %s %d\n", names[k], cases[k]);
+    return g_broken;
+}
+#endif
+
 int main(int argc, char **argv)
 {
+#ifdef HARNESS_FORWARD
+    if (argc == 2 && strcmp(argv[1], "--q2-kernels") == 0)
+        return q2_kernels();
+#endif
     if (argc >= 7 && strcmp(argv[1], "--fuzz") == 0) {
         g_threads = 1;
         size_t head = argc >= 8 ? (size_t)strtoull(argv[7], NULL, 10) : 0;
@@ -449,7 +515,8 @@ int main(int argc, char **argv)
     }
     if (argc < 2) {
         fprintf(stderr,
-                "usage: %s FILE... | --fuzz SEED COUNT MS BASE WORK [HEADER_BYTES [INFOS_START]]\n",
+                "usage: %s FILE... | --fuzz SEED COUNT MS BASE WORK [HEADER_BYTES [INFOS_START]] "
+                "| --q2-kernels\n",
                 argv[0]);
         return 2;
     }
