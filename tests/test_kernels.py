@@ -326,7 +326,7 @@ def test_q2_0_simd_identical_to_scalar(kernel: str) -> None:
 
 @simd
 def test_q2_0_chunks_streams_and_token_groups(kernel: str) -> None:
-    """The AVX-512 layout's paths: full chunks of 16 blocks with and without a partial last
+    """The chunk layout's paths (AVX-512 and AVX2 sets): full chunks of 16 blocks with and without a partial last
     chunk, 4-row streams plus leftover rows (up to 4 tokens), L2 row blocks and 4-token passes
     (more tokens), token groups split by the block-sum buffer (wide inputs, many tokens), and
     inputs past 2^19 that keep the natural layout."""
@@ -366,3 +366,26 @@ def test_q2_0_prefill_tiles(kernel: str) -> None:
              (192, 1, 20), (4096, 70, 64), (2048 + 64 * 15, 31, 100), (40960, 18, 40),
              (1024, 20, 12), (64 * 17, 9, 15))
     check_q2_0_cases(kernel, np.random.default_rng(8), cases, extreme=3)
+
+
+@simd
+def test_q2_0_extreme_sums_exact(kernel: str) -> None:
+    """The largest block sums: every code 3 (or 0) and every activation +-127, so that the
+    AVX2 kernel's int16 partial sums (planes 1 and 3 kept 4 times their code) reach their
+    bound; full chunks, a partial one, 4-row streams and leftover rows, 1 to 6 tokens."""
+    from bitnetd_trio.engine.gguf_writer import pack_q2_0
+
+    n_in, n_out = 1024 * 3 + 64 * 7, 6
+    for code in (3, 0):
+        codes = np.full((n_out, n_in), code, np.uint8)
+        d = np.full((n_out, n_in // 64), 0.5, np.float16)
+        blob = pack_q2_0(codes, d)
+        for n_tok in (1, 4, 6):
+            x = np.full((n_tok, n_in), 5.0, np.float32)
+            x[1::2] = -5.0  # q = +-127 exactly
+            want = q2_0_reference(codes, d, x)
+            np.testing.assert_array_equal(
+                engine.q2_0_matmul(blob, n_in, n_out, x, kernel="scalar"), want)
+            for n_threads in (1, 2):
+                got = engine.q2_0_matmul(blob, n_in, n_out, x, kernel=kernel, n_threads=n_threads)
+                np.testing.assert_array_equal(got, want, err_msg=f"code {code} tokens {n_tok}")

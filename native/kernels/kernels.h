@@ -61,8 +61,8 @@ typedef struct {
      * q2_0_quantize stores them (a->tiles unused); the float order of Q2_0_LANES. */
     void (*q2_0)(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
                  int64_t y_stride);
-    /* quantize's values in the layout the set's q2_0 reads: natural for scalar and AVX2,
-     * chunks of 16 blocks rearranged for the AVX-512 sets (x86_avx512.c). */
+    /* quantize's values in the layout the set's q2_0 reads: natural for scalar, chunks of
+     * 16 blocks rearranged for the AVX2 and AVX-512 sets (x86_avx512.c). */
     void (*q2_0_quantize)(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum);
     /* y[t * y_stride + r] = dot(F16 row r of w, x + t * x_stride) for r0 <= r < r1;
      * n_in % 16 == 0. */
@@ -115,9 +115,10 @@ typedef void (*q2_0_isums_fn)(const uint8_t *blocks, const int8_t *q, int32_t n,
  * order depends on nothing but the row, so every kernel set and thread count agrees. */
 #define Q2_0_LANES 16
 
-/* The AVX-512 sets' Q2_0 activations (x86_avx512.c) come in chunks of 16 blocks (1024
- * values) rearranged for their kernel, up to this input width (their block sums then fit a
- * fixed stack buffer); wider inputs keep the natural layout and the AVX2 kernel. */
+/* The AVX2 and AVX-512 sets' Q2_0 activations (x86_avx512.c) come in chunks of 16 blocks
+ * (1024 values) rearranged for their kernels, up to this input width (their block sums then
+ * fit a fixed stack buffer); wider inputs keep the natural layout and the AVX2 set's
+ * natural-layout kernel. */
 #define Q2_0_MAX_TILED (1 << 19)
 
 /* Exact int32 dot product of one I2_S row (codes 0..2, not yet offset by -1) with n_in int8

@@ -1,6 +1,7 @@
 /* x86_avx2.c - the kernel set "avx2" (AVX2 + FMA + F16C): BitLinear with maddubs into int16
  * partial sums widened to int32 often enough never to overflow, the F16 head with 8-lane FMA
- * accumulators, and the vector F16 row conversion.
+ * accumulators, the vector F16 row conversion, and Q2_0 with one block per 32-bit lane (the
+ * AVX-512 sets' activation layout, read in 256-bit halves).
  */
 #include <string.h>
 
@@ -278,12 +279,14 @@ AVX2_FN void bn_q2_0_isums_avx2(const uint8_t *blocks, const int8_t *q, int32_t 
  * of them (batched decode, prefill). */
 #define Q2_0_TOK 4
 
-/* Q2_0 rows r0..r1 for every token in the order of model-format §10.6.2: lanes 0-7 of the
- * float partial sums in lo, 8-15 in hi, one chunk of 16 blocks per step. A short last chunk
- * leaves its missing lanes' isum and d at zero: fma(0, 0, p) is p exactly (p is never -0,
- * since it starts at +0 and a sum is -0 only if both addends are), as if skipped. */
-AVX2_FN void bn_q2_0_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
-                          int64_t y_stride)
+/* Q2_0 rows r0..r1 for every token from natural-layout activations (inputs wider than
+ * Q2_0_MAX_TILED, for this set and the AVX-512 ones), in the order of model-format §10.6.2:
+ * lanes 0-7 of the float partial sums in lo, 8-15 in hi, one chunk of 16 blocks per step. A
+ * short last chunk leaves its missing lanes' isum and d at zero: fma(0, 0, p) is p exactly (p
+ * is never -0, since it starts at +0 and a sum is -0 only if both addends are), as if
+ * skipped. */
+AVX2_FN static void q2_0_natural_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                                      float *y, int64_t y_stride)
 {
     const int32_t nb = w->n_in / 64;
     for (int32_t r = r0; r < r1; r++) {
@@ -323,13 +326,280 @@ AVX2_FN void bn_q2_0_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_
     }
 }
 
+/* ------------------------------------------------------------------ Q2_0, one block per lane
+ *
+ * As in the AVX-512 sets (x86_avx512.c), a chunk of 16 blocks gives its 16 block sums in
+ * lanes, the float lanes of model-format §10.6.2 with no horizontal step: here lanes 0-7 in
+ * one register (half 0 of the chunk) and 8-15 in another (half 1). The activations use the
+ * same chunk layout (vector 4m + k of 64 bytes, lane i, byte b = activation 64i + 16m + 4b +
+ * k), whose 32-byte halves are exactly the two halves' vectors. Without vpdpbusd the products
+ * go through vpmaddubsw (code times int8, adjacent pairs summed in int16) and vpmaddwd. */
+
+#define Q2_CHUNK 1024                       /* activations per chunk of 16 blocks */
+#define Q2_CHUNK_BYTES (16 * BN_Q2_0_BLOCK) /* its codes and scales */
+#define Q2_HALF_BYTES (8 * BN_Q2_0_BLOCK)   /* the 8 blocks of a half */
+
+/* bn_quantize_avx2, then each full chunk of 1024 values (up to Q2_0_MAX_TILED) rearranged
+ * into the chunk layout above; the last partial chunk and wider inputs stay natural. */
+AVX2_FN static void q2_0_quantize_avx2(const float *x, int32_t n, int8_t *q, float *s_out,
+                                       int32_t *qsum)
+{
+    bn_quantize_avx2(x, n, q, s_out, qsum);
+    if (n > Q2_0_MAX_TILED)
+        return;
+    /* within each 16 activations (one m of a block), 4b + k goes to 4k + b: then dword 4m + k
+     * of a block's 64 is its part of vector 4m + k */
+    const __m256i tr = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4,
+                                        8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    for (int32_t c = 0; c + Q2_CHUNK <= n; c += Q2_CHUNK) {
+        int8_t *chunk = q + c;
+        int32_t blk[16][16]; /* [block i][dword 4m + k] */
+        for (int i = 0; i < 16; i++)
+            for (int h = 0; h < 2; h++)
+                _mm256_storeu_si256(
+                    (__m256i *)&blk[i][8 * h],
+                    _mm256_shuffle_epi8(
+                        _mm256_loadu_si256((const __m256i *)(chunk + 64 * i + 32 * h)), tr));
+        int32_t out[16][16]; /* [vector 4m + k][lane i] */
+        for (int v = 0; v < 16; v++)
+            for (int i = 0; i < 16; i++)
+                out[v][i] = blk[i][v];
+        memcpy(chunk, out, sizeof out);
+    }
+}
+
+/* The codes of the 8 blocks at blk transposed: W[m] lane i = code bytes 4m..4m+3 of block i
+ * (its weights 16m..16m+15, weight 16m + 4b + k at bits 2k of byte b). */
+AVX2_INLINE void q2_half_codes(const uint8_t *blk, __m256i W[4])
+{
+    /* z[r]: the 16 code bytes of block r in the low 128-bit lane, of block r + 4 in the high */
+    __m256i z[4];
+    for (int r = 0; r < 4; r++) {
+        const uint8_t *b = blk + (size_t)r * BN_Q2_0_BLOCK + 2;
+        z[r] =
+            _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)b)),
+                                    _mm_loadu_si128((const __m128i *)(b + 4 * BN_Q2_0_BLOCK)), 1);
+    }
+    /* a 4 x 4 dword transpose in each 128-bit lane */
+    const __m256i lo01 = _mm256_unpacklo_epi32(z[0], z[1]),
+                  hi01 = _mm256_unpackhi_epi32(z[0], z[1]);
+    const __m256i lo23 = _mm256_unpacklo_epi32(z[2], z[3]),
+                  hi23 = _mm256_unpackhi_epi32(z[2], z[3]);
+    W[0] = _mm256_unpacklo_epi64(lo01, lo23);
+    W[1] = _mm256_unpackhi_epi64(lo01, lo23);
+    W[2] = _mm256_unpacklo_epi64(hi01, hi23);
+    W[3] = _mm256_unpackhi_epi64(hi01, hi23);
+}
+
+/* The scales of the 8 blocks at blk as floats (lane i = block i). Scale i is at byte 18i =
+ * 16i + 2i: word i of the i-th 16 bytes. So word blends of bytes 0..127, loaded as four
+ * 32-byte vectors, gather the even scales in the low 128-bit lane and the odd ones in the
+ * high, each at its own word, and one more blend merges the lanes: no gather, no inserts. */
+AVX2_INLINE __m256 q2_half_scales(const uint8_t *blk)
+{
+    __m256i v = _mm256_loadu_si256((const __m256i *)blk);
+    v = _mm256_blend_epi16(v, _mm256_loadu_si256((const __m256i *)(blk + 32)), 0x0C);
+    v = _mm256_blend_epi16(v, _mm256_loadu_si256((const __m256i *)(blk + 64)), 0x30);
+    v = _mm256_blend_epi16(v, _mm256_loadu_si256((const __m256i *)(blk + 96)), 0xC0);
+    return _mm256_cvtph_ps(
+        _mm_blend_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1), 0xAA));
+}
+
+/* Per block, sum(q) over its 64 activations, for the two halves of a chunk (lanes as the
+ * codes): maddubs by ones adds pairs (at most 256 in size), 16 of those fit int16. */
+AVX2_INLINE void q2_chunk_qsums(const int8_t *act, __m256i s[2])
+{
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int v = 0; v < 16; v++)
+            acc = _mm256_add_epi16(
+                acc, _mm256_maddubs_epi16(
+                         ones8, _mm256_loadu_si256((const __m256i *)(act + 64 * v + 32 * h))));
+        s[h] = _mm256_madd_epi16(acc, ones16);
+    }
+}
+
+/* NR rows (from distant parts of the range) and NT tokens over nch full chunks: p[2 * (i * NT
+ * + t) + h] += the chunks' lanes 8h..8h+7 of §10.6.2 for row i and token t.
+ *
+ * Planes 0 and 2 of a code byte are taken as 0..3 (c & 3, (c >> 4) & 3), planes 1 and 3 in
+ * place, 4 times their code (c & 12, (c >> 4) & 12): one shift and four ands per 32 code
+ * bytes. maddubs pairs are then at most 2*3*128 = 768 (planes 0, 2) and 4 * 768 = 3072 (1, 3)
+ * in size, so the four m of a half sum in int16 (8 pairs each: 6144 and 24576 < 32768)
+ * before one widening each; the second is an exact multiple of 4, shifted back. */
+AVX2_INLINE void q2_0_tile(const uint8_t *const *rows, const int nr, int32_t nch,
+                           const int8_t *const *acts, const __m256i *const *qsums, const int nt,
+                           size_t next_row, __m256 *p)
+{
+    const __m256i m3 = _mm256_set1_epi8(0x03), m12 = _mm256_set1_epi8(0x0C);
+    const __m256i ones16 = _mm256_set1_epi16(1);
+    for (int32_t c = 0; c < nch; c++) {
+        for (int i = 0; i < nr; i++) {
+            const uint8_t *blk = rows[i] + (size_t)c * Q2_CHUNK_BYTES;
+            /* the same chunk of the stream's next row into L2, as the AVX-512 kernel does */
+            for (size_t l = 0; l < Q2_CHUNK_BYTES; l += 64)
+                _mm_prefetch((const char *)((uintptr_t)blk + next_row + l), _MM_HINT_T1);
+            for (int h = 0; h < 2; h++) {
+                __m256i W[4];
+                q2_half_codes(blk + h * Q2_HALF_BYTES, W);
+                __m256i s1[Q2_0_TOK], s4[Q2_0_TOK];
+                for (int t = 0; t < nt; t++)
+                    s1[t] = s4[t] = _mm256_setzero_si256();
+                for (int m = 0; m < 4; m++) {
+                    const __m256i hi = _mm256_srli_epi16(W[m], 4);
+                    const __m256i p0 = _mm256_and_si256(W[m], m3), p1 = _mm256_and_si256(W[m], m12);
+                    const __m256i p2 = _mm256_and_si256(hi, m3), p3 = _mm256_and_si256(hi, m12);
+                    for (int t = 0; t < nt; t++) {
+                        const int8_t *av = acts[t] + (size_t)c * Q2_CHUNK + 64 * (4 * m) + 32 * h;
+                        __m256i a1 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(p0, _mm256_loadu_si256((const __m256i *)av)),
+                            _mm256_maddubs_epi16(p2,
+                                                 _mm256_loadu_si256((const __m256i *)(av + 128))));
+                        __m256i a4 = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(p1,
+                                                 _mm256_loadu_si256((const __m256i *)(av + 64))),
+                            _mm256_maddubs_epi16(p3,
+                                                 _mm256_loadu_si256((const __m256i *)(av + 192))));
+                        s1[t] = _mm256_add_epi16(s1[t], a1);
+                        s4[t] = _mm256_add_epi16(s4[t], a4);
+                        /* an empty asm keeps each sum a chain: GCC otherwise regrouped the
+                         * tokens' products into one tree, computed all 64 first and
+                         * spilled them (measured: a third more time at 4 tokens) */
+                        __asm__("" : "+x"(s1[t]), "+x"(s4[t]));
+                    }
+                }
+                const __m256 d = q2_half_scales(blk + h * Q2_HALF_BYTES);
+                for (int t = 0; t < nt; t++) {
+                    const __m256i tot =
+                        _mm256_add_epi32(_mm256_madd_epi16(s1[t], ones16),
+                                         _mm256_srai_epi32(_mm256_madd_epi16(s4[t], ones16), 2));
+                    const __m256i isum = _mm256_sub_epi32(tot, qsums[t][2 * c + h]);
+                    __m256 *pp = &p[2 * (i * nt + t) + h];
+                    *pp = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, *pp);
+                }
+            }
+        }
+    }
+}
+
+#define Q2_0_TILE(NR, NT)                                                                          \
+    AVX2_FN static void q2_0_tile_##NR##x##NT(                                                     \
+        const uint8_t *const *rows, int32_t nch, const int8_t *const *acts,                        \
+        const __m256i *const *qsums, size_t next_row, __m256 *p)                                   \
+    {                                                                                              \
+        q2_0_tile(rows, NR, nch, acts, qsums, NT, next_row, p);                                    \
+    }
+Q2_0_TILE(1, 1)
+Q2_0_TILE(1, 2)
+Q2_0_TILE(1, 3)
+Q2_0_TILE(1, 4)
+Q2_0_TILE(4, 1)
+Q2_0_TILE(4, 2)
+Q2_0_TILE(4, 3)
+Q2_0_TILE(4, 4)
+
+typedef void (*q2_0_tile_fn)(const uint8_t *const *, int32_t, const int8_t *const *,
+                             const __m256i *const *, size_t, __m256 *);
+static const q2_0_tile_fn q2_0_tiles[2][4] = {
+    {q2_0_tile_1x1, q2_0_tile_1x2, q2_0_tile_1x3, q2_0_tile_1x4},
+    {q2_0_tile_4x1, q2_0_tile_4x2, q2_0_tile_4x3, q2_0_tile_4x4},
+};
+
+/* Bytes of per-block activation sums kept for a group of tokens (64 per chunk and token). */
+#define Q2_QSUM_BYTES 32768
+
+/* The blocks of the last partial chunk (natural layout) into lanes 0..rem-1 of p[2t], p[2t +
+ * 1] (the missing lanes get fma(0, 0, p) = p, see q2_0_natural_avx2), then y = (the tree of
+ * the lanes) / s, for one row and nt tokens. */
+AVX2_FN static void q2_0_finish(const uint8_t *row, int32_t nch, int32_t rem,
+                                const int8_t *const *acts, const float *s, int nt, __m256 *p,
+                                float *y, int64_t y_stride)
+{
+    if (rem) {
+        const uint8_t *blk = row + (size_t)nch * Q2_CHUNK_BYTES;
+        uint16_t dh[16] = {0};
+        for (int32_t g = 0; g < rem; g++)
+            memcpy(&dh[g], blk + (size_t)g * BN_Q2_0_BLOCK, sizeof dh[g]);
+        const __m256 d[2] = {_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh)),
+                             _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dh + 8)))};
+        for (int t = 0; t < nt; t++) {
+            int32_t isum[16] = {0};
+            bn_q2_0_isums_avx2(blk, acts[t] + (size_t)nch * Q2_CHUNK, rem, isum);
+            for (int h = 0; h < 2; h++)
+                p[2 * t + h] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(isum + 8 * h))), d[h],
+                    p[2 * t + h]);
+        }
+    }
+    for (int t = 0; t < nt; t++)
+        y[t * y_stride] = reduce16_avx2(p[2 * t], p[2 * t + 1]) / s[t];
+}
+
+/* Rows r0..r1 for every token. The same schedule as bn_q2_0_avx512 (its comments give the
+ * measurements): up to 4 tokens (memory bound) 4 rows at a time from STREAMS parts of the
+ * range; more tokens (compute bound) rows in blocks of about 256 KiB kept in L2 while each 4
+ * tokens pass over them. Token groups are bounded by the block-sum buffer. */
+AVX2_FN void bn_q2_0_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
+                          int64_t y_stride)
+{
+    if (w->n_in > Q2_0_MAX_TILED) { /* natural layout (both quantizers) */
+        q2_0_natural_avx2(w, r0, r1, a, y, y_stride);
+        return;
+    }
+    const int32_t nb = w->n_in / 64, nch = nb / 16, rem = nb % 16;
+    const size_t row_bytes = (size_t)nb * BN_Q2_0_BLOCK;
+    const int32_t rows_block =
+        a->n_tok <= 4 ? r1 - r0 : (int32_t)((256 << 10) / row_bytes) + STREAMS;
+    __m256i qsum_buf[Q2_QSUM_BYTES / 32];
+    const int32_t group = nch ? (int32_t)(Q2_QSUM_BYTES / 64 / nch) : a->n_tok;
+    for (int32_t g0 = 0; g0 < a->n_tok; g0 += group) {
+        const int32_t gn = a->n_tok - g0 < group ? a->n_tok - g0 : group;
+        for (int32_t t = 0; t < gn; t++)
+            for (int32_t c = 0; c < nch; c++)
+                q2_chunk_qsums(a->q + (size_t)(g0 + t) * a->stride + (size_t)c * Q2_CHUNK,
+                               &qsum_buf[2 * (t * nch + c)]);
+        for (int32_t rb = r0; rb < r1; rb += rows_block) {
+            const int32_t re = r1 - rb < rows_block ? r1 : rb + rows_block;
+            const int32_t len = (re - rb) / STREAMS;
+            const int32_t nstream = a->n_tok <= 4 ? len : 0;
+            for (int32_t t0 = g0; t0 < g0 + gn; t0 += 4) {
+                const int nt = g0 + gn - t0 < 4 ? g0 + gn - t0 : 4;
+                const int8_t *acts[4];
+                const __m256i *qs[4];
+                for (int j = 0; j < nt; j++) {
+                    acts[j] = a->q + (size_t)(t0 + j) * a->stride;
+                    qs[j] = qsum_buf + (size_t)2 * (t0 - g0 + j) * nch;
+                }
+                for (int32_t i = 0; i < nstream + (re - rb - STREAMS * nstream); i++) {
+                    const int nr = i < nstream ? STREAMS : 1;
+                    const uint8_t *rows[STREAMS];
+                    int32_t rr[STREAMS];
+                    __m256 p[2 * STREAMS * 4];
+                    for (int k = 0; k < nr; k++) {
+                        rr[k] = nr > 1 ? rb + k * len + i : rb + STREAMS * nstream + (i - nstream);
+                        rows[k] = w->codes + (size_t)rr[k] * row_bytes;
+                    }
+                    for (int k = 0; k < 2 * nr * nt; k++)
+                        p[k] = _mm256_setzero_ps();
+                    if (nch)
+                        q2_0_tiles[nr > 1][nt - 1](rows, nch, acts, qs, row_bytes, p);
+                    for (int k = 0; k < nr; k++)
+                        q2_0_finish(rows[k], nch, rem, acts, a->s + t0, nt, p + 2 * k * nt,
+                                    y + t0 * y_stride + rr[k], y_stride);
+                }
+            }
+        }
+    }
+}
+
 const bn_kernel_set bn_kernels_avx2 = {
     .name = "avx2",
     .quantize = bn_quantize_avx2,
     .prepare = NULL,
     .ternary = ternary_avx2,
     .q2_0 = bn_q2_0_avx2,
-    .q2_0_quantize = bn_quantize_avx2,
+    .q2_0_quantize = q2_0_quantize_avx2,
     .f16_matmul = f16_matmul_avx2,
 };
 

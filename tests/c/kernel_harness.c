@@ -133,9 +133,20 @@ int main(void)
      * of a few blocks, a partial last chunk of 1024, several chunks */
     static const shape i2s_shapes[] = {{128, 5, 1},   {256, 33, 2},   {384, 17, 4},  {1024, 20, 5},
                                        {640, 47, 16}, {1152, 31, 33}, {2048, 18, 40}};
-    static const shape q2_0_shapes[] = {
-        {64, 5, 1},      {64 * 15, 33, 3},  {1024, 16, 4},           {1024 + 64 * 5, 47, 12},
-        {64 * 3, 9, 15}, {64 * 17, 18, 17}, {2048 + 64 * 7, 31, 33}, {4096, 20, 40}};
+    /* ... and for Q2_0 also many rows (L2 row blocks), token groups split by the block-sum
+     * buffer, and inputs past 2^19 (kept in the natural layout) */
+    static const shape q2_0_shapes[] = {{64, 5, 1},
+                                        {64 * 15, 33, 3},
+                                        {1024, 16, 4},
+                                        {1344, 23, 3},
+                                        {1024 + 64 * 5, 47, 12},
+                                        {64 * 3, 9, 15},
+                                        {64 * 17, 18, 17},
+                                        {2048 + 960, 31, 6},
+                                        {1024, 1000, 6},
+                                        {2048 + 64 * 7, 31, 33},
+                                        {4096, 20, 40},
+                                        {64 * 8193, 3, 2}};
     int bad = 0;
     for (size_t i = 0; i < sizeof i2s_shapes / sizeof i2s_shapes[0]; i++) {
         const int r = check(0, i2s_shapes[i], sets, n_sets);
