@@ -38,6 +38,18 @@ enum {
 /* ---- model ---- */
 typedef struct bn_model bn_model;
 
+/* RoPE scaling (model-format §5.2.3.1): ARCH.rope.scaling.type and its keys. */
+enum { BN_ROPE_SCALING_NONE = 0, BN_ROPE_SCALING_LINEAR = 1, BN_ROPE_SCALING_YARN = 2 };
+
+typedef struct {
+    int32_t type;      /* BN_ROPE_SCALING_* */
+    float factor;      /* rope.scaling.factor: angles divided by it (1 for none) */
+    int32_t orig_ctx;  /* yarn: rope.scaling.original_context_length (0 otherwise) */
+    float beta_fast;   /* yarn: rope.scaling.yarn_beta_fast, 32 when absent */
+    float beta_slow;   /* yarn: rope.scaling.yarn_beta_slow, 1 when absent */
+    float attn_factor; /* rope.scaling.attn_factor, 1 when absent: multiplies cos and sin */
+} bn_rope_scaling;
+
 typedef struct {
     char architecture[32]; /* "bitnet-b1.58", "bitnet-25", "llama" or "qwen3" (§10.2) */
     int32_t n_vocab;       /* rows of token_embd */
@@ -56,6 +68,7 @@ typedef struct {
     int32_t pooling; /* the pooling the graph is defined with, numbered as ARCH.pooling_type:
                       * 3 (last token) for the BitNet embedding graph, 0 for a decoder
                       * (model-format §10.5.4) */
+    bn_rope_scaling rope_scaling;
 } bn_hparams;
 
 /* Load a GGUF v3 BitNet b1.58 file with mmap. Returns NULL on error (message in err).
@@ -227,9 +240,13 @@ void bn_bwprobe_free(bn_bwprobe *p);
 /* out[0..n) = RMSNorm(x, w) (model-format §5.2.1). */
 int bn_test_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out);
 int bn_ref_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *out);
-/* RoPE in place on v[n_heads][head_dim] at position pos (model-format §5.2.3). */
-int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base);
-int bn_ref_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base);
+/* RoPE in place on v[n_heads][head_dim] at position pos with NeoX pairing (model-format
+ * §5.2.3), or adjacent pairing when adjacent != 0 (§10.4.1); scaling NULL: none, else the
+ * angles and magnitude of §5.2.3.1 (fields as the loader checks them). */
+int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base,
+                 const bn_rope_scaling *scaling, int32_t adjacent);
+int bn_ref_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base,
+                const bn_rope_scaling *scaling, int32_t adjacent);
 /* Causal attention of one token at position n_pos - 1 (model-format §5.2.5):
  * q[n_head][head_dim], k and v [n_pos][n_head_kv][head_dim], out[n_head][head_dim];
  * n_head % n_head_kv == 0 (and n_head / n_head_kv <= 64 for bn_test_attention). */

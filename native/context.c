@@ -246,7 +246,7 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
     }
     /* RoPE angles of every position, once (model-format §5.2.3) */
     for (int32_t p = 0; p < n_ctx; p++)
-        bn_rope_angles(p, D, hp->rope_base, ctx->rope_cos + (size_t)p * (D / 2),
+        bn_rope_angles(p, D, hp->rope_base, &hp->rope_scaling, ctx->rope_cos + (size_t)p * (D / 2),
                        ctx->rope_sin + (size_t)p * (D / 2));
     return ctx;
 }

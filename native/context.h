@@ -88,7 +88,8 @@ struct bn_context {
 };
 
 /* forward.c: cos and sin of the RoPE angles of position pos, D/2 each (model-format §5.2.3). */
-void bn_rope_angles(int32_t pos, int32_t D, float base, float *cosv, float *sinv);
+void bn_rope_angles(int32_t pos, int32_t D, float base, const bn_rope_scaling *sc, float *cosv,
+                    float *sinv);
 /* forward.c: run the tokens tok_*[0..T) through the model, logits for the tokens whose
  * tok_row >= 0 (consecutive rows starting at the first such row), the final-norm row y into
  * hidden[tok_hrow] for the tokens whose tok_hrow >= 0. */

@@ -204,14 +204,50 @@ static void run_matmul(bn_context *ctx, const bn_kernel_set *k, const bn_qact *a
 
 /* --------------------------------------------------------------------- model-format §5.2.3 RoPE */
 
-/* cos and sin of pos * base^(-2i/D) for i < D/2, computed in double and rounded to float once
- * (model-format §5.2.3). context.c fills its per-position tables with it. */
-void bn_rope_angles(int32_t pos, int32_t D, float base, float *cosv, float *sinv)
+/* The YaRN ramp bounds of model-format §5.2.3.1. A pair whose angle turns n_rot full circles
+ * over the original context has index D ln(orig / (2 pi n_rot)) / (2 ln base) (the inverse of
+ * orig * base^(-2i/D) = 2 pi n_rot); the pairs from the beta_fast one down keep their angles
+ * (they turned often enough in training to have seen every phase), those from the beta_slow
+ * one up are interpolated, and the ones between blend linearly. The loader guarantees
+ * base > 1, orig > 0 and positive finite betas, so both values are finite. */
+static void yarn_bounds(int32_t D, float base, const bn_rope_scaling *sc, double *low, double *high)
 {
+    const double two_pi = 6.283185307179586476925;
+    const double denom = 2.0 * log((double)base);
+    const double orig = (double)sc->orig_ctx;
+    const double fast = D * log(orig / ((double)sc->beta_fast * two_pi)) / denom;
+    const double slow = D * log(orig / ((double)sc->beta_slow * two_pi)) / denom;
+    *low = fmax(0.0, floor(fast));
+    *high = fmin((double)(D - 1), ceil(slow));
+}
+
+/* cos and sin of the angle of pair i < D/2 at pos (model-format §5.2.3: pos * base^(-2i/D);
+ * with scaling, §5.2.3.1), times the scaling's magnitude, computed in double and rounded to
+ * float once. context.c fills its per-position tables with it. Without scaling the magnitude
+ * is exactly 1, so the unscaled angles are bit for bit those of before scaling existed. */
+void bn_rope_angles(int32_t pos, int32_t D, float base, const bn_rope_scaling *sc, float *cosv,
+                    float *sinv)
+{
+    const int32_t type = sc ? sc->type : BN_ROPE_SCALING_NONE;
+    const double factor = type == BN_ROPE_SCALING_NONE ? 1.0 : (double)sc->factor;
+    double mscale = sc ? (double)sc->attn_factor : 1.0;
+    double low = 0.0, high = 0.0;
+    if (type == BN_ROPE_SCALING_YARN) {
+        yarn_bounds(D, base, sc, &low, &high);
+        mscale *= 1.0 + 0.1 * log(factor); /* interpolation flattens attention: sharpen it */
+    }
     for (int32_t i = 0; i < D / 2; i++) {
-        double theta = (double)pos * pow((double)base, -2.0 * i / D);
-        cosv[i] = (float)cos(theta);
-        sinv[i] = (float)sin(theta);
+        const double extrap = (double)pos * pow((double)base, -2.0 * i / D);
+        double theta = extrap;
+        if (type == BN_ROPE_SCALING_LINEAR)
+            theta = extrap / factor;
+        else if (type == BN_ROPE_SCALING_YARN) {
+            const double t = fmin(1.0, fmax(0.0, (i - low) / fmax(0.001, high - low)));
+            const double keep = 1.0 - t; /* 1: the unscaled angle, 0: the interpolated one */
+            theta = extrap / factor * (1.0 - keep) + extrap * keep;
+        }
+        cosv[i] = (float)(cos(theta) * mscale);
+        sinv[i] = (float)(sin(theta) * mscale);
     }
 }
 
@@ -611,15 +647,17 @@ int bn_test_rmsnorm(const float *x, const float *w, int32_t n, float eps, float 
     return 0;
 }
 
-int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base)
+int bn_test_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base,
+                 const bn_rope_scaling *scaling, int32_t adjacent)
 {
-    if (!v || n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || pos < 0)
+    if (!v || n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || pos < 0 ||
+        (scaling && (scaling->type < BN_ROPE_SCALING_NONE || scaling->type > BN_ROPE_SCALING_YARN)))
         return -1;
     float *angles = malloc((size_t)head_dim * sizeof(float));
     if (!angles)
         return -1;
-    bn_rope_angles(pos, head_dim, base, angles, angles + head_dim / 2);
-    rope(v, n_heads, head_dim, angles, angles + head_dim / 2, 0);
+    bn_rope_angles(pos, head_dim, base, scaling, angles, angles + head_dim / 2);
+    rope(v, n_heads, head_dim, angles, angles + head_dim / 2, adjacent != 0);
     free(angles);
     return 0;
 }

@@ -7,8 +7,8 @@
  * graphs rope.dimension_count (model-format §2.3; the head-dimension keys of other graphs:
  * model-format §10.1.4). Optional keys with defaults from the description: rope.freq_base and
  * attention.layer_norm_rms_epsilon. Optional checked keys: vocab_size and
- * tokenizer.ggml.tokens must agree with token_embd; a RoPE scaling type other than "none" is
- * refused (model-format §10.3).
+ * tokenizer.ggml.tokens must agree with token_embd; RoPE scaling "none", "linear" or "yarn"
+ * with the keys each needs (model-format §5.2.3.1), any other type refused.
  */
 #include "error.h"
 #include "kernels/kernels.h"
@@ -83,21 +83,31 @@ static int arch_int(loader *L, const char *suffix, int required, int32_t *out)
     return 0;
 }
 
+/* The float key "<arch>.<suffix>" (f32 or f64) into *v, its name into key[96]: 1 when
+ * absent, 0 when read, -1 on a wrong type (naming the key). Callers check the range. */
+static int arch_float_value(loader *L, const char *suffix, char key[96], double *v)
+{
+    snprintf(key, 96, "%s.%s", L->arch, suffix);
+    int64_t idx = bn_meta_find(L->m, key);
+    if (idx < 0)
+        return 1;
+    int t = bn_meta_type(L->m, idx);
+    if ((t != BN_GGUF_F32 && t != BN_GGUF_F64) || bn_meta_get_f64(L->m, idx, v) != 0)
+        return lfail(L, "key '%s' has type %s, expected a float (f32 or f64)", key,
+                     meta_type_name(t));
+    return 0;
+}
+
 /* A float key "<arch>.<suffix>" that must be finite and positive; default when absent. */
 static int arch_float(loader *L, const char *suffix, float dflt, float *out)
 {
     char key[96];
-    snprintf(key, sizeof key, "%s.%s", L->arch, suffix);
-    int64_t idx = bn_meta_find(L->m, key);
-    if (idx < 0) {
-        *out = dflt;
-        return 0;
-    }
-    int t = bn_meta_type(L->m, idx);
     double v;
-    if ((t != BN_GGUF_F32 && t != BN_GGUF_F64) || bn_meta_get_f64(L->m, idx, &v) != 0)
-        return lfail(L, "key '%s' has type %s, expected a float (f32 or f64)", key,
-                     meta_type_name(t));
+    int r = arch_float_value(L, suffix, key, &v);
+    if (r != 0) {
+        *out = dflt;
+        return r < 0 ? -1 : 0;
+    }
     /* also rejects NaN, what overflows a float and an f64 that rounds to a float 0 */
     if (!(v > 0.0) || !(v <= 3.0e38) || !((float)v > 0.0f))
         return lfail(L, "key '%s' = %g is out of range (must be finite and > 0)", key, v);
@@ -190,22 +200,98 @@ static int head_dim_from_keys(loader *L)
     return 0;
 }
 
-/* RoPE scaling changes the angles of model-format §5.2.3; none is implemented. */
-static int refuse_rope_scaling(loader *L)
+/* A float key "<arch>.<suffix>" of the RoPE scaling, finite and within [lo, hi]: 1 when
+ * absent (*out kept), 0 when read, -1 on error naming the key. */
+static int scaling_float(loader *L, const char *suffix, double lo, double hi, float *out)
 {
+    char key[96];
+    double v;
+    int r = arch_float_value(L, suffix, key, &v);
+    if (r != 0)
+        return r;
+    if (!(v >= lo && v <= hi)) /* also NaN */
+        return lfail(L, "key '%s' = %g is out of range (must be finite, %g to %g)", key, v, lo, hi);
+    *out = (float)v;
+    return 0;
+}
+
+/* ARCH.rope.scaling.* (model-format §5.2.3.1): type "none", "linear" or "yarn", and the keys
+ * each needs. Every key that is read is checked; a type this engine does not compute is
+ * refused, since running the file with unscaled angles would be another model. An absent
+ * type with a factor is linear scaling, as llama.cpp reads such files (its default type);
+ * rope.scale_linear is the older name of the factor key. */
+static int read_rope_scaling(loader *L)
+{
+    bn_rope_scaling *sc = &L->m->hp.rope_scaling;
+    *sc = (bn_rope_scaling){.type = BN_ROPE_SCALING_NONE,
+                            .factor = 1.0f,
+                            .orig_ctx = 0,
+                            .beta_fast = 32.0f,
+                            .beta_slow = 1.0f,
+                            .attn_factor = 1.0f};
     char key[96];
     snprintf(key, sizeof key, "%s.rope.scaling.type", L->arch);
     int64_t idx = bn_meta_find(L->m, key);
-    if (idx < 0)
+    int typed = idx >= 0;
+    int32_t type = BN_ROPE_SCALING_LINEAR;
+    if (typed) {
+        size_t len;
+        const char *s = bn_meta_get_str(L->m, idx, &len);
+        if (!s)
+            return lfail(L, "key '%s' has type %s, expected string", key,
+                         meta_type_name(bn_meta_type(L->m, idx)));
+        if (len == 4 && memcmp(s, "none", 4) == 0)
+            type = BN_ROPE_SCALING_NONE;
+        else if (len == 6 && memcmp(s, "linear", 6) == 0)
+            type = BN_ROPE_SCALING_LINEAR;
+        else if (len == 4 && memcmp(s, "yarn", 4) == 0)
+            type = BN_ROPE_SCALING_YARN;
+        else {
+            char shown[48];
+            size_t n = len < 40 ? len : 40;
+            for (size_t i = 0; i < n; i++)
+                shown[i] = (s[i] >= 0x20 && s[i] < 0x7f) ? s[i] : '?';
+            shown[n] = '\0';
+            return lfail(L,
+                         "key '%s' = '%s%s': RoPE scaling type not supported (none, linear or "
+                         "yarn)",
+                         key, shown, len > n ? "..." : "");
+        }
+    }
+    /* attn_factor multiplies cos and sin whatever the type, as in llama.cpp */
+    if (scaling_float(L, "rope.scaling.attn_factor", 1e-3, 16.0, &sc->attn_factor) < 0)
+        return -1;
+    if (type == BN_ROPE_SCALING_NONE)
+        return 0; /* a factor next to "none" is not used (llama.cpp does the same) */
+    /* the factor: up to 1024 (real files use 4 to 40); below 1 would compress positions,
+     * which no published model does */
+    int rf = scaling_float(L, "rope.scaling.factor", 1.0, 1024.0, &sc->factor);
+    if (rf == 1)
+        rf = scaling_float(L, "rope.scale_linear", 1.0, 1024.0, &sc->factor);
+    if (rf < 0)
+        return -1;
+    if (rf == 1) {
+        if (!typed)
+            return 0; /* no scaling key at all */
+        return lfail(L, "key '%s.rope.scaling.factor' is missing (required for RoPE scaling '%s')",
+                     L->arch, type == BN_ROPE_SCALING_YARN ? "yarn" : "linear");
+    }
+    sc->type = type;
+    if (type == BN_ROPE_SCALING_LINEAR)
         return 0;
-    size_t len;
-    const char *s = bn_meta_get_str(L->m, idx, &len);
-    if (!s)
-        return lfail(L, "key '%s' has type %s, expected string", key,
-                     meta_type_name(bn_meta_type(L->m, idx)));
-    if (len == 4 && memcmp(s, "none", 4) == 0)
-        return 0;
-    return lfail(L, "key '%s': RoPE scaling is not supported (only 'none')", key);
+    char okey[96];
+    snprintf(okey, sizeof okey, "%s.rope.scaling.original_context_length", L->arch);
+    if (bn_meta_find(L->m, okey) < 0)
+        return lfail(L, "key '%s' is missing (required for RoPE scaling 'yarn')", okey);
+    if (arch_int(L, "rope.scaling.original_context_length", 1, &sc->orig_ctx) < 0 ||
+        scaling_float(L, "rope.scaling.yarn_beta_fast", 1e-3, 1e4, &sc->beta_fast) < 0 ||
+        scaling_float(L, "rope.scaling.yarn_beta_slow", 1e-3, 1e4, &sc->beta_slow) < 0)
+        return -1;
+    /* the ramp bounds divide by ln(base) (model-format §5.2.3.1) */
+    if (!(L->m->hp.rope_base > 1.0f))
+        return lfail(L, "%s.rope.freq_base %g: RoPE scaling 'yarn' needs a base above 1", L->arch,
+                     (double)L->m->hp.rope_base);
+    return 0;
 }
 
 static int read_hparams(loader *L)
@@ -228,7 +314,7 @@ static int read_hparams(loader *L)
     if (arch_float(L, "rope.freq_base", arch->default_rope_base, &hp->rope_base) < 0 ||
         arch_float(L, "attention.layer_norm_rms_epsilon", arch->default_rms_eps, &hp->rms_eps) <
             0 ||
-        refuse_rope_scaling(L) < 0)
+        read_rope_scaling(L) < 0)
         return -1;
     const char *a = L->arch;
     if (hp->n_head_kv > hp->n_head || hp->n_head % hp->n_head_kv != 0)

@@ -36,22 +36,57 @@ int bn_ref_rmsnorm(const float *x, const float *w, int32_t n, float eps, float *
     return 0;
 }
 
-/* model-format §5.2.3: in every head, the pair (x[i], x[i + D/2]) turns by
- * theta_i = pos * base^(-2i/D) (NeoX pairing); theta in double, its cos and sin rounded to
- * float. */
-int bn_ref_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base)
+/* model-format §5.2.3: in every head, the pair (x[i], x[i + D/2]) (NeoX pairing; with
+ * adjacent pairing (x[2i], x[2i + 1]), §10.4.1) turns by theta_i = pos * base^(-2i/D); with
+ * scaling, §5.2.3.1: linear divides theta_i by the factor, yarn blends theta_i / factor and
+ * theta_i by a ramp over the pair index between the two YaRN bounds, and cos and sin are
+ * multiplied by attn_factor (yarn: times 1 + 0.1 ln factor). theta, cos and sin in double,
+ * rounded to float at the end. */
+int bn_ref_rope(float *v, int32_t n_heads, int32_t head_dim, int32_t pos, float base,
+                const bn_rope_scaling *scaling, int32_t adjacent)
 {
-    if (!v || n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || pos < 0)
+    if (!v || n_heads <= 0 || head_dim <= 0 || head_dim % 2 != 0 || pos < 0 ||
+        (scaling && (scaling->type < BN_ROPE_SCALING_NONE || scaling->type > BN_ROPE_SCALING_YARN)))
         return -1;
     const int32_t half = head_dim / 2;
+    const int32_t type = scaling ? scaling->type : BN_ROPE_SCALING_NONE;
     for (int32_t h = 0; h < n_heads; h++) {
         float *x = v + (size_t)h * head_dim;
         for (int32_t i = 0; i < half; i++) {
-            const double theta = (double)pos * pow((double)base, -2.0 * i / head_dim);
-            const float c = (float)cos(theta), s = (float)sin(theta);
-            const float a = x[i], b = x[i + half];
-            x[i] = a * c - b * s;
-            x[i + half] = a * s + b * c;
+            const double theta_e = (double)pos * pow((double)base, -2.0 * i / head_dim);
+            double theta = theta_e, m = scaling ? (double)scaling->attn_factor : 1.0;
+            if (type == BN_ROPE_SCALING_LINEAR)
+                theta = theta_e / (double)scaling->factor;
+            if (type == BN_ROPE_SCALING_YARN) {
+                const double f = (double)scaling->factor;
+                const double ln_base2 = 2.0 * log((double)base);
+                const double orig = (double)scaling->orig_ctx;
+                /* the pair index that turns n full circles over the original context */
+                double lo = head_dim *
+                            log(orig / ((double)scaling->beta_fast * 6.283185307179586476925)) /
+                            ln_base2;
+                double hi = head_dim *
+                            log(orig / ((double)scaling->beta_slow * 6.283185307179586476925)) /
+                            ln_base2;
+                lo = floor(lo);
+                if (lo < 0.0)
+                    lo = 0.0;
+                hi = ceil(hi);
+                if (hi > head_dim - 1)
+                    hi = head_dim - 1;
+                const double width = hi - lo > 0.001 ? hi - lo : 0.001;
+                double ramp = (i - lo) / width;
+                ramp = ramp < 0.0 ? 0.0 : ramp > 1.0 ? 1.0 : ramp;
+                const double r = 1.0 - ramp; /* share of the unscaled angle */
+                theta = theta_e / f * (1.0 - r) + theta_e * r;
+                m = m * (1.0 + 0.1 * log(f));
+            }
+            const float c = (float)(cos(theta) * m), s = (float)(sin(theta) * m);
+            float *a = adjacent ? &x[2 * i] : &x[i];
+            float *b = adjacent ? &x[2 * i + 1] : &x[i + half];
+            const float av = *a, bv = *b;
+            *a = av * c - bv * s;
+            *b = av * s + bv * c;
         }
     }
     return 0;

@@ -29,6 +29,7 @@ itself is never relaxed.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -213,6 +214,34 @@ def decode_q2_0(data: bytes, rows: int, cols: int, block: int = 64
     return vals.reshape(rows, cols), np.repeat(d.astype(np.float32), block // 64, axis=1)
 
 
+@dataclass(frozen=True)
+class RopeScaling:
+    """ARCH.rope.scaling.*: kind "none", "linear" or "yarn"; factor; the YaRN original
+    context length and ramp betas; attn_factor (the file's, before YaRN's own magnitude)."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    orig_ctx: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attn_factor: float = 1.0
+
+    @classmethod
+    def from_metadata(cls, md: dict, arch: str) -> RopeScaling:
+        """The keys as the YaRN paper's and llama.cpp's readers take them: an absent type
+        with a factor is linear; the betas default to 32 and 1, attn_factor to 1."""
+        def g(key: str, default: Any = None) -> Any:
+            return md.get(f"{arch}.rope.scaling.{key}", default)
+
+        factor = g("factor", md.get(f"{arch}.rope.scale_linear"))
+        kind = g("type", "linear" if factor is not None else "none")
+        return cls(kind=kind, factor=float(factor) if factor is not None else 1.0,
+                   orig_ctx=int(g("original_context_length", 0)),
+                   beta_fast=float(g("yarn_beta_fast", 32.0)),
+                   beta_slow=float(g("yarn_beta_slow", 1.0)),
+                   attn_factor=float(g("attn_factor", 1.0)))
+
+
 @dataclass
 class ReferenceWeights:
     arch: str
@@ -229,6 +258,8 @@ class ReferenceWeights:
     head_dim: int = 0  # D; 0 means n_embd // n_head
     #: per-64 scales of the Q2_0 tensors (rows, cols / 64) float32
     group_scales: dict[str, np.ndarray] = field(default_factory=dict)
+    #: the file's RoPE scaling (model-format §5.2.3.1), RopeScaling() for none
+    rope_scaling: RopeScaling = field(default_factory=lambda: RopeScaling())
 
     def __post_init__(self) -> None:
         if not self.head_dim:
@@ -293,6 +324,7 @@ def load_reference(path: str | Path) -> ReferenceWeights:
         tensors=tensors,
         scales=scales,
         group_scales=group_scales,
+        rope_scaling=RopeScaling.from_metadata(md, arch),
     )
 
 
@@ -350,15 +382,46 @@ class Quantizer:
                 q[pos, idx] = value
 
 
+def rope_angles(positions: np.ndarray, d: int, base: float,
+                scaling: RopeScaling | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(T, D/2) angles and the magnitude that multiplies cos and sin, float64.
+
+    Unscaled (model-format §5.2.3): theta = p * base^(-2i/D) for pair i. Linear: theta / factor.
+    YaRN (the paper's "NTK-by-parts" with its attention temperature): a pair i whose
+    wavelength 2 pi / base^(-2i/D) fits fewer than beta_slow times into the original context
+    is interpolated (theta / factor), one that fits beta_fast times or more keeps theta, the
+    ones between mix the two linearly in i; the pair index where the wavelength fits n times
+    is D ln(L / (2 pi n)) / (2 ln base), taken floor (fast) and ceil (slow) and clipped to
+    [0, D - 1]. cos and sin grow by 1 + 0.1 ln(factor), on top of attn_factor. Applied at
+    every position, below the original context too (it is a change of the model's
+    frequencies, not an extrapolation switch)."""
+    sc = scaling or RopeScaling()
+    i = np.arange(d // 2, dtype=np.float64)
+    freq = base ** (-2.0 * i / d)
+    if sc.kind == "linear":
+        freq = freq / sc.factor
+    elif sc.kind == "yarn":
+        def pair_of(n_turns: float) -> float:
+            return d * math.log(sc.orig_ctx / (2 * math.pi * n_turns)) / (2 * math.log(base))
+        lo = max(0.0, math.floor(pair_of(sc.beta_fast)))
+        hi = min(d - 1.0, math.ceil(pair_of(sc.beta_slow)))
+        interp_share = np.clip((i - lo) / max(hi - lo, 1e-3), 0.0, 1.0)
+        freq = freq / sc.factor * interp_share + freq * (1.0 - interp_share)
+    elif sc.kind != "none":
+        raise ValueError(f"RoPE scaling {sc.kind!r}")
+    magnitude = sc.attn_factor * (1 + 0.1 * math.log(sc.factor) if sc.kind == "yarn" else 1.0)
+    return positions.astype(np.float64)[:, None] * freq, magnitude
+
+
 def rope(x: np.ndarray, positions: np.ndarray, base: float,
-         pairing: Literal["neox", "interleaved"] = "neox") -> np.ndarray:
+         pairing: Literal["neox", "interleaved"] = "neox",
+         scaling: RopeScaling | None = None) -> np.ndarray:
     """Rotate every head of x (T, H, D). neox pairs (i, i + D/2); interleaved (2i, 2i+1)
     is the wrong pairing for this model, kept so tests can prove they tell them apart."""
     d = x.shape[-1]
-    i = np.arange(d // 2, dtype=np.float64)
-    theta = positions.astype(np.float64)[:, None] * base ** (-2.0 * i / d)  # (T, D/2)
-    cos = np.cos(theta).astype(np.float32)[:, None, :]
-    sin = np.sin(theta).astype(np.float32)[:, None, :]
+    theta, magnitude = rope_angles(positions, d, base, scaling)  # (T, D/2)
+    cos = (np.cos(theta) * magnitude).astype(np.float32)[:, None, :]
+    sin = (np.sin(theta) * magnitude).astype(np.float32)[:, None, :]
     if pairing == "neox":
         a, b = x[..., : d // 2], x[..., d // 2:]
     else:
@@ -382,7 +445,8 @@ def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
             rope_pairing: Literal["neox", "interleaved"] | None = None,
             quantizer: Quantizer | None = None, kv_f16: bool = False,
             output: Literal["logits", "hidden"] = "logits",
-            skip_norm_in: bool = False, float_activations: bool = False) -> np.ndarray:
+            skip_norm_in: bool = False, float_activations: bool = False,
+            rope_scaling: RopeScaling | None = None) -> np.ndarray:
     """Logits (T, n_vocab) float32 for every position of one sequence starting at start_pos
     (no cache: start_pos only shifts RoPE positions; use 0 for a full prompt), or with
     output="hidden" the final-norm rows y (T, n_embd) the head would multiply.
@@ -392,7 +456,9 @@ def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
     Q2_0 weights (Bonsai): each product is sum over blocks g of (exact int sum of (code-1)*q
     over the block) * d_g, divided by s (the engine's arithmetic, model-format §10.6.2, here
     in float64); float_activations=True multiplies the float activations by the dequantized
-    weights instead (the model's own math, for the accuracy bar of model-families C.2)."""
+    weights instead (the model's own math, for the accuracy bar of model-families C.2).
+    rope_scaling: None for the file's (model-format §5.2.3.1); another one makes a wrong model
+    for tests that must tell scalings apart."""
     if rope_pairing is None:
         rope_pairing = "interleaved" if weights.is_llama else "neox"
     llama, qwen = weights.is_llama, weights.is_qwen3
@@ -451,8 +517,9 @@ def forward(weights: ReferenceWeights, tokens: list[int], *, start_pos: int = 0,
             k = bitlinear(qh, sh, W[b + "attn_k.weight"], S[b + "attn_k.weight"])
             v = bitlinear(qh, sh, W[b + "attn_v.weight"], S[b + "attn_v.weight"])
             q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
-        q = rope(q, positions, weights.rope_base, rope_pairing)
-        k = rope(k, positions, weights.rope_base, rope_pairing)
+        scaling = weights.rope_scaling if rope_scaling is None else rope_scaling
+        q = rope(q, positions, weights.rope_base, rope_pairing, scaling)
+        k = rope(k, positions, weights.rope_base, rope_pairing, scaling)
         if kv_f16:
             k = k.astype(np.float16).astype(np.float32)
             v = v.astype(np.float16).astype(np.float32)

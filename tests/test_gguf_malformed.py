@@ -566,6 +566,7 @@ def writer_cases() -> Iterator[Case]:
     yield from llama_cases(w)
     yield from qwen3_cases(w)
     yield from bonsai_cases(w)
+    yield from rope_scaling_cases(w)
 
 
 #: The Llama graph with I2_S projections (model-format §10.4) at MINI's size.
@@ -603,8 +604,6 @@ def llama_cases(w: Callable[..., Case]) -> Iterator[Case]:
         ("block_count", 3, ("block_count",)),
         ("feed_forward_length", 256, ("blk.0.ffn_gate.weight", "shape")),
         ("vocab_size", 511, ("vocab_size",)),
-        ("rope.scaling.type", "linear", ("rope.scaling.type", "not supported")),
-        ("rope.scaling.type", (1, V.UINT32), ("rope.scaling.type", "type")),
     ]:
         shown = f"{value[0]}-{value[1].name.lower()}" if isinstance(value, tuple) else value
         yield w(f"llama-{key}={shown}", words, L, extra_metadata={f"{a}.{key}": value})
@@ -784,6 +783,120 @@ def bonsai_cases(w: Callable[..., Case]) -> Iterator[Case]:
             drop_tensors=["blk.1.attn_k_norm.weight"])
 
 
+def rope_scaling_cases(w: Callable[..., Case]) -> Iterator[Case]:
+    """ARCH.rope.scaling.* (model-format §5.2.3.1): valid linear and YaRN files of every graph
+    load (and run, in the sanitizer corpus); a type the engine does not compute, a missing or
+    out-of-range factor, a YaRN file without its original context, and keys of a wrong type
+    are refused naming the key."""
+    from gguf import GGUFValueType as V
+
+    yarn = {"rope.scaling.type": "yarn", "rope.scaling.factor": 4.0,
+            "rope.scaling.original_context_length": 32}
+    linear = {"rope.scaling.type": "linear", "rope.scaling.factor": 2.0}
+
+    def keys(arch: str, base: dict[str, object], **changes: object) -> dict[str, object]:
+        merged = {**base, **{k.replace("__", "."): v for k, v in changes.items()}}
+        return {f"{arch}.{k}": v for k, v in merged.items() if v is not None}
+
+    for label, shape in (("bitnet", MINI), ("llama", MINI_LLAMA), ("qwen3", MINI_QWEN3),
+                         ("bonsai", MINI_BONSAI)):
+        arch = shape.architecture
+        yield w(f"{label}-valid-yarn", (), shape, extra_metadata=keys(arch, yarn))
+        yield w(f"{label}-valid-linear", (), shape, extra_metadata=keys(arch, linear))
+    # the writer's own keys: Bonsai-8B's values on the tiny Bonsai graph
+    yield w("bonsai-valid-yarn-shape", (), dataclasses.replace(
+        MINI_BONSAI, rope_scaling="yarn", rope_scaling_factor=4.0,
+        rope_scaling_orig_ctx=16384))
+    L, a = MINI_LLAMA, "llama"
+    for case_id, extra in [
+        ("yarn-all-keys", keys(a, yarn, **{"rope__scaling__yarn_beta_fast": 16.0,
+                                           "rope__scaling__yarn_beta_slow": 2.0,
+                                           "rope__scaling__attn_factor": 1.25})),
+        ("yarn-f64-factor", keys(a, yarn, **{"rope__scaling__factor": (4.0, V.FLOAT64)})),
+        ("yarn-u64-orig", keys(a, yarn, **{
+            "rope__scaling__original_context_length": (32, V.UINT64)})),
+        ("yarn-factor-1", keys(a, yarn, **{"rope__scaling__factor": 1.0})),
+        ("none-with-factor", keys(a, linear, **{"rope__scaling__type": "none"})),
+        ("factor-without-type", keys(a, linear, **{"rope__scaling__type": None})),
+        ("scale-linear-old-key", {f"{a}.rope.scale_linear": 2.0}),
+        ("attn-factor-only", {f"{a}.rope.scaling.attn_factor": 0.5}),
+    ]:
+        yield w(f"llama-valid-rope-{case_id}", (), L, extra_metadata=extra)
+    t = f"{a}.rope.scaling.type"
+    for case_id, extra, words in [
+        ("type-dynamic", keys(a, yarn, **{"rope__scaling__type": "dynamic"}),
+         (t, "'dynamic'", "not supported")),
+        ("type-longrope", keys(a, yarn, **{"rope__scaling__type": "longrope"}),
+         (t, "'longrope'", "not supported")),
+        ("type-YARN", keys(a, yarn, **{"rope__scaling__type": "YARN"}), (t, "'YARN'")),
+        ("type-empty", keys(a, yarn, **{"rope__scaling__type": ""}), (t, "''")),
+        ("type-yarn-nul", keys(a, yarn, **{"rope__scaling__type": "yarn\0"}), (t, "'yarn?'")),
+        ("type-long", keys(a, yarn, **{"rope__scaling__type": "x" * 300}), (t, "...")),
+        ("type-u32", keys(a, yarn, **{"rope__scaling__type": (1, V.UINT32)}), (t, "type u32")),
+        ("type-array", keys(a, yarn, **{"rope__scaling__type": ["yarn"]}), (t, "type array")),
+        ("factor-nan", keys(a, yarn, **{"rope__scaling__factor": math.nan}),
+         (f"{a}.rope.scaling.factor", "range")),
+        ("factor-inf", keys(a, linear, **{"rope__scaling__factor": math.inf}),
+         (f"{a}.rope.scaling.factor", "range")),
+        ("factor-0.5", keys(a, yarn, **{"rope__scaling__factor": 0.5}),
+         (f"{a}.rope.scaling.factor", "range")),
+        ("factor-0", keys(a, linear, **{"rope__scaling__factor": 0.0}),
+         (f"{a}.rope.scaling.factor", "range")),
+        ("factor-negative", keys(a, yarn, **{"rope__scaling__factor": -4.0}),
+         (f"{a}.rope.scaling.factor", "range")),
+        ("factor-huge", keys(a, yarn, **{"rope__scaling__factor": 1e9}),
+         (f"{a}.rope.scaling.factor", "range")),
+        ("factor-f64-huge", keys(a, linear, **{"rope__scaling__factor": (1e300, V.FLOAT64)}),
+         (f"{a}.rope.scaling.factor", "range")),
+        ("factor-u32", keys(a, yarn, **{"rope__scaling__factor": (4, V.UINT32)}),
+         (f"{a}.rope.scaling.factor", "type u32")),
+        ("factor-string", keys(a, linear, **{"rope__scaling__factor": "4"}),
+         (f"{a}.rope.scaling.factor", "type string")),
+        ("factor-missing-yarn", keys(a, yarn, **{"rope__scaling__factor": None}),
+         (f"{a}.rope.scaling.factor", "missing", "yarn")),
+        ("factor-missing-linear", keys(a, linear, **{"rope__scaling__factor": None}),
+         (f"{a}.rope.scaling.factor", "missing", "linear")),
+        ("scale-linear-nan", {f"{a}.rope.scale_linear": math.nan},
+         (f"{a}.rope.scale_linear", "range")),
+        ("orig-missing", keys(a, yarn, **{"rope__scaling__original_context_length": None}),
+         (f"{a}.rope.scaling.original_context_length", "missing", "yarn")),
+        ("orig-0", keys(a, yarn, **{"rope__scaling__original_context_length": 0}),
+         (f"{a}.rope.scaling.original_context_length", "range")),
+        ("orig-negative", keys(a, yarn, **{
+            "rope__scaling__original_context_length": (-32, V.INT32)}),
+         (f"{a}.rope.scaling.original_context_length", "range")),
+        ("orig-u64-huge", keys(a, yarn, **{
+            "rope__scaling__original_context_length": (2**40, V.UINT64)}),
+         (f"{a}.rope.scaling.original_context_length", "range")),
+        ("orig-f32", keys(a, yarn, **{"rope__scaling__original_context_length": 32.0}),
+         (f"{a}.rope.scaling.original_context_length", "type f32")),
+        ("orig-string", keys(a, yarn, **{"rope__scaling__original_context_length": "32"}),
+         (f"{a}.rope.scaling.original_context_length", "type string")),
+        ("beta-fast-nan", keys(a, yarn, **{"rope__scaling__yarn_beta_fast": math.nan}),
+         (f"{a}.rope.scaling.yarn_beta_fast", "range")),
+        ("beta-fast-0", keys(a, yarn, **{"rope__scaling__yarn_beta_fast": 0.0}),
+         (f"{a}.rope.scaling.yarn_beta_fast", "range")),
+        ("beta-slow-negative", keys(a, yarn, **{"rope__scaling__yarn_beta_slow": -1.0}),
+         (f"{a}.rope.scaling.yarn_beta_slow", "range")),
+        ("beta-slow-u32", keys(a, yarn, **{"rope__scaling__yarn_beta_slow": (1, V.UINT32)}),
+         (f"{a}.rope.scaling.yarn_beta_slow", "type u32")),
+        ("attn-factor-nan", keys(a, yarn, **{"rope__scaling__attn_factor": math.nan}),
+         (f"{a}.rope.scaling.attn_factor", "range")),
+        ("attn-factor-0", keys(a, linear, **{"rope__scaling__attn_factor": 0.0}),
+         (f"{a}.rope.scaling.attn_factor", "range")),
+        ("attn-factor-huge", keys(a, yarn, **{"rope__scaling__attn_factor": 1e6}),
+         (f"{a}.rope.scaling.attn_factor", "range")),
+        ("attn-factor-string", {f"{a}.rope.scaling.attn_factor": "1"},
+         (f"{a}.rope.scaling.attn_factor", "type string")),
+        # the YaRN bounds divide by ln(base)
+        ("yarn-base-1", keys(a, yarn, **{"rope__freq_base": 1.0}),
+         (f"{a}.rope.freq_base", "yarn", "above 1")),
+        ("yarn-base-0.5", keys(a, yarn, **{"rope__freq_base": 0.5}),
+         (f"{a}.rope.freq_base", "yarn", "above 1")),
+    ]:
+        yield w(f"llama-rope-{case_id}", words, L, extra_metadata=extra)
+
+
 def gw_value_string():  # type: ignore[no-untyped-def]
     from gguf import GGUFValueType as V
 
@@ -873,7 +986,8 @@ def test_malformed_file_is_refused(case: Case, load: Callable[[Path], str | None
 def test_corpus_is_large_and_mostly_malformed() -> None:
     cases = corpus()
     assert len(cases) >= 500
-    assert sum(c.valid for c in cases) < 50  # BitNet, Llama and Qwen3-graph valid variants
+    # BitNet, Llama and Qwen3-graph valid variants, and RoPE scalings on each graph
+    assert sum(c.valid for c in cases) < 80
 
 
 def test_walk_finds_every_official_key_and_tensor() -> None:

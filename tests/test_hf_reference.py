@@ -113,6 +113,9 @@ class FileModel:
     base: float
     floats: dict[str, np.ndarray]
     ternary: dict[str, tuple[np.ndarray, np.float32]]
+    #: transformers' rope_parameters of the file's ARCH.rope.scaling.* keys (model-format
+    #: §5.2.3.1), beside rope_theta
+    rope_scaling: dict[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def tied(self) -> bool:
@@ -145,7 +148,30 @@ def read_file_model(path: Path) -> FileModel:
         head_dim=head_dim, n_ff=md[f"{a}.feed_forward_length"], n_layer=md[f"{a}.block_count"],
         n_vocab=len(md["tokenizer.ggml.tokens"]), n_ctx=md[f"{a}.context_length"],
         eps=md[f"{a}.attention.layer_norm_rms_epsilon"], base=md[f"{a}.rope.freq_base"],
-        floats=floats, ternary=ternary)
+        floats=floats, ternary=ternary, rope_scaling=rope_parameters(md, a))
+
+
+def rope_parameters(md: dict, a: str) -> dict[str, object]:
+    """The file's RoPE scaling keys in transformers' terms: rope_type, factor, and for YaRN
+    original_max_position_embeddings (and beta_fast / beta_slow / attention_factor when the
+    file has them; YaRN's attention_factor is 0.1 ln(factor) + 1 times the file's
+    attn_factor, the engine's magnitude)."""
+    kind = md.get(f"{a}.rope.scaling.type", "none")
+    if kind == "none":
+        return {}
+    assert kind in ("linear", "yarn"), kind
+    out: dict[str, object] = {"rope_type": kind,
+                              "factor": float(md[f"{a}.rope.scaling.factor"])}
+    if kind == "yarn":
+        out["original_max_position_embeddings"] = int(
+            md[f"{a}.rope.scaling.original_context_length"])
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if f"{a}.rope.scaling.{key}" in md:
+                out[name] = float(md[f"{a}.rope.scaling.{key}"])
+        if f"{a}.rope.scaling.attn_factor" in md:
+            out["attention_factor"] = float(md[f"{a}.rope.scaling.attn_factor"]) * (
+                0.1 * np.log(out["factor"]) + 1)
+    return out
 
 
 #: GGUF projection -> (transformers module path inside a layer, quantization point of
@@ -202,7 +228,7 @@ def config_dict(m: FileModel, model_type: str, architecture: str) -> dict[str, o
         "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head,
         "num_key_value_heads": m.n_head_kv, "head_dim": m.head_dim, "hidden_act": "silu",
         "max_position_embeddings": m.n_ctx, "rms_norm_eps": m.eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.base},
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.base, **m.rope_scaling},
         "vocab_size": m.n_vocab, "tie_word_embeddings": m.tied, "attention_bias": False,
         "dtype": "float32",
     }
@@ -555,6 +581,12 @@ def test_qwen3_embedding_against_transformers_autobitlinear(
 BONSAI_GQA = dataclasses.replace(gw.TINY_BONSAI, n_head=8, n_head_kv=2, n_head_dim=64)
 
 
+#: Bonsai-8B's RoPE scaling (YaRN, factor 4) over an original context of 32 in a context of
+#: 320, so one sequence runs below and above it (model-format §5.2.3.1)
+BONSAI_YARN = dataclasses.replace(gw.TINY_BONSAI, n_ctx=320, rope_scaling="yarn",
+                                  rope_scaling_factor=4.0, rope_scaling_orig_ctx=32)
+
+
 @pytest.fixture(scope="module")
 def bonsai_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     """name -> (GGUF file, transformers checkpoint made from it)."""
@@ -562,7 +594,8 @@ def bonsai_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[P
     out = {}
     for name, shape, seed, tie in (("tied", gw.TINY_BONSAI, 101, True),
                                    ("untied", gw.TINY_BONSAI, 102, False),
-                                   ("gqa", BONSAI_GQA, 103, False)):
+                                   ("gqa", BONSAI_GQA, 103, False),
+                                   ("yarn", BONSAI_YARN, 104, False)):
         path = gw.write_model(d / f"{name}.gguf", shape, seed, tie_head=tie)
         out[name] = (path, bonsai_checkpoint(path, d / f"{name}-hf"))
     return out
@@ -572,6 +605,7 @@ def bonsai_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[P
     ("tied", 40, [40]),
     ("untied", 33, [20, 1, 12]),
     ("gqa", 48, [32, 1, 1, 14]),
+    ("yarn", 120, [90, 1, 1, 28]),
 ])
 def test_bonsai_q2_0_against_transformers_with_int8_activations(
         bonsai_models: dict[str, tuple[Path, Path]], which: str, n: int,
@@ -591,7 +625,7 @@ def test_bonsai_q2_0_against_transformers_with_int8_activations(
     assert_matched(m)
 
 
-@pytest.mark.parametrize("which", ["tied", "untied", "gqa"])
+@pytest.mark.parametrize("which", ["tied", "untied", "gqa", "yarn"])
 def test_bonsai_q2_0_against_the_float_transformers_model(
         bonsai_models: dict[str, tuple[Path, Path]], which: str) -> None:
     """The model's own math (float activations), against the fact sheet's bar for an engine
@@ -618,3 +652,35 @@ def test_bonsai_q2_0_against_the_float_transformers_model(
           f"median {np.median(own):.3g}")
     assert np.median(d) < 0.02
     assert d.max() < 0.1 or d.max() < own.max() + 1e-3, (d.max(), own.max())
+
+
+def test_bonsai_yarn_transformers_comparison_sees_the_scaling(
+        bonsai_models: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    """transformers really runs YaRN from the checkpoint's rope_parameters: its rotary
+    embedding carries the 1 + 0.1 ln 4 magnitude, and the same weights with unscaled RoPE (or
+    YaRN without that magnitude) are far from the engine, below the original context (32) and
+    above it."""
+    path, directory = bonsai_models["yarn"]
+    model = load_hf(transformers.Qwen3ForCausalLM, directory)
+    assert model.model.rotary_emb.attention_scaling == pytest.approx(1 + 0.1 * np.log(4.0))
+    hooks = Hooks()
+    quantize_linear_inputs(model, gw.TINY_BONSAI.n_layer, hooks)
+    toks = tokens_for(gw.TINY_BONSAI.n_vocab, 80, 121)
+    got = engine_logits(native, path, [toks], 256)
+    m = match_hf(model, hooks, toks, got)
+    assert_matched(m)
+    config = json.loads((directory / "config.json").read_text())
+    for label, params in (("unscaled", {"rope_type": "default"}),
+                          ("no magnitude", {**config["rope_parameters"],
+                                            "attention_factor": 1.0})):
+        wrong_dir = tmp_path / label.replace(" ", "-")
+        wrong_dir.mkdir()
+        (wrong_dir / "config.json").write_text(json.dumps({
+            **config, "rope_parameters": {**params, "rope_theta": config["rope_parameters"][
+                "rope_theta"]}}))
+        (wrong_dir / "model.safetensors").symlink_to(directory / "model.safetensors")
+        wrong_model = load_hf(transformers.Qwen3ForCausalLM, wrong_dir)
+        quantize_linear_inputs(wrong_model, gw.TINY_BONSAI.n_layer, hooks)
+        wrong = rel_errors(got, hf_rows(wrong_model, toks, hooks, ref.Quantizer(m.overrides)))
+        assert np.median(wrong[1:32]) > 10 * TOLERANCE, label
+        assert np.median(wrong[32:]) > 10 * TOLERANCE, label

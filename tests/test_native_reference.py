@@ -61,11 +61,35 @@ def rmsnorm(fn: object, x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def rope(fn: object, v: np.ndarray, pos: int, base: float) -> np.ndarray:
+def scaling(kind: str = "none", factor: float = 1.0, orig_ctx: int = 0,
+            beta_fast: float = 32.0, beta_slow: float = 1.0, attn_factor: float = 1.0) -> object:
+    """A bn_rope_scaling (model-format §5.2.3.1)."""
+    types = {"none": lib.BN_ROPE_SCALING_NONE, "linear": lib.BN_ROPE_SCALING_LINEAR,
+             "yarn": lib.BN_ROPE_SCALING_YARN}
+    return ffi.new("bn_rope_scaling *", {
+        "type": types[kind], "factor": factor, "orig_ctx": orig_ctx, "beta_fast": beta_fast,
+        "beta_slow": beta_slow, "attn_factor": attn_factor})
+
+
+def rope(fn: object, v: np.ndarray, pos: int, base: float, sc: object = None,
+         adjacent: bool = False) -> np.ndarray:
     v = v.copy()
     n_heads, head_dim = v.shape
-    assert fn(_ptr(v), n_heads, head_dim, pos, base) == 0  # type: ignore[operator]
+    rc = fn(_ptr(v), n_heads, head_dim, pos, base, sc or ffi.NULL, int(adjacent))  # type: ignore[operator]
+    assert rc == 0
     return v
+
+
+def random_scaling(rng: np.random.Generator) -> object:
+    """None, linear or yarn with the loader's ranges: YaRN bounds below 0, inside the head and
+    above it, betas and attn_factor now and then not the defaults."""
+    kind = str(rng.choice(["none", "linear", "yarn", "yarn"]))
+    factor = float(rng.choice([1.0, 2.0, 4.0, 40.0, rng.uniform(1, 64)]))
+    orig = int(rng.choice([1, 32, 4096, 16384, int(rng.integers(1, 1 << 20))]))
+    fast, slow = (32.0, 1.0) if rng.random() < 0.6 else (float(rng.uniform(0.5, 64)),
+                                                          float(rng.uniform(0.01, 4)))
+    attn = 1.0 if rng.random() < 0.6 else float(rng.uniform(0.5, 2))
+    return scaling(kind, factor, orig, fast, slow, attn)
 
 
 def attention(fn: object, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -99,6 +123,52 @@ def test_rope_matches_reference(kernel: str, seed: int) -> None:
     got = rope(lib.bn_test_rope, v, pos, base)
     want = rope(lib.bn_ref_rope, v, pos, base)
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_scaled_rope_matches_reference(kernel: str, seed: int) -> None:
+    """Linear and YaRN scaling (model-format §5.2.3.1), both pairings: the engine's angle table
+    and the plain loop give the same bits."""
+    rng = np.random.default_rng(300 + seed)
+    n_heads = int(rng.integers(1, 9))
+    head_dim = int(rng.choice([2, 4, 64, 128, 2 * int(rng.integers(1, 129))]))
+    pos = int(rng.choice([0, 1, int(rng.integers(0, 4096)), int(rng.integers(0, 1 << 20))]))
+    base = float(rng.choice([10000.0, 1e6, 1000042.0, 1.5]))
+    sc, adjacent = random_scaling(rng), bool(rng.integers(0, 2))
+    v = _values(rng, (n_heads, head_dim))
+    got = rope(lib.bn_test_rope, v, pos, base, sc, adjacent)
+    want = rope(lib.bn_ref_rope, v, pos, base, sc, adjacent)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn"])
+def test_scaled_rope_reference_is_the_math(kind: str) -> None:
+    """The plain loop against the scaling math written here in float64 (Bonsai-8B's values:
+    base 1e6, factor 4, original context 16384, D 128; YaRN bounds floor(20.38) = 20 and
+    ceil(36.44) = 37), at positions below and above the original context."""
+    head_dim, base, factor, orig = 128, 1e6, 4.0, 16384
+    sc = scaling(kind, factor, orig if kind == "yarn" else 0)
+    i = np.arange(head_dim // 2)
+    freq = base ** (-2.0 * i / head_dim)
+    if kind == "yarn":
+        lo, hi = 20, 37
+        for n, bound in ((32, lo), (1, hi)):
+            dim = head_dim * np.log(orig / (2 * np.pi * n)) / (2 * np.log(base))
+            assert (np.floor if n == 32 else np.ceil)(dim) == bound
+        interp = np.clip((i - lo) / (hi - lo), 0, 1)
+        freq = freq / factor * interp + freq * (1 - interp)
+        mag = 1 + 0.1 * np.log(factor)
+    else:
+        freq, mag = freq / factor, 1.0
+    rng = np.random.default_rng(9)
+    for pos in (1, 5000, 16383, 16384, 60000):
+        v = _f32(rng.standard_normal((2, head_dim)))
+        got = rope(lib.bn_ref_rope, v, pos, base, sc)
+        theta = pos * freq
+        a, b = v[:, : head_dim // 2].astype(np.float64), v[:, head_dim // 2:].astype(np.float64)
+        c, s = np.cos(theta) * mag, np.sin(theta) * mag
+        want = np.concatenate([a * c - b * s, a * s + b * c], axis=1)
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 
 def test_rope_pairs_halves() -> None:
@@ -152,7 +222,11 @@ def test_entry_points_refuse_bad_arguments() -> None:
     x = np.zeros(8, np.float32)
     assert lib.bn_test_rmsnorm(_ptr(x), _ptr(x), 0, 1e-5, _ptr(x)) == -1
     assert lib.bn_ref_rmsnorm(ffi.NULL, _ptr(x), 8, 1e-5, _ptr(x)) == -1
-    assert lib.bn_test_rope(_ptr(x), 1, 7, 0, 10000.0) == -1   # odd head_dim
-    assert lib.bn_ref_rope(_ptr(x), 1, 8, -1, 10000.0) == -1   # negative position
+    assert lib.bn_test_rope(_ptr(x), 1, 7, 0, 10000.0, ffi.NULL, 0) == -1   # odd head_dim
+    assert lib.bn_ref_rope(_ptr(x), 1, 8, -1, 10000.0, ffi.NULL, 0) == -1   # negative position
+    bad = scaling()
+    bad.type = 3  # no such scaling
+    assert lib.bn_test_rope(_ptr(x), 1, 8, 0, 10000.0, bad, 0) == -1
+    assert lib.bn_ref_rope(_ptr(x), 1, 8, 0, 10000.0, bad, 1) == -1
     assert lib.bn_test_attention(_ptr(x), _ptr(x), _ptr(x), 1, 3, 2, 4, _ptr(x)) == -1
     assert lib.bn_ref_attention(_ptr(x), _ptr(x), _ptr(x), 0, 1, 1, 8, _ptr(x)) == -1

@@ -428,3 +428,98 @@ def test_bonsai_int8_activations_against_the_float_model(engine,
         w = dataclasses.replace(w, tensors={**w.tensors, name: t})
     wrong = np.abs(log_softmax(got) - log_softmax(ref.forward(w, toks, float_activations=True)))
     assert np.median(wrong) > 5 * np.median(d)
+
+
+# ------------------------------------------------------------------------------------------
+# RoPE scaling (model-format §5.2.3.1): linear and YaRN on every graph, with a small
+# original_context_length so that one sequence runs below and well above it (YaRN as llama.cpp
+# and transformers apply it is static: the scaled angles hold at every position)
+
+#: YaRN over an original context of 32 (base 1e6, D 128: pairs 0-8 on the ramp, the rest
+#: interpolated), the Bonsai-8B factor
+BONSAI_YARN = dataclasses.replace(gw.TINY_BONSAI, n_ctx=320, rope_scaling="yarn",
+                                  rope_scaling_factor=4.0, rope_scaling_orig_ctx=32)
+#: base 10000, an original 64 and the file's own betas 4 and 0.5 (with the defaults 32 and 1
+#: the low bound is above 0 only for an original context over 201): YaRN bounds 6 and 21, so
+#: pairs 0-6 keep their angles, and an attn_factor key of 1.1 on top of YaRN's magnitude
+BONSAI_YARN_BOUNDS = dataclasses.replace(gw.TINY_BONSAI, n_ctx=200, rope_base=10000.0,
+                                         rope_scaling="yarn", rope_scaling_factor=8.0,
+                                         rope_scaling_orig_ctx=64)
+YARN_BOUNDS_KEYS = {"qwen3.rope.scaling.yarn_beta_fast": 4.0,
+                    "qwen3.rope.scaling.yarn_beta_slow": 0.5,
+                    "qwen3.rope.scaling.attn_factor": 1.1}
+BONSAI_LINEAR = dataclasses.replace(gw.TINY_BONSAI, n_ctx=320, rope_scaling="linear",
+                                    rope_scaling_factor=4.0)
+LLAMA_YARN = dataclasses.replace(gw.TINY_LLAMA, n_ctx=320, rope_scaling="yarn",
+                                 rope_scaling_factor=4.0, rope_scaling_orig_ctx=32)
+LLAMA_LINEAR = dataclasses.replace(gw.TINY_LLAMA, n_ctx=320, rope_scaling="linear",
+                                   rope_scaling_factor=2.5)
+BITNET_YARN = dataclasses.replace(gw.TINY, n_ctx=320, rope_scaling="yarn",
+                                  rope_scaling_factor=4.0, rope_scaling_orig_ctx=32)
+QWEN3_EMBED_LINEAR = dataclasses.replace(gw.TINY_QWEN3_EMBED, n_ctx=320,
+                                         rope_scaling="linear", rope_scaling_factor=4.0)
+
+
+@pytest.fixture(scope="module")
+def scaled_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("rope-scaling")
+    shapes = {"bonsai-yarn": BONSAI_YARN, "bonsai-yarn-bounds": BONSAI_YARN_BOUNDS,
+              "bonsai-linear": BONSAI_LINEAR, "llama-yarn": LLAMA_YARN,
+              "llama-linear": LLAMA_LINEAR, "bitnet-yarn": BITNET_YARN,
+              "qwen3-embed-linear": QWEN3_EMBED_LINEAR}
+    extra = {"bonsai-yarn-bounds": YARN_BOUNDS_KEYS}
+    return {name: gw.write_model(d / f"{name}.gguf", shape, 130 + i,
+                                 extra_metadata=extra.get(name))
+            for i, (name, shape) in enumerate(shapes.items())}
+
+
+def test_reference_reads_the_scaling_keys(engine, scaled_models: dict[str, Path]) -> None:
+    w = ref.load_reference(scaled_models["bonsai-yarn"])
+    assert w.is_bonsai and w.rope_scaling == ref.RopeScaling("yarn", 4.0, 32)
+    assert ref.load_reference(scaled_models["llama-linear"]).rope_scaling == ref.RopeScaling(
+        "linear", 2.5)
+    sc = ref.load_reference(scaled_models["bonsai-yarn-bounds"]).rope_scaling
+    assert (sc.beta_fast, sc.beta_slow) == (4.0, 0.5) and sc.attn_factor == pytest.approx(1.1)
+    model = engine.Model.load(scaled_models["bonsai-yarn"])
+    try:
+        hp = model.hparams
+        assert (hp.rope_scaling, hp.rope_scaling_factor, hp.rope_orig_ctx) == ("yarn", 4.0, 32)
+        assert (hp.rope_yarn_beta_fast, hp.rope_yarn_beta_slow, hp.rope_attn_factor) == (
+            32.0, 1.0, 1.0)
+    finally:
+        model.close()
+
+
+@pytest.mark.parametrize("which,n,chunks,n_ctx", [
+    ("bonsai-yarn", 150, [100, 1, 1, 48], 320),
+    ("bonsai-yarn-bounds", 150, [90, 1, 59], 200),
+    ("bonsai-linear", 120, [100, 1, 19], 320),
+    ("llama-yarn", 150, [20, 1, 1, 128], 320),
+    ("llama-linear", 120, [100, 1, 19], 320),
+    ("bitnet-yarn", 120, [64, 1, 55], 320),
+    ("qwen3-embed-linear", 80, [60, 1, 19], 320),
+])
+def test_scaled_rope_against_reference(engine, scaled_models: dict[str, Path], which: str,
+                                       n: int, chunks: list[int], n_ctx: int) -> None:
+    toks = tokens_for(gw.TINY.n_vocab, n, 140 + n)
+    check_against_reference(engine, scaled_models[which], toks, chunks, n_ctx)
+
+
+@pytest.mark.parametrize("which", ["bonsai-yarn", "llama-yarn"])
+def test_comparison_tells_rope_scalings_apart(engine, scaled_models: dict[str, Path],
+                                              which: str) -> None:
+    """The engine's YaRN logits are far from the unscaled model, from linear scaling (same
+    factor) and from YaRN without its 1 + 0.1 ln(factor) magnitude: each part of the scaling
+    is seen by the comparison, below the original context (32) and above it."""
+    path = scaled_models[which]
+    w = ref.load_reference(path)
+    toks = tokens_for(gw.TINY.n_vocab, 100, 7)
+    got = engine_logits(engine, path, [toks], 320)
+    m = ref.match_engine(w, toks, got, max_flips=flip_cap(len(toks)))
+    assert_matched(m)
+    sc = w.rope_scaling
+    no_magnitude = dataclasses.replace(sc, attn_factor=1 / (1 + 0.1 * np.log(sc.factor)))
+    for other in (ref.RopeScaling(), ref.RopeScaling("linear", sc.factor), no_magnitude):
+        wrong = rel_errors(got, ref.forward(w, toks, rope_scaling=other))
+        assert np.median(wrong[1:32]) > 10 * TOLERANCE, other
+        assert np.median(wrong[32:]) > 10 * TOLERANCE, other

@@ -271,6 +271,10 @@ class RawTensor:
     ggml_type: int
 
 
+#: Written after rope.freq_base when the shape has RoPE scaling (model-format §5.2.3.1).
+_ROPE_SCALING_KEYS = ("ARCH.rope.scaling.type", "ARCH.rope.scaling.factor",
+                      "ARCH.rope.scaling.original_context_length")
+
 #: The key order of the official BitNet file (model-format §2.2): "ARCH." stands for the
 #: architecture prefix; tokenizer.ggml.pre (not in the official file) goes before the tokens.
 _BITNET_KEYS = (
@@ -278,7 +282,8 @@ _BITNET_KEYS = (
     "ARCH.embedding_length", "ARCH.block_count", "ARCH.feed_forward_length",
     "ARCH.rope.dimension_count", "ARCH.attention.head_count", "ARCH.attention.head_count_kv",
     "tokenizer.ggml.add_bos_token", "ARCH.attention.layer_norm_rms_epsilon",
-    "ARCH.rope.freq_base", "general.file_type", "tokenizer.ggml.model", "tokenizer.ggml.pre",
+    "ARCH.rope.freq_base", *_ROPE_SCALING_KEYS, "general.file_type", "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
     "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
     "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
     "tokenizer.ggml.padding_token_id", "tokenizer.chat_template",
@@ -292,7 +297,7 @@ _BITNET_KEYS = (
 _LLAMA_KEYS = (
     "general.architecture", "general.name", "ARCH.block_count", "ARCH.context_length",
     "ARCH.embedding_length", "ARCH.feed_forward_length", "ARCH.attention.head_count",
-    "ARCH.attention.head_count_kv", "ARCH.rope.freq_base",
+    "ARCH.attention.head_count_kv", "ARCH.rope.freq_base", *_ROPE_SCALING_KEYS,
     "ARCH.attention.layer_norm_rms_epsilon", "general.file_type", "ARCH.vocab_size",
     "ARCH.rope.dimension_count", "tokenizer.ggml.model", "tokenizer.ggml.pre",
     "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
@@ -311,6 +316,7 @@ _QWEN3_KEYS = (
     "ARCH.embedding_length", "ARCH.feed_forward_length", "ARCH.attention.head_count",
     "ARCH.attention.head_count_kv", "ARCH.vocab_size", "ARCH.rope.dimension_count",
     "ARCH.attention.key_length", "ARCH.attention.value_length", "ARCH.rope.freq_base",
+    *_ROPE_SCALING_KEYS,
     "ARCH.attention.layer_norm_rms_epsilon", "general.file_type", "ARCH.pooling_type",
     "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
     "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.eos_token_id",
@@ -359,6 +365,10 @@ def _metadata(shape: ModelShape, vocab: Vocab, chat_template: str,
         "ARCH.pooling_type": (shape.pooling_type, u32),
         "ARCH.attention.layer_norm_rms_epsilon": (shape.rms_eps, f32),
         "ARCH.rope.freq_base": (shape.rope_base, f32),
+        "ARCH.rope.scaling.type": (shape.rope_scaling, T.STRING),
+        "ARCH.rope.scaling.factor": (
+            shape.rope_scaling_factor if shape.rope_scaling else None, f32),
+        "ARCH.rope.scaling.original_context_length": (shape.rope_scaling_orig_ctx, u32),
         "general.file_type": (FILE_TYPE_MOSTLY_Q2_0 if shape.is_bonsai else FILE_TYPE_MOSTLY_I2_S,
                               u32),
         "tokenizer.ggml.model": ("gpt2", T.STRING),

@@ -94,6 +94,12 @@ class ModelShape:
     #: weights per block of a Q2_0 file's type-42 tensors: 64 (mainline, 18-byte blocks) or
     #: 128 (PrismML's layout, 34-byte blocks, the files its model cards list; §10.6.1)
     q2_0_block: int = 64
+    #: ARCH.rope.scaling.type: "linear" or "yarn" (model-format §5.2.3.1), None for no scaling
+    #: keys at all; with its rope.scaling.factor and, for yarn, the
+    #: rope.scaling.original_context_length
+    rope_scaling: str | None = None
+    rope_scaling_factor: float = 1.0
+    rope_scaling_orig_ctx: int | None = None
 
     @property
     def is_bonsai(self) -> bool:
@@ -142,6 +148,10 @@ class ModelShape:
                 raise ValueError(f"{name}={k} must be a multiple of 128 (I2_S blocks)")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
+        if self.rope_scaling not in (None, "linear", "yarn") or (
+                self.rope_scaling == "yarn") != (self.rope_scaling_orig_ctx is not None):
+            raise ValueError(f"rope_scaling {self.rope_scaling!r}: None, 'linear' or 'yarn' "
+                             "(rope_scaling_orig_ctx for yarn only, and required there)")
 
 
 TINY = ModelShape(n_vocab=TINY_VOCAB_SIZE, n_embd=256, n_head=4, n_head_kv=2, n_ff=384,
@@ -176,11 +186,14 @@ FALCON_E_3B = ModelShape(n_vocab=32768, n_embd=2048, n_head=16, n_head_kv=2, n_f
                          architecture="llama")
 #: Ternary Bonsai (Qwen3 with Q2_0 weights, model-format §10.6) at TINY's width.
 TINY_BONSAI = dataclasses.replace(TINY_QWEN3_EMBED, pooling_type=None, weight_format="q2_0")
-#: Bonsai-8B's shape: the Qwen3-8B geometry, untied Q2_0 head (model-families C.1).
+#: Bonsai-8B's shape: the Qwen3-8B geometry, untied Q2_0 head (model-families C.1), and the
+#: context and YaRN keys of PrismML's published file (65536 positions, factor 4 over an
+#: original 16384; model-format §10.6.4).
 BONSAI_8B = ModelShape(n_vocab=151936, n_embd=4096, n_head=32, n_head_kv=8, n_ff=12288,
-                       n_layer=36, n_ctx=40960, rope_base=1000000.0, rms_eps=1e-6,
+                       n_layer=36, n_ctx=65536, rope_base=1000000.0, rms_eps=1e-6,
                        architecture="qwen3", n_head_dim=128, weight_format="q2_0",
-                       tie_head=False)
+                       tie_head=False, rope_scaling="yarn", rope_scaling_factor=4.0,
+                       rope_scaling_orig_ctx=16384)
 #: BitNet-embedding-0.6B's shape (model-families B.1; the context length is Qwen3-0.6B's
 #: 32768, not confirmed for this model).
 BITNET_EMBED_06B = ModelShape(n_vocab=151936, n_embd=1024, n_head=16, n_head_kv=8,

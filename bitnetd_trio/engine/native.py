@@ -93,6 +93,11 @@ def _errmsg(buf: Any, fallback: str) -> str:
     return msg or fallback
 
 
+#: bn_rope_scaling.type -> the ARCH.rope.scaling.type string
+_ROPE_SCALING_NAMES = {lib.BN_ROPE_SCALING_NONE: "none", lib.BN_ROPE_SCALING_LINEAR: "linear",
+                       lib.BN_ROPE_SCALING_YARN: "yarn"}
+
+
 @dataclass(frozen=True)
 class HParams:
     """Hyper-parameters of a loaded model (bn_hparams)."""
@@ -114,6 +119,15 @@ class HParams:
     #: the pooling the graph is defined with, numbered as ARCH.pooling_type (3 = last token
     #: for the BitNet embedding graph), 0 for a decoder (model-format §10.5.4)
     pooling: int = 0
+    #: ARCH.rope.scaling.* as the engine applies them (model-format §5.2.3.1): type "none",
+    #: "linear" or "yarn"; factor 1 for none; original_context_length 0 unless yarn; the
+    #: YaRN ramp's betas; attn_factor multiplies RoPE's cos and sin
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_orig_ctx: int = 0
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_attn_factor: float = 1.0
 
 
 class _Closable:
@@ -159,6 +173,12 @@ class Model(_Closable):
             n_params=int(hp.n_params),
             file_size=int(hp.file_size),
             pooling=int(hp.pooling),
+            rope_scaling=_ROPE_SCALING_NAMES.get(int(hp.rope_scaling.type), "?"),
+            rope_scaling_factor=float(hp.rope_scaling.factor),
+            rope_orig_ctx=int(hp.rope_scaling.orig_ctx),
+            rope_yarn_beta_fast=float(hp.rope_scaling.beta_fast),
+            rope_yarn_beta_slow=float(hp.rope_scaling.beta_slow),
+            rope_attn_factor=float(hp.rope_scaling.attn_factor),
         )
 
     @classmethod
