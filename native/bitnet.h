@@ -220,6 +220,11 @@ int bn_ternary_matmul(const char *kernel, const uint8_t *packed, float scale, in
  * (n_in % 64 == 0, n_in <= 2^22), activations quantized per token as for I2_S. */
 int bn_q2_0_matmul(const char *kernel, const uint8_t *blocks, int32_t n_in, int32_t n_out,
                    const float *x, int32_t n_tok, float *y, int32_t n_threads);
+/* y[t][r] = the Q8_0 head product (model-format §5.3, §10.1.6) of float x[t] (not quantized)
+ * with row r of a Q8_0 matrix: n_out rows of n_in/32 34-byte blocks (n_in % 32 == 0, n_in <=
+ * 2^20), in the order every kernel set reproduces bit for bit. */
+int bn_q8_0_matmul(const char *kernel, const uint8_t *blocks, int32_t n_in, int32_t n_out,
+                   const float *x, int32_t n_tok, float *y, int32_t n_threads);
 
 /* Memory read bandwidth in GB/s: the best of reps passes of n_threads threads, each reading
  * its share of an n_bytes buffer as `streams` interleaved sequential streams. <= 0 on failure.

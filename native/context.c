@@ -145,8 +145,8 @@ bn_context *bn_context_new(const bn_model *m, int32_t n_slots, int32_t n_ctx, in
                    E, F, H, Hkv, D);
         return NULL;
     }
-    if ((!m->tok_embd && !m->tok_embd_q2.codes) || (!m->head && !m->head_q2.codes) ||
-        !m->output_norm || !m->layers) {
+    if ((!m->tok_embd && !m->tok_embd_q2.codes && !m->tok_embd_q8) ||
+        (!m->head && !m->head_q2.codes && !m->head_q8) || !m->output_norm || !m->layers) {
         bn_set_err(err, errlen, "model is missing tensors");
         return NULL;
     }

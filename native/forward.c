@@ -461,12 +461,31 @@ static void q2_0_row(const bn_ternary *w, int32_t r, float *out)
     }
 }
 
+/* out[0..n_in) = row r of a Q8_0 matrix (model-format §10.1.6), dequantized: q * d, exact in
+ * f32 (the same values the Q8_0 head multiplies). */
+static void q8_0_row(const uint8_t *w, int32_t n_in, int32_t r, float *out)
+{
+    const int32_t nb = n_in / 32;
+    const uint8_t *row = w + (size_t)r * (size_t)nb * BN_Q8_0_BLOCK;
+    for (int32_t b = 0; b < nb; b++) {
+        const uint8_t *block = row + (size_t)b * BN_Q8_0_BLOCK;
+        uint16_t h;
+        memcpy(&h, block, sizeof h);
+        const float d = bn_f16_to_f32(h);
+        const int8_t *q = (const int8_t *)(const void *)(block + 2);
+        for (int j = 0; j < 32; j++)
+            out[b * 32 + j] = (float)q[j] * d;
+    }
+}
+
 /* ---------------------------------------------------------------- model-format §5.3 output head */
 
-/* logits = head (F16) . y for n_tok rows y (model-format §5.3), vocabulary rows shared out. */
+/* logits = head (F16 or Q8_0) . y for n_tok rows y (model-format §5.3), vocabulary rows
+ * shared out. */
 typedef struct {
     const bn_kernel_set *k;
-    const uint16_t *head; /* [n_vocab][n_in] F16 */
+    const uint16_t *head; /* [n_vocab][n_in] F16, or NULL for a Q8_0 head */
+    const uint8_t *head8; /* [n_vocab] rows of n_in/32 Q8_0 blocks, or NULL */
     int32_t n_in, n_vocab, n_tok;
     const float *x; /* [n_tok][n_in] f32: the output-normed rows (ctx->ynorm) */
     float *y;       /* [n_tok][n_vocab] f32: their logits rows */
@@ -479,9 +498,14 @@ static void head_worker(void *arg, int32_t ith, int32_t nth)
     (void)nth;
     head_job *job = arg;
     int64_t lo, hi;
-    while (bn_queue_grab(&job->queue, &lo, &hi))
-        job->k->f16_matmul(job->head, job->n_in, (int32_t)lo, (int32_t)hi, job->x, job->n_tok,
-                           job->n_in, job->y, job->n_vocab);
+    while (bn_queue_grab(&job->queue, &lo, &hi)) {
+        if (job->head8)
+            job->k->q8_0_matmul(job->head8, job->n_in, (int32_t)lo, (int32_t)hi, job->x, job->n_tok,
+                                job->n_in, job->y, job->n_vocab);
+        else
+            job->k->f16_matmul(job->head, job->n_in, (int32_t)lo, (int32_t)hi, job->x, job->n_tok,
+                               job->n_in, job->y, job->n_vocab);
+    }
 }
 
 /* ------------------------------------------------------------------------------------ one chunk */
@@ -500,10 +524,12 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
     const int adjacent = arch->rope_pairing == BN_ROPE_ADJACENT;
 
     /* 1. (model-format §5.1) x = the token's row of token_embd, F16 -> F32; a Q2_0 row is
-     * dequantized, (code - 1) * d (§10.6.3) */
+     * dequantized, (code - 1) * d (§10.6.3), a Q8_0 one q * d (§10.1.6) */
     for (int32_t i = 0; i < T; i++) {
         if (m->tok_embd)
             bn_f16_row_to_f32(m->tok_embd + (size_t)ctx->tok_id[i] * E, E, ctx->x + (size_t)i * E);
+        else if (m->tok_embd_q8)
+            q8_0_row(m->tok_embd_q8, E, ctx->tok_id[i], ctx->x + (size_t)i * E);
         else
             q2_0_row(&m->tok_embd_q2, ctx->tok_id[i], ctx->x + (size_t)i * E);
     }
@@ -620,7 +646,7 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         rmsnorm(ctx->x + (size_t)i * E, m->output_norm, E, eps, ctx->ynorm + (size_t)n_out * E);
         n_out++;
     }
-    if (n_out > 0 && !m->head) {
+    if (n_out > 0 && m->head_q2.codes) {
         /* 3.2 (model-format §10.6.3) a Q2_0 head: the rows quantized per token as for any
          * Q2_0 product */
         float *y = ctx->logits + (size_t)first_row * hp->n_vocab;
@@ -629,7 +655,8 @@ void bn_forward_chunk(bn_context *ctx, const bn_kernel_set *k, int32_t T)
         run_matmul(ctx, k, &ay, &m->head_q2, y, NULL, NULL, NULL, NULL);
     } else if (n_out > 0) {
         float *y = ctx->logits + (size_t)first_row * hp->n_vocab;
-        head_job hj = {k, m->head, E, hp->n_vocab, n_out, ctx->ynorm, y, {0}};
+        /* F16, or Q8_0 in the F16 head's order (§10.1.6) */
+        head_job hj = {k, m->head, m->head_q8, E, hp->n_vocab, n_out, ctx->ynorm, y, {0}};
         bn_queue_init(&hj.queue, hp->n_vocab, bn_pool_threads(ctx->pool), 4, 16);
         bn_pool_run(ctx->pool, head_worker, &hj);
     }

@@ -183,6 +183,9 @@ static int read_u64(reader *r, uint64_t *out, const char *what)
 /* A GGUF string: u64 length + bytes. Returns the bytes in place. */
 static int read_str(reader *r, const char **s, uint64_t *len, const char *what)
 {
+    /* defined on failure too: GCC -O3 cannot always tell that callers then stop */
+    *s = NULL;
+    *len = 0;
     if (read_u64(r, len, what))
         return -1;
     if (*len > remaining(r))
@@ -442,6 +445,12 @@ static int tensor_nbytes(reader *r, const bn_gguf_tensor *t, uint64_t n, uint64_
                         (unsigned long long)t->ne[0]);
         *out = n / 4 + 32; /* codes, then the f32 scale and 28 padding bytes */
         return 0;
+    case BN_TYPE_Q8_0: /* model-format §1.3: 34-byte blocks of 32 weights along ne[0] */
+        if (t->ne[0] % 32 != 0)
+            return fail(r, "Q8_0 tensor ne[0] = %llu is not a multiple of 32",
+                        (unsigned long long)t->ne[0]);
+        *out = n / 32 * 34;
+        return 0;
     case 42: /* Q2_0, model-format §10.6.1: 18-byte blocks of 64 weights along ne[0] */
         if (t->ne[0] % 64 != 0)
             return fail(r, "Q2_0 tensor ne[0] = %llu is not a multiple of 64",
@@ -450,8 +459,8 @@ static int tensor_nbytes(reader *r, const bn_gguf_tensor *t, uint64_t n, uint64_
         return 0;
     default:
         return fail(r,
-                    "unsupported tensor type %u (%s); only F32 (0), F16 (1), I2_S (36) and "
-                    "Q2_0 (42)",
+                    "unsupported tensor type %u (%s); only F32 (0), F16 (1), Q8_0 (8), I2_S "
+                    "(36) and Q2_0 (42)",
                     t->type, ggml_type_name(t->type));
     }
 }
@@ -632,10 +641,10 @@ static int parse(bn_gguf *g, char *err, size_t errlen)
         /* type 42's size depends on its layout: q2_0_room checks it against its room */
         if (t->offset > data_size || (t->type != 42 && t->nbytes > data_size - t->offset)) {
             bn_set_err(err, errlen,
-                       "tensor '%s': data at offset %llu, %llu bytes, lies outside the "
+                       "tensor '%s': %s data at offset %llu, %llu bytes, lies outside the "
                        "file (data section holds %llu bytes; truncated file?)",
-                       name, (unsigned long long)t->offset, (unsigned long long)t->nbytes,
-                       (unsigned long long)data_size);
+                       name, ggml_type_name(t->type), (unsigned long long)t->offset,
+                       (unsigned long long)t->nbytes, (unsigned long long)data_size);
             return -1;
         }
         t->data = g->base + data_off + t->offset;

@@ -5,7 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-enum { BN_TYPE_F32 = 0, BN_TYPE_F16 = 1, BN_TYPE_I2_S = 36, BN_TYPE_Q2_0 = 42 };
+enum { BN_TYPE_F32 = 0, BN_TYPE_F16 = 1, BN_TYPE_Q8_0 = 8, BN_TYPE_I2_S = 36, BN_TYPE_Q2_0 = 42 };
 
 typedef struct {
     const char *name; /* not NUL-terminated; name_len bytes */

@@ -43,6 +43,7 @@ static const char *type_name(uint32_t t)
     switch (t) {
     case BN_TYPE_F32: return "F32";
     case BN_TYPE_F16: return "F16";
+    case BN_TYPE_Q8_0: return "Q8_0";
     case BN_TYPE_I2_S: return "I2_S";
     case BN_TYPE_Q2_0: return "Q2_0";
     default: return "?";
@@ -641,11 +642,16 @@ static int load_vocab(loader *L)
         return lfail(L, "tensor 'token_embd.weight' has %llu rows, too many",
                      (unsigned long long)emb->ne[1]);
     hp->n_vocab = (int32_t)emb->ne[1];
-    /* the Q2_0 graph's token_embd and head may be Q2_0 or F16 (model-format §10.6.3) */
+    /* the Q2_0 graph's token_embd and head may be Q2_0 or F16 (model-format §10.6.3); every
+     * graph's may be Q8_0 (§10.1.6), whose blocks the reader checked to fit */
     const int q2 = L->a->weight_format == BN_WFMT_Q2_0;
     if (q2 && emb->type == BN_TYPE_Q2_0) {
         if (need_q2_0(L, "token_embd.weight", hp->n_embd, hp->n_vocab, &L->m->tok_embd_q2))
             return -1;
+    } else if (emb->type == BN_TYPE_Q8_0) {
+        if (!need_tensor(L, "token_embd.weight", BN_TYPE_Q8_0, hp->n_embd, hp->n_vocab))
+            return -1;
+        L->m->tok_embd_q8 = emb->data;
     } else {
         if (!need_tensor(L, "token_embd.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
             return -1;
@@ -677,6 +683,10 @@ static int load_vocab(loader *L)
         if (q2 && out->type == BN_TYPE_Q2_0) {
             if (need_q2_0(L, "output.weight", hp->n_embd, hp->n_vocab, &L->m->head_q2))
                 return -1;
+        } else if (out->type == BN_TYPE_Q8_0) {
+            if (!need_tensor(L, "output.weight", BN_TYPE_Q8_0, hp->n_embd, hp->n_vocab))
+                return -1;
+            L->m->head_q8 = out->data;
         } else {
             if (!need_tensor(L, "output.weight", BN_TYPE_F16, hp->n_embd, hp->n_vocab))
                 return -1;
@@ -686,6 +696,7 @@ static int load_vocab(loader *L)
     } else {
         L->m->head = L->m->tok_embd;
         L->m->head_q2 = L->m->tok_embd_q2;
+        L->m->head_q8 = L->m->tok_embd_q8;
         hp->tied_head = 1;
     }
     return 0;

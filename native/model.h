@@ -44,11 +44,16 @@ struct bn_model {
     bn_hparams hp;
     const bn_arch *arch;      /* the graph's description (model-format §10.1) */
     const uint16_t *tok_embd; /* [n_vocab][n_embd] F16 (IEEE binary16 bits), or NULL when
-                               * token_embd is Q2_0 (tok_embd_q2) */
+                               * token_embd is Q2_0 (tok_embd_q2) or Q8_0 (tok_embd_q8) */
     const uint16_t *head;     /* [n_vocab][n_embd] F16: output.weight, or tok_embd if tied;
-                               * NULL when the head is Q2_0 (head_q2) */
+                               * NULL when the head is Q2_0 (head_q2) or Q8_0 (head_q8) */
     bn_ternary tok_embd_q2;   /* Q2_0 token_embd (codes NULL otherwise, model-format §10.6.3) */
     bn_ternary head_q2;       /* Q2_0 head: output.weight, or token_embd if tied */
+    /* Q8_0 token_embd and head (model-format §10.1.6): [n_vocab] rows of n_embd/32 34-byte
+     * blocks, or NULL; at most one of tok_embd, tok_embd_q2.codes, tok_embd_q8 is set, and
+     * likewise for the head */
+    const uint8_t *tok_embd_q8;
+    const uint8_t *head_q8;
     const float *output_norm; /* [n_embd] F32 */
     bn_layer *layers;         /* [n_layer] */
     /* f32 copies of F16 norm weights (model-format §10.1.1), made once at load */

@@ -38,7 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-F32, F16, I2_S, Q2_0 = 0, 1, 36, 42
+F32, F16, Q8_0, I2_S, Q2_0 = 0, 1, 8, 36, 42
 
 # GGUF metadata value types (spec 1.2): struct format for the fixed-size ones.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
@@ -90,6 +90,8 @@ def tensor_nbytes(ne: tuple[int, ...], ggml_type: int) -> int:
         return n // 4 + 32
     if ggml_type == Q2_0:
         return n // 64 * 18
+    if ggml_type == Q8_0:
+        return n // 32 * 34
     raise GGUFFormatError(f"tensor type {ggml_type} not used by this model")
 
 
@@ -214,6 +216,17 @@ def decode_q2_0(data: bytes, rows: int, cols: int, block: int = 64
     return vals.reshape(rows, cols), np.repeat(d.astype(np.float32), block // 64, axis=1)
 
 
+def decode_q8_0(data: bytes, rows: int, cols: int) -> np.ndarray:
+    """Q8_0 bytes -> float32 (rows, cols), per ggml's type 8: blocks of 32 weights along a
+    row, each 34 bytes, a little-endian fp16 scale d then 32 signed bytes q; weight = q * d
+    (exact in float32)."""
+    blocks = np.frombuffer(data, dtype=np.uint8, count=rows * cols // 32 * 34)
+    blocks = blocks.reshape(rows, cols // 32, 34)
+    d = np.frombuffer(blocks[..., :2].tobytes(), dtype="<f2").astype(np.float32)
+    q = np.frombuffer(blocks[..., 2:].tobytes(), dtype=np.int8).astype(np.float32)
+    return (q.reshape(rows, cols // 32, 32) * d.reshape(rows, cols // 32, 1)).reshape(rows, cols)
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """ARCH.rope.scaling.*: kind "none", "linear" or "yarn"; factor; the YaRN original
@@ -253,7 +266,7 @@ class ReferenceWeights:
     n_vocab: int
     rms_eps: float
     rope_base: float
-    tensors: dict[str, np.ndarray]  # F32/F16 as float32, I2_S and Q2_0 as int8 code - 1
+    tensors: dict[str, np.ndarray]  # F32/F16/Q8_0 as float32, I2_S and Q2_0 as int8 code - 1
     scales: dict[str, np.float32]
     head_dim: int = 0  # D; 0 means n_embd // n_head
     #: per-64 scales of the Q2_0 tensors (rows, cols / 64) float32
@@ -305,6 +318,8 @@ def load_reference(path: str | Path) -> ReferenceWeights:
             tensors[name], scales[name] = decode_i2s(data, *shape)
         elif info.ggml_type == Q2_0:
             tensors[name], group_scales[name] = decode_q2_0(data, *shape, info.q2_0_block)
+        elif info.ggml_type == Q8_0:  # the head and embedding: float weights, float products
+            tensors[name] = decode_q8_0(data, *shape)
     n_embd, n_head = md[f"{arch}.embedding_length"], md[f"{arch}.attention.head_count"]
     head_dim = n_embd // n_head
     if arch in ("llama", "qwen3"):  # key_length when present, else rope.dimension_count, else E / H

@@ -412,7 +412,10 @@ def tensor_cases(h: Header) -> Iterator[Case]:
                        put("<Q", t.ne_offs[0], 64))
         for v, name in ((2, "Q4_0"), (8, "Q8_0"), (30, "BF16"), (37, "unsupported tensor type"),
                         (0xFFFFFFFF, "unsupported tensor type")):
-            yield Case(f"t{i}-type-{v:#x}", (f"tensor '{nm}'", name), put("<I", t.type_off, v))
+            # token_embd may be Q8_0 (model-format §10.1.6): its F16 bytes read as Q8_0 blocks
+            # fit, so that file loads (and runs, in the sanitizer corpus)
+            words = () if (v, nm) == (8, "token_embd.weight") else (f"tensor '{nm}'", name)
+            yield Case(f"t{i}-type-{v:#x}", words, put("<I", t.type_off, v))
         other = {0: 1, 1: 0, 36: 1}[t.ggml_type]
         yield Case(f"t{i}-type-swapped", (nm,), put("<I", t.type_off, other))
         for v in (t.offset + 1, t.offset + 16, t.offset + 31):
@@ -560,6 +563,7 @@ def writer_cases() -> Iterator[Case]:
     # Loads; the forward pass then sees NaN everywhere (the sanitizer run goes through it).
     yield w("embd-nan", (), tensor_overrides={
         "token_embd.weight": np.full((512, e), np.nan, np.float16)})
+    yield from q8_0_cases(w, MINI, "bitnet")
     yield w("extra-q4", ("extra.weight", "Q4_0"), tensor_overrides={
         "extra.weight": gw.RawTensor(bytes(18 * 4), (128,), 2)})
     yield w("extra-f32", (), tensor_overrides={"extra.weight": np.ones(3, np.float32)})
@@ -639,9 +643,11 @@ def llama_cases(w: Callable[..., Case]) -> Iterator[Case]:
                     ("attention.head_count_kv", 1))})
     yield w("llama-rope-freqs", ("rope_freqs.weight", "not supported"), L,
             tensor_overrides={"rope_freqs.weight": np.ones(L.head_dim // 2, np.float32)})
-    # the head: F16 [E, vocab] or absent (then token_embd); Q8_0 is refused for now
-    yield w("llama-head-q8_0", ("output.weight", "Q8_0"), L, tensor_overrides={
+    # the head: F16 or Q8_0 [E, vocab] (model-format §10.1.6), or absent (then token_embd)
+    yield w("llama-valid-head-q8_0", (), L, tensor_overrides={
         "output.weight": gw.RawTensor(bytes(512 * e // 32 * 34), (512, e), 8)})
+    yield w("llama-valid-head-q8_0-random", (), dataclasses.replace(L, output_type="q8_0"))
+    yield from q8_0_cases(w, L, "llama")
     yield w("llama-head-f32", ("output.weight", "type F32"), L,
             tensor_overrides={"output.weight": np.zeros((512, e), np.float32)})
     yield w("llama-head-shape", ("output.weight", "shape"), L,
@@ -660,6 +666,34 @@ def llama_cases(w: Callable[..., Case]) -> Iterator[Case]:
             tensor_overrides={"blk.0.ffn_norm.weight": np.ones(e, np.float16)})
 
 
+def q8_0_cases(w: Callable[..., Case], shape: gw.ModelShape, label: str) -> Iterator[Case]:
+    """Q8_0 (ggml type 8, model-format §10.1.6) on a graph: a valid tied Q8_0 token_embd;
+    rows that are not whole 32-weight blocks, data cut short, a wrong shape, and Q8_0 where
+    the graph wants its projection format or a float norm, each refused naming the tensor."""
+    e, q8 = shape.n_embd, gw.GGML_TYPE_Q8_0
+    yield w(f"{label}-valid-embd-q8_0-tied", (), dataclasses.replace(
+        shape, token_embd_type="q8_0"), tie_head=True)
+    for name, ne0 in (("output.weight", 48), ("token_embd.weight", 100)):
+        yield w(f"{label}-q8_0-{name}-ne0-{ne0}", (f"tensor '{name}'", "Q8_0", "multiple of 32"),
+                shape, tie_head=False, tensor_overrides={
+                    name: gw.RawTensor(bytes(512 * 64), (512, ne0), q8)})
+    # output.weight is the file's last tensor: four blocks short of its 34-byte blocks
+    yield w(f"{label}-q8_0-head-truncated", ("tensor 'output.weight'", "Q8_0", "outside"),
+            shape, tie_head=False, tensor_overrides={
+                "output.weight": gw.RawTensor(bytes(512 * e // 32 * 34 - 4 * 34), (512, e), q8)})
+    yield w(f"{label}-q8_0-head-shape", ("output.weight", "shape"), shape, tie_head=False,
+            tensor_overrides={"output.weight": gw.RawTensor(bytes(256 * e // 32 * 34),
+                                                            (256, e), q8)})
+    # (not blk.0.attn_q, whose type picks among the qwen3 descriptions: model-format §10.1.5)
+    want, f = ("Q2_0" if shape.is_bonsai else "I2_S"), shape.n_ff
+    yield w(f"{label}-q8_0-ffn-up", ("blk.1.ffn_up.weight", "type Q8_0", f"expected {want}"),
+            shape, tensor_overrides={"blk.1.ffn_up.weight": gw.RawTensor(
+                bytes(f * e // 32 * 34), (f, e), q8)})
+    yield w(f"{label}-q8_0-norm", ("blk.1.ffn_norm.weight", "type Q8_0", "expected F"), shape,
+            tensor_overrides={"blk.1.ffn_norm.weight": gw.RawTensor(bytes(e // 32 * 34), (e,),
+                                                                    q8)})
+
+
 #: The Qwen3 embedding graph (model-format §10.5) at MINI's size, head_dim 128 != E / H.
 MINI_QWEN3 = dataclasses.replace(MINI, architecture="qwen3", rope_base=1e6, rms_eps=1e-6,
                                  n_head_dim=128, pooling_type=gw.POOLING_LAST)
@@ -674,6 +708,7 @@ def qwen3_cases(w: Callable[..., Case]) -> Iterator[Case]:
     f16 = gw.GGML_TYPE_F16
     yield w("qwen3-valid", (), Q)
     yield w("qwen3-valid-untied", (), Q, tie_head=False)
+    yield from q8_0_cases(w, Q, "qwen3")
     yield w("qwen3-valid-no-pooling-key", (), dataclasses.replace(Q, pooling_type=None))
     yield w("qwen3-valid-rope-dims-only", (), Q,
             drop_keys=[f"{a}.attention.key_length", f"{a}.attention.value_length"])
@@ -781,6 +816,9 @@ def bonsai_cases(w: Callable[..., Case]) -> Iterator[Case]:
         "token_embd.weight": np.zeros((512, e), np.float32)})
     yield w("bonsai-drop-k-norm", ("missing tensor", "blk.1.attn_k_norm.weight"), B,
             drop_tensors=["blk.1.attn_k_norm.weight"])
+    yield w("bonsai-valid-q8_0-embd-and-head", (), dataclasses.replace(
+        B, token_embd_type="q8_0", output_type="q8_0"), tie_head=False)
+    yield from q8_0_cases(w, B, "bonsai")
 
 
 def rope_scaling_cases(w: Callable[..., Case]) -> Iterator[Case]:

@@ -389,3 +389,142 @@ def test_q2_0_extreme_sums_exact(kernel: str) -> None:
             for n_threads in (1, 2):
                 got = engine.q2_0_matmul(blob, n_in, n_out, x, kernel=kernel, n_threads=n_threads)
                 np.testing.assert_array_equal(got, want, err_msg=f"code {code} tokens {n_tok}")
+
+
+# ---- Q8_0 head (model-format §5.3, §10.1.6): 34-byte blocks of 32, weight q * d ------------
+
+
+def q8_0_reference(q: np.ndarray, d: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """model-format §5.3 for a Q8_0 head in numpy, written from the format: float x (not
+    quantized), weight w = q * d (exact in float32), 16 float32 partial sums, element i into
+    lane i % 16 with a fused multiply-add, then the fixed tree. The fused step is computed in
+    float64 and rounded once, which is the fused result when float64 holds it exactly:
+    q2_0_case-like inputs that are multiples of 2^-30 below 2^22 (asserted)."""
+    n_out, n_in = q.shape
+    w = (q.astype(np.float64).reshape(n_out, n_in // 32, 32) * d.astype(np.float64)[..., None]
+         ).reshape(n_out, n_in)
+    assert np.array_equal(w.astype(np.float32).astype(np.float64), w)  # exact in float32
+    xx = x.astype(np.float64)
+    p = np.zeros((x.shape[0], n_out, 16), np.float32)
+    for i in range(n_in):
+        exact = xx[:, None, i] * w[None, :, i] + p[:, :, i % 16]
+        assert np.all(np.abs(exact) < 2.0**22)
+        p[:, :, i % 16] = exact.astype(np.float32)
+    return sum16(p)
+
+
+def q8_0_case(rng: np.random.Generator, n_in: int, n_out: int, n_tok: int, *,
+              coarse: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every int8 value, F16 scales of both signs with zero and subnormal ones, and normal
+    float inputs; coarse: inputs k / 64 (multiples of 2^-6) for q8_0_reference."""
+    q = rng.integers(-128, 128, size=(n_out, n_in)).astype(np.int8)
+    d = rng.uniform(-2, 2, size=(n_out, n_in // 32)).astype(np.float16)
+    d[rng.random(d.shape) < 0.05] = 0
+    d[rng.random(d.shape) < 0.05] = np.float16(3e-6)  # subnormal in F16
+    if coarse:
+        x = (rng.integers(-512, 513, size=(n_tok, n_in)) / 64).astype(np.float32)
+    else:
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+    return q, d, x
+
+
+def test_q8_0_layout() -> None:
+    """A block is d (F16) then 32 int8 values in weight order; weight = q * d."""
+    from bitnetd_trio.engine.gguf_writer import pack_q8_0, unpack_q8_0
+
+    q = np.zeros((2, 64), np.int8)
+    q[0, 3], q[0, 40], q[1, 63] = -128, 7, 127
+    d = np.array([[0.5, 4.0], [1.0, -0.25]], np.float16)
+    blob = pack_q8_0(q, d)
+    assert len(blob) == 2 * 2 * 34 and blob[34 + 2 + 8] == 7 and blob[2 + 3] == 0x80
+    rq, rd = unpack_q8_0(blob, 2, 64)
+    assert np.array_equal(rq, q) and np.array_equal(rd, d)
+    for j, row, want in ((3, 0, -128 * 0.5), (40, 0, 7 * 4.0), (63, 1, 127 * -0.25)):
+        x = np.zeros((1, 64), np.float32)
+        x[0, j] = 3.0
+        for k in ("scalar", *AVAILABLE):
+            y = engine.q8_0_matmul(blob, 64, 2, x, kernel=k)
+            assert y[0, row] == np.float32(3 * want), (k, j, y[0])
+
+
+def test_q8_0_scalar_matches_numpy_formula() -> None:
+    from bitnetd_trio.engine.gguf_writer import pack_q8_0
+
+    rng = np.random.default_rng(11)
+    for n_in, n_out, n_tok in ((32, 3, 1), (96, 17, 4), (512, 5, 2), (32 * 41, 9, 3)):
+        q, d, x = q8_0_case(rng, n_in, n_out, n_tok, coarse=True)
+        got = engine.q8_0_matmul(pack_q8_0(q, d), n_in, n_out, x, kernel="scalar")
+        np.testing.assert_array_equal(got, q8_0_reference(q, d, x))
+        # and close to the float64 product of the dequantized weights
+        exact = x.astype(np.float64) @ (q.reshape(n_out, -1, 32) * d[..., None].astype(
+            np.float64)).reshape(n_out, n_in).T
+        assert np.abs(got - exact).max() <= 1e-5 * max(1.0, np.abs(exact).max())
+
+
+@simd
+def test_q8_0_simd_identical_to_scalar(kernel: str) -> None:
+    """Every set == scalar bit for bit: 4-row streams and leftover rows, 1 to 9 tokens (the
+    AVX-512 set's tiles of 1-4 tokens and their tails), 1-3 threads, real head widths."""
+    from bitnetd_trio.engine.gguf_writer import pack_q8_0
+
+    rng = np.random.default_rng(12)
+    cases = [(32, 1, 1), (64, 5, 2), (96, 3, 3), (160, 33, 4), (2048, 18, 5), (2560, 9, 1),
+             (3072, 7, 9), (32 * 37, 100, 6)]
+    for _ in range(6):
+        cases.append((32 * int(rng.integers(1, 90)), int(rng.integers(1, 50)),
+                      int(rng.integers(1, 10))))
+    for n_in, n_out, n_tok in cases:
+        q, d, x = q8_0_case(rng, n_in, n_out, n_tok)
+        x[:, :: 7] *= 1e3  # large and small terms in one sum
+        blob = pack_q8_0(q, d)
+        want = engine.q8_0_matmul(blob, n_in, n_out, x, kernel="scalar")
+        for n_threads in (1, 2, 3):
+            got = engine.q8_0_matmul(blob, n_in, n_out, x, kernel=kernel, n_threads=n_threads)
+            np.testing.assert_array_equal(got, want, err_msg=f"{n_in}x{n_out} tokens {n_tok}")
+    with pytest.raises(ValueError):
+        engine.q8_0_matmul(b"\0" * 34, 48, 1, np.zeros((1, 48), np.float32))
+
+
+def test_q8_0_head_is_the_f16_head_order(tmp_path) -> None:
+    """With weights an F16 can hold (q * 2^-k), a Q8_0 head gives the very logits of the F16
+    head of the same values, on every kernel set: the same order, not just close. Also a
+    Q8_0 token_embd (tied, so the head too) against its F16 twin."""
+    import dataclasses
+
+    from bitnetd_trio.engine import gguf_writer as gw
+
+    rng = np.random.default_rng(13)
+    shape = dataclasses.replace(gw.TINY_LLAMA, n_layer=1)
+    n_vocab, e = shape.n_vocab, shape.n_embd
+    q = rng.integers(-127, 128, size=(n_vocab, e)).astype(np.int8)
+    d = np.exp2(-rng.integers(9, 12, size=(n_vocab, e // 32))).astype(np.float16)
+    w16 = (q.reshape(n_vocab, -1, 32) * d[..., None].astype(np.float32)).reshape(n_vocab, e)
+    assert np.array_equal(w16.astype(np.float16).astype(np.float32), w16)
+    raw = gw.RawTensor(gw.pack_q8_0(q, d), (n_vocab, e), gw.GGML_TYPE_Q8_0)
+    pairs = {
+        "head": ({"output.weight": w16.astype(np.float16)}, {"output.weight": raw}, False),
+        "tied-embd": ({"token_embd.weight": w16.astype(np.float16)},
+                      {"token_embd.weight": raw}, True),
+    }
+    name = engine.kernel_name()
+    try:
+        for which, (f16, q8, tied) in pairs.items():
+            paths = [gw.write_model(tmp_path / f"{which}-{i}.gguf", shape, 5, tie_head=tied,
+                                    tensor_overrides=o) for i, o in enumerate((f16, q8))]
+            out = {}
+            for k in ("scalar", *AVAILABLE):
+                engine.select_kernel(k)
+                for i, p in enumerate(paths):
+                    model = engine.Model.load(p)
+                    try:
+                        with engine.Context(model, 1, 64, 2) as ctx:
+                            ctx.forward([engine.BatchEntry(0, list(range(3, 30)), "all")])
+                            out[k, i] = np.stack([np.array(ctx.logits(0, t))
+                                                  for t in range(27)])
+                    finally:
+                        model.close()
+            for k in ("scalar", *AVAILABLE):
+                np.testing.assert_array_equal(out[k, 1], out[k, 0], err_msg=f"{which} {k}")
+                np.testing.assert_array_equal(out[k, 1], out["scalar", 1], err_msg=which)
+    finally:
+        engine.select_kernel(name)

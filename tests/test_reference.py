@@ -199,6 +199,56 @@ def test_other_seeds_and_untied_head(engine, tmp_path: Path) -> None:
         check_against_reference(engine, path, toks, [70], 256)
 
 
+# ------------------------------------------------------------------------------------------
+# Q8_0 head and token embedding (model-format §10.1.6): float activations times q * d
+
+#: the Llama graph with the Q8_0 head llama-quantize writes; BitNet with a Q8_0 token_embd
+#: that is also its (tied) head; Bonsai with a Q8_0 embedding and head; the Qwen3 embedding
+#: graph with a tied Q8_0 token_embd
+Q8_SHAPES = {
+    "llama-head": (dataclasses.replace(gw.TINY_LLAMA, output_type="q8_0"), None, 71),
+    "bitnet-tied-embd": (dataclasses.replace(gw.TINY, token_embd_type="q8_0"), True, 72),
+    "bonsai-both": (dataclasses.replace(gw.TINY_BONSAI, token_embd_type="q8_0",
+                                        output_type="q8_0"), False, 73),
+    "qwen3-tied-embd": (dataclasses.replace(gw.TINY_QWEN3_EMBED, token_embd_type="q8_0"),
+                        True, 74),
+}
+
+
+@pytest.fixture(scope="module")
+def q8_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("q8_0")
+    return {k: gw.write_model(d / f"{k}.gguf", shape, seed, tie_head=tie)
+            for k, (shape, tie, seed) in Q8_SHAPES.items()}
+
+
+def test_reference_decodes_q8_0(q8_models: dict[str, Path]) -> None:
+    """The reference's own Q8_0 decoder (from the format) gives the values the writer drew."""
+    for which, name in (("llama-head", "output.weight"), ("bitnet-tied-embd", "token_embd.weight")):
+        shape, tie, seed = Q8_SHAPES[which]
+        w = ref.load_reference(q8_models[which])
+        drawn = gw.random_weights(shape, seed, tie_head=tie)
+        q, d = drawn[name], drawn[name + ".d"]
+        want = (q.reshape(q.shape[0], -1, 32) * d.astype(np.float32)[..., None]).reshape(q.shape)
+        assert ref.read_gguf(q8_models[which]).tensors[name].ggml_type == ref.Q8_0
+        assert np.array_equal(w.tensors[name], want) and np.abs(want).max() > 0.1
+    assert "output.weight" not in ref.load_reference(q8_models["bitnet-tied-embd"]).tensors
+
+
+@pytest.mark.parametrize("which,n,chunks", [
+    ("llama-head", 40, [40]),
+    ("llama-head", 30, [17, 1, 1, 1, 3, 7]),
+    ("bitnet-tied-embd", 40, [40]),
+    ("bitnet-tied-embd", 33, [20, 1, 12]),
+    ("bonsai-both", 33, [20, 1, 12]),
+    ("qwen3-tied-embd", 33, [20, 1, 12]),
+])
+def test_q8_0_head_and_embedding_against_reference(engine, q8_models: dict[str, Path],
+                                                   which: str, n: int, chunks: list[int]) -> None:
+    toks = tokens_for(gw.TINY.n_vocab, n, 80 + n)
+    check_against_reference(engine, q8_models[which], toks, chunks, 256)
+
+
 def test_comparison_tells_rope_pairings_apart(engine, head128_model_path: Path,
                                               head128_ref: ref.ReferenceWeights) -> None:
     toks = tokens_for(gw.TINY.n_vocab, 100, 5)

@@ -40,6 +40,7 @@ from bitnetd_trio.engine.model_shapes import (
     GGML_TYPE_F32,
     GGML_TYPE_I2_S,
     GGML_TYPE_Q2_0,
+    GGML_TYPE_Q8_0,
     I2S_CODE_BYTES,
     LLAMA3_CHAT_TEMPLATE,
     LLAMA_ARCHS,
@@ -58,8 +59,10 @@ from bitnetd_trio.engine.model_shapes import (
     ModelShape,
     pack_i2s,
     pack_q2_0,
+    pack_q8_0,
     unpack_i2s,
     unpack_q2_0,
+    unpack_q8_0,
 )
 from bitnetd_trio.engine.vocab import (
     LLAMA3_N_VOCAB,
@@ -91,6 +94,7 @@ __all__ = [
     "GGML_TYPE_F32",
     "GGML_TYPE_I2_S",
     "GGML_TYPE_Q2_0",
+    "GGML_TYPE_Q8_0",
     "LLAMA3_CHAT_TEMPLATE",
     "LLAMA3_N_VOCAB",
     "LLAMA_ARCHS",
@@ -115,10 +119,12 @@ __all__ = [
     "main",
     "pack_i2s",
     "pack_q2_0",
+    "pack_q8_0",
     "random_weights",
     "tensor_layout",
     "unpack_i2s",
     "unpack_q2_0",
+    "unpack_q8_0",
     "write_model",
 ]
 
@@ -138,7 +144,7 @@ class TensorSpec:
     def nbytes(self) -> int:
         n = int(np.prod(self.shape))
         q2 = n // 64 * 18 if self.q2_0_block == 64 else n // 128 * 34
-        return {GGML_TYPE_F32: 4 * n, GGML_TYPE_F16: 2 * n,
+        return {GGML_TYPE_F32: 4 * n, GGML_TYPE_F16: 2 * n, GGML_TYPE_Q8_0: n // 32 * 34,
                 GGML_TYPE_Q2_0: q2}.get(self.ggml_type, n // 4 + 32)
 
 
@@ -152,10 +158,10 @@ def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[Te
     qwen, bonsai = shape.is_qwen3, shape.is_bonsai
     norm_t = GGML_TYPE_F16 if qwen and not bonsai else GGML_TYPE_F32
     wt = GGML_TYPE_Q2_0 if bonsai else GGML_TYPE_I2_S
-    # Bonsai's token_embd and head are Q2_0 too (model-families C.1)
-    et = GGML_TYPE_Q2_0 if bonsai else GGML_TYPE_F16
+    # Bonsai's token_embd and head are Q2_0 too (model-families C.1); either may be Q8_0
     blk = shape.q2_0_block
-    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), et, blk)]
+    specs = [TensorSpec("token_embd.weight", (shape.n_vocab, e), shape.tensor_type("token_embd"),
+                        blk)]
 
     def proj(name: str, rows: int, cols: int) -> list[TensorSpec]:
         """A projection, after its input norm when the graph has them."""
@@ -180,7 +186,8 @@ def tensor_layout(shape: ModelShape, *, tie_head: bool | None = None) -> list[Te
         specs += proj(b + "ffn_down", e, f)
     specs.append(TensorSpec("output_norm.weight", (e,), norm_t))
     if not tie_head:
-        specs.append(TensorSpec("output.weight", (shape.n_vocab, e), et, blk))
+        specs.append(TensorSpec("output.weight", (shape.n_vocab, e), shape.tensor_type("output"),
+                                blk))
     return specs
 
 
@@ -212,6 +219,13 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray | tuple[bytes, np.float
         return _f16_normal(rng, spec.shape, 0.05)
     if spec.ggml_type == GGML_TYPE_F32:
         return rng.uniform(0.8, 1.2, size=spec.shape).astype(np.float32)
+    if spec.ggml_type == GGML_TYPE_Q8_0:
+        rows, k = spec.shape
+        # weights of the F16 embedding's size (std 0.05); every int8 value, -128 included
+        # (ggml's quantizer never writes it, but a file may)
+        q = np.clip(np.rint(rng.standard_normal((rows, k)) * 45), -128, 127).astype(np.int8)
+        d = rng.uniform(0.8e-3, 1.4e-3, size=(rows, k // 32))
+        return pack_q8_0(q, d.astype(np.float16))
     if spec.ggml_type == GGML_TYPE_Q2_0:
         rows, k = spec.shape
         # mostly ternary codes, a few 3s (+2, legal though never produced from ternary input)
@@ -236,7 +250,9 @@ def _generate(spec: TensorSpec, seed: int) -> np.ndarray | tuple[bytes, np.float
 def random_weights(shape: ModelShape, seed: int = 0, *, tie_head: bool | None = None
                    ) -> dict[str, np.ndarray]:
     """The weights write_model writes: F16/F32 arrays, ternary int8 (rows, cols) arrays for
-    I2_S tensors, and each I2_S tensor's scale under '<name>.scale' (np.float32 0-d array)."""
+    I2_S tensors, and each I2_S tensor's scale under '<name>.scale' (np.float32 0-d array);
+    Q2_0 tensors as code - 1 and Q8_0 ones as their int8 values, with their F16 block scales
+    under '<name>.d'."""
     shape.validate()
     out: dict[str, np.ndarray] = {}
     for spec in tensor_layout(shape, tie_head=tie_head):
@@ -252,6 +268,9 @@ def random_weights(shape: ModelShape, seed: int = 0, *, tie_head: bool | None = 
             c, d = unpack_q2_0(data, *spec.shape)  # type: ignore[arg-type]
             out[spec.name] = c.astype(np.int8) - 1
             out[spec.name + ".d"] = d
+        elif spec.ggml_type == GGML_TYPE_Q8_0:
+            q, d = unpack_q8_0(data, *spec.shape)  # type: ignore[arg-type]
+            out[spec.name], out[spec.name + ".d"] = q, d
         else:
             out[spec.name] = data  # type: ignore[assignment]
     return out
@@ -411,7 +430,7 @@ def _tensor_payload(spec: TensorSpec, override: Any, seed: int
         if spec.ggml_type == GGML_TYPE_I2_S:
             codes, scale = data  # type: ignore[misc]
             return spec.shape, GGML_TYPE_I2_S, codes + scale.tobytes() + bytes(28)
-        return spec.shape, spec.ggml_type, data  # arrays; Q2_0 bytes
+        return spec.shape, spec.ggml_type, data  # arrays; Q2_0 and Q8_0 bytes
     if isinstance(override, RawTensor):
         return tuple(override.shape), override.ggml_type, override.data
     if spec.ggml_type == GGML_TYPE_I2_S:

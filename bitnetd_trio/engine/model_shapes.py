@@ -1,7 +1,8 @@
 """What a model file of each supported family looks like, as the GGUF writer makes it: ggml type
 and file-type ids, the chat templates the converters store, `ModelShape` (hyper-parameters,
 graph, weight format), the named presets (tiny test shapes and the real full-size ones of
-model-format §2 and §10), and the I2_S and Q2_0 packings (model-format §4, §10.6)."""
+model-format §2 and §10), and the I2_S, Q2_0 and Q8_0 packings (model-format §4, §10.6,
+§10.1.6)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from bitnetd_trio.engine.vocab import LLAMA3_N_VOCAB, TINY_VOCAB_SIZE
 
 GGML_TYPE_F32 = 0
 GGML_TYPE_F16 = 1
+GGML_TYPE_Q8_0 = 8
 GGML_TYPE_I2_S = 36
 GGML_TYPE_Q2_0 = 42
 FILE_TYPE_MOSTLY_I2_S = 40
@@ -100,6 +102,19 @@ class ModelShape:
     rope_scaling: str | None = None
     rope_scaling_factor: float = 1.0
     rope_scaling_orig_ctx: int | None = None
+    #: the ggml type of token_embd.weight and of output.weight (when written): "f16", "q8_0"
+    #: (model-format §10.1.6: what llama-quantize writes for a head whose width is not a
+    #: multiple of 256, and what llama.cpp users pick) or, for Bonsai, "q2_0"; None: the
+    #: architecture's own (F16, Bonsai Q2_0)
+    token_embd_type: str | None = None
+    output_type: str | None = None
+
+    def tensor_type(self, which: str) -> int:
+        """The ggml type of 'token_embd' or 'output' in a file of this shape."""
+        chosen = self.token_embd_type if which == "token_embd" else self.output_type
+        if chosen is None:
+            chosen = "q2_0" if self.is_bonsai else "f16"
+        return {"f16": GGML_TYPE_F16, "q8_0": GGML_TYPE_Q8_0, "q2_0": GGML_TYPE_Q2_0}[chosen]
 
     @property
     def is_bonsai(self) -> bool:
@@ -148,6 +163,10 @@ class ModelShape:
                 raise ValueError(f"{name}={k} must be a multiple of 128 (I2_S blocks)")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
+        for t in (self.token_embd_type, self.output_type):
+            if t not in (None, "f16", "q8_0") and not (t == "q2_0" and self.is_bonsai):
+                raise ValueError(f"token_embd / output type {t!r}: None, 'f16', 'q8_0', or "
+                                 "'q2_0' for a Q2_0 model")
         if self.rope_scaling not in (None, "linear", "yarn") or (
                 self.rope_scaling == "yarn") != (self.rope_scaling_orig_ctx is not None):
             raise ValueError(f"rope_scaling {self.rope_scaling!r}: None, 'linear' or 'yarn' "
@@ -264,6 +283,26 @@ def unpack_q2_0(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.ndarr
     qs = b[..., 2:]
     codes = np.stack([(qs >> (2 * k)) & 3 for k in range(4)], axis=-1).reshape(rows, cols)
     return codes.astype(np.uint8), d
+
+
+def pack_q8_0(q: np.ndarray, d: np.ndarray) -> bytes:
+    """Q8_0 (ggml type 8, model-format §10.1.6): int8 values q (rows, cols) and F16 scales d
+    (rows, cols/32) -> blocks of 34 bytes, d then the 32 values; weight = q * d."""
+    qq = np.asarray(q)
+    rows, cols = qq.shape
+    if cols % 32 or qq.min(initial=0) < -128 or qq.max(initial=0) > 127:
+        raise ValueError(f"Q8_0 needs cols a multiple of 32 and int8 values, got {qq.shape}")
+    dd = np.asarray(d, dtype=np.float16).reshape(rows, cols // 32, 1).view(np.uint8)
+    qs = qq.astype(np.int8).reshape(rows, cols // 32, 32).view(np.uint8)
+    return np.concatenate([dd, qs], axis=2).tobytes()
+
+
+def unpack_q8_0(data: bytes, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of pack_q8_0: (q int8 (rows, cols), d float16 (rows, cols/32))."""
+    b = np.frombuffer(data, dtype=np.uint8, count=rows * cols // 32 * 34)
+    b = b.reshape(rows, cols // 32, 34)
+    d = b[..., :2].copy().view(np.float16).reshape(rows, cols // 32)
+    return b[..., 2:].copy().view(np.int8).reshape(rows, cols), d
 
 
 def _valid_i2s_code_bytes() -> np.ndarray:

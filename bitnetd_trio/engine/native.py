@@ -40,6 +40,7 @@ __all__ = [
     "select_kernel",
     "ternary_matmul",
     "q2_0_matmul",
+    "q8_0_matmul",
 ]
 
 _ERRLEN = 512
@@ -518,6 +519,25 @@ class BandwidthProbe:
             self._ptr = None
 
 
+def _blocks_matmul(fmt: str, block: int, block_bytes: int, blocks: bytes | np.ndarray,
+                   n_in: int, n_out: int, x: np.ndarray, kernel: str | None,
+                   n_threads: int) -> np.ndarray:
+    """x (n_tok, n_in) times n_out rows of n_in/block blocks of block_bytes through
+    bn_<fmt>_matmul: (n_tok, n_out) float32."""
+    data = np.frombuffer(blocks, dtype=np.uint8) if isinstance(blocks, bytes) else blocks
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    if n_in % block or data.size < n_out * n_in // block * block_bytes:
+        raise ValueError(f"{fmt.upper()} matrix too small or n_in not a multiple of {block}")
+    xa = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_in)
+    y = np.empty((xa.shape[0], n_out), dtype=np.float32)
+    fn = getattr(lib, f"bn_{fmt}_matmul")
+    if fn(kernel.encode() if kernel else ffi.NULL, ffi.from_buffer("uint8_t[]", data),
+          int(n_in), int(n_out), ffi.from_buffer("float[]", xa), xa.shape[0],
+          ffi.from_buffer("float[]", y, require_writable=True), int(n_threads)):
+        raise EngineError(f"bn_{fmt}_matmul failed (kernel {kernel!r}, {n_in}x{n_out})")
+    return y
+
+
 def q2_0_matmul(
     blocks: bytes | np.ndarray,
     n_in: int,
@@ -529,15 +549,18 @@ def q2_0_matmul(
 ) -> np.ndarray:
     """x (n_tok, n_in) times a Q2_0 matrix of n_out rows (model-format §10.6), activations
     quantized per token: (n_tok, n_out) float32."""
-    data = np.frombuffer(blocks, dtype=np.uint8) if isinstance(blocks, bytes) else blocks
-    data = np.ascontiguousarray(data, dtype=np.uint8)
-    if n_in % 64 or data.size < n_out * n_in // 64 * 18:
-        raise ValueError("Q2_0 matrix too small or n_in not a multiple of 64")
-    xa = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n_in)
-    y = np.empty((xa.shape[0], n_out), dtype=np.float32)
-    args = (ffi.from_buffer("float[]", xa), xa.shape[0],
-            ffi.from_buffer("float[]", y, require_writable=True), int(n_threads))
-    if lib.bn_q2_0_matmul(kernel.encode() if kernel else ffi.NULL,
-                          ffi.from_buffer("uint8_t[]", data), int(n_in), int(n_out), *args):
-        raise EngineError(f"bn_q2_0_matmul failed (kernel {kernel!r}, {n_in}x{n_out})")
-    return y
+    return _blocks_matmul("q2_0", 64, 18, blocks, n_in, n_out, x, kernel, n_threads)
+
+
+def q8_0_matmul(
+    blocks: bytes | np.ndarray,
+    n_in: int,
+    n_out: int,
+    x: np.ndarray,
+    *,
+    kernel: str | None = None,
+    n_threads: int = 1,
+) -> np.ndarray:
+    """x (n_tok, n_in) float, not quantized, times a Q8_0 matrix of n_out rows: the Q8_0 head
+    product (model-format §5.3, §10.1.6), (n_tok, n_out) float32."""
+    return _blocks_matmul("q8_0", 32, 34, blocks, n_in, n_out, x, kernel, n_threads)

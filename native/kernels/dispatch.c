@@ -203,3 +203,44 @@ int bn_q2_0_matmul(const char *kernel, const uint8_t *blocks, int32_t n_in, int3
 {
     return weights_matmul(kernel, blocks, 0.0f, BN_WFMT_Q2_0, n_in, n_out, x, n_tok, y, n_threads);
 }
+
+/* ------------------------------------------------------------------ bn_q8_0_matmul */
+
+typedef struct {
+    const bn_kernel_set *k;
+    const uint8_t *w;
+    int32_t n_in, n_out, n_tok;
+    const float *x;
+    float *y;
+    bn_queue queue;
+} q8_0_job;
+
+static void q8_0_worker(void *arg, int32_t ith, int32_t nth)
+{
+    (void)ith;
+    (void)nth;
+    q8_0_job *job = arg;
+    int64_t lo, hi;
+    while (bn_queue_grab(&job->queue, &lo, &hi))
+        job->k->q8_0_matmul(job->w, job->n_in, (int32_t)lo, (int32_t)hi, job->x, job->n_tok,
+                            job->n_in, job->y, job->n_out);
+}
+
+int bn_q8_0_matmul(const char *kernel, const uint8_t *blocks, int32_t n_in, int32_t n_out,
+                   const float *x, int32_t n_tok, float *y, int32_t n_threads)
+{
+    const bn_kernel_set *k = kernel ? bn_kernels_by_name(kernel) : bn_kernels();
+    /* n_in <= 2^20 as the model's n_embd (bn_context_new); y holds n_tok * n_out floats */
+    if (!k || !blocks || !x || !y || n_in <= 0 || n_in % 32 != 0 || n_in > (1 << 20) ||
+        n_out <= 0 || n_tok <= 0 || n_threads < 1 || (int64_t)n_tok * n_out > INT32_MAX)
+        return -1;
+    bn_pool *pool = bn_pool_new(n_threads);
+    if (!pool)
+        return -1;
+    q8_0_job job = {k, blocks, n_in, n_out, n_tok, x, y, {0}};
+    /* the head's split (forward.c) */
+    bn_queue_init(&job.queue, n_out, n_threads, 4, 16);
+    bn_pool_run(pool, q8_0_worker, &job);
+    bn_pool_free(pool);
+    return 0;
+}

@@ -7,6 +7,8 @@
  *   the float epilogue is the same scalar expression everywhere (bitlinear_out);
  * - the F16 head uses one canonical float order: 16 partial sums, lane l taking elements
  *   l, l+16, l+32, ... with fused multiply-adds, then the fixed tree of sum16 (scalar.c);
+ * - the Q8_0 head is the F16 head's order over the weights w = q * d, each exact in f32
+ *   (q an int8 of 8 bits times an F16 d of 11 significant bits: at most 19 bits);
  * - Q2_0 sums exact int32 block sums the same way, block g into lane g % 16 (Q2_0_LANES);
  * - quantization rounds half to even (the default rounding mode) and clamps to -128..127.
  * The order never depends on the row range, the thread count or the other tokens in a batch.
@@ -68,6 +70,10 @@ typedef struct {
      * n_in % 16 == 0. */
     void (*f16_matmul)(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1, const float *x,
                        int32_t n_tok, int64_t x_stride, float *y, int64_t y_stride);
+    /* The same for a Q8_0 matrix (rows of n_in/32 blocks of BN_Q8_0_BLOCK bytes; n_in % 32 ==
+     * 0) in the F16 head's order with w = q * d (model-format §5.3). */
+    void (*q8_0_matmul)(const uint8_t *w, int32_t n_in, int32_t r0, int32_t r1, const float *x,
+                        int32_t n_tok, int64_t x_stride, float *y, int64_t y_stride);
 } bn_kernel_set;
 
 /* The selected kernel set (CPU detection on first use, or bn_kernel_select). */
@@ -102,6 +108,10 @@ static inline float bitlinear_out(int32_t acc, int32_t qsum, float s, float scal
  * bytes of 2-bit codes, weight j of the block at bits 2*(j%4) of byte 2 + j/4 (low bits
  * first), value (code - 1) * d. */
 #define BN_Q2_0_BLOCK 18
+
+/* Q8_0 (ggml type 8, model-format §10.1.6): a block of 32 weights is 34 bytes, an F16 scale d
+ * then 32 int8 values q, weight j = q[j] * d. */
+#define BN_Q8_0_BLOCK 34
 
 /* The exact int32 sums isum[g] = sum over block g of (code - 1) * q for n consecutive blocks
  * of a Q2_0 row and the natural-layout activations q of their 64 * n weights. */
@@ -192,6 +202,9 @@ AVX512_FN void bn_q2_0_avx512(const bn_ternary *w, int32_t r0, int32_t r1, const
 AVX512_FN void bn_f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
                                     const float *x, int32_t n_tok, int64_t x_stride, float *y,
                                     int64_t y_stride);
+AVX512_FN void bn_q8_0_matmul_avx512(const uint8_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                                     const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                                     int64_t y_stride);
 #endif /* BN_X86 */
 
 #endif

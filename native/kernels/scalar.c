@@ -152,6 +152,33 @@ static void f16_matmul_scalar(const uint16_t *w, int32_t n_in, int32_t r0, int32
     }
 }
 
+/* The Q8_0 head (model-format §5.3): the F16 head's lanes over w = q * d. The product is exact
+ * in f32 (8 bits of q times 11 of d), so the only roundings are the fused multiply-adds and
+ * sum16's tree, as for an F16 row; element b*32 + j falls in lane j % 16. */
+static void q8_0_matmul_scalar(const uint8_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                               const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                               int64_t y_stride)
+{
+    const int32_t nb = n_in / 32;
+    for (int32_t r = r0; r < r1; r++) {
+        const uint8_t *row = w + (size_t)r * (size_t)nb * BN_Q8_0_BLOCK;
+        for (int32_t t = 0; t < n_tok; t++) {
+            const float *xt = x + t * x_stride;
+            float p[16] = {0};
+            for (int32_t b = 0; b < nb; b++) {
+                const uint8_t *block = row + (size_t)b * BN_Q8_0_BLOCK;
+                uint16_t h;
+                memcpy(&h, block, sizeof h);
+                const float d = bn_f16_to_f32(h);
+                const int8_t *q = (const int8_t *)(const void *)(block + 2);
+                for (int j = 0; j < 32; j++)
+                    p[j % 16] = fmaf((float)q[j] * d, xt[b * 32 + j], p[j % 16]);
+            }
+            y[t * y_stride + r] = sum16(p);
+        }
+    }
+}
+
 const bn_kernel_set bn_kernels_scalar = {
     .name = "scalar",
     .quantize = quantize_scalar,
@@ -160,4 +187,5 @@ const bn_kernel_set bn_kernels_scalar = {
     .q2_0 = q2_0_scalar,
     .q2_0_quantize = quantize_scalar,
     .f16_matmul = f16_matmul_scalar,
+    .q8_0_matmul = q8_0_matmul_scalar,
 };

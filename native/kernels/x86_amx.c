@@ -496,6 +496,7 @@ const bn_kernel_set bn_kernels_amx = {
     .q2_0 = q2_0_amx,
     .q2_0_quantize = bn_q2_0_quantize_avx512,
     .f16_matmul = bn_f16_matmul_avx512,
+    .q8_0_matmul = bn_q8_0_matmul_avx512, /* the head is float work: no tiles */
 };
 
 #endif /* BN_HAVE_AMX */

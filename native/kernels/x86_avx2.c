@@ -175,45 +175,61 @@ AVX2_INLINE void f16_tile_avx2(const uint16_t *const *rows, const int nr, const 
         out[k] = reduce16_avx2(lo[k], hi[k]);
 }
 
+/* The tiles of the head's driver (head_rows_avx2) see rows as bytes; the F16 ones turn them
+ * back into F16 rows (the loader checked their 2-byte alignment). */
 #define F16_TILE(NR, NT)                                                                           \
-    AVX2_FN static void f16_tile_##NR##x##NT(const uint16_t *const *rows, const float *const *xs,  \
+    AVX2_FN static void f16_tile_##NR##x##NT(const uint8_t *const *bytes, const float *const *xs,  \
                                              int32_t n_in, float *out)                             \
     {                                                                                              \
+        const uint16_t *rows[NR];                                                                  \
+        for (int i = 0; i < NR; i++)                                                               \
+            rows[i] = (const uint16_t *)(const void *)bytes[i];                                    \
         f16_tile_avx2(rows, NR, xs, NT, n_in, out);                                                \
     }
 F16_TILE(4, 1)
 F16_TILE(1, 1)
 
-AVX2_FN static void f16_matmul_avx2(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
-                                    const float *x, int32_t n_tok, int64_t x_stride, float *y,
-                                    int64_t y_stride)
+typedef void (*head_tile_fn)(const uint8_t *const *, const float *const *, int32_t, float *);
+
+/* The head (F16 or Q8_0 rows of row_bytes each): rows r0..r1 in STREAMS streams, one token at
+ * a time, tiles of 4 rows then 1 for the leftover rows. */
+AVX2_INLINE void head_rows_avx2(const uint8_t *w, size_t row_bytes, int32_t n_in, int32_t r0,
+                                int32_t r1, const float *x, int32_t n_tok, int64_t x_stride,
+                                float *y, int64_t y_stride, head_tile_fn tile4, head_tile_fn tile1)
 {
-    const int32_t n = r1 - r0;
-    const int32_t len = n / STREAMS;
-    const uint16_t *rows[4];
-    const float *xs[4];
+    const int32_t len = (r1 - r0) / STREAMS;
+    const uint8_t *rows[4];
+    const float *xs[1];
     float out[4];
     for (int32_t i = 0; i < len; i++) {
         int32_t rr[4];
         for (int k = 0; k < 4; k++) {
             rr[k] = r0 + k * len + i;
-            rows[k] = w + (size_t)rr[k] * n_in;
+            rows[k] = w + (size_t)rr[k] * row_bytes;
         }
         for (int32_t t = 0; t < n_tok; t++) {
             xs[0] = x + t * x_stride;
-            f16_tile_4x1(rows, xs, n_in, out);
+            tile4(rows, xs, n_in, out);
             for (int k = 0; k < 4; k++)
                 y[t * y_stride + rr[k]] = out[k];
         }
     }
     for (int32_t r = r0 + STREAMS * len; r < r1; r++) {
-        rows[0] = w + (size_t)r * n_in;
+        rows[0] = w + (size_t)r * row_bytes;
         for (int32_t t = 0; t < n_tok; t++) {
             xs[0] = x + t * x_stride;
-            f16_tile_1x1(rows, xs, n_in, out);
+            tile1(rows, xs, n_in, out);
             y[t * y_stride + r] = out[0];
         }
     }
+}
+
+AVX2_FN static void f16_matmul_avx2(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                                    const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                                    int64_t y_stride)
+{
+    head_rows_avx2((const uint8_t *)(const void *)w, 2 * (size_t)n_in, n_in, r0, r1, x, n_tok,
+                   x_stride, y, y_stride, f16_tile_4x1, f16_tile_1x1);
 }
 
 AVX2_FN void bn_f16_row_avx2(const uint16_t *src, int32_t n, float *dst)
@@ -223,6 +239,66 @@ AVX2_FN void bn_f16_row_avx2(const uint16_t *src, int32_t n, float *dst)
         _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
     for (; i < n; i++)
         dst[i] = bn_f16_to_f32(src[i]);
+}
+
+/* Eight int8 weights as floats times the block scale: exact (model-format §5.3). */
+AVX2_INLINE __m256 q8_0_weights8(const uint8_t *q, __m256 d)
+{
+    const __m128i b = _mm_loadl_epi64((const __m128i *)(const void *)q);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), d);
+}
+
+/* The Q8_0 head: nr rows times nt tokens. A block's 32 weights are elements e..e+31 of the
+ * canonical order, so its four groups of eight go to lanes 0-7, 8-15, 0-7, 8-15: lo and hi as
+ * in f16_tile_avx2, in the same sequence of fused multiply-adds. */
+AVX2_INLINE void q8_0_tile_avx2(const uint8_t *const *rows, const int nr, const float *const *xs,
+                                const int nt, int32_t n_in, float *out)
+{
+    const size_t row_bytes = (size_t)(n_in / 32) * BN_Q8_0_BLOCK;
+    __m256 lo[4], hi[4];
+    for (int k = 0; k < nr * nt; k++) {
+        lo[k] = _mm256_setzero_ps();
+        hi[k] = _mm256_setzero_ps();
+    }
+    for (int32_t e = 0; e < n_in; e += 32) {
+        const size_t off = (size_t)(e / 32) * BN_Q8_0_BLOCK;
+        for (int i = 0; i < nr; i++) {
+            prefetch_at(rows[i], off + row_bytes); /* the next row of the stream */
+            const uint8_t *blk = rows[i] + off;
+            uint16_t h;
+            memcpy(&h, blk, sizeof h);
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(h));
+            const __m256 w0 = q8_0_weights8(blk + 2, d), w1 = q8_0_weights8(blk + 10, d);
+            const __m256 w2 = q8_0_weights8(blk + 18, d), w3 = q8_0_weights8(blk + 26, d);
+            for (int j = 0; j < nt; j++) {
+                const int k = i * nt + j;
+                const float *xe = xs[j] + e;
+                lo[k] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xe), lo[k]);
+                hi[k] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xe + 8), hi[k]);
+                lo[k] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xe + 16), lo[k]);
+                hi[k] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xe + 24), hi[k]);
+            }
+        }
+    }
+    for (int k = 0; k < nr * nt; k++)
+        out[k] = reduce16_avx2(lo[k], hi[k]);
+}
+
+#define Q8_0_TILE(NR, NT)                                                                          \
+    AVX2_FN static void q8_0_tile_##NR##x##NT(const uint8_t *const *rows, const float *const *xs,  \
+                                              int32_t n_in, float *out)                            \
+    {                                                                                              \
+        q8_0_tile_avx2(rows, NR, xs, NT, n_in, out);                                               \
+    }
+Q8_0_TILE(4, 1)
+Q8_0_TILE(1, 1)
+
+AVX2_FN static void q8_0_matmul_avx2(const uint8_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                                     const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                                     int64_t y_stride)
+{
+    head_rows_avx2(w, (size_t)(n_in / 32) * BN_Q8_0_BLOCK, n_in, r0, r1, x, n_tok, x_stride, y,
+                   y_stride, q8_0_tile_4x1, q8_0_tile_1x1);
 }
 
 /* The 64 codes of a Q2_0 block's 16 code bytes qs, in weight order, as two vectors of bytes
@@ -601,6 +677,7 @@ const bn_kernel_set bn_kernels_avx2 = {
     .q2_0 = bn_q2_0_avx2,
     .q2_0_quantize = q2_0_quantize_avx2,
     .f16_matmul = f16_matmul_avx2,
+    .q8_0_matmul = q8_0_matmul_avx2,
 };
 
 #endif /* BN_X86 */

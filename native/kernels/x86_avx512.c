@@ -247,10 +247,15 @@ AVX512_INLINE void f16_tile_avx512(const uint16_t *const *rows, const int nr,
                           _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[k]), 1)));
 }
 
+/* The tiles of the head's driver (head_rows_avx512) see rows as bytes; the F16 ones turn them
+ * back into F16 rows (the loader checked their 2-byte alignment). */
 #define F16_TILE512(NR, NT)                                                                        \
     AVX512_FN static void f16_512_tile_##NR##x##NT(                                                \
-        const uint16_t *const *rows, const float *const *xs, int32_t n_in, float *out)             \
+        const uint8_t *const *bytes, const float *const *xs, int32_t n_in, float *out)             \
     {                                                                                              \
+        const uint16_t *rows[NR];                                                                  \
+        for (int i = 0; i < NR; i++)                                                               \
+            rows[i] = (const uint16_t *)(const void *)bytes[i];                                    \
         f16_tile_avx512(rows, NR, xs, NT, n_in, out);                                              \
     }
 F16_TILE512(4, 1)
@@ -262,18 +267,21 @@ F16_TILE512(1, 2)
 F16_TILE512(1, 3)
 F16_TILE512(1, 4)
 
-typedef void (*f16_tile_fn)(const uint16_t *const *, const float *const *, int32_t, float *);
-static const f16_tile_fn f16_512_tiles[2][4] = {
+/* tiles[rows == 4][tokens - 1] */
+typedef void (*head_tile_fn)(const uint8_t *const *, const float *const *, int32_t, float *);
+static const head_tile_fn f16_512_tiles[2][4] = {
     {f16_512_tile_1x1, f16_512_tile_1x2, f16_512_tile_1x3, f16_512_tile_1x4},
     {f16_512_tile_4x1, f16_512_tile_4x2, f16_512_tile_4x3, f16_512_tile_4x4},
 };
 
-AVX512_FN void bn_f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
-                                    const float *x, int32_t n_tok, int64_t x_stride, float *y,
-                                    int64_t y_stride)
+/* The head (F16 or Q8_0 rows of row_bytes each): rows r0..r1 in STREAMS streams, tiles of 4
+ * rows (1 for the leftover rows) by up to 4 tokens. */
+AVX512_INLINE void head_rows_avx512(const uint8_t *w, size_t row_bytes, int32_t n_in, int32_t r0,
+                                    int32_t r1, const float *x, int32_t n_tok, int64_t x_stride,
+                                    float *y, int64_t y_stride, const head_tile_fn tiles[2][4])
 {
     const int32_t len = (r1 - r0) / STREAMS;
-    const uint16_t *rows[4];
+    const uint8_t *rows[4];
     const float *xs[4];
     float out[16];
     int32_t rr[4];
@@ -281,29 +289,108 @@ AVX512_FN void bn_f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0,
     for (int32_t i = 0; i < len; i++) {
         for (int k = 0; k < 4; k++) {
             rr[k] = r0 + k * len + i;
-            rows[k] = w + (size_t)rr[k] * n_in;
+            rows[k] = w + (size_t)rr[k] * row_bytes;
         }
         for (int32_t t = 0; t < n_tok; t += 4) {
             const int nt = n_tok - t < 4 ? n_tok - t : 4;
             for (int j = 0; j < nt; j++)
                 xs[j] = x + (t + j) * x_stride;
-            f16_512_tiles[1][nt - 1](rows, xs, n_in, out);
+            tiles[1][nt - 1](rows, xs, n_in, out);
             for (int k = 0; k < 4; k++)
                 for (int j = 0; j < nt; j++)
                     y[(t + j) * y_stride + rr[k]] = out[k * nt + j];
         }
     }
     for (int32_t r = r0 + STREAMS * len; r < r1; r++) {
-        rows[0] = w + (size_t)r * n_in;
+        rows[0] = w + (size_t)r * row_bytes;
         for (int32_t t = 0; t < n_tok; t += 4) {
             const int nt = n_tok - t < 4 ? n_tok - t : 4;
             for (int j = 0; j < nt; j++)
                 xs[j] = x + (t + j) * x_stride;
-            f16_512_tiles[0][nt - 1](rows, xs, n_in, out);
+            tiles[0][nt - 1](rows, xs, n_in, out);
             for (int j = 0; j < nt; j++)
                 y[(t + j) * y_stride + r] = out[j];
         }
     }
+}
+
+AVX512_FN void bn_f16_matmul_avx512(const uint16_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                                    const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                                    int64_t y_stride)
+{
+    head_rows_avx512((const uint8_t *)(const void *)w, 2 * (size_t)n_in, n_in, r0, r1, x, n_tok,
+                     x_stride, y, y_stride, f16_512_tiles);
+}
+
+/* The Q8_0 head (model-format §5.3): a block's 32 weights are elements e..e+31 of the
+ * canonical order, two zmm of 16 lanes fed into the one accumulator in element order, each
+ * weight q * d exact in f32. */
+AVX512_INLINE __m512 q8_0_weights16(const uint8_t *q, __m512 d)
+{
+    const __m128i b = _mm_loadu_si128((const __m128i *)(const void *)q);
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), d);
+}
+
+AVX512_INLINE void q8_0_tile_avx512(const uint8_t *const *rows, const int nr,
+                                    const float *const *xs, const int nt, int32_t n_in, float *out)
+{
+    const size_t row_bytes = (size_t)(n_in / 32) * BN_Q8_0_BLOCK;
+    __m512 acc[16];
+    for (int k = 0; k < nr * nt; k++)
+        acc[k] = _mm512_setzero_ps();
+    for (int32_t e = 0; e < n_in; e += 32) {
+        const size_t off = (size_t)(e / 32) * BN_Q8_0_BLOCK;
+        __m512 w0[4], w1[4];
+        for (int i = 0; i < nr; i++) {
+            prefetch_at(rows[i], off + row_bytes); /* the next row of the stream */
+            const uint8_t *blk = rows[i] + off;
+            uint16_t h;
+            memcpy(&h, blk, sizeof h);
+            const __m512 d = _mm512_set1_ps(_cvtsh_ss(h));
+            w0[i] = q8_0_weights16(blk + 2, d);
+            w1[i] = q8_0_weights16(blk + 18, d);
+        }
+        for (int j = 0; j < nt; j++) {
+            const __m512 x0 = _mm512_loadu_ps(xs[j] + e), x1 = _mm512_loadu_ps(xs[j] + e + 16);
+            for (int i = 0; i < nr; i++) {
+                const int k = i * nt + j;
+                acc[k] = _mm512_fmadd_ps(w0[i], x0, acc[k]);
+                acc[k] = _mm512_fmadd_ps(w1[i], x1, acc[k]);
+            }
+        }
+    }
+    for (int k = 0; k < nr * nt; k++)
+        out[k] =
+            reduce16_avx2(_mm512_castps512_ps256(acc[k]),
+                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[k]), 1)));
+}
+
+#define Q8_0_TILE512(NR, NT)                                                                       \
+    AVX512_FN static void q8_0_512_tile_##NR##x##NT(                                               \
+        const uint8_t *const *rows, const float *const *xs, int32_t n_in, float *out)              \
+    {                                                                                              \
+        q8_0_tile_avx512(rows, NR, xs, NT, n_in, out);                                             \
+    }
+Q8_0_TILE512(4, 1)
+Q8_0_TILE512(4, 2)
+Q8_0_TILE512(4, 3)
+Q8_0_TILE512(4, 4)
+Q8_0_TILE512(1, 1)
+Q8_0_TILE512(1, 2)
+Q8_0_TILE512(1, 3)
+Q8_0_TILE512(1, 4)
+
+static const head_tile_fn q8_0_512_tiles[2][4] = {
+    {q8_0_512_tile_1x1, q8_0_512_tile_1x2, q8_0_512_tile_1x3, q8_0_512_tile_1x4},
+    {q8_0_512_tile_4x1, q8_0_512_tile_4x2, q8_0_512_tile_4x3, q8_0_512_tile_4x4},
+};
+
+AVX512_FN void bn_q8_0_matmul_avx512(const uint8_t *w, int32_t n_in, int32_t r0, int32_t r1,
+                                     const float *x, int32_t n_tok, int64_t x_stride, float *y,
+                                     int64_t y_stride)
+{
+    head_rows_avx512(w, (size_t)(n_in / 32) * BN_Q8_0_BLOCK, n_in, r0, r1, x, n_tok, x_stride, y,
+                     y_stride, q8_0_512_tiles);
 }
 
 /* ------------------------------------------------------------------ Q2_0 (model-format §10.6)
@@ -558,6 +645,7 @@ const bn_kernel_set bn_kernels_avx512 = {
     .q2_0 = bn_q2_0_avx512,
     .q2_0_quantize = bn_q2_0_quantize_avx512,
     .f16_matmul = bn_f16_matmul_avx512,
+    .q8_0_matmul = bn_q8_0_matmul_avx512,
 };
 
 #endif /* BN_X86 */

@@ -1,4 +1,5 @@
-/* kernel_harness.c - every kernel set against the scalar one, under ASan/UBSan.
+/* kernel_harness.c - every kernel set against the scalar one, under ASan/UBSan (I2_S and Q2_0
+ * products, and the Q8_0 head's).
  *
  * The Python tests (test_kernels.py) check the SIMD sets bit for bit against the scalar set
  * through the extension module, which is built without sanitizers. This program runs the same
@@ -65,15 +66,38 @@ static uint8_t *q2_0_weights(int32_t n_in, int32_t n_out)
     return w;
 }
 
+/* Q8_0 blocks: an F16 scale of either sign in [0.125, 0.5), some zero, and any int8 values,
+ * -128 included. */
+static uint8_t *q8_0_weights(int32_t n_in, int32_t n_out)
+{
+    const size_t n_blocks = (size_t)n_out * (size_t)(n_in / 32), n = n_blocks * 34;
+    uint8_t *w = malloc(n);
+    if (!w)
+        return NULL;
+    for (size_t i = 0; i < n; i++)
+        w[i] = (uint8_t)next_random();
+    for (size_t b = 0; b < n_blocks; b++) {
+        const uint32_t r = next_random();
+        const uint16_t h = r % 16 == 0 ? 0 : (uint16_t)((r & 0x8000u) | (0x3000 + r % 0x0800));
+        memcpy(w + 34 * b, &h, sizeof h);
+    }
+    return w;
+}
+
 typedef struct {
     int32_t n_in, n_out, n_tok;
 } shape;
 
+enum { I2S, Q2_0, Q8_0 };
+static const char *const FORMAT_NAMES[] = {"I2_S", "Q2_0", "Q8_0"};
+
 /* One product on every set the CPU has and 1..3 threads against the scalar set. Returns the
  * number of differing results, or -1 when the product itself failed. */
-static int check(int q2_0, shape s, const char *const *sets, int n_sets)
+static int check(int format, shape s, const char *const *sets, int n_sets)
 {
-    uint8_t *w = q2_0 ? q2_0_weights(s.n_in, s.n_out) : i2s_weights(s.n_in, s.n_out);
+    uint8_t *w = format == Q8_0   ? q8_0_weights(s.n_in, s.n_out)
+                 : format == Q2_0 ? q2_0_weights(s.n_in, s.n_out)
+                                  : i2s_weights(s.n_in, s.n_out);
     const size_t nx = (size_t)s.n_in * (size_t)s.n_tok, ny = (size_t)s.n_out * (size_t)s.n_tok;
     float *x = malloc(nx * sizeof *x), *want = malloc(ny * sizeof *want),
           *got = malloc(ny * sizeof *got);
@@ -85,8 +109,10 @@ static int check(int q2_0, shape s, const char *const *sets, int n_sets)
     fill_activations(x, nx);
     const float scale = 0.37f;
 #define PRODUCT(kernel, out, threads)                                                              \
-    (q2_0 ? bn_q2_0_matmul(kernel, w, s.n_in, s.n_out, x, s.n_tok, out, threads)                   \
-          : bn_ternary_matmul(kernel, w, scale, s.n_in, s.n_out, x, s.n_tok, out, threads))
+    (format == Q8_0 ? bn_q8_0_matmul(kernel, w, s.n_in, s.n_out, x, s.n_tok, out, threads)         \
+     : format == Q2_0                                                                              \
+         ? bn_q2_0_matmul(kernel, w, s.n_in, s.n_out, x, s.n_tok, out, threads)                    \
+         : bn_ternary_matmul(kernel, w, scale, s.n_in, s.n_out, x, s.n_tok, out, threads))
     if (PRODUCT("scalar", want, 1) != 0) {
         bad = -1;
         goto done;
@@ -100,7 +126,7 @@ static int check(int q2_0, shape s, const char *const *sets, int n_sets)
             }
             if (memcmp(want, got, ny * sizeof *got) != 0) {
                 printf("%s %s %dx%d, %d tokens, %d threads: differs from scalar\n",
-                       q2_0 ? "Q2_0" : "I2_S", sets[k], s.n_out, s.n_in, s.n_tok, threads);
+                       FORMAT_NAMES[format], sets[k], s.n_out, s.n_in, s.n_tok, threads);
                 bad++;
             }
         }
@@ -147,9 +173,13 @@ int main(void)
                                         {2048 + 64 * 7, 31, 33},
                                         {4096, 20, 40},
                                         {64 * 8193, 3, 2}};
+    /* ... and for the Q8_0 head (float activations): single blocks, 4-row streams and
+     * leftover rows, the AVX-512 set's 1-4 token tiles and their tails, a real head width */
+    static const shape q8_0_shapes[] = {{32, 1, 1},       {64, 5, 2},   {96, 3, 3},    {160, 33, 4},
+                                        {32 * 37, 17, 5}, {2560, 9, 9}, {3072, 100, 7}};
     int bad = 0;
     for (size_t i = 0; i < sizeof i2s_shapes / sizeof i2s_shapes[0]; i++) {
-        const int r = check(0, i2s_shapes[i], sets, n_sets);
+        const int r = check(I2S, i2s_shapes[i], sets, n_sets);
         if (r < 0) {
             printf("I2_S product failed\n");
             return 2;
@@ -157,9 +187,17 @@ int main(void)
         bad += r;
     }
     for (size_t i = 0; i < sizeof q2_0_shapes / sizeof q2_0_shapes[0]; i++) {
-        const int r = check(1, q2_0_shapes[i], sets, n_sets);
+        const int r = check(Q2_0, q2_0_shapes[i], sets, n_sets);
         if (r < 0) {
             printf("Q2_0 product failed\n");
+            return 2;
+        }
+        bad += r;
+    }
+    for (size_t i = 0; i < sizeof q8_0_shapes / sizeof q8_0_shapes[0]; i++) {
+        const int r = check(Q8_0, q8_0_shapes[i], sets, n_sets);
+        if (r < 0) {
+            printf("Q8_0 product failed\n");
             return 2;
         }
         bad += r;
