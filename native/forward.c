@@ -127,10 +127,8 @@ static void norm_quant_worker(void *arg, int32_t ith, int32_t nth)
                 rmsnorm(h, job->w_in, job->n, ctx->hp.rms_eps, hn);
                 h = hn;
             }
-            /* Q2_0 reads the layout of q2_0_quantize (model-format §10.6.2) */
-            (ctx->m->arch->weight_format == BN_WFMT_Q2_0 ? job->k->q2_0_quantize
-                                                         : job->k->quantize)(
-                h, job->n, ctx->qa + (size_t)i * n, &ctx->qa_s[i], &ctx->qa_sum[i]);
+            bn_quantizer(job->k, ctx->m->arch->weight_format)(h, job->n, ctx->qa + (size_t)i * n,
+                                                              &ctx->qa_s[i], &ctx->qa_sum[i]);
         }
 }
 
@@ -143,7 +141,7 @@ static void norm_quantize(bn_context *ctx, const bn_kernel_set *k, const float *
         norm_quant_worker(&job, 0, 1); /* not worth waking the pool */
     else
         bn_pool_run(ctx->pool, norm_quant_worker, &job);
-    if (k->prepare && ctx->m->arch->weight_format == BN_WFMT_I2_S) /* Q2_0 reads qa itself */
+    if (bn_uses_tiles(k, ctx->m->arch->weight_format))
         k->prepare(ctx->qa, n, n, T, ctx->qa_tiles);
 }
 
@@ -176,8 +174,8 @@ static void matmul_worker(void *arg, int32_t ith, int32_t nth)
             int64_t a = lo > base ? lo : base;
             int64_t b = hi < base + w->n_out ? hi : base + w->n_out;
             if (a < b)
-                (w->fmt == BN_WFMT_Q2_0 ? job->k->q2_0 : job->k->ternary)(
-                    w, (int32_t)(a - base), (int32_t)(b - base), job->a, job->parts[p].y, w->n_out);
+                bn_weights_rows(job->k, w, (int32_t)(a - base), (int32_t)(b - base), job->a,
+                                job->parts[p].y, w->n_out);
             base += w->n_out;
         }
     }
@@ -467,15 +465,8 @@ static void q8_0_row(const uint8_t *w, int32_t n_in, int32_t r, float *out)
 {
     const int32_t nb = n_in / 32;
     const uint8_t *row = w + (size_t)r * (size_t)nb * BN_Q8_0_BLOCK;
-    for (int32_t b = 0; b < nb; b++) {
-        const uint8_t *block = row + (size_t)b * BN_Q8_0_BLOCK;
-        uint16_t h;
-        memcpy(&h, block, sizeof h);
-        const float d = bn_f16_to_f32(h);
-        const int8_t *q = (const int8_t *)(const void *)(block + 2);
-        for (int j = 0; j < 32; j++)
-            out[b * 32 + j] = (float)q[j] * d;
-    }
+    for (int32_t b = 0; b < nb; b++)
+        bn_q8_0_block(row + (size_t)b * BN_Q8_0_BLOCK, out + (size_t)b * 32);
 }
 
 /* ---------------------------------------------------------------- model-format §5.3 output head */

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import running_server, server_config
+from test_kernels import logits_from_each_kernel
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -273,21 +274,11 @@ def test_bonsai_graph_is_batch_thread_and_kernel_invariant(tmp_path: Path) -> No
     the same logits bit for bit from every kernel set this CPU has."""
     path = gw.write_model(tmp_path / "b.gguf", gw.TINY_BONSAI, 5, tie_head=False)
     check_invariance(path, "all", 6, 31, 19)
-    name = engine.kernel_name()
     model = engine.Model.load(path)
-    out = {}
     try:
         assert model.hparams.architecture == "qwen3" and model.hparams.pooling == 0
-        for k in ("scalar", "avx2", "avx512vnni", "amx"):
-            try:
-                engine.select_kernel(k)
-            except ValueError:
-                continue
-            with engine.Context(model, 1, 64, 2) as ctx:
-                ctx.forward([engine.BatchEntry(0, list(range(3, 40)), "all")])
-                out[k] = np.stack([np.array(ctx.logits(0, t)) for t in range(37)])
+        out = logits_from_each_kernel(model)
     finally:
-        engine.select_kernel(name)
         model.close()
     assert len(out) >= 2 and np.isfinite(out["scalar"]).all()
     for k, v in out.items():

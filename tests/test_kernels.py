@@ -218,11 +218,10 @@ def test_kernel_selection() -> None:
         engine.select_kernel(name)
 
 
-@needs_avx2
-def test_whole_model_same_logits_from_every_kernel(gqa_model_path) -> None:
-    """The F16 head and embedding paths too: the same logits bit for bit from every kernel."""
+def logits_from_each_kernel(model: engine.Model) -> dict[str, np.ndarray]:
+    """The logits of tokens 3..39 of `model` from the scalar set and every SIMD set this CPU
+    has, one fresh context each (the selected set is restored)."""
     name = engine.kernel_name()
-    model = engine.Model.load(gqa_model_path)
     out = {}
     try:
         for k in ("scalar", *AVAILABLE):
@@ -232,6 +231,16 @@ def test_whole_model_same_logits_from_every_kernel(gqa_model_path) -> None:
                 out[k] = np.stack([np.array(ctx.logits(0, t)) for t in range(37)])
     finally:
         engine.select_kernel(name)
+    return out
+
+
+@needs_avx2
+def test_whole_model_same_logits_from_every_kernel(gqa_model_path) -> None:
+    """The F16 head and embedding paths too: the same logits bit for bit from every kernel."""
+    model = engine.Model.load(gqa_model_path)
+    try:
+        out = logits_from_each_kernel(model)
+    finally:
         model.close()
     for k in AVAILABLE:
         np.testing.assert_array_equal(out["scalar"], out[k], err_msg=k)

@@ -150,8 +150,7 @@ static void matmul_worker(void *arg, int32_t ith, int32_t nth)
     matmul_job *job = arg;
     int64_t lo, hi;
     while (bn_queue_grab(&job->queue, &lo, &hi))
-        (job->w->fmt == BN_WFMT_Q2_0 ? job->k->q2_0 : job->k->ternary)(
-            job->w, (int32_t)lo, (int32_t)hi, job->a, job->y, job->w->n_out);
+        bn_weights_rows(job->k, job->w, (int32_t)lo, (int32_t)hi, job->a, job->y, job->w->n_out);
 }
 
 static int weights_matmul(const char *kernel, const uint8_t *packed, float scale, uint8_t fmt,
@@ -173,12 +172,12 @@ static int weights_matmul(const char *kernel, const uint8_t *packed, float scale
     int rc = -1;
     if (q && s && qsum && tiles && pool) {
         for (int32_t t = 0; t < n_tok; t++)
-            (fmt == BN_WFMT_Q2_0 ? k->q2_0_quantize : k->quantize)(
-                x + (size_t)t * n_in, n_in, q + (size_t)t * stride, &s[t], &qsum[t]);
-        if (k->prepare && tiles && fmt == BN_WFMT_I2_S)
+            bn_quantizer(k, fmt)(x + (size_t)t * n_in, n_in, q + (size_t)t * stride, &s[t],
+                                 &qsum[t]);
+        if (bn_uses_tiles(k, fmt))
             k->prepare(q, stride, n_in, n_tok, tiles);
         bn_ternary w = {packed, scale, n_in, n_out, fmt};
-        bn_qact a = {q, stride, n_tok, s, qsum, k->prepare && fmt == BN_WFMT_I2_S ? tiles : NULL};
+        bn_qact a = {q, stride, n_tok, s, qsum, bn_uses_tiles(k, fmt) ? tiles : NULL};
         matmul_job job = {k, &w, &a, y, {0}};
         bn_queue_init(&job.queue, n_out, n_threads, 3, 4);
         bn_pool_run(pool, matmul_worker, &job);

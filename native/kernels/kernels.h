@@ -76,6 +76,28 @@ typedef struct {
                         int32_t n_tok, int64_t x_stride, float *y, int64_t y_stride);
 } bn_kernel_set;
 
+/* The quantizer whose layout the kernel of weight format fmt reads: Q2_0 kernels read
+ * q2_0_quantize's (model-format §10.6.2), I2_S ones quantize's plus prepare's tiles. */
+typedef void (*bn_quantize_fn)(const float *x, int32_t n, int8_t *q, float *s_out, int32_t *qsum);
+static inline bn_quantize_fn bn_quantizer(const bn_kernel_set *k, uint8_t fmt)
+{
+    return fmt == BN_WFMT_Q2_0 ? k->q2_0_quantize : k->quantize;
+}
+
+/* Whether activations for weight format fmt go through k->prepare (I2_S only: Q2_0 kernels
+ * read the quantizer's layout itself). */
+static inline int bn_uses_tiles(const bn_kernel_set *k, uint8_t fmt)
+{
+    return k->prepare != NULL && fmt == BN_WFMT_I2_S;
+}
+
+/* Rows r0..r1 of w for every token of a, with the kernel of w's weight format. */
+static inline void bn_weights_rows(const bn_kernel_set *k, const bn_ternary *w, int32_t r0,
+                                   int32_t r1, const bn_qact *a, float *y, int64_t y_stride)
+{
+    (w->fmt == BN_WFMT_Q2_0 ? k->q2_0 : k->ternary)(w, r0, r1, a, y, y_stride);
+}
+
 /* The selected kernel set (CPU detection on first use, or bn_kernel_select). */
 const bn_kernel_set *bn_kernels(void);
 /* A kernel set by name, NULL if unknown or not supported by this CPU. */
@@ -112,6 +134,18 @@ static inline float bitlinear_out(int32_t acc, int32_t qsum, float s, float scal
 /* Q8_0 (ggml type 8, model-format §10.1.6): a block of 32 weights is 34 bytes, an F16 scale d
  * then 32 int8 values q, weight j = q[j] * d. */
 #define BN_Q8_0_BLOCK 34
+
+/* The 32 weights q * d of one Q8_0 block, each exact in f32 (the values the Q8_0 head
+ * multiplies and a Q8_0 embedding row holds). */
+static inline void bn_q8_0_block(const uint8_t *block, float w[32])
+{
+    uint16_t h;
+    memcpy(&h, block, sizeof h);
+    const float d = bn_f16_to_f32(h);
+    const int8_t *q = (const int8_t *)(const void *)(block + 2);
+    for (int j = 0; j < 32; j++)
+        w[j] = (float)q[j] * d;
+}
 
 /* The exact int32 sums isum[g] = sum over block g of (code - 1) * q for n consecutive blocks
  * of a Q2_0 row and the natural-layout activations q of their 64 * n weights. */

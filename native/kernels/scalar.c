@@ -166,13 +166,10 @@ static void q8_0_matmul_scalar(const uint8_t *w, int32_t n_in, int32_t r0, int32
             const float *xt = x + t * x_stride;
             float p[16] = {0};
             for (int32_t b = 0; b < nb; b++) {
-                const uint8_t *block = row + (size_t)b * BN_Q8_0_BLOCK;
-                uint16_t h;
-                memcpy(&h, block, sizeof h);
-                const float d = bn_f16_to_f32(h);
-                const int8_t *q = (const int8_t *)(const void *)(block + 2);
+                float wb[32];
+                bn_q8_0_block(row + (size_t)b * BN_Q8_0_BLOCK, wb);
                 for (int j = 0; j < 32; j++)
-                    p[j % 16] = fmaf((float)q[j] * d, xt[b * 32 + j], p[j % 16]);
+                    p[j % 16] = fmaf(wb[j], xt[b * 32 + j], p[j % 16]);
             }
             y[t * y_stride + r] = sum16(p);
         }

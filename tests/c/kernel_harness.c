@@ -177,31 +177,26 @@ int main(void)
      * leftover rows, the AVX-512 set's 1-4 token tiles and their tails, a real head width */
     static const shape q8_0_shapes[] = {{32, 1, 1},       {64, 5, 2},   {96, 3, 3},    {160, 33, 4},
                                         {32 * 37, 17, 5}, {2560, 9, 9}, {3072, 100, 7}};
+    static const struct {
+        int format;
+        const char *name;
+        const shape *shapes;
+        size_t n;
+    } runs[] = {
+        {I2S, "I2_S", i2s_shapes, sizeof i2s_shapes / sizeof i2s_shapes[0]},
+        {Q2_0, "Q2_0", q2_0_shapes, sizeof q2_0_shapes / sizeof q2_0_shapes[0]},
+        {Q8_0, "Q8_0", q8_0_shapes, sizeof q8_0_shapes / sizeof q8_0_shapes[0]},
+    };
     int bad = 0;
-    for (size_t i = 0; i < sizeof i2s_shapes / sizeof i2s_shapes[0]; i++) {
-        const int r = check(I2S, i2s_shapes[i], sets, n_sets);
-        if (r < 0) {
-            printf("I2_S product failed\n");
-            return 2;
+    for (size_t k = 0; k < sizeof runs / sizeof runs[0]; k++)
+        for (size_t i = 0; i < runs[k].n; i++) {
+            const int r = check(runs[k].format, runs[k].shapes[i], sets, n_sets);
+            if (r < 0) {
+                printf("%s product failed\n", runs[k].name);
+                return 2;
+            }
+            bad += r;
         }
-        bad += r;
-    }
-    for (size_t i = 0; i < sizeof q2_0_shapes / sizeof q2_0_shapes[0]; i++) {
-        const int r = check(Q2_0, q2_0_shapes[i], sets, n_sets);
-        if (r < 0) {
-            printf("Q2_0 product failed\n");
-            return 2;
-        }
-        bad += r;
-    }
-    for (size_t i = 0; i < sizeof q8_0_shapes / sizeof q8_0_shapes[0]; i++) {
-        const int r = check(Q8_0, q8_0_shapes[i], sets, n_sets);
-        if (r < 0) {
-            printf("Q8_0 product failed\n");
-            return 2;
-        }
-        bad += r;
-    }
     printf("%d differences\n", bad);
     return bad != 0;
 }
