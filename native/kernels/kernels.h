@@ -159,6 +159,87 @@ typedef void (*q2_0_isums_fn)(const uint8_t *blocks, const int8_t *q, int32_t n,
  * order depends on nothing but the row, so every kernel set and thread count agrees. */
 #define Q2_0_LANES 16
 
+/* Rows of one tile are drawn from STREAMS distant parts of the range, so the memory system
+ * sees several sequential streams at once (model-format §9). */
+#define STREAMS 4
+
+/* Bytes of per-block activation sums a SIMD set keeps for one group of tokens (64 per chunk of
+ * 16 blocks and token): the token groups of q2_0_schedule. */
+#define Q2_0_QSUM_BYTES 32768
+
+/* One unit of q2_0_schedule: rows rows[k] (row index rr[k]) for k < nr against the nt
+ * tokens t0 .. t0 + nt - 1 (acts[j] their activations), whose block sums are entries tg ..
+ * tg + nt - 1 of the current token group's. */
+typedef struct {
+    const uint8_t *rows[STREAMS];
+    int32_t rr[STREAMS];
+    int nr;
+    const int8_t *acts[4];
+    int32_t t0, tg;
+    int nt;
+} q2_0_unit;
+
+/* One Q2_0 product call as q2_0_schedule's units see it (a set's run adds its sums buffer). */
+typedef struct {
+    const bn_ternary *w;
+    const bn_qact *a;
+    float *y;
+    int64_t y_stride;
+    int32_t nch, rem; /* full chunks of 16 blocks per row, blocks after them */
+} q2_0_call;
+
+static inline q2_0_call q2_0_call_of(const bn_ternary *w, const bn_qact *a, float *y,
+                                     int64_t y_stride)
+{
+    const int32_t nb = w->n_in / 64;
+    return (q2_0_call){w, a, y, y_stride, nb / 16, nb % 16};
+}
+
+/* The Q2_0 schedule of the SIMD sets (x86_avx2.c, x86_avx512.c) for rows r0..r1 and every
+ * token of a, on inputs in the chunked layout. Tokens go in groups whose block sums fit
+ * Q2_0_QSUM_BYTES: sums(ctx, g0, gn) computes a group's. Up to 4 tokens (memory bound), rows
+ * are taken 4 at a time from STREAMS distant parts of the range (one sequential stream fell
+ * far short of the memory's speed), then one by one for the rest; more tokens (compute
+ * bound), one at a time in row blocks of about 256 KiB that stay in L2 while each 4 tokens of
+ * the group pass over them, so every activation load comes from L1 (a row at a time over all
+ * tokens ran at half the speed from L2). unit(ctx, u) computes and stores one unit. */
+static inline void q2_0_schedule(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
+                                 void (*sums)(void *ctx, int32_t g0, int32_t gn),
+                                 void (*unit)(void *ctx, const q2_0_unit *u), void *ctx)
+{
+    const int32_t nch = w->n_in / 64 / 16;
+    const size_t row_bytes = (size_t)(w->n_in / 64) * BN_Q2_0_BLOCK;
+    const int32_t rows_block =
+        a->n_tok <= 4 ? r1 - r0 : (int32_t)((256 << 10) / row_bytes) + STREAMS;
+    const int32_t group = nch ? (int32_t)(Q2_0_QSUM_BYTES / 64 / nch) : a->n_tok;
+    q2_0_unit u;
+    for (int32_t g0 = 0; g0 < a->n_tok; g0 += group) {
+        const int32_t gn = a->n_tok - g0 < group ? a->n_tok - g0 : group;
+        sums(ctx, g0, gn);
+        for (int32_t rb = r0; rb < r1; rb += rows_block) {
+            const int32_t re = r1 - rb < rows_block ? r1 : rb + rows_block;
+            const int32_t len = (re - rb) / STREAMS;
+            const int32_t nstream = a->n_tok <= 4 ? len : 0;
+            for (int32_t t0 = g0; t0 < g0 + gn; t0 += 4) {
+                u.t0 = t0;
+                u.tg = t0 - g0;
+                u.nt = g0 + gn - t0 < 4 ? g0 + gn - t0 : 4;
+                for (int j = 0; j < u.nt; j++)
+                    u.acts[j] = a->q + (size_t)(t0 + j) * a->stride;
+                for (int32_t i = 0; i < nstream + (re - rb - STREAMS * nstream); i++) {
+                    u.nr = i < nstream ? STREAMS : 1;
+                    for (int k = 0; k < u.nr; k++) {
+                        u.rr[k] =
+                            u.nr > 1 ? rb + k * len + i : rb + STREAMS * nstream + (i - nstream);
+                        u.rows[k] = w->codes + (size_t)u.rr[k] * row_bytes;
+                    }
+                    unit(ctx, &u);
+                }
+            }
+        }
+    }
+}
+
 /* The AVX2 and AVX-512 sets' Q2_0 activations (x86_avx512.c) come in chunks of 16 blocks
  * (1024 values) rearranged for their kernels, up to this input width (their block sums then
  * fit a fixed stack buffer); wider inputs keep the natural layout and the AVX2 set's
@@ -176,10 +257,6 @@ int32_t bn_ternary_dot_scalar(const uint8_t *row, int32_t n_in, const int8_t *q)
 #define AVX512_INLINE                                                                              \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"),                   \
                    always_inline)) static inline
-
-/* Rows of one tile are drawn from STREAMS distant parts of the range, so the memory system
- * sees several sequential streams at once (model-format §9). */
-#define STREAMS 4
 
 /* A prefetch hint for base + off bytes. The address may lie past the end of the matrix (the
  * "next row" of its last row); a prefetch never faults, and integer arithmetic keeps the C

@@ -582,9 +582,6 @@ static const q2_0_tile_fn q2_0_tiles[2][4] = {
     {q2_0_tile_4x1, q2_0_tile_4x2, q2_0_tile_4x3, q2_0_tile_4x4},
 };
 
-/* Bytes of per-block activation sums kept for a group of tokens (64 per chunk and token). */
-#define Q2_QSUM_BYTES 32768
-
 /* The blocks of the last partial chunk (natural layout) into lanes 0..rem-1 of p[2t], p[2t +
  * 1] (the missing lanes get fma(0, 0, p) = p, see q2_0_natural_avx2), then y = (the tree of
  * the lanes) / s, for one row and nt tokens. */
@@ -612,10 +609,41 @@ AVX2_FN static void q2_0_finish(const uint8_t *row, int32_t nch, int32_t rem,
         y[t * y_stride] = reduce16_avx2(p[2 * t], p[2 * t + 1]) / s[t];
 }
 
-/* Rows r0..r1 for every token. The same schedule as bn_q2_0_avx512 (its comments give the
- * measurements): up to 4 tokens (memory bound) 4 rows at a time from STREAMS parts of the
- * range; more tokens (compute bound) rows in blocks of about 256 KiB kept in L2 while each 4
- * tokens pass over them. Token groups are bounded by the block-sum buffer. */
+/* What the units of q2_0_schedule share. */
+typedef struct {
+    q2_0_call c;
+    __m256i qsum[Q2_0_QSUM_BYTES / 32]; /* two per token of the group and chunk */
+} q2_0_run;
+
+AVX2_FN static void q2_0_sums(void *arg, int32_t g0, int32_t gn)
+{
+    q2_0_run *run = arg;
+    const bn_qact *a = run->c.a;
+    for (int32_t t = 0; t < gn; t++)
+        for (int32_t c = 0; c < run->c.nch; c++)
+            q2_chunk_qsums(a->q + (size_t)(g0 + t) * a->stride + (size_t)c * Q2_CHUNK,
+                           &run->qsum[2 * (t * run->c.nch + c)]);
+}
+
+AVX2_FN static void q2_0_unit_avx2(void *arg, const q2_0_unit *u)
+{
+    q2_0_run *run = arg;
+    const size_t row_bytes = (size_t)(run->c.w->n_in / 64) * BN_Q2_0_BLOCK;
+    const __m256i *qs[4];
+    for (int j = 0; j < u->nt; j++)
+        qs[j] = run->qsum + (size_t)2 * (u->tg + j) * run->c.nch;
+    __m256 p[2 * STREAMS * 4];
+    for (int k = 0; k < 2 * u->nr * u->nt; k++)
+        p[k] = _mm256_setzero_ps();
+    if (run->c.nch)
+        q2_0_tiles[u->nr > 1][u->nt - 1](u->rows, run->c.nch, u->acts, qs, row_bytes, p);
+    for (int k = 0; k < u->nr; k++)
+        q2_0_finish(u->rows[k], run->c.nch, run->c.rem, u->acts, run->c.a->s + u->t0, u->nt,
+                    p + 2 * k * u->nt, run->c.y + u->t0 * run->c.y_stride + u->rr[k],
+                    run->c.y_stride);
+}
+
+/* Rows r0..r1 for every token, in q2_0_schedule's order (kernels.h). */
 AVX2_FN void bn_q2_0_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a, float *y,
                           int64_t y_stride)
 {
@@ -623,50 +651,9 @@ AVX2_FN void bn_q2_0_avx2(const bn_ternary *w, int32_t r0, int32_t r1, const bn_
         q2_0_natural_avx2(w, r0, r1, a, y, y_stride);
         return;
     }
-    const int32_t nb = w->n_in / 64, nch = nb / 16, rem = nb % 16;
-    const size_t row_bytes = (size_t)nb * BN_Q2_0_BLOCK;
-    const int32_t rows_block =
-        a->n_tok <= 4 ? r1 - r0 : (int32_t)((256 << 10) / row_bytes) + STREAMS;
-    __m256i qsum_buf[Q2_QSUM_BYTES / 32];
-    const int32_t group = nch ? (int32_t)(Q2_QSUM_BYTES / 64 / nch) : a->n_tok;
-    for (int32_t g0 = 0; g0 < a->n_tok; g0 += group) {
-        const int32_t gn = a->n_tok - g0 < group ? a->n_tok - g0 : group;
-        for (int32_t t = 0; t < gn; t++)
-            for (int32_t c = 0; c < nch; c++)
-                q2_chunk_qsums(a->q + (size_t)(g0 + t) * a->stride + (size_t)c * Q2_CHUNK,
-                               &qsum_buf[2 * (t * nch + c)]);
-        for (int32_t rb = r0; rb < r1; rb += rows_block) {
-            const int32_t re = r1 - rb < rows_block ? r1 : rb + rows_block;
-            const int32_t len = (re - rb) / STREAMS;
-            const int32_t nstream = a->n_tok <= 4 ? len : 0;
-            for (int32_t t0 = g0; t0 < g0 + gn; t0 += 4) {
-                const int nt = g0 + gn - t0 < 4 ? g0 + gn - t0 : 4;
-                const int8_t *acts[4];
-                const __m256i *qs[4];
-                for (int j = 0; j < nt; j++) {
-                    acts[j] = a->q + (size_t)(t0 + j) * a->stride;
-                    qs[j] = qsum_buf + (size_t)2 * (t0 - g0 + j) * nch;
-                }
-                for (int32_t i = 0; i < nstream + (re - rb - STREAMS * nstream); i++) {
-                    const int nr = i < nstream ? STREAMS : 1;
-                    const uint8_t *rows[STREAMS];
-                    int32_t rr[STREAMS];
-                    __m256 p[2 * STREAMS * 4];
-                    for (int k = 0; k < nr; k++) {
-                        rr[k] = nr > 1 ? rb + k * len + i : rb + STREAMS * nstream + (i - nstream);
-                        rows[k] = w->codes + (size_t)rr[k] * row_bytes;
-                    }
-                    for (int k = 0; k < 2 * nr * nt; k++)
-                        p[k] = _mm256_setzero_ps();
-                    if (nch)
-                        q2_0_tiles[nr > 1][nt - 1](rows, nch, acts, qs, row_bytes, p);
-                    for (int k = 0; k < nr; k++)
-                        q2_0_finish(rows[k], nch, rem, acts, a->s + t0, nt, p + 2 * k * nt,
-                                    y + t0 * y_stride + rr[k], y_stride);
-                }
-            }
-        }
-    }
+    q2_0_run run; /* not initialized as a whole: that would clear the 32 KiB of sums */
+    run.c = q2_0_call_of(w, a, y, y_stride);
+    q2_0_schedule(w, r0, r1, a, q2_0_sums, q2_0_unit_avx2, &run);
 }
 
 const bn_kernel_set bn_kernels_avx2 = {

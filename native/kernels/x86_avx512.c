@@ -545,9 +545,6 @@ static const q2_0_tile_fn q2_0_tiles[2][4] = {
     {q2_0_tile_4x1, q2_0_tile_4x2, q2_0_tile_4x3, q2_0_tile_4x4},
 };
 
-/* Bytes of per-block activation sums kept for a group of tokens. */
-#define Q2_0_QSUM_BYTES 32768
-
 /* The blocks of the last partial chunk (natural layout) into lanes 0..rem-1 of p[t], then
  * y = (the tree of the lanes) / s, for one row and nt tokens. */
 AVX512_FN static void q2_0_finish(const uint8_t *row, int32_t nch, int32_t rem,
@@ -577,6 +574,39 @@ AVX512_FN static void q2_0_finish(const uint8_t *row, int32_t nch, int32_t rem,
             s[t];
 }
 
+/* What the units of q2_0_schedule share. */
+typedef struct {
+    q2_0_call c;
+    __m512i qsum[Q2_0_QSUM_BYTES / 64]; /* per token of the group and chunk */
+} q2_0_run;
+
+AVX512_FN static void q2_0_sums(void *arg, int32_t g0, int32_t gn)
+{
+    q2_0_run *run = arg;
+    const bn_qact *a = run->c.a;
+    for (int32_t t = 0; t < gn; t++)
+        for (int32_t c = 0; c < run->c.nch; c++)
+            run->qsum[t * run->c.nch + c] =
+                q2_0_chunk_qsums(a->q + (size_t)(g0 + t) * a->stride + (size_t)c * Q2_0_CHUNK);
+}
+
+AVX512_FN static void q2_0_unit_avx512(void *arg, const q2_0_unit *u)
+{
+    q2_0_run *run = arg;
+    const size_t row_bytes = (size_t)(run->c.w->n_in / 64) * BN_Q2_0_BLOCK;
+    const __m512i *qs[4];
+    for (int j = 0; j < u->nt; j++)
+        qs[j] = run->qsum + (size_t)(u->tg + j) * run->c.nch;
+    __m512 p[STREAMS * 4];
+    for (int k = 0; k < u->nr * u->nt; k++)
+        p[k] = _mm512_setzero_ps();
+    if (run->c.nch)
+        q2_0_tiles[u->nr > 1][u->nt - 1](u->rows, run->c.nch, u->acts, qs, row_bytes, p);
+    for (int k = 0; k < u->nr; k++)
+        q2_0_finish(u->rows[k], run->c.nch, run->c.rem, u->acts, run->c.a->s + u->t0, u->nt,
+                    p + k * u->nt, run->c.y + u->t0 * run->c.y_stride + u->rr[k], run->c.y_stride);
+}
+
 AVX512_FN void bn_q2_0_avx512(const bn_ternary *w, int32_t r0, int32_t r1, const bn_qact *a,
                               float *y, int64_t y_stride)
 {
@@ -584,57 +614,9 @@ AVX512_FN void bn_q2_0_avx512(const bn_ternary *w, int32_t r0, int32_t r1, const
         bn_q2_0_avx2(w, r0, r1, a, y, y_stride);
         return;
     }
-    const int32_t nb = w->n_in / 64, nch = nb / 16, rem = nb % 16;
-    const size_t row_bytes = (size_t)nb * BN_Q2_0_BLOCK;
-    /* Tokens in groups whose block sums fit the buffer. Up to 4 tokens (memory bound), 4 rows
-     * at a time from STREAMS parts of the range: one sequential stream fell far short of the
-     * memory's speed. More tokens (compute bound): rows in blocks of about 256 KiB that stay
-     * in L2 while each 4 tokens of the group pass over them, so every activation load comes
-     * from L1 (a row at a time over all tokens ran at half the speed from L2). */
-    const int32_t rows_block =
-        a->n_tok <= 4 ? r1 - r0 : (int32_t)((256 << 10) / row_bytes) + STREAMS;
-    __m512i qsum_buf[Q2_0_QSUM_BYTES / 64];
-    const int32_t group = nch ? (int32_t)(Q2_0_QSUM_BYTES / 64 / nch) : a->n_tok;
-    for (int32_t g0 = 0; g0 < a->n_tok; g0 += group) {
-        const int32_t gn = a->n_tok - g0 < group ? a->n_tok - g0 : group;
-        for (int32_t t = 0; t < gn; t++)
-            for (int32_t c = 0; c < nch; c++)
-                qsum_buf[t * nch + c] =
-                    q2_0_chunk_qsums(a->q + (size_t)(g0 + t) * a->stride + (size_t)c * Q2_0_CHUNK);
-        for (int32_t rb = r0; rb < r1; rb += rows_block) {
-            const int32_t re = r1 - rb < rows_block ? r1 : rb + rows_block;
-            /* memory bound (up to 4 tokens): 4 rows at a time, rb + k * len + i for k <
-             * STREAMS, then the rest; compute bound: one row at a time */
-            const int32_t len = (re - rb) / STREAMS;
-            const int32_t nstream = a->n_tok <= 4 ? len : 0;
-            for (int32_t t0 = g0; t0 < g0 + gn; t0 += 4) {
-                const int nt = g0 + gn - t0 < 4 ? g0 + gn - t0 : 4;
-                const int8_t *acts[4];
-                const __m512i *qs[4];
-                for (int j = 0; j < nt; j++) {
-                    acts[j] = a->q + (size_t)(t0 + j) * a->stride;
-                    qs[j] = qsum_buf + (size_t)(t0 - g0 + j) * nch;
-                }
-                for (int32_t i = 0; i < nstream + (re - rb - STREAMS * nstream); i++) {
-                    const int nr = i < nstream ? STREAMS : 1;
-                    const uint8_t *rows[STREAMS];
-                    int32_t rr[STREAMS];
-                    __m512 p[STREAMS * 4];
-                    for (int k = 0; k < nr; k++) {
-                        rr[k] = nr > 1 ? rb + k * len + i : rb + STREAMS * nstream + (i - nstream);
-                        rows[k] = w->codes + (size_t)rr[k] * row_bytes;
-                    }
-                    for (int k = 0; k < nr * nt; k++)
-                        p[k] = _mm512_setzero_ps();
-                    if (nch)
-                        q2_0_tiles[nr > 1][nt - 1](rows, nch, acts, qs, row_bytes, p);
-                    for (int k = 0; k < nr; k++)
-                        q2_0_finish(rows[k], nch, rem, acts, a->s + t0, nt, p + k * nt,
-                                    y + t0 * y_stride + rr[k], y_stride);
-                }
-            }
-        }
-    }
+    q2_0_run run; /* not initialized as a whole: that would clear the 32 KiB of sums */
+    run.c = q2_0_call_of(w, a, y, y_stride);
+    q2_0_schedule(w, r0, r1, a, q2_0_sums, q2_0_unit_avx512, &run);
 }
 
 const bn_kernel_set bn_kernels_avx512 = {
